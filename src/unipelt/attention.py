@@ -1,0 +1,147 @@
+"""Extra keys and values for attention, through the ``AttentionInterface`` of ``transformers``.
+
+Prefix-style methods give an attention module ``l`` extra key/value vectors. Rather than touching
+``past_key_values`` (whose layout differs between families and versions), unipelt registers, for
+each attention implementation a model uses (``eager``, ``sdpa``, ...), a wrapper under the name
+``unipelt_<impl>``. The wrapper asks the providers registered for the calling module for their
+keys and values, prepends them, widens the mask (and T5's position bias) by ``l`` visible columns,
+and calls the original implementation. Prefixes never enter the key/value cache, so generation with
+a cache works unchanged: every step sees the prefix in front of the cached keys.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# provider(module, query, key, value) -> (prefix_key, prefix_value, query_gate): keys and values shaped
+# (batch, kv_heads, l, head_dim); query_gate None or (batch, q_len, 1) scaling what they add per query.
+KVProvider = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor],
+                      tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+
+_PROVIDERS: weakref.WeakKeyDictionary[nn.Module, list[KVProvider]] = weakref.WeakKeyDictionary()
+PREFIX = "unipelt_"
+
+
+def add_provider(module: nn.Module, provider: KVProvider) -> None:
+    _PROVIDERS.setdefault(module, []).append(provider)
+
+
+def remove_provider(module: nn.Module, provider: KVProvider) -> None:
+    providers = _PROVIDERS.get(module, [])
+    if provider in providers:
+        providers.remove(provider)
+    if not providers and module in _PROVIDERS:
+        del _PROVIDERS[module]
+
+
+def _original_function(module: nn.Module, impl: str) -> Callable:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if impl == "eager":
+        # Each model file defines its own eager function; use the calling module's.
+        fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if fn is None:
+            raise RuntimeError(f"{type(module).__name__} has no eager_attention_forward; use attn_implementation='sdpa'")
+        return fn
+    return ALL_ATTENTION_FUNCTIONS[impl]
+
+
+def _widen_mask(mask: torch.Tensor | None, n: int, query: torch.Tensor, key: torch.Tensor,
+                causal: bool) -> torch.Tensor | None:
+    """Add ``n`` always-visible key columns in front of ``mask``."""
+    if mask is None:
+        if not causal or query.shape[2] == 1:
+            return None  # no mask: every key is visible, the prefix too
+        # sdpa dropped the mask to use is_causal; with a prefix the causal pattern must be explicit.
+        q_len, kv_len = query.shape[2], key.shape[2]
+        rows = torch.arange(q_len, device=query.device)[:, None] + (kv_len - q_len)
+        mask = torch.arange(kv_len, device=query.device)[None, :] <= rows
+        mask = mask[None, None]
+    if mask.dtype == torch.bool:
+        return F.pad(mask, (n, 0), value=True)
+    return F.pad(mask, (n, 0), value=0.0)
+
+
+def _wrapper(impl: str) -> Callable:
+    def attention_with_prefix(module, query, key, value, attention_mask, **kwargs):
+        providers = _PROVIDERS.get(module)
+        fn = _original_function(module, impl)
+        if not providers:
+            return fn(module, query, key, value, attention_mask, **kwargs)
+        causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
+        keys, values, query_gates = [], [], []
+        for provider in providers:
+            pk, pv, query_gate = provider(module, query, key, value)
+            keys.append(pk.to(key.dtype))
+            values.append(pv.to(value.dtype))
+            query_gates.append(query_gate)
+        n = sum(k.shape[2] for k in keys)
+        attention_mask = _widen_mask(attention_mask, n, query, key, causal)
+        if attention_mask is not None:
+            kwargs["is_causal"] = False
+        bias = kwargs.get("position_bias")
+        if isinstance(bias, torch.Tensor) and bias.shape[-1] == key.shape[2]:
+            kwargs["position_bias"] = F.pad(bias, (n, 0), value=0.0)
+        all_keys = torch.cat([*keys, key], dim=2)
+        out, weights = fn(module, query, all_keys, torch.cat([*values, value], dim=2), attention_mask, **kwargs)
+        # A per-query gate g scales what one provider's values add to each query's output. Attention
+        # is linear in the values, so that is out + (g - 1) * attention(values of that provider only).
+        for i, query_gate in enumerate(query_gates):
+            if query_gate is None:
+                continue
+            only = [v if j == i else torch.zeros_like(v) for j, v in enumerate(values)]
+            part, _ = fn(module, query, all_keys, torch.cat([*only, torch.zeros_like(value)], dim=2),
+                         attention_mask, **kwargs)
+            out = out + (query_gate.to(out.dtype).unsqueeze(-1) - 1.0) * part
+        return out, weights
+
+    return attention_with_prefix
+
+
+def ensure_registered(impl: str) -> str:
+    """Register ``unipelt_<impl>`` (attention and mask functions); return that name."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    name = PREFIX + impl
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, _wrapper(impl))
+    if impl in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping and name not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[impl])
+    return name
+
+
+def _configs(model: nn.Module) -> list:
+    from transformers import PretrainedConfig
+
+    seen, out = set(), []
+    for module in model.modules():
+        cfg = getattr(module, "config", None)
+        if isinstance(cfg, PretrainedConfig) and id(cfg) not in seen:
+            seen.add(id(cfg))
+            out.append(cfg)
+    return out
+
+
+def route_through_unipelt(model: nn.Module) -> dict[int, str]:
+    """Point every config of ``model`` at the wrapped implementation; return the originals by config id."""
+    originals: dict[int, str] = {}
+    for cfg in _configs(model):
+        impl = cfg._attn_implementation or "eager"
+        if impl.startswith(PREFIX):
+            continue
+        originals[id(cfg)] = impl
+        cfg._attn_implementation = ensure_registered(impl)
+    return originals
+
+
+def restore_routing(model: nn.Module, originals: dict[int, str]) -> None:
+    for cfg in _configs(model):
+        if id(cfg) in originals:
+            cfg._attn_implementation = originals[id(cfg)]

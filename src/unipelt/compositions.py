@@ -1,0 +1,120 @@
+"""Configs made of other configs: free compositions, UniPELT and MAM.
+
+A :class:`Composition` is a list of method configs applied together, each with its own gate switch
+(``gate=True`` on any gateable method). UniPELT and MAM are named compositions with the papers'
+defaults; they expand into a list of plain method configs, so the core knows nothing about them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import ConfigError, MethodConfig, parse_config, register
+from .methods.adapter import AdapterConfig
+from .methods.lora import LoRAConfig
+from .methods.prefix import PrefixConfig
+from .methods.prompt import PromptConfig
+
+
+def expand(config: MethodConfig) -> list[MethodConfig]:
+    """The plain method configs a (possibly composite) config stands for."""
+    if isinstance(config, (Composition, UniPELTConfig, MAMConfig)):
+        return config.expand()
+    return [config]
+
+
+@register
+@dataclass
+class Composition(MethodConfig):
+    method = "composition"
+    description = "any list of methods applied together, each with its own UniPELT gate switch"
+
+    methods: list[Any] = field(default_factory=list)
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.methods:
+            raise ConfigError("a composition needs at least one method")
+        self.methods = [parse_config(m) for m in self.methods]
+
+    def expand(self) -> list[MethodConfig]:
+        out: list[MethodConfig] = []
+        for m in self.methods:
+            out.extend(expand(m))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "methods": [m.to_dict() for m in self.methods]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Composition:
+        extra = sorted(set(data) - {"method", "methods", "gate"})
+        if extra:
+            raise ConfigError(f"unknown key(s) {extra} for a composition; valid keys: ['methods']")
+        config = cls(methods=list(data.get("methods", [])))
+        config.validate()
+        return config
+
+
+@register
+@dataclass
+class UniPELTConfig(MethodConfig):
+    """UniPELT (Mao et al. 2022): gated adapter + gated prefix + gated LoRA in every layer.
+
+    Defaults are the paper's: adapter after the FFN with bottleneck 48, prefix length 10, LoRA r=8,
+    alpha=16 on W_q and W_v. ``prompt`` adds the seed's prompt-tuning layer on the input (ungated).
+    Set any part to ``None`` to leave it out.
+    """
+
+    method = "unipelt"
+    description = "UniPELT: gated adapter + gated prefix + gated LoRA per layer, optional prompt layer"
+
+    adapter: AdapterConfig | None = field(default_factory=lambda: AdapterConfig(bottleneck=48, placement="pfeiffer"))
+    prefix: PrefixConfig | None = field(default_factory=lambda: PrefixConfig(length=10))
+    lora: LoRAConfig | None = field(default_factory=lambda: LoRAConfig(r=8, alpha=16.0))
+    prompt: PromptConfig | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        for name, cls in (("adapter", AdapterConfig), ("prefix", PrefixConfig), ("lora", LoRAConfig),
+                          ("prompt", PromptConfig)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, cls.from_dict(value))
+            elif value is True:
+                setattr(self, name, cls())
+        if not any((self.adapter, self.prefix, self.lora, self.prompt)):
+            raise ConfigError("unipelt needs at least one of adapter, prefix, lora, prompt")
+
+    def expand(self) -> list[MethodConfig]:
+        out: list[MethodConfig] = []
+        for part in (self.adapter, self.prefix, self.lora):
+            if part is not None:
+                out.append(type(part).from_dict({**part.to_dict(), "gate": True}))
+        if self.prompt is not None:
+            out.append(self.prompt)
+        return out
+
+
+@register
+@dataclass
+class MAMConfig(MethodConfig):
+    """MAM adapter (He et al. 2022): prefix on attention (l=30) + scaled parallel adapter on the FFN (m=512, s=4)."""
+
+    method = "mam"
+    description = "MAM adapter: prefix tuning (l=30) + scaled parallel FFN adapter (m=512, s=4)"
+
+    prefix: PrefixConfig = field(default_factory=lambda: PrefixConfig(length=30))
+    adapter: AdapterConfig = field(
+        default_factory=lambda: AdapterConfig(bottleneck=512, placement="pfeiffer", parallel=True, scaling=4.0))
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.prefix, dict):
+            self.prefix = PrefixConfig.from_dict(self.prefix)
+        if isinstance(self.adapter, dict):
+            self.adapter = AdapterConfig.from_dict(self.adapter)
+
+    def expand(self) -> list[MethodConfig]:
+        return [self.prefix, self.adapter]

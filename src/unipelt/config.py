@@ -1,0 +1,122 @@
+"""Method configs: dataclasses that round-trip through JSON, and the registry of method names.
+
+Every method registers a config class under a name (``"lora"``) with a one-line description.
+``parse_config`` accepts a config object, a name (defaults), or a dict with a ``"method"`` key;
+unknown methods and unknown keys are errors that list what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+
+class ConfigError(ValueError):
+    """A config that cannot be built: unknown method, unknown key, or values that do not fit."""
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method config. ``gate`` turns on a UniPELT gate where the method has one."""
+
+    method: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    gateable: ClassVar[bool] = False
+
+    gate: bool = False
+
+    def validate(self) -> None:
+        """Check values that need no model; model-dependent checks happen at attach."""
+        if self.gate and not self.gateable:
+            raise ConfigError(f"method '{self.method}' has no UniPELT gate; remove gate=True")
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"method": self.method}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, MethodConfig):
+                value = value.to_dict()
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MethodConfig:
+        data = dict(data)
+        data.pop("method", None)
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ConfigError(
+                f"unknown key(s) {unknown} for method '{cls.method}'; valid keys: {sorted(names)}"
+            )
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in data.items():
+            kwargs[key] = _coerce(hints.get(key), value, key, cls.method)
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+
+def _coerce(hint: Any, value: Any, key: str, method: str) -> Any:
+    """Turn JSON values back into the field's type: nested configs, tuples."""
+    if value is None:
+        return None
+    args = typing.get_args(hint)
+    candidates = [a for a in args if isinstance(a, type)] if args else [hint]
+    for cand in candidates:
+        if isinstance(cand, type) and issubclass(cand, MethodConfig) and isinstance(value, dict):
+            return cand.from_dict(value)
+    origin = typing.get_origin(hint)
+    if (origin is tuple or tuple in candidates) and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+@dataclass(frozen=True)
+class Registered:
+    name: str
+    config_class: type[MethodConfig]
+    description: str
+    preset: dict[str, Any] | None = None  # a named setting of another method ("houlsby")
+
+
+_REGISTRY: dict[str, Registered] = {}
+
+
+def register(config_class: type[MethodConfig]) -> type[MethodConfig]:
+    _REGISTRY[config_class.method] = Registered(config_class.method, config_class, config_class.description)
+    return config_class
+
+
+def register_preset(name: str, config_class: type[MethodConfig], description: str, **values: Any) -> None:
+    _REGISTRY[name] = Registered(name, config_class, description, values)
+
+
+def registry() -> dict[str, Registered]:
+    from . import compositions, methods  # noqa: F401  (importing them registers every method)
+
+    return dict(_REGISTRY)
+
+
+def parse_config(config: MethodConfig | str | dict[str, Any]) -> MethodConfig:
+    """Build a config from an object, a method name, or a dict with a ``"method"`` key."""
+    if isinstance(config, MethodConfig):
+        config.validate()
+        return config
+    reg = registry()
+    if isinstance(config, str):
+        config = {"method": config}
+    if not isinstance(config, dict):
+        raise ConfigError(f"a config is a MethodConfig, a method name or a dict, not {type(config).__name__}")
+    name = config.get("method")
+    if name not in reg:
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(reg))}")
+    entry = reg[name]
+    values = dict(entry.preset or {})
+    values.update({k: v for k, v in config.items() if k != "method"})
+    return entry.config_class.from_dict(values)

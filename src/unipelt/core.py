@@ -1,0 +1,250 @@
+"""Attach, detach, merge and count deltas on a ``transformers`` model.
+
+The core knows methods only through their contract (:mod:`unipelt.methods.base`). It resolves the
+model's sites, builds each method, freezes the base, installs the hooks, routes attention through
+:mod:`unipelt.attention` when a method adds keys/values, and keeps what it needs to undo it all.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from . import attention
+from .compositions import expand
+from .config import ConfigError, MethodConfig, parse_config
+from .methods import METHOD_CLASSES, DeltaMethod
+from .runtime import ForwardContext, Installer, call_arguments
+from .sites import ModelMap, resolve
+
+STORE = "unipelt_deltas"
+
+
+@dataclass
+class Attachment:
+    """Everything ``detach`` needs, kept on the model as ``model._unipelt``."""
+
+    model_map: ModelMap
+    context: ForwardContext
+    installers: dict[str, Installer] = field(default_factory=dict)
+    train_head: bool = True
+    base_requires_grad: dict[str, bool] = field(default_factory=dict)
+    head_snapshot: dict[str, torch.Tensor] = field(default_factory=dict)
+    attention_routing: dict[int, str] | None = None
+    handles: list[Any] = field(default_factory=list)
+
+
+def attachment(model: nn.Module) -> Attachment | None:
+    return model.__dict__.get("_unipelt")
+
+
+def deltas(model: nn.Module) -> nn.ModuleDict:
+    """The attached methods by name (empty when nothing is attached)."""
+    store = model._modules.get(STORE)
+    return store if store is not None else nn.ModuleDict()
+
+
+def _unique_name(store: nn.ModuleDict, base: str) -> str:
+    if base not in store:
+        return base
+    i = 1
+    while f"{base}_{i}" in store:
+        i += 1
+    return f"{base}_{i}"
+
+
+def _start(model: nn.Module, train_head: bool) -> Attachment:
+    model_map = resolve(model)
+    state = Attachment(model_map, ForwardContext(), train_head=train_head)
+    state.base_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    for name, head in model_map.head_modules.items():
+        for pn, p in head.named_parameters():
+            state.head_snapshot[f"{name}.{pn}"] = p.detach().clone()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if train_head:
+        for head in model_map.head_modules.values():
+            for p in head.parameters():
+                p.requires_grad_(True)
+    model.add_module(STORE, nn.ModuleDict())
+    model.__dict__["_unipelt"] = state
+
+    def before_call(module, args, kwargs):
+        call = call_arguments(module, args, kwargs)
+        mask = call.get("attention_mask")
+        state.context.reset(mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None)
+        for installer in state.installers.values():
+            for rewrite in installer.call_rewrites:
+                call = rewrite(call)
+        if call.get("attention_mask") is not None and call["attention_mask"].dim() == 2:
+            state.context.padding_mask = call["attention_mask"]
+        return (), call
+
+    def after_call(module, args, kwargs, output):
+        for installer in state.installers.values():
+            for rewrite in installer.output_rewrites:
+                output = rewrite(kwargs, output)
+        return output
+
+    state.handles.append(model.register_forward_pre_hook(before_call, with_kwargs=True))
+    state.handles.append(model.register_forward_hook(after_call, with_kwargs=True))
+    return state
+
+
+def _dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    p = next(model.parameters())
+    dtype = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
+    return dtype, p.device
+
+
+def add_method(model: nn.Module, config: MethodConfig, name: str | None = None) -> str:
+    """Build one plain method, install it and make it trainable; returns its name."""
+    state = attachment(model)
+    assert state is not None
+    cls = METHOD_CLASSES.get(config.method)
+    if cls is None:
+        raise ConfigError(f"'{config.method}' is not a plain method; expand compositions first")
+    store = deltas(model)
+    name = name or _unique_name(store, config.method)
+    if name in store:
+        raise ConfigError(f"a method named {name!r} is already attached")
+    method = cls(config, state.model_map)
+    dtype, device = _dtype_device(model)
+    method.to(device=device, dtype=dtype)
+    for p in method.parameters():
+        p.requires_grad_(True)
+    store[name] = method
+    installer = Installer(model, state.context)
+    method.install(installer)
+    state.installers[name] = installer
+    if installer._providers and state.attention_routing is None:
+        state.attention_routing = attention.route_through_unipelt(model)
+    return name
+
+
+def attach(model: nn.Module, config: MethodConfig | str | dict[str, Any], *, train_head: bool = True) -> nn.Module:
+    """Add the method(s) of ``config`` to ``model`` in place, freeze every base weight, return the model.
+
+    ``config`` is a config object, a method name with its defaults (``"lora"``), or a dict
+    (``{"method": "lora", "r": 4}``). Task heads (classifier, score, qa_outputs, ...) stay trainable
+    unless ``train_head=False``. Calling ``attach`` again adds more methods.
+    """
+    parsed = parse_config(config)
+    plain = expand(parsed)
+    state = attachment(model) or _start(model, train_head)
+    names = []
+    try:
+        for c in plain:
+            names.append(add_method(model, c))
+    except Exception:
+        for n in names:
+            _remove_method(model, n)
+        if not deltas(model):
+            detach(model)
+        raise
+    return model
+
+
+def _remove_method(model: nn.Module, name: str) -> None:
+    state = attachment(model)
+    store = deltas(model)
+    state.installers.pop(name).remove()
+    del store[name]
+    if state.attention_routing is not None and not any(i._providers for i in state.installers.values()):
+        attention.restore_routing(model, state.attention_routing)
+        state.attention_routing = None
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Remove every delta and restore the base model exactly (head weights and trainability too)."""
+    state = attachment(model)
+    if state is None:
+        return model
+    for name in list(state.installers):
+        _remove_method(model, name)
+    for handle in state.handles:
+        handle.remove()
+    if STORE in model._modules:
+        del model._modules[STORE]
+    with torch.no_grad():
+        for name, head in state.model_map.head_modules.items():
+            for pn, p in head.named_parameters():
+                p.copy_(state.head_snapshot[f"{name}.{pn}"])
+    for n, p in model.named_parameters():
+        p.requires_grad_(state.base_requires_grad.get(n, p.requires_grad))
+    del model.__dict__["_unipelt"]
+    return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every mergeable delta into the base weights and remove it; warn about those that stay."""
+    state = attachment(model)
+    if state is None:
+        return model
+    kept = []
+    for name, method in list(deltas(model).items()):
+        if method.mergeable():
+            # Remove the hooks first: the merged weights already contain the delta.
+            state.installers[name].remove()
+            method.merge()
+            state.installers.pop(name)
+            del deltas(model)[name]
+        else:
+            kept.append(name)
+    if state.attention_routing is not None and not any(i._providers for i in state.installers.values()):
+        attention.restore_routing(model, state.attention_routing)
+        state.attention_routing = None
+    if kept:
+        warnings.warn(f"not mergeable, kept as deltas: {', '.join(kept)}", UserWarning, stacklevel=2)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, int]:
+    """Trainable parameter count per attached method, the task head, and the total."""
+    counts: dict[str, int] = {}
+    for name, method in deltas(model).items():
+        counts[name] = sum(p.numel() for p in method.parameters() if p.requires_grad)
+    state = attachment(model)
+    if state is not None:
+        counts["head"] = sum(p.numel() for h in state.model_map.head_modules.values()
+                             for p in h.parameters() if p.requires_grad)
+    else:
+        counts["head"] = 0
+    counts["total"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return counts
+
+
+def base_parameter_count(model: nn.Module) -> int:
+    store = deltas(model)
+    delta_ids = {id(p) for p in store.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in delta_ids)
+
+
+def summary(model: nn.Module) -> str:
+    """A table of trainable parameters per method, with % of the base model."""
+    counts = trainable_parameters(model)
+    base = base_parameter_count(model)
+    rows = [(name, n) for name, n in counts.items()]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'part':<{width}}  {'trainable':>12}  {'% of base':>9}", "-" * (width + 26)]
+    for name, n in rows:
+        if name == "total":
+            lines.append("-" * (width + 26))
+        lines.append(f"{name:<{width}}  {n:>12,}  {100.0 * n / base:>8.4f}%")
+    lines.append(f"{'base model':<{width}}  {base:>12,}")
+    return "\n".join(lines)
+
+
+def methods() -> dict[str, str]:
+    """Every method name (and named preset) with a one-line description."""
+    from .config import registry
+
+    return {name: entry.description for name, entry in sorted(registry().items())}
+
+
+def method_instances(model: nn.Module) -> dict[str, DeltaMethod]:
+    return dict(deltas(model).items())

@@ -1,0 +1,140 @@
+"""Bottleneck adapters: serial (Houlsby, Pfeiffer), parallel and scaled parallel (He et al. 2022).
+
+``adapter(h) = W_up f(W_down h + b_down) + b_up``, with ``W_up`` and ``b_up`` zero so the model
+starts as the base model. Placements:
+
+- ``houlsby``: after every attention output projection (self and cross) and after the FFN's W_2;
+- ``pfeiffer``: after the FFN's W_2 only;
+- ``attention``: after the attention output projections only.
+
+Serial: ``h <- h + s * G * adapter(h)`` on the sub-layer's projected output, before the residual
+add and LayerNorm. Parallel: the adapter reads the sub-layer's input ``x`` (the input of W_q or
+W_1) and adds ``s * G * adapter(x)`` to the sub-layer's output. ``s`` is ``scaling`` (4 for
+scaled PA); ``G`` is the UniPELT gate ``sigmoid(W_G . input)`` when ``gate=True``, else 1.
+Not mergeable (non-linearity). Parameters per adapter: ``2 d m + d + m`` (gate: ``d + 1``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..config import ConfigError, MethodConfig, register, register_preset
+from ..runtime import Gate, Installer
+from ..sites import ModelMap, Projection
+from .base import DeltaMethod, activation, cast_like
+
+PLACEMENTS = ("houlsby", "pfeiffer", "attention")
+
+
+@register
+@dataclass
+class AdapterConfig(MethodConfig):
+    method = "adapter"
+    description = "bottleneck adapter: serial (houlsby/pfeiffer) or parallel, with a scaling factor"
+    gateable = True
+
+    bottleneck: int = 64
+    placement: str = "pfeiffer"
+    parallel: bool = False
+    scaling: float = 1.0
+    activation: str = "relu"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.placement not in PLACEMENTS:
+            raise ConfigError(f"unknown adapter placement {self.placement!r}; choose one of {PLACEMENTS}")
+        if not isinstance(self.bottleneck, int) or self.bottleneck < 1:
+            raise ConfigError(f"adapter bottleneck must be a positive integer, got {self.bottleneck!r}")
+        activation(self.activation)
+
+
+register_preset("houlsby", AdapterConfig, "serial adapters after attention and FFN (Houlsby et al. 2019)",
+                placement="houlsby")
+register_preset("pfeiffer", AdapterConfig, "one serial adapter after the FFN (Pfeiffer et al. 2021)",
+                placement="pfeiffer")
+register_preset("parallel", AdapterConfig, "parallel adapter on the FFN (He et al. 2022)",
+                placement="pfeiffer", parallel=True)
+register_preset("scaled_parallel", AdapterConfig, "scaled parallel adapter on the FFN, m=512, s=4 (He et al. 2022)",
+                placement="pfeiffer", parallel=True, scaling=4.0, bottleneck=512)
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, d: int, m: int, act: str):
+        super().__init__()
+        self.down = nn.Linear(d, m)
+        self.act = activation(act)
+        self.up = nn.Linear(m, d)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.act(self.down(x.to(self.down.weight.dtype))))
+
+
+@dataclass
+class _Site:
+    read: nn.Module  # module whose input (parallel) or output (serial) the adapter reads
+    write: Projection  # projection whose output receives the adapter's delta
+
+
+class Adapter(DeltaMethod):
+    config_class = AdapterConfig
+
+    def __init__(self, config: AdapterConfig, model_map: ModelMap):
+        super().__init__(config, model_map)
+        self.sites: dict[str, _Site] = {}
+        for layer in model_map.layers:
+            if config.placement in ("houlsby", "attention"):
+                for att in layer.attentions:
+                    reader = att.q.module if config.parallel else att.o.module
+                    self.sites[f"{layer.key}_{att.kind}_attn"] = _Site(reader, att.o)
+            if config.placement in ("houlsby", "pfeiffer"):
+                reader = layer.ffn_in[0].module if config.parallel else layer.ffn_out.module
+                self.sites[f"{layer.key}_ffn"] = _Site(reader, layer.ffn_out)
+        self.adapters = nn.ModuleDict()
+        self.gates = nn.ModuleDict()
+        for site_key, site in self.sites.items():
+            d = site.write.out_features
+            self.adapters[site_key] = Bottleneck(d, config.bottleneck, config.activation)
+            if config.gate:
+                self.gates[site_key] = Gate(d)
+
+    def _delta(self, site_key: str, x: torch.Tensor) -> torch.Tensor:
+        delta = self.adapters[site_key](x)
+        if self.config.scaling != 1.0:
+            delta = delta * self.config.scaling
+        if site_key in self.gates:
+            delta = delta * self.gates[site_key](x)
+        return delta
+
+    def install(self, installer: Installer) -> None:
+        for site_key, site in self.sites.items():
+            if self.config.parallel:
+                self._install_parallel(installer, site_key, site)
+            else:
+                installer.on_output(site.write.module, self._serial_hook(site_key))
+
+    def _serial_hook(self, site_key: str):
+        def serial(module, inputs, output):
+            return output + cast_like(self._delta(site_key, output), output)
+
+        return serial
+
+    def _install_parallel(self, installer: Installer, site_key: str, site: _Site) -> None:
+        stash = installer.context.values
+        slot = (id(self), site_key)
+
+        def read_input(module, inputs):
+            stash[slot] = inputs[0]
+
+        def add_parallel(module, inputs, output):
+            x = stash.pop(slot, None)
+            if x is None:
+                raise RuntimeError(f"parallel adapter {site_key}: sub-layer input was not seen before its output")
+            return output + cast_like(self._delta(site_key, x), output)
+
+        installer.on_input(site.read, read_input)
+        installer.on_output(site.write.module, add_parallel)

@@ -1,0 +1,67 @@
+"""The contract every method keeps with the core.
+
+A method is an ``nn.Module`` that holds only its own parameters (and gates), built from its config
+and the resolved :class:`~unipelt.sites.ModelMap`. The core calls:
+
+- ``install(installer)`` to put its hooks on the model;
+- ``merge()`` to fold it into the base weights, when ``mergeable()`` says it can;
+- ``delta_state()`` / ``load_delta_state()`` for what ``save`` writes (defaults: its state dict).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+
+from ..config import ConfigError, MethodConfig
+from ..runtime import Installer
+from ..sites import ModelMap
+
+
+class DeltaMethod(nn.Module):
+    config_class: ClassVar[type[MethodConfig]]
+
+    def __init__(self, config: MethodConfig, model_map: ModelMap):
+        super().__init__()
+        self.config = config
+
+    def install(self, installer: Installer) -> None:
+        raise NotImplementedError
+
+    def mergeable(self) -> bool:
+        """True when ``merge`` can fold this delta exactly into the base weights."""
+        return False
+
+    def merge(self) -> None:
+        raise NotImplementedError(f"{self.config.method} cannot be merged")
+
+    def delta_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.state_dict().items()}
+
+    def load_delta_state(self, state: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ConfigError(
+                f"saved delta does not fit method '{self.config.method}': missing {list(missing)[:5]}, "
+                f"unexpected {list(unexpected)[:5]}"
+            )
+
+
+def key(*parts: object) -> str:
+    """A ModuleDict key from parts (no dots allowed there)."""
+    return "_".join(str(p) for p in parts)
+
+
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+def activation(name: str) -> nn.Module:
+    if name not in _ACTIVATIONS:
+        raise ConfigError(f"unknown activation {name!r}; choose one of {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]()
+
+
+def cast_like(delta: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return delta if delta.dtype == like.dtype else delta.to(like.dtype)

@@ -1,0 +1,66 @@
+"""BitFit (Ben Zaken et al. 2022): train only the bias terms.
+
+Implemented as a zero-initialised additive delta on every bias of the pretrained body (linear
+layers, GPT-2's Conv1D, LayerNorms, convolutional patch embeddings), so the base weights stay
+untouched until ``merge`` adds the deltas into the biases. Task heads train as usual. Families
+without bias terms (LLaMA, T5) get a clear error. Parameters: the number of bias entries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..config import ConfigError, MethodConfig, register
+from ..runtime import Installer
+from ..sites import ModelMap
+from .base import DeltaMethod, cast_like
+
+
+@register
+@dataclass
+class BitFitConfig(MethodConfig):
+    method = "bitfit"
+    description = "BitFit: train only the bias terms (as additive, mergeable deltas)"
+
+
+def _has_bias(module: nn.Module) -> bool:
+    bias = getattr(module, "bias", None)
+    return isinstance(bias, nn.Parameter) and (
+        isinstance(module, (nn.Linear, nn.LayerNorm, nn.Conv2d)) or type(module).__name__ == "Conv1D")
+
+
+class BitFit(DeltaMethod):
+    config_class = BitFitConfig
+
+    def __init__(self, config: BitFitConfig, model_map: ModelMap):
+        super().__init__(config, model_map)
+        self.modules_by_key = {path.replace(".", "__"): m for path, m in model_map.base_modules() if _has_bias(m)}
+        if not self.modules_by_key:
+            raise ConfigError(f"{type(model_map.model).__name__} has no bias terms, so BitFit does not apply; "
+                              f"try 'ln' or 'ia3'")
+        self.biases = nn.ParameterDict({k: nn.Parameter(torch.zeros_like(m.bias, dtype=torch.float32))
+                                        for k, m in self.modules_by_key.items()})
+
+    def install(self, installer: Installer) -> None:
+        for k, module in self.modules_by_key.items():
+            installer.on_output(module, self._hook(k, isinstance(module, nn.Conv2d)))
+
+    def _hook(self, k: str, channels_first: bool):
+        delta = self.biases[k]
+
+        def add_bias(module, inputs, output):
+            d = delta[:, None, None] if channels_first else delta
+            return output + cast_like(d, output)
+
+        return add_bias
+
+    def mergeable(self) -> bool:
+        return True
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        for k, module in self.modules_by_key.items():
+            module.bias.add_(self.biases[k].to(module.bias.dtype))

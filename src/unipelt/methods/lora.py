@@ -1,0 +1,103 @@
+"""LoRA (Hu et al. 2021): ``h = W x + (alpha / r) B A x``, B zero-initialised.
+
+A is Kaiming-uniform (a = sqrt(5), as ``nn.Linear``), B zeros, so the model starts as the base.
+Mergeable as ``W' = W + (alpha / r) B A`` unless gated (the gate depends on the input).
+With ``gate=True`` (UniPELT), each adapted projection gets ``G_L = sigmoid(W_GL x)`` from its own
+input; q and v of a self-attention read the same input, so this equals one gate per layer with
+the option of different weights for q and v.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..config import ConfigError, MethodConfig, register
+from ..runtime import Gate, Installer
+from ..sites import ModelMap, Projection
+from .base import DeltaMethod, cast_like
+
+
+@register
+@dataclass
+class LoRAConfig(MethodConfig):
+    method = "lora"
+    description = "LoRA: low-rank update (alpha/r) B A added to chosen projections (default W_q, W_v)"
+    gateable = True
+
+    r: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("q", "v")
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ConfigError(f"lora rank r must be a positive integer, got {self.r!r}")
+        if not self.targets:
+            raise ConfigError("lora needs at least one target, e.g. targets=('q', 'v')")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora dropout must be in [0, 1), got {self.dropout}")
+
+
+class LoRAPair(nn.Module):
+    def __init__(self, in_features: int, out_features: int, r: int):
+        super().__init__()
+        self.A = nn.Linear(in_features, r, bias=False)
+        self.B = nn.Linear(r, out_features, bias=False)
+        nn.init.kaiming_uniform_(self.A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.B.weight)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.B.weight @ self.A.weight
+
+
+class LoRA(DeltaMethod):
+    config_class = LoRAConfig
+
+    def __init__(self, config: LoRAConfig, model_map: ModelMap):
+        super().__init__(config, model_map)
+        self.scaling = config.alpha / config.r
+        self.sites: dict[str, Projection] = {}
+        self.pairs = nn.ModuleDict()
+        self.gates = nn.ModuleDict()
+        for site_key, proj in model_map.projections(config.targets):
+            if config.r > min(proj.in_features, proj.out_features):
+                raise ConfigError(
+                    f"lora rank r={config.r} does not fit {proj.path} ({proj.in_features} -> {proj.out_features}); "
+                    f"use r <= {min(proj.in_features, proj.out_features)}"
+                )
+            self.sites[site_key] = proj
+            self.pairs[site_key] = LoRAPair(proj.in_features, proj.out_features, config.r)
+            if config.gate:
+                self.gates[site_key] = Gate(proj.in_features)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def install(self, installer: Installer) -> None:
+        for site_key, proj in self.sites.items():
+            installer.on_output(proj.module, self._hook(site_key, proj))
+
+    def _hook(self, site_key: str, proj: Projection):
+        pair = self.pairs[site_key]
+        gate = self.gates[site_key] if site_key in self.gates else None
+
+        def add_lora(module, inputs, output):
+            x = inputs[0]
+            xd = self.dropout(x).to(pair.A.weight.dtype)
+            delta = pair.B(pair.A(xd)) * self.scaling
+            if gate is not None:
+                delta = delta * gate(x)
+            return output + proj.place(cast_like(delta, output))
+
+        return add_lora
+
+    def mergeable(self) -> bool:
+        return not self.config.gate
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        for site_key, proj in self.sites.items():
+            proj.add_to_weight(self.pairs[site_key].delta_weight() * self.scaling)

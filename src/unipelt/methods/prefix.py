@@ -1,0 +1,132 @@
+"""Prefix tuning (Li and Liang 2021): ``l`` trainable key and value vectors per attention.
+
+The prefixes are prepended to the keys and values of every attention (self and cross) through
+:mod:`unipelt.attention`, so they work with eager and SDPA attention, padding masks and the
+key/value cache. During training they are reparametrised, ``P = MLP(E)`` with ``E`` of shape
+``l x d`` and an MLP ``d -> hidden (512) -> sum of 2 d_kv`` over all attentions, computed once per
+forward pass. ``save`` writes the computed prefixes and drops the MLP; a loaded prefix is direct.
+Without reparametrisation (``reparam=False``, P-tuning v2's deep prompts) the prefixes are
+parameters, initialised N(0, 0.02^2).
+
+UniPELT gate ``G_P = sigmoid(W_GP x)`` from the attention's query-side input ``x``: in
+bidirectional attention it is pooled over the real tokens and scales ``P_k`` and ``P_v``; in a
+decoder, where pooling would read future tokens, it is per query token and scales what the prefix
+adds to that token's attention output (``P_v`` seen by that query). Not mergeable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+
+from ..config import ConfigError, MethodConfig, register
+from ..runtime import Gate, Installer, pooled
+from ..sites import AttentionSites, ModelMap
+from .base import DeltaMethod
+
+
+@register
+@dataclass
+class PrefixConfig(MethodConfig):
+    method = "prefix"
+    description = "prefix tuning: l trainable key/value vectors per attention (MLP-reparametrised in training)"
+    gateable = True
+
+    length: int = 10
+    reparam: bool = True
+    reparam_hidden: int = 512
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.length, int) or self.length < 1:
+            raise ConfigError(f"prefix length must be a positive integer, got {self.length!r}")
+        if self.reparam_hidden < 1:
+            raise ConfigError(f"prefix reparam_hidden must be positive, got {self.reparam_hidden}")
+
+
+class Prefix(DeltaMethod):
+    config_class = PrefixConfig
+
+    def __init__(self, config: PrefixConfig, model_map: ModelMap):
+        super().__init__(config, model_map)
+        if not model_map.family.supports_prefix:
+            raise ConfigError(f"prefix-style methods do not support family '{model_map.family.name}': "
+                              f"{model_map.family.prefix_reason}")
+        self.sites: dict[str, AttentionSites] = {}
+        self.causal: dict[str, bool] = {}
+        for layer in model_map.layers:
+            for att in layer.attentions:
+                site_key = f"{layer.key}_{att.kind}"
+                self.sites[site_key] = att
+                self.causal[site_key] = layer.stack == "decoder" or bool(getattr(att.module, "is_causal", False))
+        self.kv_dims = {k: att.k.out_features for k, att in self.sites.items()}
+        d, l = model_map.hidden_size, config.length
+        self.gates = nn.ModuleDict()
+        if config.gate:
+            for site_key, att in self.sites.items():
+                self.gates[site_key] = Gate(att.q.in_features)
+        if config.reparam:
+            self.embedding = nn.Parameter(torch.randn(l, d))
+            self.mlp = nn.Sequential(nn.Linear(d, config.reparam_hidden), nn.Tanh(),
+                                     nn.Linear(config.reparam_hidden, sum(2 * v for v in self.kv_dims.values())))
+            self.prefixes = None
+        else:
+            self.prefixes = nn.ParameterDict({
+                k: nn.Parameter(torch.randn(2, l, dkv) * 0.02) for k, dkv in self.kv_dims.items()
+            })
+
+    def _all_prefixes(self) -> dict[str, torch.Tensor]:
+        """Every attention's (2, l, d_kv) prefix; the MLP runs once per forward pass."""
+        if self.prefixes is not None:
+            return dict(self.prefixes.items())
+        flat = self.mlp(self.embedding)  # (l, sum 2 d_kv)
+        out, start = {}, 0
+        for site_key, dkv in self.kv_dims.items():
+            out[site_key] = flat[:, start:start + 2 * dkv].reshape(-1, 2, dkv).transpose(0, 1)
+            start += 2 * dkv
+        return out
+
+    def install(self, installer: Installer) -> None:
+        values = installer.context.values
+        cache_slot = (id(self), "prefixes")
+        context = installer.context
+
+        def prefixes() -> dict[str, torch.Tensor]:
+            if cache_slot not in values:
+                values[cache_slot] = self._all_prefixes()
+            return values[cache_slot]
+
+        for site_key, att in self.sites.items():
+            gate_slot = (id(self), site_key, "x")
+            if site_key in self.gates:
+                def stash(module, inputs, slot=gate_slot):
+                    values[slot] = inputs[0]
+
+                installer.on_input(att.q.module, stash)
+
+            def provide(module, query, key, value, site_key=site_key, gate_slot=gate_slot):
+                p = prefixes()[site_key]  # (2, l, d_kv)
+                b, h_kv, _, hd = key.shape
+                pk, pv = (t.reshape(t.shape[0], h_kv, hd).transpose(0, 1).unsqueeze(0).expand(b, -1, -1, -1)
+                          for t in (p[0], p[1]))
+                if site_key not in self.gates:
+                    return pk, pv, None
+                x = values.pop(gate_slot)
+                gate = self.gates[site_key]
+                if self.causal[site_key]:
+                    return pk, pv, gate(x)  # (b, q, 1): per query token
+                g = gate(pooled(x, context.padding_mask))[:, :, None, None]  # (b, 1, 1, 1)
+                return pk * g, pv * g, None
+
+            installer.kv_provider(att.module, provide)
+
+    def saved_config(self) -> PrefixConfig:
+        return replace(self.config, reparam=False)
+
+    def delta_state(self) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            state = {f"prefixes.{k}": v.detach().clone() for k, v in self._all_prefixes().items()}
+        state.update({f"gates.{k}": v.detach() for k, v in self.gates.state_dict().items()})
+        return state

@@ -1,0 +1,161 @@
+"""Prompt tuning (Lester et al. 2021): ``n`` trainable embeddings inserted into the input.
+
+Text models: the prompt goes after ``[CLS]`` in encoders that start with a summary token (BERT
+family), else at the start (GPT-2, LLaMA, T5's and BART's encoder input). The model's call is
+rewritten before it runs: ``n`` placeholder ids are inserted into ``input_ids`` (so code that reads
+the ids, such as GPT-2's last-token pooling, still works), the attention mask, token types,
+token-level labels and QA positions are widened to match, and the embedding layer's output at the
+placeholders is replaced by the prompt. Token-level outputs (token-classification and QA logits,
+hidden states) come back without the prompt positions, so callers see their own sequence length.
+ViT: the prompt is inserted after ``[CLS]`` into the patch embeddings (shallow visual prompt).
+
+Init: embeddings of ``n`` random vocabulary tokens (``init="vocab"``), or N(0, 0.02^2)
+(``init="random"``). Not identity at init (it adds tokens); not mergeable. ``n d`` parameters.
+Decoder-only generation with a key/value cache is not supported (use ``prefix``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..config import ConfigError, MethodConfig, register
+from ..runtime import Installer
+from ..sites import ModelMap
+from .base import DeltaMethod
+
+POSITIONS = ("auto", "start", "after_cls")
+
+
+@register
+@dataclass
+class PromptConfig(MethodConfig):
+    method = "prompt"
+    description = "prompt tuning: n trainable input embeddings (after [CLS] in BERT-like encoders)"
+
+    length: int = 20
+    init: str = "vocab"
+    position: str = "auto"
+    seed: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.length, int) or self.length < 1:
+            raise ConfigError(f"prompt length must be a positive integer, got {self.length!r}")
+        if self.init not in ("vocab", "random"):
+            raise ConfigError(f"prompt init must be 'vocab' or 'random', got {self.init!r}")
+        if self.position not in POSITIONS:
+            raise ConfigError(f"prompt position must be one of {POSITIONS}, got {self.position!r}")
+
+
+def _insert(t: torch.Tensor, pos: int, n: int, fill: Any) -> torch.Tensor:
+    pad = torch.full((t.shape[0], n, *t.shape[2:]), fill, dtype=t.dtype, device=t.device)
+    return torch.cat([t[:, :pos], pad, t[:, pos:]], dim=1)
+
+
+def _remove(t: torch.Tensor, pos: int, n: int) -> torch.Tensor:
+    return torch.cat([t[:, :pos], t[:, pos + n:]], dim=1)
+
+
+class Prompt(DeltaMethod):
+    config_class = PromptConfig
+
+    def __init__(self, config: PromptConfig, model_map: ModelMap):
+        super().__init__(config, model_map)
+        model = model_map.model
+        self.vision = model_map.family.name == "vit"
+        after_cls = model_map.family.prompt_after_cls
+        self.position = {"auto": 1 if after_cls else 0, "start": 0, "after_cls": 1}[config.position]
+        self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        pad = getattr(model.config, "pad_token_id", None)
+        self.placeholder = int(pad) if pad is not None else 0
+        d = model_map.hidden_size
+        gen = torch.Generator().manual_seed(config.seed)
+        if self.vision:
+            self.embed_module = model.base_model.embeddings
+            init = torch.randn(config.length, d, generator=gen) * 0.02
+        else:
+            self.embed_module = model_map.input_embeddings()
+            if config.init == "vocab":
+                vocab = self.embed_module.weight.shape[0]
+                ids = torch.randint(0, vocab, (1, config.length), generator=gen).to(self.embed_module.weight.device)
+                with torch.no_grad():
+                    init = self.embed_module(ids)[0].float().cpu()
+            else:
+                init = torch.randn(config.length, d, generator=gen) * 0.02
+        self.embedding = nn.Parameter(init.clone())
+
+    def install(self, installer: Installer) -> None:
+        values = installer.context.values
+        slot = (id(self), "insert")
+        n, pos = self.config.length, self.position
+
+        def fill_prompt(module, inputs, output):
+            # Vision: insert into the patch sequence. Text: overwrite the placeholders.
+            b = output.shape[0]
+            prompt = self.embedding.to(output.dtype).unsqueeze(0).expand(b, -1, -1)
+            if self.vision:
+                return torch.cat([output[:, :pos], prompt, output[:, pos:]], dim=1)
+            expected = values.pop(slot, None)
+            if expected is None or output.shape[1] != expected:
+                return output
+            return torch.cat([output[:, :pos], prompt, output[:, pos + n:]], dim=1)
+
+        installer.on_output(self.embed_module, fill_prompt)
+        if self.vision:
+            return
+
+        def rewrite(kwargs: dict[str, Any]) -> dict[str, Any]:
+            ids = kwargs.get("input_ids")
+            embeds = kwargs.get("inputs_embeds")
+            mask = kwargs.get("attention_mask")
+            if ids is None and embeds is None:
+                # encoder-decoder step with encoder_outputs given: widen the cross-attention mask only
+                enc = kwargs.get("encoder_outputs")
+                enc_len = enc[0].shape[1] if enc is not None else None
+                if mask is not None and enc_len is not None and mask.shape[1] == enc_len - n:
+                    kwargs["attention_mask"] = _insert(mask, pos, n, 1)
+                return kwargs
+            past = kwargs.get("past_key_values")
+            if not self.encoder_decoder and past is not None and past.get_seq_length() > 0:
+                raise NotImplementedError("prompt tuning does not support cached generation in decoder-only "
+                                          "models; use prefix tuning, or generate with use_cache=False")
+            if ids is not None:
+                length = ids.shape[1]
+                kwargs["input_ids"] = _insert(ids, pos, n, self.placeholder)
+                values[slot] = length + n
+            else:
+                length = embeds.shape[1]
+                prompt = self.embedding.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
+                kwargs["inputs_embeds"] = torch.cat([embeds[:, :pos], prompt, embeds[:, pos:]], dim=1)
+            values[(id(self), "length")] = length
+            if mask is not None:
+                kwargs["attention_mask"] = _insert(mask, pos, n, 1)
+            if kwargs.get("token_type_ids") is not None:
+                kwargs["token_type_ids"] = _insert(kwargs["token_type_ids"], pos, n, 0)
+            if kwargs.get("position_ids") is not None:
+                raise ConfigError("prompt tuning computes positions itself; do not pass position_ids")
+            labels = kwargs.get("labels")
+            if labels is not None and not self.encoder_decoder and labels.dim() == 2 and labels.shape[1] == length:
+                kwargs["labels"] = _insert(labels, pos, n, -100)
+            for name in ("start_positions", "end_positions"):
+                if kwargs.get(name) is not None:
+                    p = kwargs[name]
+                    kwargs[name] = torch.where(p >= pos, p + n, p)
+            return kwargs
+
+        def strip(kwargs: dict[str, Any], output: Any) -> Any:
+            length = values.pop((id(self), "length"), None)
+            if length is None or self.encoder_decoder or not hasattr(output, "keys"):
+                return output
+            for name, ndim in (("logits", 3), ("start_logits", 2), ("end_logits", 2), ("last_hidden_state", 3)):
+                t = output.get(name) if hasattr(output, "get") else None
+                if isinstance(t, torch.Tensor) and t.dim() == ndim and t.shape[1] == length + n:
+                    output[name] = _remove(t, pos, n)
+            return output
+
+        installer.rewrite_call(rewrite)
+        installer.rewrite_output(strip)

@@ -1,0 +1,116 @@
+"""What methods use to act on a running model: hooks, per-forward context, gates.
+
+Methods never patch a model themselves. They ask an :class:`Installer` for forward hooks on a
+module's input or output, for extra attention keys/values, for a swapped sub-module, or for a
+rewrite of the model's call arguments. The installer records every change so that ``detach``
+undoes all of them exactly.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from . import attention
+
+
+@dataclass
+class ForwardContext:
+    """Values that live for one call of the model (reset by the core before every forward)."""
+
+    padding_mask: torch.Tensor | None = None  # (batch, seq) 1 = real token, of the main input
+    values: dict[Any, Any] = field(default_factory=dict)  # per-forward cache (prefix reparametrisation)
+
+    def reset(self, padding_mask: torch.Tensor | None) -> None:
+        self.padding_mask = padding_mask
+        self.values.clear()
+
+
+class Gate(nn.Module):
+    """UniPELT gate: ``sigmoid(W x + b)``, one scalar per token (or per pooled example)."""
+
+    def __init__(self, in_features: int):
+        super().__init__()
+        self.proj = nn.Linear(in_features, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.proj(x.to(self.proj.weight.dtype)))
+
+
+def pooled(x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over tokens of ``x`` (batch, seq, d), counting only real tokens when the mask fits."""
+    if padding_mask is not None and padding_mask.shape == x.shape[:2]:
+        m = padding_mask.to(x.dtype).unsqueeze(-1)
+        return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+    return x.mean(1)
+
+
+ModelCallRewrite = Callable[[dict[str, Any]], dict[str, Any]]
+ModelOutputRewrite = Callable[[dict[str, Any], Any], Any]
+
+
+class Installer:
+    """Registers a method's hooks on a model and remembers how to take them all off."""
+
+    def __init__(self, model: nn.Module, context: ForwardContext):
+        self.model = model
+        self.context = context
+        self._handles: list[Any] = []
+        self._providers: list[tuple[nn.Module, attention.KVProvider]] = []
+        self._swaps: list[tuple[nn.Module, str, nn.Module]] = []
+        self.call_rewrites: list[ModelCallRewrite] = []
+        self.output_rewrites: list[ModelOutputRewrite] = []
+
+    def on_output(self, module: nn.Module, fn: Callable[[nn.Module, tuple, Any], Any]) -> None:
+        """``fn(module, inputs, output) -> new output`` after ``module`` runs."""
+        self._handles.append(module.register_forward_hook(fn))
+
+    def on_input(self, module: nn.Module, fn: Callable[[nn.Module, tuple], tuple | None]) -> None:
+        """``fn(module, inputs) -> new inputs`` (or None to keep them) before ``module`` runs."""
+        self._handles.append(module.register_forward_pre_hook(fn))
+
+    def kv_provider(self, attention_module: nn.Module, provider: attention.KVProvider) -> None:
+        attention.add_provider(attention_module, provider)
+        self._providers.append((attention_module, provider))
+
+    def swap(self, parent: nn.Module, attr: str, new: nn.Module) -> nn.Module:
+        """Replace ``parent.attr`` by ``new``; returns the original, which detach puts back."""
+        old = getattr(parent, attr)
+        setattr(parent, attr, new)
+        self._swaps.append((parent, attr, old))
+        return old
+
+    def rewrite_call(self, fn: ModelCallRewrite) -> None:
+        """``fn(kwargs) -> kwargs`` on every call of the whole model (prompt tokens)."""
+        self.call_rewrites.append(fn)
+
+    def rewrite_output(self, fn: ModelOutputRewrite) -> None:
+        self.output_rewrites.append(fn)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for module, provider in self._providers:
+            attention.remove_provider(module, provider)
+        for parent, attr, old in reversed(self._swaps):
+            setattr(parent, attr, old)
+        self._handles.clear()
+        self._providers.clear()
+        self._swaps.clear()
+        self.call_rewrites.clear()
+        self.output_rewrites.clear()
+
+
+def call_arguments(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The model's call as keyword arguments only (positional ones named by its signature)."""
+    if not args:
+        return dict(kwargs)
+    names = [p for p in inspect.signature(model.forward).parameters if p not in ("self",)]
+    out = dict(zip(names, args, strict=False))
+    out.update(kwargs)
+    return out

@@ -1,0 +1,203 @@
+"""Save and load deltas: ``delta.safetensors`` + ``unipelt.json``, written atomically.
+
+Each file is written to a temporary name in the target folder, flushed to disk and renamed over
+the old one, the tensors first. ``unipelt.json`` records the SHA-256 of the tensor file, so a pair
+left inconsistent by a kill between the two renames, or a corrupt file, is a clear error on load
+rather than silently wrong weights. Other files in the folder are never touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .config import ConfigError, parse_config
+from .core import _start, add_method, attachment, deltas, detach
+from .families import family_of
+
+DELTA_FILE = "delta.safetensors"
+META_FILE = "unipelt.json"
+FORMAT = "unipelt-delta/1"
+
+# Config entries that do not change the weights' meaning: left out of the base model's hash.
+_VOLATILE = {
+    "_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype", "_commit_hash",
+    "_attn_implementation", "_attn_implementation_internal", "_attn_implementation_autoset", "id2label",
+    "label2id", "use_cache", "output_attentions", "output_hidden_states", "return_dict", "problem_type",
+    "_experts_implementation", "output_router_logits",
+}
+
+
+class DeltaFileError(ValueError):
+    """A saved delta that is missing, corrupt, or made for another model."""
+
+
+def config_hash(model: nn.Module) -> str:
+    data = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE and not k.startswith("_")}
+    blob = json.dumps(data, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _fingerprint(model: nn.Module) -> float:
+    """A cheap summary of the pretrained input embeddings, to warn about a different checkpoint."""
+    w = model.get_input_embeddings().weight if model.get_input_embeddings() is not None else None
+    return float(w.detach().double().abs().mean()) if w is not None else 0.0
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    _atomic_write(path, write)
+
+
+def delta_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Everything ``save`` writes: each method's delta state and the trained head, by name."""
+    state = attachment(model)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, method in deltas(model).items():
+        for k, v in method.delta_state().items():
+            tensors[f"{name}.{k}"] = v
+    if state.train_head:
+        for head_name, head in state.model_map.head_modules.items():
+            for k, v in head.state_dict().items():
+                tensors[f"head.{head_name}.{k}"] = v
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+
+
+def save(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write only the delta (and trained task head) of ``model`` to folder ``path``."""
+    state = attachment(model)
+    if state is None or not deltas(model):
+        raise ConfigError("nothing to save: no method is attached to this model (use unipelt.attach first)")
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = delta_tensors(model)
+    _atomic_write(folder / DELTA_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    methods = []
+    for name, method in deltas(model).items():
+        saved = method.saved_config() if hasattr(method, "saved_config") else method.config
+        methods.append({"name": name, "config": saved.to_dict()})
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "unipelt_version": __version__,
+        "methods": methods,
+        "train_head": state.train_head,
+        "heads": sorted(state.model_map.head_modules) if state.train_head else [],
+        "base_model": {
+            "class": type(model).__name__,
+            "model_type": model.config.model_type,
+            "family": family_of(model).name,
+            "config_hash": config_hash(model),
+            "embedding_fingerprint": _fingerprint(model),
+        },
+        "delta_sha256": _sha256(folder / DELTA_FILE),
+    }
+    atomic_write_text(folder / META_FILE, json.dumps(meta, indent=2) + "\n")
+    return folder
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    folder = Path(path)
+    meta_path = folder / META_FILE
+    if not meta_path.exists():
+        raise DeltaFileError(f"{folder} holds no {META_FILE}; is it a folder written by unipelt.save?")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise DeltaFileError(f"{meta_path} is not valid JSON ({e}); the file is corrupt: save the delta again") from e
+    if meta.get("format") != FORMAT:
+        raise DeltaFileError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Attach the saved delta in ``path`` to ``model`` (a fresh base model) and fill its weights.
+
+    Also reads a LoRA folder saved by ``peft`` (``adapter_config.json``).
+    """
+    folder = Path(path)
+    if not (folder / META_FILE).exists() and (folder / "adapter_config.json").exists():
+        from .peft_format import load_peft
+
+        return load_peft(model, folder)
+    meta = read_meta(folder)
+    base = meta["base_model"]
+    if base["config_hash"] != config_hash(model) or base["class"] != type(model).__name__:
+        raise DeltaFileError(
+            f"{folder} was saved for {base['class']} ({base['model_type']}, config {base['config_hash']}), "
+            f"but this model is {type(model).__name__} ({model.config.model_type}, config {config_hash(model)}); "
+            f"load it into the model it was trained on"
+        )
+    if abs(base.get("embedding_fingerprint", 0.0) - _fingerprint(model)) > 1e-6 * max(1.0, _fingerprint(model)):
+        warnings.warn(f"{folder}: the base model's embeddings differ from the ones the delta was trained on "
+                      f"(same architecture, other checkpoint?)", UserWarning, stacklevel=2)
+    delta_path = folder / DELTA_FILE
+    if not delta_path.exists():
+        raise DeltaFileError(f"{delta_path} is missing")
+    if _sha256(delta_path) != meta.get("delta_sha256"):
+        raise DeltaFileError(f"{delta_path} does not match {META_FILE} (corrupt, or a save was interrupted); "
+                             f"save the delta again or restore both files together")
+    try:
+        tensors = load_file(str(delta_path))
+    except Exception as e:  # safetensors raises its own error types
+        raise DeltaFileError(f"{delta_path} cannot be read ({e}); the file is corrupt") from e
+    state = attachment(model) or _start(model, meta.get("train_head", True))
+    added = []
+    try:
+        for entry in meta["methods"]:
+            name = add_method(model, parse_config(entry["config"]), name=entry["name"])
+            added.append(name)
+            prefix = f"{name}."
+            own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            deltas(model)[name].load_delta_state(own)
+        with torch.no_grad():
+            for head_name in meta.get("heads", []):
+                head = state.model_map.head_modules.get(head_name)
+                prefix = f"head.{head_name}."
+                own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                if head is None:
+                    raise DeltaFileError(f"{folder} has a trained head '{head_name}' this model lacks")
+                try:
+                    head.load_state_dict(own)
+                except RuntimeError as e:
+                    raise DeltaFileError(f"{folder}: the saved head '{head_name}' does not fit ({e}); "
+                                         f"was it trained with another number of labels?") from e
+    except Exception:
+        detach(model)
+        raise
+    return model
