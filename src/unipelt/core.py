@@ -135,7 +135,8 @@ def attach(model: nn.Module, config: MethodConfig | str | dict[str, Any], *, tra
     """
     parsed = parse_config(config)
     plain = expand(parsed)
-    state = attachment(model) or _start(model, train_head)
+    if attachment(model) is None:
+        _start(model, train_head)
     names = []
     try:
         for c in plain:

@@ -60,7 +60,7 @@ class LNTuning(DeltaMethod):
 
     def _hook(self, k: str):
         gain = self.gains[k]
-        bias = self.biases[k] if k in self.biases else None
+        bias = self.biases.get(k, None)
 
         def shift(module, inputs, output):
             out = output + cast_like(gain, output) * normalised(module, inputs[0]).to(output.dtype)
