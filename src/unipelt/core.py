@@ -113,6 +113,9 @@ def add_method(model: nn.Module, config: MethodConfig, name: str | None = None) 
     if name in store:
         raise ConfigError(f"a method named {name!r} is already attached")
     method = cls(config, state.model_map)
+    own = {id(p) for p in method.parameters()}
+    if own & {id(p) for n, p in model.named_parameters() if not n.startswith(STORE)}:
+        raise RuntimeError(f"method '{config.method}' registered base-model weights as its own parameters")
     dtype, device = _dtype_device(model)
     method.to(device=device, dtype=dtype)
     for p in method.parameters():

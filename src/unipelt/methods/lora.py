@@ -82,7 +82,7 @@ class LoRA(DeltaMethod):
 
     def _hook(self, site_key: str, proj: Projection):
         pair = self.pairs[site_key]
-        gate = self.gates.get(site_key, None)
+        gate = self.gates[site_key] if site_key in self.gates else None  # noqa: SIM401 (ModuleDict has no get)
 
         def add_lora(module, inputs, output):
             x = inputs[0]

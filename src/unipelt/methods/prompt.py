@@ -74,11 +74,12 @@ class Prompt(DeltaMethod):
         self.placeholder = int(pad) if pad is not None else 0
         d = model_map.hidden_size
         gen = torch.Generator().manual_seed(config.seed)
+        # Kept out of the module tree: the embedding layer is the base model's, not this delta's.
         if self.vision:
-            self.embed_module = model.base_model.embeddings
+            self.__dict__["embed_module"] = model.base_model.embeddings
             init = torch.randn(config.length, d, generator=gen) * 0.02
         else:
-            self.embed_module = model_map.input_embeddings()
+            self.__dict__["embed_module"] = model_map.input_embeddings()
             if config.init == "vocab":
                 vocab = self.embed_module.weight.shape[0]
                 ids = torch.randint(0, vocab, (1, config.length), generator=gen).to(self.embed_module.weight.device)

@@ -1,0 +1,650 @@
+"""Invariants every method keeps on every family it applies to.
+
+1. zero-initialised deltas leave the model unchanged, whatever the gates say; prefix and prompt change it;
+2. one optimiser step changes only the deltas and the task head;
+3. save -> load into a fresh model reproduces the outputs; wrong or corrupt files are clear errors;
+4. merge folds mergeable deltas exactly and warns about the rest; detach restores the base model exactly;
+5. trainable counts follow the formulas of /work/shared/METHODS.md, computed here from the model's dimensions;
+6. prefixes respect padding and give the same outputs with eager and SDPA attention;
+7. bad configs and unsupported models are clear errors.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import transformers
+from conftest import FAMILIES, build, inputs, logits
+from safetensors.torch import load_file, save_file
+from transformers.pytorch_utils import Conv1D
+
+import unipelt
+from unipelt.runtime import Gate
+
+# Top-level modules of a task model trained with the delta (the list in unipelt/families.py).
+HEADS = ("classifier", "pre_classifier", "score", "qa_outputs", "classification_head", "pooler")
+PREFIX_HIDDEN = 512
+
+METHODS: dict[str, object] = {
+    "lora": "lora",
+    "lora_all": {"method": "lora", "targets": ["q", "k", "v", "o", "ffn_in", "ffn_out"]},
+    "houlsby": "houlsby",
+    "pfeiffer": "pfeiffer",
+    "parallel": "parallel",
+    "scaled_parallel": {"method": "scaled_parallel", "bottleneck": 16},
+    "bitfit": "bitfit",
+    "ia3": "ia3",
+    "ln": "ln",
+    "prefix": "prefix",
+    "prefix_direct": {"method": "prefix", "reparam": False},
+    "prompt": {"method": "prompt", "length": 4},
+    "mam": {"method": "mam", "prefix": {"length": 4}, "adapter": {"bottleneck": 16, "parallel": True, "scaling": 4.0}},
+    "unipelt": {"method": "unipelt", "adapter": {"bottleneck": 16}, "prefix": {"length": 4}, "lora": {"r": 4}},
+    "unipelt_prompt": {"method": "unipelt", "adapter": {"bottleneck": 16}, "prefix": {"length": 4}, "lora": {"r": 4},
+                       "prompt": {"length": 3}},
+    "unipelt_noprefix": {"method": "unipelt", "adapter": {"bottleneck": 16}, "prefix": None, "lora": {"r": 4}},
+    "composition": "composition",  # built fresh per test by _config (a Composition object is mutable)
+    "composition_two_lora": "composition_two_lora",
+}
+
+ZERO_INIT = {"lora", "lora_all", "houlsby", "pfeiffer", "parallel", "scaled_parallel", "bitfit", "ia3", "ln",
+             "unipelt_noprefix", "composition", "composition_two_lora"}
+NOT_IDENTITY = {"prefix", "prefix_direct", "prompt", "mam", "unipelt", "unipelt_prompt"}
+MERGEABLE = {"lora", "lora_all", "bitfit", "ia3", "ln", "composition_two_lora"}
+PREFIX_STYLE = {"prefix", "prefix_direct", "mam", "unipelt", "unipelt_prompt"}
+GATED = {"unipelt", "unipelt_prompt", "unipelt_noprefix", "composition"}
+assert ZERO_INIT | NOT_IDENTITY == set(METHODS) and not ZERO_INIT & NOT_IDENTITY
+
+
+def _config(key: str):
+    if key == "composition":
+        return unipelt.Composition(methods=[
+            {"method": "lora", "gate": True},
+            "ia3",
+            {"method": "houlsby", "gate": True, "bottleneck": 8},
+        ])
+    if key == "composition_two_lora":
+        return unipelt.Composition(methods=[
+            {"method": "lora", "r": 4},
+            {"method": "lora", "r": 2, "targets": ["o", "ffn_out"]},
+            "ln",
+        ])
+    return copy.deepcopy(METHODS[key])
+
+
+def not_applicable(family: str, key: str) -> str | None:
+    """The documented exclusions: why ``key`` cannot attach to ``family`` (None when it can)."""
+    if key == "bitfit" and family in ("llama", "t5"):
+        return "bias"
+    if key in PREFIX_STYLE and family == "deberta-v2":
+        return "prefix"
+    return None
+
+
+ALL = [(f, m) for f in sorted(FAMILIES) for m in METHODS]
+APPLICABLE = [pytest.param(f, m, id=f"{f}-{m}") for f, m in ALL if not_applicable(f, m) is None]
+EXCLUDED = [pytest.param(f, m, id=f"{f}-{m}") for f, m in ALL if not_applicable(f, m) is not None]
+
+
+def _select(keys: set[str]) -> list:
+    return [pytest.param(f, m, id=f"{f}-{m}") for f, m in ALL if m in keys and not_applicable(f, m) is None]
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def attached(family: str, key: str, seed: int = 0) -> nn.Module:
+    model = build(family)
+    torch.manual_seed(seed)
+    return unipelt.attach(model, _config(key))
+
+
+def store(model: nn.Module) -> nn.ModuleDict:
+    return model.unipelt_deltas
+
+
+def delta_param_ids(model: nn.Module) -> set[int]:
+    return {id(p) for p in store(model).parameters()}
+
+
+@torch.no_grad()
+def perturb(model: nn.Module, seed: int = 7, heads: bool = True) -> None:
+    """Random values in every delta parameter (and the head), so that outputs depend on all of them."""
+    g = torch.Generator().manual_seed(seed)
+    params = list(store(model).parameters())
+    if heads:
+        params += [p for n, m in model.named_children() if n in HEADS for p in m.parameters()]
+    for p in params:
+        p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
+
+
+def head_prefixes(model: nn.Module) -> tuple[str, ...]:
+    return tuple(f"{n}." for n, _ in model.named_children() if n in HEADS)
+
+
+def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def step(model: nn.Module, family: str) -> None:
+    """One AdamW step (lr 1e-2) on a cross-entropy loss against random targets, over every parameter."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    out = model(**inputs(family)).logits
+    flat = out.reshape(-1, out.shape[-1])
+    targets = torch.randint(0, out.shape[-1], (flat.shape[0],), generator=torch.Generator().manual_seed(3))
+    F.cross_entropy(flat, targets).backward()
+    opt.step()
+    model.eval()
+
+
+# ------------------------------------------------------- independent parameter counts (METHODS.md formulas)
+
+
+@dataclass
+class Layer:
+    attentions: int  # 1 (self) or 2 (self + cross)
+    ff: int  # FFN width
+    ffn_in: int  # how many projections read the FFN input (LLaMA: gate_proj and up_proj)
+
+
+@dataclass
+class Dims:
+    d: int
+    q: int  # query width (heads * head_dim)
+    kv: int  # key/value width (kv_heads * head_dim)
+    layers: list[Layer]
+
+    @property
+    def n_attn(self) -> int:
+        return sum(layer.attentions for layer in self.layers)
+
+
+def dims(family: str, model: nn.Module) -> Dims:
+    c = model.config
+    d = c.hidden_size
+    if family == "llama":
+        q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    elif family == "t5":
+        q = kv = c.num_heads * c.d_kv
+    else:
+        q = kv = d
+    if family == "t5":
+        return Dims(d, q, kv, [Layer(1, c.d_ff, 1)] * c.num_layers + [Layer(2, c.d_ff, 1)] * c.num_decoder_layers)
+    if family == "bart":
+        return Dims(d, q, kv, [Layer(1, c.encoder_ffn_dim, 1)] * c.encoder_layers
+                    + [Layer(2, c.decoder_ffn_dim, 1)] * c.decoder_layers)
+    ff = {"gpt2": c.n_inner or 4 * d, "distilbert": getattr(c, "hidden_dim", None)}.get(family) or c.intermediate_size
+    return Dims(d, q, kv, [Layer(1, ff, 2 if family == "llama" else 1)] * c.num_hidden_layers)
+
+
+def lora_count(D: Dims, r: int, targets=("q", "v"), gate: bool = False) -> int:
+    """r (d_in + d_out) per adapted matrix, plus d_in + 1 per gate."""
+    shapes = {"q": (D.d, D.q), "k": (D.d, D.kv), "v": (D.d, D.kv), "o": (D.q, D.d)}
+    total = 0
+    for layer in D.layers:
+        mats = [shapes[t] for t in targets if t in shapes] * layer.attentions
+        if "ffn_in" in targets:
+            mats += [(D.d, layer.ff)] * layer.ffn_in
+        if "ffn_out" in targets:
+            mats += [(layer.ff, D.d)]
+        total += sum(r * (i + o) + (i + 1 if gate else 0) for i, o in mats)
+    return total
+
+
+def adapter_count(D: Dims, m: int, houlsby: bool, gate: bool = False) -> int:
+    per = 2 * D.d * m + D.d + m + (D.d + 1 if gate else 0)
+    n = sum((layer.attentions if houlsby else 0) + 1 for layer in D.layers)
+    return n * per
+
+
+def prefix_count(D: Dims, length: int, reparam: bool, gate: bool = False) -> int:
+    N, gates = D.n_attn, (D.n_attn * (D.d + 1) if gate else 0)
+    if not reparam:
+        return N * 2 * length * D.kv + gates
+    h = PREFIX_HIDDEN
+    return length * D.d + (D.d * h + h) + (h * 2 * N * D.kv + 2 * N * D.kv) + gates
+
+
+def ia3_count(D: Dims) -> int:
+    return sum(layer.attentions * 2 * D.kv + layer.ff for layer in D.layers)
+
+
+def body_modules(model: nn.Module):
+    heads = head_prefixes(model)
+    return [(n, m) for n, m in model.named_modules() if n and not (n + ".").startswith(heads)]
+
+
+def bitfit_count(model: nn.Module) -> int:
+    return sum(m.bias.numel() for _, m in body_modules(model)
+               if isinstance(m, (nn.Linear, Conv1D, nn.LayerNorm, nn.Conv2d)) and m.bias is not None)
+
+
+def ln_count(model: nn.Module) -> int:
+    total = 0
+    for _, m in body_modules(model):
+        if isinstance(m, nn.LayerNorm) or type(m).__name__.endswith(("RMSNorm", "LayerNorm")):
+            total += m.weight.numel() + (m.bias.numel() if getattr(m, "bias", None) is not None else 0)
+    return total
+
+
+def expected_counts(family: str, key: str, model: nn.Module) -> dict[str, int]:
+    D = dims(family, model)
+    houlsby = {"houlsby": True, "pfeiffer": False, "parallel": False}
+    if key in houlsby:
+        return {"adapter": adapter_count(D, 64, houlsby[key])}
+    table = {
+        "lora": lambda: {"lora": lora_count(D, 8)},
+        "lora_all": lambda: {"lora": lora_count(D, 8, ("q", "k", "v", "o", "ffn_in", "ffn_out"))},
+        "scaled_parallel": lambda: {"adapter": adapter_count(D, 16, False)},
+        "bitfit": lambda: {"bitfit": bitfit_count(model)},
+        "ia3": lambda: {"ia3": ia3_count(D)},
+        "ln": lambda: {"ln": ln_count(model)},
+        "prefix": lambda: {"prefix": prefix_count(D, 10, True)},
+        "prefix_direct": lambda: {"prefix": prefix_count(D, 10, False)},
+        "prompt": lambda: {"prompt": 4 * D.d},
+        "mam": lambda: {"prefix": prefix_count(D, 4, True), "adapter": adapter_count(D, 16, False)},
+        "unipelt": lambda: {"adapter": adapter_count(D, 16, False, gate=True),
+                            "prefix": prefix_count(D, 4, True, gate=True), "lora": lora_count(D, 4, gate=True)},
+        "unipelt_prompt": lambda: {"adapter": adapter_count(D, 16, False, gate=True),
+                                   "prefix": prefix_count(D, 4, True, gate=True), "lora": lora_count(D, 4, gate=True),
+                                   "prompt": 3 * D.d},
+        "unipelt_noprefix": lambda: {"adapter": adapter_count(D, 16, False, gate=True),
+                                     "lora": lora_count(D, 4, gate=True)},
+        "composition": lambda: {"lora": lora_count(D, 8, gate=True), "ia3": ia3_count(D),
+                                "adapter": adapter_count(D, 8, True, gate=True)},
+        "composition_two_lora": lambda: {"lora": lora_count(D, 4), "lora_1": lora_count(D, 2, ("o", "ffn_out")),
+                                         "ln": ln_count(model)},
+    }
+    return table[key]()
+
+
+# ---------------------------------------------------------------------------------- 1. identity at init
+
+
+@pytest.mark.parametrize("family,key", APPLICABLE)
+def test_init_identity_or_visible_change(family: str, key: str) -> None:
+    model = build(family)
+    batch = inputs(family)
+    base = logits(model, batch)
+    torch.manual_seed(0)
+    unipelt.attach(model, _config(key))
+    out = logits(model, batch)
+    assert out.shape == base.shape
+    if key in NOT_IDENTITY:
+        assert (out - base).abs().max() > 1e-6, "prefix/prompt should change the output at init"
+        return
+    torch.testing.assert_close(out, base, atol=1e-6, rtol=0)
+    gates = [m for m in store(model).modules() if isinstance(m, Gate)]
+    assert bool(gates) == (key in GATED)
+    g = torch.Generator().manual_seed(11)
+    for trial in range(2):
+        with torch.no_grad():
+            for gate in gates:
+                for p in gate.parameters():
+                    p.copy_(torch.randn(p.shape, generator=g) * 3.0)
+        torch.testing.assert_close(logits(model, batch), base, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------ 2. one step changes only deltas
+
+
+@pytest.mark.parametrize("family,key", APPLICABLE)
+def test_one_step_changes_only_deltas_and_head(family: str, key: str) -> None:
+    model = attached(family, key)
+    before = state_copy(model)
+    delta_keys = {k for k in before if k.startswith("unipelt_deltas.")}
+    head_keys = {k for k in before if k.startswith(head_prefixes(model))}
+    assert delta_keys
+    step(model, family)
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for k in set(before) - delta_keys - head_keys:
+        assert torch.equal(before[k], after[k]), f"base weight {k} changed"
+    assert any(not torch.equal(before[k], after[k]) for k in delta_keys), "no delta parameter moved"
+    if head_keys:
+        assert any(not torch.equal(before[k], after[k]) for k in head_keys), "the task head did not train"
+    for name, p in store(model).named_parameters():
+        assert p.grad is not None, f"delta parameter {name} got no gradient"
+    ids = delta_param_ids(model)
+    for name, p in model.named_parameters():
+        if id(p) not in ids and not name.startswith(head_prefixes(model)):
+            assert not p.requires_grad and p.grad is None, f"base parameter {name} is trainable"
+
+
+# ------------------------------------------------------------------------------ 5. trainable counts
+
+
+@pytest.mark.parametrize("family,key", APPLICABLE)
+def test_trainable_count_matches_formula(family: str, key: str) -> None:
+    model = attached(family, key)
+    counts = unipelt.trainable_parameters(model)
+    expected = expected_counts(family, key, model)
+    assert {k: v for k, v in counts.items() if k not in ("head", "total")} == expected
+    head = sum(p.numel() for n, m in model.named_children() if n in HEADS for p in m.parameters())
+    assert counts["head"] == head
+    assert counts["total"] == sum(expected.values()) + head
+
+
+# ---------------------------------------------------------------------------- 3. save and load
+
+
+@pytest.mark.parametrize("family,key", APPLICABLE)
+def test_save_load_roundtrip(family: str, key: str, tmp_path: Path) -> None:
+    model = attached(family, key)
+    batch = inputs(family)
+    base = logits(build(family), batch)
+    perturb(model)
+    out = logits(model, batch)
+    assert (out - base).abs().max() > 1e-4, "perturbed deltas should change the output"
+    unipelt.save(model, tmp_path)
+    fresh = build(family)
+    unipelt.load(fresh, tmp_path)
+    loaded = logits(fresh, batch)
+    reparam = key in ("prefix", "mam", "unipelt", "unipelt_prompt")
+    torch.testing.assert_close(loaded, out, atol=1e-6 if reparam else 1e-7, rtol=0)
+    assert sorted(store(fresh)) == sorted(store(model))
+    if reparam:
+        saved = load_file(str(tmp_path / "delta.safetensors"))
+        prefix_keys = [k for k in saved if k.startswith("prefix.")]
+        assert prefix_keys and all(k.startswith(("prefix.prefixes.", "prefix.gates.")) for k in prefix_keys)
+        assert not hasattr(store(fresh)["prefix"], "mlp")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_load_into_other_model_fails(family: str, tmp_path: Path) -> None:
+    model = attached(family, "lora")
+    perturb(model)
+    unipelt.save(model, tmp_path)
+    names = sorted(FAMILIES)
+    other = build(names[(names.index(family) + 1) % len(names)])
+    with pytest.raises(unipelt.DeltaFileError):
+        unipelt.load(other, tmp_path)
+    assert "unipelt_deltas" not in other._modules
+    wider = resized(family)
+    with pytest.raises(unipelt.DeltaFileError):
+        unipelt.load(wider, tmp_path)
+    assert "unipelt_deltas" not in wider._modules
+
+
+def resized(family: str) -> nn.Module:
+    """The same family with hidden size 64 instead of 32."""
+    config = copy.deepcopy(build(family).config)
+    config.hidden_size = 64
+    if family == "llama":
+        config.head_dim = 16
+    if family == "deberta-v2":
+        config.pooler_hidden_size = 64
+    torch.manual_seed(0)
+    model = type(build(family))(config).eval()
+    assert model.config.hidden_size == 64
+    return model
+
+
+def _flip(data: bytes, at: float) -> bytes:
+    i = int(len(data) * at)
+    return data[:i] + bytes(b ^ 0xFF for b in data[i:i + 8]) + data[i + 8:]
+
+
+def _rehash(folder: Path) -> None:
+    import hashlib
+
+    meta = json.loads((folder / "unipelt.json").read_text())
+    meta["delta_sha256"] = hashlib.sha256((folder / "delta.safetensors").read_bytes()).hexdigest()
+    (folder / "unipelt.json").write_text(json.dumps(meta))
+
+
+def _wrong_tensors(folder: Path, how: str) -> None:
+    tensors = load_file(str(folder / "delta.safetensors"))
+    name = sorted(k for k in tensors if k.startswith("adapter."))[0]
+    if how == "shape":
+        tensors[name] = torch.zeros(tensors[name].shape[0] + 1, *tensors[name].shape[1:])
+    else:
+        del tensors[name]
+    save_file(tensors, str(folder / "delta.safetensors"), metadata={"format": "unipelt-delta/1"})
+    _rehash(folder)
+
+
+CORRUPTIONS = {
+    "delta_truncated": lambda f: (f / "delta.safetensors").write_bytes((f / "delta.safetensors").read_bytes()[:100]),
+    "delta_empty": lambda f: (f / "delta.safetensors").write_bytes(b""),
+    "delta_flipped": lambda f: (f / "delta.safetensors").write_bytes(_flip((f / "delta.safetensors").read_bytes(), .6)),
+    "delta_missing": lambda f: (f / "delta.safetensors").unlink(),
+    "delta_header_flipped_rehashed": lambda f: (
+        (f / "delta.safetensors").write_bytes(_flip((f / "delta.safetensors").read_bytes(), 0.0)), _rehash(f)),
+    "delta_wrong_shape_rehashed": lambda f: _wrong_tensors(f, "shape"),
+    "delta_missing_tensor_rehashed": lambda f: _wrong_tensors(f, "missing"),
+    "json_truncated": lambda f: (f / "unipelt.json").write_text((f / "unipelt.json").read_text()[:40]),
+    "json_flipped": lambda f: (f / "unipelt.json").write_bytes(_flip((f / "unipelt.json").read_bytes(), .3)),
+    "json_garbage": lambda f: (f / "unipelt.json").write_bytes(b"\x00\xff\xfe garbage"),
+    "json_empty": lambda f: (f / "unipelt.json").write_text(""),
+    "json_list": lambda f: (f / "unipelt.json").write_text("[1, 2]"),
+    "json_no_base_model": lambda f: (f / "unipelt.json").write_text(json.dumps(
+        {k: v for k, v in json.loads((f / "unipelt.json").read_text()).items() if k != "base_model"})),
+    "json_no_methods": lambda f: (f / "unipelt.json").write_text(json.dumps(
+        {k: v for k, v in json.loads((f / "unipelt.json").read_text()).items() if k != "methods"})),
+}
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_corrupt_files_raise_delta_file_error(family: str, corruption: str, tmp_path: Path) -> None:
+    model = attached(family, "houlsby")
+    perturb(model)
+    unipelt.save(model, tmp_path)
+    CORRUPTIONS[corruption](tmp_path)
+    fresh = build(family)
+    batch = inputs(family)
+    base = logits(fresh, batch)
+    with pytest.raises(unipelt.DeltaFileError):
+        unipelt.load(fresh, tmp_path)
+    assert "unipelt_deltas" not in fresh._modules and "_unipelt" not in fresh.__dict__
+    assert torch.equal(logits(fresh, batch), base)
+
+
+# ----------------------------------------------------------------------------- 4. merge and detach
+
+
+@pytest.mark.parametrize("family,key", APPLICABLE)
+def test_merge(family: str, key: str) -> None:
+    model = attached(family, key)
+    batch = inputs(family)
+    perturb(model)
+    out = logits(model, batch)
+    names = set(store(model))
+    if key in MERGEABLE:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            unipelt.merge(model)
+        torch.testing.assert_close(logits(model, batch), out, atol=1e-5, rtol=0)
+        assert set(unipelt.trainable_parameters(model)) == {"head", "total"}
+        assert len(store(model)) == 0
+        return
+    with pytest.warns(UserWarning, match="not mergeable"):
+        unipelt.merge(model)
+    kept = set(store(model))
+    if key == "composition":
+        assert kept == {"lora", "adapter"}  # ia3 merged; the gated lora and the adapter stay
+        torch.testing.assert_close(logits(model, batch), out, atol=1e-5, rtol=0)
+    else:  # nothing here is mergeable (adapters, prefixes, prompts, gated lora)
+        assert kept == names
+        assert torch.equal(logits(model, batch), out)
+
+
+@pytest.mark.parametrize("family,key", APPLICABLE)
+def test_detach_restores_base_exactly(family: str, key: str) -> None:
+    model = build(family)
+    first = next(iter(model.parameters()))
+    first.requires_grad_(False)  # a user's own freezing must survive attach/detach
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    original = state_copy(model)
+    hooks, impl = hook_count(model), model.config._attn_implementation
+    batch = inputs(family)
+    base = logits(model, batch)
+    torch.manual_seed(0)
+    unipelt.attach(model, _config(key))
+    step(model, family)
+    perturb(model)
+    assert hook_count(model) > hooks
+    unipelt.detach(model)
+    assert torch.equal(logits(model, batch), base)
+    now = model.state_dict()
+    assert list(now) == list(original)
+    for k, v in original.items():
+        assert torch.equal(now[k], v), f"{k} differs after detach"
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert "unipelt_deltas" not in model._modules and not hasattr(model, "_unipelt")
+    assert hook_count(model) == hooks
+    assert model.config._attn_implementation == impl
+    assert unipelt.trainable_parameters(model)["head"] == 0
+
+
+# ---------------------------------------------------------------------- not applicable: clear errors
+
+
+@pytest.mark.parametrize("family,key", EXCLUDED)
+def test_not_applicable_raises_config_error(family: str, key: str) -> None:
+    model = build(family)
+    batch = inputs(family)
+    base = logits(model, batch)
+    why = not_applicable(family, key)
+    match = "no bias terms" if why == "bias" else "prefix-style methods do not support family 'deberta-v2'"
+    with pytest.raises(unipelt.ConfigError, match=match):
+        unipelt.attach(model, _config(key))
+    assert "unipelt_deltas" not in model._modules and not hasattr(model, "_unipelt")
+    assert all(p.requires_grad for p in model.parameters())
+    assert torch.equal(logits(model, batch), base)
+
+
+# ------------------------------------------------------------------------- 6. prefix correctness
+
+
+PREFIX_CASES = _select(PREFIX_STYLE)
+
+
+def _row_alone(batch: dict[str, torch.Tensor], i: int, length: int) -> dict[str, torch.Tensor]:
+    return {k: (v[i:i + 1, :length] if k in ("input_ids", "attention_mask") else v[i:i + 1]) for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("family,key", PREFIX_CASES)
+def test_prefix_padding_matches_rows_alone(family: str, key: str) -> None:
+    model = attached(family, key)
+    perturb(model)
+    batch = inputs(family, padded=True)
+    together = logits(model, batch)
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        assert (mask.sum(1) < mask.shape[1]).any(), "the batch should hold a padded row"
+    for i in range(together.shape[0]):
+        length = int(mask[i].sum()) if mask is not None else None
+        alone = logits(model, _row_alone(batch, i, length) if mask is not None else {
+            k: v[i:i + 1] for k, v in batch.items()})[0]
+        row = together[i]
+        if FAMILIES[family].kind == "decoder" and row.dim() == 2:  # causal LM: one row of logits per token
+            row = row[:length]
+        torch.testing.assert_close(alone, row, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family,key", PREFIX_CASES)
+def test_prefix_eager_matches_sdpa(family: str, key: str) -> None:
+    batch = inputs(family)
+    outs = []
+    state = None
+    for impl in ("eager", "sdpa"):
+        model = build(family)
+        model.set_attn_implementation(impl)
+        torch.manual_seed(0)
+        unipelt.attach(model, _config(key))
+        if state is None:
+            perturb(model)
+            state = store(model).state_dict()
+        else:
+            store(model).load_state_dict(state)
+        outs.append(logits(model, batch))
+        unipelt.detach(model)
+        assert model.config._attn_implementation == impl
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------- 7. error cases
+
+
+def test_unknown_method_names_available_ones() -> None:
+    with pytest.raises(unipelt.ConfigError, match="unknown method 'lorra'") as err:
+        unipelt.attach(build("bert"), "lorra")
+    for name in ("lora", "houlsby", "prefix", "unipelt", "bitfit"):
+        assert name in str(err.value)
+    with pytest.raises(unipelt.ConfigError, match="available"):
+        unipelt.Composition(methods=["lora", "nope"]).validate()
+
+
+@pytest.mark.parametrize("config,valid", [
+    ({"method": "lora", "rank": 4}, ("r", "alpha", "targets", "dropout", "gate")),
+    ({"method": "houlsby", "size": 4}, ("bottleneck", "placement", "scaling")),
+    ({"method": "unipelt", "adapter": {"size": 4}}, ("bottleneck",)),
+    ({"method": "prefix", "len": 3}, ("length", "reparam")),
+])
+def test_unknown_key_lists_valid_keys(config, valid) -> None:
+    model = build("bert")
+    with pytest.raises(unipelt.ConfigError, match="unknown key") as err:
+        unipelt.attach(model, config)
+    for name in valid:
+        assert repr(name) in str(err.value)
+    assert "unipelt_deltas" not in model._modules
+
+
+@pytest.mark.parametrize("config", [
+    {"method": "lora", "r": 0}, {"method": "lora", "r": -2}, {"method": "lora", "r": 33},
+    {"method": "houlsby", "bottleneck": 0}, {"method": "prefix", "length": 0}, {"method": "prompt", "length": 0},
+    {"method": "ia3", "gate": True},
+])
+def test_bad_values_raise_config_error(config) -> None:
+    model = build("bert")
+    with pytest.raises(unipelt.ConfigError):
+        unipelt.attach(model, config)
+    assert "unipelt_deltas" not in model._modules and all(p.requires_grad for p in model.parameters())
+
+
+class _Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.config = transformers.PretrainedConfig()
+        self.lin = nn.Linear(4, 4)
+
+
+def _mobilebert() -> nn.Module:
+    config = transformers.MobileBertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                           intermediate_size=64, embedding_size=16, intra_bottleneck_size=16,
+                                           vocab_size=96, max_position_embeddings=64, num_feedforward_networks=1)
+    return transformers.MobileBertForSequenceClassification(config)
+
+
+@pytest.mark.parametrize("make,cls_name", [(_mobilebert, "MobileBertForSequenceClassification"), (_Toy, "_Toy")])
+def test_unsupported_model(make, cls_name: str) -> None:
+    model = make()
+    with pytest.raises(unipelt.UnsupportedModelError) as err:
+        unipelt.attach(model, "lora")
+    assert cls_name in str(err.value) and "families.py" in str(err.value)
+    assert "unipelt_deltas" not in model._modules and all(p.requires_grad for p in model.parameters())
+
+
+def test_mam_dict_sizes_keep_the_papers_settings() -> None:
+    """Overriding one field of a composite's part keeps the composite's other defaults."""
+    model = unipelt.attach(build("bert"), {"method": "mam", "prefix": {"length": 4}, "adapter": {"bottleneck": 16}})
+    adapter = store(model)["adapter"].config
+    assert (adapter.bottleneck, adapter.parallel, adapter.scaling) == (16, True, 4.0)
+    model = unipelt.attach(build("bert"), {"method": "unipelt", "adapter": {"activation": "gelu"}, "lora": {"r": 4}})
+    assert store(model)["adapter"].config.bottleneck == 48  # UniPELT's m, not AdapterConfig's default
+    assert store(model)["lora"].config.alpha == 16.0

@@ -1,0 +1,55 @@
+"""Integration on the real pretrained default model (all-MiniLM-L6-v2, shipped by a package, offline)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+import unipelt
+from unipelt.models import default_model_path
+
+
+def _base() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_pretrained(default_model_path(), num_labels=2).eval()
+
+
+@pytest.fixture(scope="module")
+def batch() -> dict[str, torch.Tensor]:
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    return dict(tok(["a gripping, beautifully shot film", "dull and far too long"], padding=True,
+                    return_tensors="pt"))
+
+
+@pytest.mark.parametrize("method", ["lora", "unipelt", {"method": "unipelt", "prompt": {"length": 10}}, "ia3"])
+def test_minilm_attach_train_save_load_merge(tmp_path, batch, method) -> None:
+    model = _base()
+    with torch.no_grad():
+        base_logits = model(**batch).logits
+    unipelt.attach(model, method)
+    counts = unipelt.trainable_parameters(model)
+    # the prefix reparametrisation MLP makes UniPELT about 11% of MiniLM while training; saving drops it
+    assert 0 < counts["total"] < 0.15 * sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    labels = torch.tensor([1, 0])
+    model.train()
+    for _ in range(3):
+        opt.zero_grad()
+        model(**batch, labels=labels).loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        tuned = model(**batch).logits
+    assert not torch.allclose(tuned, base_logits)
+    unipelt.save(model, tmp_path / "delta")
+    fresh = unipelt.load(_base(), tmp_path / "delta")
+    with torch.no_grad():
+        assert torch.allclose(fresh(**batch).logits, tuned, atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unipelt.merge(fresh)
+    with torch.no_grad():
+        assert torch.allclose(fresh(**batch).logits, tuned, atol=1e-5)
