@@ -53,3 +53,28 @@ def test_minilm_attach_train_save_load_merge(tmp_path, batch, method) -> None:
         unipelt.merge(fresh)
     with torch.no_grad():
         assert torch.allclose(fresh(**batch).logits, tuned, atol=1e-5)
+
+
+def test_prompt_tuning_alone_learns_on_minilm() -> None:
+    """30 steps of a 4-token prompt, head frozen, separate positive from negative sentences."""
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    pos = ["a wonderful, moving film", "great acting and a clever plot", "i loved every minute",
+           "beautiful and funny", "a triumph", "brilliant and warm", "the best film this year", "charming"]
+    neg = ["a dull, tedious mess", "boring and far too long", "i hated every minute", "ugly and stupid",
+           "a disaster", "lifeless and cold", "the worst film this year", "tiresome and annoying"]
+    enc = dict(tok(pos + neg, padding=True, return_tensors="pt"))
+    labels = torch.tensor([1] * 8 + [0] * 8)
+    model = _base()
+    with torch.no_grad():
+        model.classifier.weight.normal_(0.0, 1.0)  # a frozen head the prompt can move
+    unipelt.attach(model, {"method": "prompt", "length": 4}, train_head=False)
+    assert set(unipelt.trainable_parameters(model)) == {"prompt", "head", "total"}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    losses = []
+    for _ in range(31):
+        loss = torch.nn.functional.cross_entropy(model(**enc).logits, labels)
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < 0.5 * losses[0], losses

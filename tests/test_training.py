@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB, build
 
 import unipelt
+from conftest import VOCAB, build
 
 METHODS = [
     "lora", "houlsby", "pfeiffer", "parallel", {"method": "scaled_parallel", "bottleneck": 16}, "bitfit", "ia3", "ln",
@@ -31,8 +31,14 @@ def _name(m) -> str:
     return m if isinstance(m, str) else "-".join(f"{k}" for k in m if k != "method") + f"-{m['method']}"
 
 
-@pytest.mark.parametrize("family", ["bert", "gpt2"])
-@pytest.mark.parametrize("method", METHODS, ids=[_name(m) if isinstance(m, dict) else m for m in METHODS])
+# Prompt tuning alone on the random tiny BERT is left out: its near-uniform random attention mixes the
+# prompt into every [CLS] the same way, so no prompt can separate the classes. It is tested on the
+# pretrained MiniLM instead (test_minilm_integration.py).
+CASES = [(f, m) for f in ("bert", "gpt2") for m in METHODS
+         if not (f == "bert" and isinstance(m, dict) and m["method"] == "prompt")]
+
+
+@pytest.mark.parametrize(("family", "method"), CASES, ids=[f"{f}-{_name(m)}" for f, m in CASES])
 def test_thirty_steps_lower_the_loss(family: str, method) -> None:
     torch.manual_seed(0)
     model = build(family).train()
@@ -44,8 +50,10 @@ def test_thirty_steps_lower_the_loss(family: str, method) -> None:
     unipelt.attach(model, method, train_head=False)
     params = [p for p in model.parameters() if p.requires_grad]
     assert params, "attach left nothing trainable"
-    # Scaling vectors (IA3) and raw prefixes move slowly at 1e-2; their usual learning rates are higher.
-    slow = method == "ia3" or (isinstance(method, dict) and method.get("reparam") is False)
+    # Scaling vectors (IA3), raw prefixes and prompts move slowly at 1e-2; their usual learning rates are
+    # higher (prompt tuning's paper used 0.3).
+    slow = method == "ia3" or (isinstance(method, dict) and (method.get("reparam") is False
+                                                             or method["method"] == "prompt"))
     opt = torch.optim.AdamW(params, lr=5e-2 if slow else 1e-2)
     ids, mask, labels = _task()
 

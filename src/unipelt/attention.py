@@ -47,7 +47,8 @@ def _original_function(module: nn.Module, impl: str) -> Callable:
         # Each model file defines its own eager function; use the calling module's.
         fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
         if fn is None:
-            raise RuntimeError(f"{type(module).__name__} has no eager_attention_forward; use attn_implementation='sdpa'")
+            raise RuntimeError(f"{type(module).__name__} has no eager_attention_forward; "
+                               f"use attn_implementation='sdpa'")
         return fn
     return ALL_ATTENTION_FUNCTIONS[impl]
 
@@ -112,8 +113,9 @@ def ensure_registered(impl: str) -> str:
     name = PREFIX + impl
     if name not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(name, _wrapper(impl))
-    if impl in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping and name not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[impl])
+    masks = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+    if impl in masks and name not in masks:
+        AttentionMaskInterface.register(name, masks[impl])
     return name
 
 

@@ -17,6 +17,20 @@ from .methods.prefix import PrefixConfig
 from .methods.prompt import PromptConfig
 
 
+def _part_defaults(config_cls: type[MethodConfig], data: dict[str, Any]) -> dict[str, Any]:
+    """A dict given for a part of UniPELT/MAM overrides that part's defaults there, not the plain method's.
+
+    ``{"method": "mam", "adapter": {"bottleneck": 16}}`` keeps MAM's parallel adapter with scaling 4.
+    """
+    defaults = config_cls()
+    out = dict(data)
+    for name, value in data.items():
+        default = getattr(defaults, name, None)
+        if isinstance(value, dict) and isinstance(default, MethodConfig):
+            out[name] = {**default.to_dict(), **value}
+    return out
+
+
 def expand(config: MethodConfig) -> list[MethodConfig]:
     """The plain method configs a (possibly composite) config stands for."""
     if isinstance(config, (Composition, UniPELTConfig, MAMConfig)):
@@ -81,11 +95,15 @@ class UniPELTConfig(MethodConfig):
                           ("prompt", PromptConfig)):
             value = getattr(self, name)
             if isinstance(value, dict):
-                setattr(self, name, cls.from_dict(value))
+                setattr(self, name, cls.from_dict(_part_defaults(type(self), {name: value})[name]))
             elif value is True:
                 setattr(self, name, cls())
         if not any((self.adapter, self.prefix, self.lora, self.prompt)):
             raise ConfigError("unipelt needs at least one of adapter, prefix, lora, prompt")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> UniPELTConfig:
+        return super().from_dict(_part_defaults(cls, data))
 
     def expand(self) -> list[MethodConfig]:
         out: list[MethodConfig] = []
@@ -111,10 +129,15 @@ class MAMConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
+        parts = _part_defaults(type(self), {"prefix": self.prefix, "adapter": self.adapter})
         if isinstance(self.prefix, dict):
-            self.prefix = PrefixConfig.from_dict(self.prefix)
+            self.prefix = PrefixConfig.from_dict(parts["prefix"])
         if isinstance(self.adapter, dict):
-            self.adapter = AdapterConfig.from_dict(self.adapter)
+            self.adapter = AdapterConfig.from_dict(parts["adapter"])
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MAMConfig:
+        return super().from_dict(_part_defaults(cls, data))
 
     def expand(self) -> list[MethodConfig]:
         return [self.prefix, self.adapter]

@@ -72,8 +72,10 @@ def _start(model: nn.Module, train_head: bool) -> Attachment:
                 p.requires_grad_(True)
     model.add_module(STORE, nn.ModuleDict())
     model.__dict__["_unipelt"] = state
+    in_call = [False]  # True while the whole model runs
 
     def before_call(module, args, kwargs):
+        in_call[0] = True
         call = call_arguments(module, args, kwargs)
         mask = call.get("attention_mask")
         state.context.reset(mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None)
@@ -90,8 +92,23 @@ def _start(model: nn.Module, train_head: bool) -> Attachment:
                 output = rewrite(kwargs, output)
         return output
 
+    def end_call(module, args, output):
+        in_call[0] = False
+
+    def before_encoder(module, args, kwargs):
+        # generate() runs an encoder-decoder's encoder on its own: that is a forward pass of its own,
+        # whose context (padding mask, per-pass caches) must not be the previous call's.
+        if not in_call[0]:
+            mask = call_arguments(module, args, kwargs).get("attention_mask")
+            state.context.reset(mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None)
+
     state.handles.append(model.register_forward_pre_hook(before_call, with_kwargs=True))
     state.handles.append(model.register_forward_hook(after_call, with_kwargs=True))
+    state.handles.append(model.register_forward_hook(end_call, always_call=True))
+    get_encoder = getattr(model, "get_encoder", None) if getattr(model.config, "is_encoder_decoder", False) else None
+    encoder = get_encoder() if callable(get_encoder) else None
+    if isinstance(encoder, nn.Module) and encoder is not model:
+        state.handles.append(encoder.register_forward_pre_hook(before_encoder, with_kwargs=True))
     return state
 
 
@@ -184,21 +201,49 @@ def detach(model: nn.Module) -> nn.Module:
     return model
 
 
+def _merges_exactly(state: Attachment, name: str) -> bool:
+    """Whether folding ``name`` into the weights now leaves the model's function unchanged.
+
+    Folding moves a delta in front of every other hook on the modules it touches. On a module where it
+    acts on the output, that is exact unless a method attached before it (still attached) also acts
+    on that output; where it rewrites the module's input, every other hook there would see another
+    input, so no other method may hook that module at all.
+    """
+    order = list(state.installers)
+    mine = state.installers[name].hooked
+    for other in order:
+        if other == name:
+            continue
+        earlier = order.index(other) < order.index(name)
+        for module, kind in state.installers[other].hooked:
+            for own_module, own_kind in mine:
+                if module is own_module and (own_kind != "output" or kind == "other"
+                                             or (kind == "output" and earlier)):
+                    return False
+    return True
+
+
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every mergeable delta into the base weights and remove it; warn about those that stay."""
+    """Fold every mergeable delta into the base weights and remove it; warn about those that stay.
+
+    A mergeable delta that shares a module with one that stays is kept too when folding it would
+    change the outputs (see ``_merges_exactly``); merging repeats until nothing more can be folded.
+    """
     state = attachment(model)
     if state is None:
         return model
-    kept = []
-    for name, method in list(deltas(model).items()):
-        if method.mergeable():
-            # Remove the hooks first: the merged weights already contain the delta.
-            state.installers[name].remove()
-            method.merge()
-            state.installers.pop(name)
-            del deltas(model)[name]
-        else:
-            kept.append(name)
+    progress = True
+    while progress:
+        progress = False
+        for name, method in list(deltas(model).items()):
+            if method.mergeable() and _merges_exactly(state, name):
+                # Remove the hooks first: the merged weights already contain the delta.
+                state.installers[name].remove()
+                method.merge()
+                state.installers.pop(name)
+                del deltas(model)[name]
+                progress = True
+    kept = [f"{n} (shares a module with a delta that stays)" if m.mergeable() else n for n, m in deltas(model).items()]
     if state.attention_routing is not None and not any(i._providers for i in state.installers.values()):
         attention.restore_routing(model, state.attention_routing)
         state.attention_routing = None

@@ -18,7 +18,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError
-from .core import _start, add_method, attachment, deltas, detach
+from .core import STORE, _start, add_method, attachment, deltas, detach
 from .methods.lora import LoRA, LoRAConfig
 from .serialization import DeltaFileError, _atomic_write, atomic_write_text
 
@@ -85,6 +85,18 @@ def load_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return model
 
 
+def _target_names(model: nn.Module, paths: set[str]) -> list[str]:
+    """``target_modules`` that select exactly ``paths`` in ``peft`` (which matches a name or a path suffix).
+
+    The modules' own names (``query``, ``value``) where those select no other module, else the full paths:
+    ``dense`` in BERT also names the attention output and the pooler, which this LoRA may not adapt.
+    """
+    names = {p.rsplit(".", 1)[-1] for p in paths}
+    selected = {p for p, _ in model.named_modules()
+                if p.rsplit(".", 1)[-1] in names and not p.startswith(STORE)}
+    return sorted(names) if selected == paths else sorted(paths)
+
+
 def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the model's single ungated LoRA (and trained head) in ``peft``'s format."""
     lora = [(n, m) for n, m in deltas(model).items() if isinstance(m, LoRA)]
@@ -98,12 +110,12 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
         raise ConfigError("this LoRA adapts slices of a fused projection (GPT-2's c_attn); peft cannot express "
                           "that: target the whole module instead (targets=('c_attn',))")
     tensors: dict[str, torch.Tensor] = {}
-    modules = set()
+    paths = set()
     for site_key, proj in method.sites.items():
         pair = method.pairs[site_key]
         tensors[f"{_PREFIX}{proj.path}.lora_A.weight"] = pair.A.weight.detach().cpu().contiguous().clone()
         tensors[f"{_PREFIX}{proj.path}.lora_B.weight"] = pair.B.weight.detach().cpu().contiguous().clone()
-        modules.add(proj.path.rsplit(".", 1)[-1])
+        paths.add(proj.path)
     state = attachment(model)
     heads = sorted(state.model_map.head_modules) if state.train_head else []
     for head_name in heads:
@@ -113,7 +125,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     config = {
         "peft_type": "LORA", "r": method.config.r, "lora_alpha": method.config.alpha,
-        "target_modules": sorted(modules), "lora_dropout": method.config.dropout, "bias": "none",
+        "target_modules": _target_names(model, paths), "lora_dropout": method.config.dropout, "bias": "none",
         "fan_in_fan_out": any(p.transposed for p in method.sites.values()), "modules_to_save": heads or None,
         "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
         "task_type": None, "base_model_name_or_path": getattr(model.config, "_name_or_path", None),

@@ -65,24 +65,34 @@ class Installer:
         self._swaps: list[tuple[nn.Module, str, nn.Module]] = []
         self.call_rewrites: list[ModelCallRewrite] = []
         self.output_rewrites: list[ModelOutputRewrite] = []
+        self.hooked: list[tuple[nn.Module, str]] = []  # (module, "output" | "input" | "other"), for merge
 
     def on_output(self, module: nn.Module, fn: Callable[[nn.Module, tuple, Any], Any]) -> None:
         """``fn(module, inputs, output) -> new output`` after ``module`` runs."""
         self._handles.append(module.register_forward_hook(fn))
+        self.hooked.append((module, "output"))
 
     def on_input(self, module: nn.Module, fn: Callable[[nn.Module, tuple], tuple | None]) -> None:
         """``fn(module, inputs) -> new inputs`` (or None to keep them) before ``module`` runs."""
         self._handles.append(module.register_forward_pre_hook(fn))
+        self.hooked.append((module, "input"))
+
+    def on_call(self, module: nn.Module, fn: Callable[[nn.Module, tuple, dict], tuple | None]) -> None:
+        """``fn(module, args, kwargs) -> (args, kwargs)`` (or None) before ``module`` runs, keywords included."""
+        self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+        self.hooked.append((module, "input"))
 
     def kv_provider(self, attention_module: nn.Module, provider: attention.KVProvider) -> None:
         attention.add_provider(attention_module, provider)
         self._providers.append((attention_module, provider))
+        self.hooked.append((attention_module, "other"))
 
     def swap(self, parent: nn.Module, attr: str, new: nn.Module) -> nn.Module:
         """Replace ``parent.attr`` by ``new``; returns the original, which detach puts back."""
         old = getattr(parent, attr)
         setattr(parent, attr, new)
         self._swaps.append((parent, attr, old))
+        self.hooked += [(parent, "other"), (old, "other")]
         return old
 
     def rewrite_call(self, fn: ModelCallRewrite) -> None:
@@ -104,6 +114,7 @@ class Installer:
         self._swaps.clear()
         self.call_rewrites.clear()
         self.output_rewrites.clear()
+        self.hooked.clear()
 
 
 def call_arguments(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -50,7 +50,11 @@ def config_hash(model: nn.Module) -> str:
 
 def _fingerprint(model: nn.Module) -> float:
     """A cheap summary of the pretrained input embeddings, to warn about a different checkpoint."""
-    w = model.get_input_embeddings().weight if model.get_input_embeddings() is not None else None
+    emb = model.get_input_embeddings()
+    # ViT's input embeddings are a patch-embedding module without a ``weight`` of its own.
+    w = getattr(emb, "weight", None) if emb is not None else None
+    if not isinstance(w, torch.Tensor) and emb is not None:
+        w = next(emb.parameters(), None)
     return float(w.detach().double().abs().mean()) if w is not None else 0.0
 
 
@@ -137,11 +141,19 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     if not meta_path.exists():
         raise DeltaFileError(f"{folder} holds no {META_FILE}; is it a folder written by unipelt.save?")
     try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DeltaFileError(f"{meta_path} is not valid JSON ({e}); the file is corrupt: save the delta again") from e
+    if not isinstance(meta, dict):
+        raise DeltaFileError(f"{meta_path} holds a JSON {type(meta).__name__}, not an object; the file is corrupt")
     if meta.get("format") != FORMAT:
         raise DeltaFileError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    base, methods = meta.get("base_model"), meta.get("methods")
+    if not (isinstance(base, dict) and all(k in base for k in ("class", "model_type", "config_hash"))
+            and isinstance(methods, list) and methods
+            and all(isinstance(m, dict) and "name" in m and isinstance(m.get("config"), dict) for m in methods)):
+        raise DeltaFileError(f"{meta_path} lacks its base model or method entries; the file is corrupt: "
+                             f"save the delta again")
     return meta
 
 
@@ -184,7 +196,11 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             added.append(name)
             prefix = f"{name}."
             own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            deltas(model)[name].load_delta_state(own)
+            try:
+                deltas(model)[name].load_delta_state(own)
+            except (ConfigError, RuntimeError) as e:  # missing, unexpected or mis-shaped tensors
+                raise DeltaFileError(f"{delta_path}: the tensors of '{name}' do not fit its config in {META_FILE} "
+                                     f"({e}); the two files do not belong together") from e
         with torch.no_grad():
             for head_name in meta.get("heads", []):
                 head = state.model_map.head_modules.get(head_name)

@@ -6,7 +6,10 @@ rewritten before it runs: ``n`` placeholder ids are inserted into ``input_ids`` 
 the ids, such as GPT-2's last-token pooling, still works), the attention mask, token types,
 token-level labels and QA positions are widened to match, and the embedding layer's output at the
 placeholders is replaced by the prompt. Token-level outputs (token-classification and QA logits,
-hidden states) come back without the prompt positions, so callers see their own sequence length.
+hidden states) come back without the prompt positions, so callers see their own sequence length;
+the QA loss never picks a prompt position. Given ``position_ids`` (as ``generate`` passes them)
+are widened too. Encoder-decoder models get the prompt in their encoder's input, also when the
+encoder runs on its own (``generate``).
 ViT: the prompt is inserted after ``[CLS]`` into the patch embeddings (shallow visual prompt).
 
 Init: embeddings of ``n`` random vocabulary tokens (``init="vocab"``), or N(0, 0.02^2)
@@ -23,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ConfigError, MethodConfig, register
-from ..runtime import Installer
+from ..runtime import Installer, call_arguments
 from ..sites import ModelMap
 from .base import DeltaMethod
 
@@ -75,11 +78,23 @@ class Prompt(DeltaMethod):
         d = model_map.hidden_size
         gen = torch.Generator().manual_seed(config.seed)
         # Kept out of the module tree: the embedding layer is the base model's, not this delta's.
+        self.__dict__["encoder"] = None
         if self.vision:
             self.__dict__["embed_module"] = model.base_model.embeddings
             init = torch.randn(config.length, d, generator=gen) * 0.02
         else:
-            self.__dict__["embed_module"] = model_map.input_embeddings()
+            # The embedding layer the input really goes through: T5's and BART's encoders have their own
+            # (in transformers 5 not the module get_input_embeddings() returns, which only shares its weight).
+            get_encoder = getattr(model, "get_encoder", None)
+            encoder = get_encoder() if callable(get_encoder) else None
+            encoder = encoder if isinstance(encoder, nn.Module) and encoder is not model else None
+            try:
+                embed = encoder.get_input_embeddings() if encoder is not None else None
+            except (AttributeError, NotImplementedError):
+                embed = None
+            self.__dict__["embed_module"] = embed if isinstance(embed, nn.Module) else model_map.input_embeddings()
+            if self.encoder_decoder:
+                self.__dict__["encoder"] = encoder
             if config.init == "vocab":
                 vocab = self.embed_module.weight.shape[0]
                 ids = torch.randint(0, vocab, (1, config.length), generator=gen).to(self.embed_module.weight.device)
@@ -109,21 +124,11 @@ class Prompt(DeltaMethod):
         if self.vision:
             return
 
-        def rewrite(kwargs: dict[str, Any]) -> dict[str, Any]:
-            ids = kwargs.get("input_ids")
-            embeds = kwargs.get("inputs_embeds")
-            mask = kwargs.get("attention_mask")
-            if ids is None and embeds is None:
-                # encoder-decoder step with encoder_outputs given: widen the cross-attention mask only
-                enc = kwargs.get("encoder_outputs")
-                enc_len = enc[0].shape[1] if enc is not None else None
-                if mask is not None and enc_len is not None and mask.shape[1] == enc_len - n:
-                    kwargs["attention_mask"] = _insert(mask, pos, n, 1)
-                return kwargs
-            past = kwargs.get("past_key_values")
-            if not self.encoder_decoder and past is not None and past.get_seq_length() > 0:
-                raise NotImplementedError("prompt tuning does not support cached generation in decoder-only "
-                                          "models; use prefix tuning, or generate with use_cache=False")
+        ready = (id(self), "encoder_ready")
+
+        def insert_input(kwargs: dict[str, Any]) -> int:
+            """Insert the prompt into ``input_ids`` or ``inputs_embeds`` and widen the mask; the length before."""
+            ids, embeds, mask = kwargs.get("input_ids"), kwargs.get("inputs_embeds"), kwargs.get("attention_mask")
             if ids is not None:
                 length = ids.shape[1]
                 kwargs["input_ids"] = _insert(ids, pos, n, self.placeholder)
@@ -132,13 +137,34 @@ class Prompt(DeltaMethod):
                 length = embeds.shape[1]
                 prompt = self.embedding.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
                 kwargs["inputs_embeds"] = torch.cat([embeds[:, :pos], prompt, embeds[:, pos:]], dim=1)
-            values[(id(self), "length")] = length
-            if mask is not None:
+            if mask is not None and mask.shape[1] == length:
                 kwargs["attention_mask"] = _insert(mask, pos, n, 1)
+            return length
+
+        def rewrite(kwargs: dict[str, Any]) -> dict[str, Any]:
+            if kwargs.get("input_ids") is None and kwargs.get("inputs_embeds") is None:
+                # encoder-decoder step with encoder_outputs given: widen the cross-attention mask only
+                enc, mask = kwargs.get("encoder_outputs"), kwargs.get("attention_mask")
+                enc_len = enc[0].shape[1] if enc is not None else None
+                if mask is not None and enc_len is not None and mask.shape[1] == enc_len - n:
+                    kwargs["attention_mask"] = _insert(mask, pos, n, 1)
+                return kwargs
+            if not self.encoder_decoder and kwargs.get("past_key_values") is not None:
+                raise NotImplementedError("prompt tuning does not support cached generation in decoder-only "
+                                          "models; use prefix tuning, or generate with use_cache=False")
+            length = insert_input(kwargs)
+            values[(id(self), "length")] = length
+            if self.encoder is not None:
+                values[ready] = True
             if kwargs.get("token_type_ids") is not None:
                 kwargs["token_type_ids"] = _insert(kwargs["token_type_ids"], pos, n, 0)
-            if kwargs.get("position_ids") is not None:
-                raise ConfigError("prompt tuning computes positions itself; do not pass position_ids")
+            position_ids = kwargs.get("position_ids")
+            if position_ids is not None:
+                # the prompt takes the positions after the token before it; later tokens move by n
+                first = position_ids[:, pos - 1:pos] + 1 if pos > 0 else torch.zeros_like(position_ids[:, :1])
+                steps = torch.arange(n, device=position_ids.device, dtype=position_ids.dtype)
+                kwargs["position_ids"] = torch.cat([position_ids[:, :pos], first + steps, position_ids[:, pos:] + n],
+                                                   dim=1)
             labels = kwargs.get("labels")
             if labels is not None and not self.encoder_decoder and labels.dim() == 2 and labels.shape[1] == length:
                 kwargs["labels"] = _insert(labels, pos, n, -100)
@@ -158,5 +184,31 @@ class Prompt(DeltaMethod):
                     output[name] = _remove(t, pos, n)
             return output
 
+        def hide_from_qa(module, inputs, output):
+            # QA heads score every position; the loss must not count the prompt's as candidates.
+            length = values.get((id(self), "length"))
+            if length is None or output.dim() != 3 or output.shape[1] != length + n:
+                return output
+            prompt_positions = torch.zeros(output.shape[1], 1, dtype=torch.bool, device=output.device)
+            prompt_positions[pos:pos + n] = True
+            return output.masked_fill(prompt_positions, torch.finfo(output.dtype).min)
+
+        def encoder_input(module, args, kwargs):
+            # The encoder run on its own (generate() does): insert the prompt there.
+            if values.pop(ready, False):
+                return None  # the model's call already inserted it
+            call = call_arguments(module, args, kwargs)
+            if call.get("input_ids") is None and call.get("inputs_embeds") is None:
+                return None
+            insert_input(call)
+            if call.get("attention_mask") is not None:
+                installer.context.padding_mask = call["attention_mask"]
+            return (), call
+
         installer.rewrite_call(rewrite)
         installer.rewrite_output(strip)
+        qa_head = getattr(installer.model, "qa_outputs", None)
+        if isinstance(qa_head, nn.Module) and not self.encoder_decoder:
+            installer.on_output(qa_head, hide_from_qa)
+        if self.encoder is not None:
+            installer.on_call(self.encoder, encoder_input)

@@ -1,0 +1,379 @@
+"""Prefix-style attention (key/value cache, padding, eager vs SDPA, causality) and prompt tuning.
+
+Every check compares two computations that must agree exactly when the code is right (cached vs
+uncached generation, generation vs one teacher-forced forward pass, a padded row vs that row alone,
+eager vs SDPA), after the delta weights are perturbed so that the prefix or prompt really changes
+the output (checked against the base model too: agreeing because nothing happens proves nothing).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+import unipelt
+from conftest import _BERT, BATCH, FAMILIES, HIDDEN, SEQ, VOCAB, _text, build, inputs, logits
+from unipelt.core import deltas
+
+N_PROMPT = 4
+
+LM_BUILDERS = {
+    "gpt2": _text("GPT2LMHeadModel", "GPT2Config", n_embd=HIDDEN, n_layer=2, n_head=4, vocab_size=VOCAB,
+                  n_positions=64),
+    "llama": _text("LlamaForCausalLM", "LlamaConfig", hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64),
+    "t5": FAMILIES["t5"].build,  # T5ForConditionalGeneration
+}
+
+PREFIX_CONFIGS = {
+    "prefix": {"method": "prefix", "length": 3},
+    "gated_prefix": {"method": "prefix", "length": 3, "gate": True},
+    "unipelt": {"method": "unipelt", "adapter": {"bottleneck": 8}, "prefix": {"length": 3}, "lora": {"r": 4}},
+}
+
+PREFIX_FAMILIES = ["bert", "roberta", "distilbert", "electra", "gpt2", "llama", "t5", "bart", "vit"]
+
+
+def lm(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return LM_BUILDERS[name]().to(dtype)
+
+
+def perturb(model: torch.nn.Module, seed: int = 5, scale: float = 0.5) -> None:
+    """Random delta weights (LoRA's B and the adapters start at zero, gates at 0.5 everywhere)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in deltas(model).parameters():
+            p.add_((torch.randn(p.shape, generator=g) * scale).to(p.dtype))
+
+
+def attached(name: str, config, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    model = unipelt.attach(lm(name, dtype), config)
+    perturb(model)
+    return model
+
+
+def gen_dtype(name: str) -> torch.dtype:
+    # T5 does not scale its attention scores: with random weights and random deltas its float32 logits
+    # differ between two correct computation orders by up to ~1e-5. float64 keeps the comparison exact.
+    return torch.float64 if name == "t5" else torch.float32
+
+
+def token_ids(rows: int, length: int, seed: int = 3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (rows, length), generator=g)
+
+
+def generate(model, ids, mask, use_cache, steps=5):
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps,
+                              do_sample=False, use_cache=use_cache, output_scores=True, output_logits=True,
+                              return_dict_in_generate=True, pad_token_id=0)
+
+
+def teacher_forced(model, name, ids, mask, out) -> torch.Tensor:
+    """The logits of every generated step from one forward pass over the generated sequence."""
+    with torch.no_grad():
+        if name == "t5":
+            return model(input_ids=ids, attention_mask=mask, decoder_input_ids=out.sequences[:, :-1]).logits
+        seq = out.sequences[:, :-1]
+        full_mask = torch.cat([mask, torch.ones(seq.shape[0], seq.shape[1] - mask.shape[1], dtype=mask.dtype)], 1)
+        return model(input_ids=seq, attention_mask=full_mask).logits[:, ids.shape[1] - 1:]
+
+
+def assert_steps_close(a, b, atol=1e-5):
+    assert len(a) == len(b)
+    for step, (x, y) in enumerate(zip(a, b, strict=True)):
+        x, y = x.double(), y.double()  # generate() returns float32 scores
+        assert torch.allclose(x, y, atol=atol, rtol=0), f"step {step}: max diff {(x - y).abs().max():.3g}"
+
+
+# --------------------------------------------------------------------------------------------------
+# prefix in generation with the key/value cache
+
+
+@pytest.mark.parametrize("config", sorted(PREFIX_CONFIGS))
+@pytest.mark.parametrize("name", ["gpt2", "llama", "t5"])
+def test_prefix_cached_generation_equals_uncached(name, config):
+    model = attached(name, PREFIX_CONFIGS[config], gen_dtype(name))
+    ids = token_ids(2, 5)
+    mask = torch.ones_like(ids)
+    cached, uncached = generate(model, ids, mask, True), generate(model, ids, mask, False)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    assert_steps_close(cached.logits, uncached.logits)
+    assert_steps_close(cached.scores, uncached.scores)
+    # ... and both are what one forward pass over the result gives (not just the same mistake twice)
+    forward = teacher_forced(model, name, ids, mask, cached)
+    assert_steps_close(cached.logits, list(forward.unbind(1)))
+    # the prefix matters
+    base = generate(lm(name, gen_dtype(name)), ids, mask, True)
+    assert (base.logits[0] - cached.logits[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("config", sorted(PREFIX_CONFIGS))
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_prefix_left_padded_row_generates_as_alone(name, config, use_cache):
+    model = attached(name, PREFIX_CONFIGS[config])
+    ids = token_ids(2, 6)
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = 0, 0  # left padding
+    batch = generate(model, ids, mask, use_cache)
+    alone = generate(model, ids[1:, 2:], mask[1:, 2:], use_cache)
+    assert torch.equal(batch.sequences[1, 6:], alone.sequences[0, 4:])
+    assert_steps_close([x[1:] for x in batch.logits], alone.logits)
+    # the unpadded row is unaffected by its neighbour's padding too
+    first = generate(model, ids[:1], mask[:1], use_cache)
+    assert_steps_close([x[:1] for x in batch.logits], first.logits)
+
+
+def test_t5_gated_prefix_generation_uses_its_own_padding_mask():
+    """generate() runs T5's encoder on its own: its pooled gates must see this batch's mask, not the last call's."""
+    model = attached("t5", PREFIX_CONFIGS["unipelt"], torch.float64)
+    ids = token_ids(2, 6)
+    mask = torch.ones_like(ids)
+    ids[1, -2:], mask[1, -2:] = 0, 0
+    with torch.no_grad():  # an earlier call of another shape, as in training
+        model(input_ids=token_ids(4, 9, seed=8), decoder_input_ids=torch.zeros(4, 2, dtype=torch.long))
+    out = generate(model, ids, mask, True)
+    assert_steps_close(out.logits, list(teacher_forced(model, "t5", ids, mask, out).unbind(1)))
+
+
+# --------------------------------------------------------------------------------------------------
+# eager vs SDPA
+
+
+def test_prefix_families():
+    supported = [n for n in FAMILIES if unipelt.families.family_of(build(n)).supports_prefix]
+    assert sorted(supported) == sorted(PREFIX_FAMILIES)
+    with pytest.raises(unipelt.ConfigError, match="deberta-v2"):
+        unipelt.attach(build("deberta-v2"), "prefix")
+
+
+@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize("config", ["prefix", "unipelt"])
+@pytest.mark.parametrize("name", PREFIX_FAMILIES)
+def test_prefix_eager_equals_sdpa(name, config, padded):
+    batch = inputs(name, padded=padded)
+    outs = {}
+    for impl in ("eager", "sdpa"):
+        # float64: T5's unscaled attention makes float32 eager and SDPA differ by ~1e-4 with random deltas
+        model = build(name).double()
+        model.set_attn_implementation(impl)
+        unipelt.attach(model, PREFIX_CONFIGS[config])
+        perturb(model)
+        assert {c._attn_implementation for c in unipelt.attention._configs(model)} == {f"unipelt_{impl}"}
+        outs[impl] = logits(model, {k: v.double() if v.is_floating_point() else v for k, v in batch.items()})
+    # 1e-6, not float64's 1e-12: LLaMA's and ViT's eager attention take the softmax in float32
+    assert torch.allclose(outs["eager"], outs["sdpa"], atol=1e-6, rtol=0), (outs["eager"] - outs["sdpa"]).abs().max()
+    base = build(name).double()
+    base_out = logits(base, {k: v.double() if v.is_floating_point() else v for k, v in batch.items()})
+    assert (base_out - outs["sdpa"]).abs().max() > 1e-4
+
+
+# --------------------------------------------------------------------------------------------------
+# a gated prefix in a causal decoder does not read future tokens
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("config", ["gated_prefix", "unipelt"])
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_gated_prefix_is_causal(name, config, impl):
+    model = lm(name)
+    model.set_attn_implementation(impl)
+    unipelt.attach(model, PREFIX_CONFIGS[config])
+    perturb(model, scale=1.0)  # gate weights far from 0: a pooled gate would move with the future tokens
+    assert any("gates" in n for n, _ in deltas(model).named_parameters())
+    ids = token_ids(2, 8)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        for i in (0, 3, 6):
+            changed = ids.clone()
+            changed[:, i + 1:] = token_ids(2, 8, seed=10 + i)[:, i + 1:]
+            out = model(input_ids=changed).logits
+            assert torch.allclose(out[:, :i + 1], ref[:, :i + 1], atol=1e-6, rtol=0), f"position <= {i} leaked"
+            assert (out[:, i + 1:] - ref[:, i + 1:]).abs().max() > 1e-4
+
+
+# --------------------------------------------------------------------------------------------------
+# prompt tuning
+
+
+def bert(cls_name: str, num_labels: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.BertConfig(**_BERT)
+    config.num_labels = num_labels
+    return getattr(transformers, cls_name)(config).eval()
+
+
+def prompt_of(model) -> torch.Tensor:
+    return deltas(model)["prompt"].embedding
+
+
+def capture(module: torch.nn.Module, store: list):
+    return module.register_forward_hook(lambda m, i, o: store.append(o.detach().clone()))
+
+
+def text_batch(seed: int = 1) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in inputs("bert", seed=seed).items()}
+
+
+def test_prompt_token_classification_length_and_loss():
+    model = unipelt.attach(bert("BertForTokenClassification", 3), {"method": "prompt", "length": N_PROMPT})
+    batch = text_batch()
+    labels = torch.randint(0, 3, (BATCH, SEQ), generator=torch.Generator().manual_seed(2))
+    labels[batch["attention_mask"] == 0] = -100
+    inner: list = []
+    handle = capture(model.classifier, inner)
+    out = model(**batch, labels=labels)
+    handle.remove()
+    assert out.logits.shape == (BATCH, SEQ, 3)
+    assert inner[0].shape == (BATCH, SEQ + N_PROMPT, 3)
+    # the returned logits are the model's without the prompt positions 1..n (after [CLS])
+    assert torch.equal(out.logits, torch.cat([inner[0][:, :1], inner[0][:, 1 + N_PROMPT:]], 1))
+    manual = F.cross_entropy(out.logits.reshape(-1, 3), labels.reshape(-1), ignore_index=-100)
+    assert torch.allclose(out.loss, manual, atol=1e-6)
+    out.loss.backward()
+    assert prompt_of(model).grad is not None and prompt_of(model).grad.abs().sum() > 0
+
+
+def test_prompt_question_answering_length_and_loss():
+    model = unipelt.attach(bert("BertForQuestionAnswering", 2), {"method": "prompt", "length": N_PROMPT})
+    batch = text_batch()
+    start = torch.tensor([0, 3, SEQ])  # the last row's answer is out of range: ignored, as without a prompt
+    end = torch.tensor([2, SEQ - 1, SEQ])
+    out = model(**batch, start_positions=start, end_positions=end)
+    assert out.start_logits.shape == (BATCH, SEQ) and out.end_logits.shape == (BATCH, SEQ)
+    assert torch.isfinite(out.start_logits).all() and torch.isfinite(out.end_logits).all()
+
+    def ce(scores, positions):
+        return F.cross_entropy(scores, positions.clamp(0, SEQ), ignore_index=SEQ)
+
+    manual = (ce(out.start_logits, start) + ce(out.end_logits, end)) / 2
+    assert torch.allclose(out.loss, manual, atol=1e-6), (out.loss, manual)
+    out.loss.backward()
+    assert prompt_of(model).grad is not None and prompt_of(model).grad.abs().sum() > 0
+
+
+def test_prompt_goes_after_cls_in_bert():
+    model = unipelt.attach(bert("BertForTokenClassification", 3), {"method": "prompt", "length": N_PROMPT})
+    word_embeddings = model.bert.embeddings.word_embeddings
+    batch = text_batch()
+    seen: list = []
+    handle = capture(word_embeddings, seen)
+    with torch.no_grad():
+        model(**batch)
+    handle.remove()
+    emb, ids = seen[0], batch["input_ids"]
+    assert emb.shape == (BATCH, SEQ + N_PROMPT, HIDDEN)
+    table = word_embeddings.weight.detach()
+    assert torch.equal(emb[:, 0], table[ids[:, 0]])  # position 0 is still the real [CLS]
+    assert torch.equal(emb[:, 1:1 + N_PROMPT], prompt_of(model).detach().expand(BATCH, -1, -1))
+    assert torch.equal(emb[:, 1 + N_PROMPT:], table[ids[:, 1:]])
+
+
+def test_prompt_goes_first_in_gpt2():
+    model = unipelt.attach(lm("gpt2"), {"method": "prompt", "length": N_PROMPT})
+    ids = token_ids(2, 5)
+    seen: list = []
+    handle = capture(model.transformer.wte, seen)
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    handle.remove()
+    table = model.transformer.wte.weight.detach()
+    assert torch.equal(seen[0][:, :N_PROMPT], prompt_of(model).detach().expand(2, -1, -1))
+    assert torch.equal(seen[0][:, N_PROMPT:], table[ids])
+    assert out.logits.shape == (2, 5, VOCAB)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_prompt_reaches_the_output_and_only_it_trains(name):
+    model = unipelt.attach(build(name), {"method": "prompt", "length": N_PROMPT})
+    heads = tuple(unipelt.core.attachment(model).model_map.head_modules)
+    assert unipelt.trainable_parameters(model)["prompt"] == N_PROMPT * HIDDEN
+    batch = inputs(name)
+    out = model(**batch).logits
+    assert out.shape == logits(build(name), batch).shape
+    out.pow(2).sum().backward()
+    grad = prompt_of(model).grad
+    assert grad is not None and grad.abs().sum() > 0, "the prompt does not reach the output"
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad and all(n == "unipelt_deltas.prompt.embedding" or n.startswith(heads) for n in with_grad)
+
+
+def test_prompt_t5_encoder_model():
+    """T5EncoderModel: the prompt goes through the encoder's own embedding layer and is stripped again."""
+    build_encoder = _text("T5EncoderModel", "T5Config", d_model=HIDDEN, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                          vocab_size=VOCAB)
+    torch.manual_seed(0)
+    model = unipelt.attach(build_encoder(), {"method": "prompt", "length": N_PROMPT})
+    ids = token_ids(2, 5)
+    out = model(input_ids=ids).last_hidden_state
+    assert out.shape == (2, 5, HIDDEN)
+    out.pow(2).sum().backward()
+    assert prompt_of(model).grad is not None and prompt_of(model).grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("config", [
+    {"method": "prompt", "length": N_PROMPT},
+    {"method": "unipelt", "adapter": {"bottleneck": 8}, "prefix": {"length": 3}, "lora": {"r": 4},
+     "prompt": {"length": N_PROMPT}},
+], ids=["prompt", "unipelt_prompt"])
+def test_prompt_t5_generation_with_and_without_cache(config):
+    model = unipelt.attach(lm("t5", torch.float64), config)
+    perturb(model)
+    ids = token_ids(2, 6)
+    mask = torch.ones_like(ids)
+    ids[1, -2:], mask[1, -2:] = 0, 0
+    with torch.no_grad():  # an earlier call of another shape: generate() must not reuse its context
+        model(input_ids=token_ids(4, 9, seed=8), decoder_input_ids=torch.zeros(4, 2, dtype=torch.long))
+    cached, uncached = generate(model, ids, mask, True), generate(model, ids, mask, False)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    assert_steps_close(cached.logits, uncached.logits)
+    assert_steps_close(cached.scores, uncached.scores)
+    # generation sees the prompt exactly as a forward pass of the model does
+    assert_steps_close(cached.logits, list(teacher_forced(model, "t5", ids, mask, cached).unbind(1)))
+    base = generate(lm("t5", torch.float64), ids, mask, True)
+    assert (base.logits[0] - cached.logits[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_prompt_decoder_only_generation(name):
+    model = unipelt.attach(lm(name), {"method": "prompt", "length": N_PROMPT})
+    ids = token_ids(2, 5)
+    mask = torch.ones_like(ids)
+    with pytest.raises(NotImplementedError, match="prefix"):
+        generate(model, ids, mask, True)
+    out = generate(model, ids, mask, False)  # without a cache it works, and matches a forward pass
+    assert out.sequences.shape == (2, 10)
+    assert_steps_close(out.logits, list(teacher_forced(model, name, ids, mask, out).unbind(1)))
+    base = generate(lm(name), ids, mask, False)
+    assert (base.logits[0] - out.logits[0]).abs().max() > 1e-3
+    # generate() passes position_ids: with left padding the padded row still generates as it does alone
+    ids[1, :2], mask[1, :2] = 0, 0
+    batch = generate(model, ids, mask, False)
+    alone = generate(model, ids[1:, 2:], mask[1:, 2:], False)
+    assert torch.equal(batch.sequences[1, 5:], alone.sequences[0, 3:])
+    assert_steps_close([x[1:] for x in batch.logits], alone.logits)
+
+
+def test_prompt_vit_inserts_after_cls():
+    model = unipelt.attach(build("vit"), {"method": "prompt", "length": N_PROMPT})
+    base = build("vit")
+    batch = inputs("vit")
+    seen: list = []
+    handle = capture(model.base_model.embeddings, seen)
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True)
+        base_out = base(**batch, output_hidden_states=True)
+    handle.remove()
+    base_len = base_out.hidden_states[0].shape[1]  # [CLS] + patches
+    assert base_len == 1 + (16 // 8) ** 2
+    assert all(h.shape[1] == base_len + N_PROMPT for h in out.hidden_states)
+    assert out.logits.shape == base_out.logits.shape == (BATCH, 3)
+    emb, base_emb = seen[0], base_out.hidden_states[0]
+    assert torch.equal(emb[:, :1], base_emb[:, :1])
+    assert torch.equal(emb[:, 1:1 + N_PROMPT], prompt_of(model).detach().expand(BATCH, -1, -1))
+    assert torch.equal(emb[:, 1 + N_PROMPT:], base_emb[:, 1:])
