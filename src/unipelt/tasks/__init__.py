@@ -1,0 +1,36 @@
+"""Tasks: GLUE, SQuAD 1.1, CoNLL-style NER and JSONL text classification, with their metrics."""
+
+from __future__ import annotations
+
+from .base import Features, Task, TaskDataError, hold_out, k_shot
+from .classification import GLUE_LAYOUTS, GlueTask, JsonlTask
+
+# The DAPT/TAPT domain classification datasets, read from JSONL files (--data-dir).
+DOMAIN_TASKS = ("chemprot", "rct", "citation_intent", "sciie", "ag_news", "hyperpartisan", "helpfulness", "imdb")
+
+
+def task_names() -> list[str]:
+    return [*GLUE_LAYOUTS, "squad", "ner", "text", *DOMAIN_TASKS]
+
+
+def get_task(name: str) -> Task:
+    """The task called ``name``; an unknown name is a :class:`TaskDataError` listing the known ones."""
+    key = name.lower().replace("-", "").replace("_mm", "_mm")
+    key = {"sst": "sst2", "stsb": "stsb", "mnlimm": "mnli_mm", "mnli_mismatched": "mnli_mm"}.get(key, key)
+    if key in GLUE_LAYOUTS:
+        return GlueTask(key)
+    if key in ("text", *DOMAIN_TASKS):
+        return JsonlTask(key)
+    if key == "squad":
+        from .squad import SquadTask
+
+        return SquadTask()
+    if key == "ner":
+        from .ner import NerTask
+
+        return NerTask()
+    raise TaskDataError(f"unknown task {name!r}; known tasks: {', '.join(task_names())}")
+
+
+__all__ = ["DOMAIN_TASKS", "Features", "GlueTask", "JsonlTask", "Task", "TaskDataError", "get_task", "hold_out",
+           "k_shot", "task_names"]
