@@ -55,7 +55,13 @@ class Task:
 
     def score(self, model: torch.nn.Module, features: Features, examples: Sequence[Any],
               predict: Any) -> dict[str, float]:
-        """Metrics of ``model`` on ``features``; ``predict(rows) -> model outputs`` runs batches."""
+        """Metrics of ``model`` on ``features``.
+
+        ``predict(rows)`` runs the model over the rows in batches and returns a dict of tensors
+        concatenated over batches, keyed like the model's output: ``"logits"`` (classification,
+        regression, token tasks) or ``"start_logits"``/``"end_logits"`` (QA). Sequence-shaped
+        outputs are padded with zeros to the longest row; rows keep their order.
+        """
         raise NotImplementedError
 
 

@@ -130,11 +130,8 @@ class SequenceTask(Task):
         return Features(rows)
 
     def score(self, model, features: Features, examples: Sequence[TextExample], predict) -> dict[str, float]:
-        logits = predict(features.rows)
-        if self.labels is None:
-            pred = logits.squeeze(-1).tolist()
-        else:
-            pred = logits.argmax(-1).tolist()
+        logits = predict(features.rows)["logits"]
+        pred = logits.squeeze(-1).tolist() if self.labels is None else logits.argmax(-1).tolist()
         gold = [ex.label for ex in examples]
         if any(g is None for g in gold):
             raise TaskDataError(f"{self.name}: this split has no labels to score against")
@@ -163,8 +160,10 @@ class GlueTask(SequenceTask):
         has_header = lay.names[2] in header or lay.names[0] in header
         if has_header:
             idx = tuple(header.index(n) if n is not None and n in header else None for n in lay.names)
-            if idx[0] is None:
-                raise TaskDataError(f"{path}: header {header} lacks column {lay.names[0]!r} of task {self.name}")
+            missing = [n for n, i, needed in zip(lay.names, idx, (True, True, split != "test"), strict=True)
+                       if n is not None and i is None and needed]
+            if missing:
+                raise TaskDataError(f"{path}: header {header} lacks column(s) {missing} of task {self.name}")
             rows = rows[1:]
         else:
             idx = lay.positions
@@ -231,7 +230,8 @@ class JsonlTask(SequenceTask):
 
     def load(self, split: str, data_dir: str | None) -> list[TextExample]:
         if data_dir is None:
-            raise TaskDataError(f"task {self.name} reads JSONL files: pass --data-dir DIR with train.jsonl and dev.jsonl")
+            raise TaskDataError(f"task {self.name} reads JSONL files: pass --data-dir DIR with train.jsonl and "
+                                "dev.jsonl")
         folder = Path(data_dir)
         if self.labels is None:
             train = self._read(folder / "train.jsonl")

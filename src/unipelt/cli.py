@@ -1,0 +1,224 @@
+"""The ``unipelt`` command: a thin layer over the library.
+
+    unipelt train --task sst2 --method unipelt --k-shot 100 --data-dir ../shared/data/glue
+    unipelt eval --task sst2 --delta out/run [--split dev|test]
+    unipelt methods [--model PATH]
+    unipelt pretrain --mlm --text FILE... --out DIR
+    unipelt report RUN_DIRS...
+
+Bad input (unknown task or method, missing data, a model without a tokenizer, ...) prints one line
+``error: ...`` and exits with code 2; a diverged loss exits with code 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 3
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: JSON where it parses (numbers, booleans, lists), a list for ``a,b``, else a string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text.split(",") if "," in text else text
+
+
+def method_options(sets: list[str], config_file: str | None) -> dict[str, Any]:
+    from .config import ConfigError
+
+    options: dict[str, Any] = {}
+    if config_file:
+        path = Path(config_file)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        text = path.read_text()
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except Exception as e:
+            raise ConfigError(f"cannot parse {path}: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of method options")
+        options.update(data)
+    for item in sets:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"--set takes key=value, got {item!r}")
+        options[key.strip()] = parse_value(value.strip())
+    options.pop("method", None)
+    return options
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import RunConfig, run
+
+    if args.method is None:
+        args.method = "unipelt"
+    cfg = RunConfig(
+        task=args.task, method=args.method, model=args.model, k_shot=args.k_shot, seed=args.seed,
+        epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
+        max_length=args.max_length, data_dir=args.data_dir, out=args.out or f"out/{args.task}-{args.method}",
+        device=args.device, eval_every=args.eval_every, patience=args.patience,
+        method_options=method_options(args.set, args.config), resume=args.resume,
+        mixed_precision=args.mixed_precision, progress=not args.no_progress,
+    )
+    run(cfg)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .train import evaluate
+
+    metrics = evaluate(args.delta, split=args.split, task_name=args.task, data_dir=args.data_dir, device=args.device)
+    for name, value in metrics.items():
+        print(f"{name:<14} {value:.4f}")
+    out = Path(args.delta) / f"eval_{args.split}.json"
+    from .serialization import atomic_write_text
+
+    atomic_write_text(out, json.dumps({"task": args.task, "split": args.split, "metrics": metrics}, indent=2) + "\n")
+    return 0
+
+
+def _methods(args: argparse.Namespace) -> int:
+    import warnings
+
+    from transformers import AutoModelForSequenceClassification
+
+    from . import core
+    from .models import load_model
+
+    model = load_model(args.model, AutoModelForSequenceClassification, num_labels=2)
+    print(f"{'method':<16} {'trainable':>12} {'% of base':>9}  description")
+    base = sum(p.numel() for p in model.parameters())
+    for name, description in core.methods().items():
+        if name == "composition":
+            count = "-"
+            pct = ""
+        else:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    core.attach(model, name, train_head=False)
+                n = core.trainable_parameters(model)["total"]
+                count, pct = f"{n:,}", f"{100 * n / base:.3f}%"
+            except Exception as e:  # a method that does not apply to this model
+                count, pct = "n/a", type(e).__name__
+            finally:
+                core.detach(model)
+        print(f"{name:<16} {count:>12} {pct:>9}  {description}")
+    return 0
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from .config import ConfigError
+    from .train.pretrain import run_mlm
+
+    if not args.mlm:
+        raise ConfigError("pretrain supports masked-LM pretraining only: pass --mlm")
+    summary = run_mlm(args.text, args.out, model=args.model, epochs=args.epochs, max_steps=args.max_steps,
+                      lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
+                      device=args.device or "cpu")
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import report
+
+    result = report(args.runs, args.out)
+    print(result["table"])
+    print(f"wrote {result['json']} and {result['png']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unipelt", description="Parameter-efficient fine-tuning of transformers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune a method on a task")
+    t.add_argument("--task", required=True, help="sst2, rte, mrpc, stsb, cola, qqp, mnli, mnli_mm, qnli, wnli, "
+                                                 "squad, ner, text (JSONL) or a DAPT domain name")
+    t.add_argument("--method", default=None, help="a method name (see 'unipelt methods') or 'full'; default unipelt")
+    t.add_argument("--model", default=None, help="model folder or Hub name (default: the embedded all-MiniLM-L6-v2)")
+    t.add_argument("--k-shot", type=int, default=None, help="K training (and K validation) examples; absent: all")
+    t.add_argument("--seed", type=int, default=1)
+    t.add_argument("--epochs", type=float, default=20.0)
+    t.add_argument("--max-steps", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None, help="default: the method's usual learning rate")
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--max-length", type=int, default=128)
+    t.add_argument("--data-dir", default=None, help="local task files; absent: load from the Hugging Face Hub")
+    t.add_argument("--out", default=None, help="run folder (default out/TASK-METHOD)")
+    t.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    t.add_argument("--eval-every", type=int, default=None, help="validation every N steps (default: each epoch)")
+    t.add_argument("--patience", type=int, default=10, help="validations without improvement before stopping")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a method option, e.g. r=8")
+    t.add_argument("--config", default=None, help="JSON or YAML file of method options")
+    t.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    t.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="score a finished run")
+    e.add_argument("--delta", required=True, help="the --out folder of 'unipelt train'")
+    e.add_argument("--task", default=None)
+    e.add_argument("--split", default="dev", choices=["dev", "test"])
+    e.add_argument("--data-dir", default=None)
+    e.add_argument("--device", default=None)
+    e.set_defaults(func=_eval)
+
+    m = sub.add_parser("methods", help="the catalogue, with trainable parameters on a model")
+    m.add_argument("--model", default=None)
+    m.set_defaults(func=_methods)
+
+    p = sub.add_parser("pretrain", help="continued masked-LM pretraining (DAPT/TAPT)")
+    p.add_argument("--mlm", action="store_true")
+    p.add_argument("--text", nargs="+", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default=None)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_pretrain)
+
+    r = sub.add_parser("report", help="aggregate runs into a table and a plot")
+    r.add_argument("runs", nargs="+")
+    r.add_argument("--out", default="out/report")
+    r.set_defaults(func=_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+    from .families import UnsupportedModelError
+    from .serialization import DeltaFileError
+    from .tasks import TaskDataError
+    from .train import TrainingDiverged
+
+    try:
+        return args.func(args)
+    except (ConfigError, TaskDataError, UnsupportedModelError, DeltaFileError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,460 @@
+"""One training loop for CPU, one GPU or several (through ``accelerate``), and evaluation of saved runs.
+
+``run(RunConfig(...))`` loads the task and the model, attaches the method (or trains everything for
+``method="full"``), trains with AdamW and a linear warm-up/decay schedule, evaluates on a
+validation sample every ``eval_every`` steps with early stopping, and writes into ``out``:
+
+- ``run.json``: the run's settings (what ``unipelt eval`` and ``--resume`` read);
+- ``delta.safetensors`` + ``unipelt.json`` (the best delta), or ``model/`` for full fine-tuning;
+- ``checkpoint.pt``: everything needed to resume (written atomically after each evaluation);
+- ``results.json``: task, method, model, seed, k, scores on the report split, trainable
+  parameters, wall time, peak memory and speed.
+
+Low-resource runs follow UniPELT's protocol: K training and K validation examples are sampled from
+``train`` per seed and the report split is ``dev``. Data order comes from seeded generators and the
+checkpoint carries the random states, so a resumed run ends with the same weights as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import core, serialization
+from ..config import ConfigError, parse_config
+from ..models import DEFAULT_MODEL, load_model
+from ..serialization import atomic_write_text
+from ..tasks import Task, TaskDataError, get_task, hold_out, k_shot
+
+# Learning rates that work for each method on BERT-sized models (UniPELT and the methods' papers).
+DEFAULT_LR = {
+    "full": 3e-5, "lora": 5e-4, "adapter": 5e-4, "houlsby": 5e-4, "pfeiffer": 5e-4, "parallel": 5e-4,
+    "scaled_parallel": 5e-4, "prefix": 5e-4, "prompt": 3e-2, "bitfit": 1e-3, "ia3": 3e-3, "ln": 1e-3,
+    "unipelt": 5e-4, "mam": 5e-4, "composition": 5e-4,
+}
+RUN_FILE, RESULTS_FILE, CHECKPOINT_FILE = "run.json", "results.json", "checkpoint.pt"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class RunConfig:
+    task: str
+    method: str = "unipelt"
+    model: str | None = None
+    k_shot: int | None = None
+    seed: int = 1
+    epochs: float = 20.0
+    max_steps: int | None = None
+    lr: float | None = None
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    max_length: int = 128
+    data_dir: str | None = None
+    out: str = "out/run"
+    device: str | None = None
+    eval_every: int | None = None
+    patience: int = 10
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    mixed_precision: str = "auto"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    resume: bool = False
+    report_split: str = "dev"
+    progress: bool = True
+
+
+def _device(name: str | None) -> str:
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ConfigError(f"unknown device {name!r}; use cpu or cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no GPU is visible; use --device cpu")
+    return name
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def load_tokenizer(model: str | None):
+    from transformers import AutoTokenizer
+
+    from ..models import default_model_path
+
+    target = model or default_model_path()
+    try:
+        tok = AutoTokenizer.from_pretrained(target)
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError(f"model {target!r} has no tokenizer that loads ({type(e).__name__}); save one beside the "
+                          f"model (tokenizer.save_pretrained) or pick another --model") from e
+    if not getattr(tok, "is_fast", False):
+        raise ConfigError(f"model {target!r} has a slow tokenizer; unipelt needs a fast one (tokenizer.json)")
+    return tok
+
+
+def collate(rows: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad a list of rows into a batch: ids with ``pad_id``, labels of token tasks with -100, the rest 0."""
+    batch = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows]
+        if values[0].dim() == 0:
+            batch[key] = torch.stack(values)
+            continue
+        fill = pad_id if key == "input_ids" else (-100 if key == "labels" else 0)
+        width = max(v.shape[0] for v in values)
+        out = torch.full((len(values), width), fill, dtype=values[0].dtype)
+        for i, v in enumerate(values):
+            out[i, :v.shape[0]] = v
+        batch[key] = out
+    return batch
+
+
+def make_predict(model: torch.nn.Module, pad_id: int, batch_size: int, device: str, autocast):
+    """``predict(rows) -> {"logits"| "start_logits"| "end_logits": tensor}``, concatenated over batches.
+
+    Sequence-shaped outputs are padded with zeros to the longest row; rows keep their order.
+    """
+    def predict(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        model.eval()
+        parts: dict[str, list[torch.Tensor]] = {}
+        with torch.no_grad():
+            for i in range(0, len(rows), batch_size):
+                batch = collate(rows[i:i + batch_size], pad_id)
+                inputs = {k: v.to(device) for k, v in batch.items()
+                          if k not in ("labels", "start_positions", "end_positions")}
+                with autocast():
+                    out = model(**inputs)
+                for key in ("logits", "start_logits", "end_logits"):
+                    value = out.get(key) if hasattr(out, "get") else None
+                    if value is not None:
+                        parts.setdefault(key, []).append(value.float().cpu())
+        result = {}
+        for key, chunks in parts.items():
+            if chunks[0].dim() >= 2 and key != "logits" or chunks[0].dim() == 3:
+                width = max(c.shape[1] for c in chunks)
+                chunks = [torch.nn.functional.pad(c, (0, 0) * (c.dim() - 2) + (0, width - c.shape[1])) for c in chunks]
+            result[key] = torch.cat(chunks)
+        return result
+
+    return predict
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def method_config(method: str, options: dict[str, Any]):
+    """The method's config from its name and ``--set``/config-file options (``full``: None)."""
+    if method == "full":
+        if options:
+            raise ConfigError("--method full takes no method options")
+        return None
+    return parse_config({**options, "method": method})
+
+
+@dataclass
+class _Prepared:
+    task: Task
+    train: list
+    val: list
+    report: list
+    tokenizer: Any
+    model: torch.nn.Module
+    method_cfg: Any
+    model_kwargs: dict[str, Any]
+
+
+def _prepare(cfg: RunConfig) -> _Prepared:
+    """Everything that can fail on bad input, before anything is written."""
+    task = get_task(cfg.task)
+    method_cfg = method_config(cfg.method, cfg.method_options)
+    full_train = task.load("train", cfg.data_dir)
+    if cfg.k_shot is not None:
+        train, val = k_shot(full_train, cfg.k_shot, cfg.seed)
+    else:
+        train, val = hold_out(full_train, cfg.seed)
+    if not train or not val:
+        raise TaskDataError("no training or validation examples after sampling; check --k-shot and the data")
+    report = task.load(cfg.report_split, cfg.data_dir)
+    if not report:
+        raise TaskDataError(f"the {cfg.report_split} split of {cfg.task} is empty")
+    tokenizer = load_tokenizer(cfg.model)
+    set_seed(cfg.seed)
+    model_kwargs = task.model_kwargs(full_train)
+    model = load_model(cfg.model, task.auto_model_class(), **model_kwargs)
+    if method_cfg is not None:
+        core.attach(model, method_cfg)
+    return _Prepared(task, train, val, report, tokenizer, model, method_cfg, model_kwargs)
+
+
+def _check_out(out: Path, resume: bool) -> None:
+    if resume:
+        return
+    if (out / RESULTS_FILE).exists():
+        raise ConfigError(f"{out} already holds a finished run; choose another --out (nothing was overwritten)")
+    if (out / CHECKPOINT_FILE).exists():
+        raise ConfigError(f"{out} holds an interrupted run; pass --resume to continue it, or choose another --out")
+
+
+def run(cfg: RunConfig, log=print) -> dict[str, Any]:
+    """Train ``cfg.method`` on ``cfg.task`` and write the run into ``cfg.out``; returns the results."""
+    out = Path(cfg.out)
+    _check_out(out, cfg.resume)
+    device = _device(cfg.device)
+    prep = _prepare(cfg)
+    model, task, tok = prep.model, prep.task, prep.tokenizer
+    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.method, 5e-4)
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+
+    from accelerate import Accelerator
+
+    mixed = cfg.mixed_precision
+    if mixed == "auto":
+        mixed = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "no"
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed)
+    device = str(accelerator.device)
+    main = accelerator.is_main_process
+
+    train_feats = task.featurize(prep.train, tok, cfg.max_length)
+    val_feats = task.featurize(prep.val, tok, cfg.max_length)
+    report_feats = task.featurize(prep.report, tok, cfg.max_length)
+    steps_per_epoch = max(1, math.ceil(len(train_feats) / cfg.batch_size))
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    eval_every = cfg.eval_every or steps_per_epoch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    warmup = int(cfg.warmup_ratio * total_steps)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    bare = accelerator.unwrap_model(model)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    predict = make_predict(model, pad_id, cfg.eval_batch_size, device, accelerator.autocast)
+    higher = task.greater_is_better
+
+    state = {"step": 0, "best": None, "best_step": 0, "bad_evals": 0, "history": []}
+    best_weights = _trainable_state(bare)
+    if cfg.resume and (out / CHECKPOINT_FILE).exists():
+        ckpt = torch.load(out / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        if ckpt["config"]["task"] != cfg.task or ckpt["config"]["method"] != cfg.method:
+            raise ConfigError(f"{out / CHECKPOINT_FILE} belongs to {ckpt['config']['task']}/{ckpt['config']['method']}"
+                              f", not {cfg.task}/{cfg.method}")
+        bare.load_state_dict(ckpt["weights"], strict=False)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        state = ckpt["state"]
+        best_weights = ckpt["best_weights"]
+        random.setstate(ckpt["rng"]["python"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if torch.cuda.is_available() and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        log(f"resuming {out} at step {state['step']} of {total_steps}")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        run_info = {"config": asdict(cfg), "model": cfg.model or DEFAULT_MODEL, "model_path": cfg.model,
+                    "model_kwargs": prep.model_kwargs, "lr": lr, "device": device}
+        atomic_write_text(out / RUN_FILE, json.dumps(run_info, indent=2, default=str) + "\n")
+
+    def checkpoint() -> None:
+        if not main:
+            return
+        rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        _atomic_torch_save({"config": asdict(cfg), "weights": _trainable_state(bare),
+                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "state": state, "best_weights": best_weights, "rng": rng}, out / CHECKPOINT_FILE)
+
+    def validate() -> float:
+        metrics = task.score(bare, val_feats, prep.val, predict)
+        return metrics[task.main_metric]
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=state["step"], desc=f"{cfg.task}/{cfg.method}", unit="step",
+               disable=not (main and cfg.progress), file=sys.stderr, dynamic_ncols=True)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    start = time.perf_counter()
+    stopped_early = False
+    trained_steps = 0
+    while state["step"] < total_steps and not stopped_early:
+        epoch, offset = divmod(state["step"], steps_per_epoch)
+        order = torch.randperm(len(train_feats), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+        model.train()
+        for b in range(offset, steps_per_epoch):
+            if state["step"] >= total_steps:
+                break
+            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size].tolist()
+            idx = idx[rank::world] or idx[:1]
+            batch = {k: v.to(device) for k, v in collate([train_feats.rows[i] for i in idx], pad_id).items()}
+            with accelerator.autocast():
+                loss = model(**batch).loss
+            if not torch.isfinite(loss):
+                kept = f"the last good checkpoint is {out / CHECKPOINT_FILE}" if (out / CHECKPOINT_FILE).exists() \
+                    else "no checkpoint was written yet"
+                raise TrainingDiverged(f"the loss became {loss.item()} at step {state['step'] + 1}; {kept}; "
+                                       f"lower --lr (now {lr:g}) or turn off mixed precision")
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            if cfg.grad_clip:
+                accelerator.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            state["step"] += 1
+            trained_steps += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            if state["step"] % eval_every == 0 or state["step"] == total_steps:
+                score = validate()
+                state["history"].append({"step": state["step"], "validation": score, "loss": loss.item()})
+                better = state["best"] is None or (score > state["best"] if higher else score < state["best"])
+                if better:
+                    state.update(best=score, best_step=state["step"], bad_evals=0)
+                    best_weights = _trainable_state(bare)
+                else:
+                    state["bad_evals"] += 1
+                bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{score:.4f}", best=f"{state['best']:.4f}")
+                checkpoint()
+                model.train()
+                if state["bad_evals"] >= cfg.patience:
+                    stopped_early = True
+                    break
+    bar.close()
+    train_time = time.perf_counter() - start
+
+    bare.load_state_dict(best_weights, strict=False)
+    report_metrics = task.score(bare, report_feats, prep.report, predict)
+    counts = core.trainable_parameters(bare) if prep.method_cfg is not None else \
+        {"total": sum(p.numel() for p in bare.parameters())}
+    results = {
+        "task": cfg.task, "method": cfg.method, "model": cfg.model or DEFAULT_MODEL, "seed": cfg.seed,
+        "k_shot": cfg.k_shot, "split": cfg.report_split, "main_metric": task.main_metric,
+        "score": report_metrics[task.main_metric], "metrics": report_metrics,
+        "validation": {"best": state["best"], "best_step": state["best_step"], "history": state["history"]},
+        "trainable_params": counts["total"], "trainable_by_part": counts,
+        "total_params": sum(p.numel() for p in bare.parameters()),
+        "steps": state["step"], "stopped_early": stopped_early, "lr": lr, "batch_size": cfg.batch_size,
+        "wall_time_s": train_time, "steps_per_s": trained_steps / train_time if train_time > 0 else 0.0,
+        "peak_memory_mb": peak_memory_mb(device), "device": device, "train_examples": len(prep.train),
+        "validation_examples": len(prep.val), "report_examples": len(prep.report),
+    }
+    if main:
+        if prep.method_cfg is not None:
+            serialization.save(bare, out)
+        else:
+            _save_full(bare, tok, out / "model")
+        atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
+        log(format_results(results))
+    return results
+
+
+def _save_full(model: torch.nn.Module, tok: Any, target: Path) -> None:
+    """``save_pretrained`` into a temporary folder, then swap it in."""
+    tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=target.parent))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if target.exists():
+        old = target.with_name(target.name + ".old")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        import shutil
+
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, target)
+
+
+def format_results(results: dict[str, Any]) -> str:
+    k = results["k_shot"] if results["k_shot"] is not None else "full"
+    lines = [f"{results['task']} / {results['method']} / k={k} / seed {results['seed']} "
+             f"({results['split']}, {results['report_examples']} examples)"]
+    for name, value in results["metrics"].items():
+        mark = " *" if name == results["main_metric"] else ""
+        lines.append(f"  {name:<14} {value:.4f}{mark}")
+    lines.append(f"  {'trainable':<14} {results['trainable_params']:,}")
+    lines.append(f"  {'steps':<14} {results['steps']} ({results['steps_per_s']:.2f}/s, "
+                 f"{results['wall_time_s']:.0f} s, peak {results['peak_memory_mb']:.0f} MB)")
+    return "\n".join(lines)
+
+
+def evaluate(delta_dir: str | os.PathLike, split: str = "dev", task_name: str | None = None,
+             data_dir: str | None = None, device: str | None = None, batch_size: int = 64) -> dict[str, float]:
+    """Score the run saved in ``delta_dir`` on ``split`` of its task (or ``task_name``)."""
+    folder = Path(delta_dir)
+    info_path = folder / RUN_FILE
+    if not info_path.exists():
+        raise ConfigError(f"{folder} holds no {RUN_FILE}; pass the --out folder of a finished 'unipelt train'")
+    info = json.loads(info_path.read_text())
+    cfg = info["config"]
+    if task_name is not None and get_task(task_name).name != get_task(cfg["task"]).name:
+        raise ConfigError(f"{folder} was trained on {cfg['task']}, not {task_name}")
+    task = get_task(cfg["task"])
+    data_dir = data_dir if data_dir is not None else cfg.get("data_dir")
+    if hasattr(task, "labels") and task.labels is None and task.kind == "classification":
+        task.load("train", data_dir)  # JSONL tasks learn their label set from train
+    examples = task.load(split, data_dir)
+    dev = _device(device)
+    model_path = info.get("model_path")
+    if cfg["method"] == "full":
+        model = load_model(str(folder / "model"), task.auto_model_class())
+    else:
+        model = load_model(model_path, task.auto_model_class(), **info["model_kwargs"])
+        serialization.load(model, folder)
+    model.to(dev)
+    tok = load_tokenizer(model_path)
+    feats = task.featurize(examples, tok, cfg["max_length"])
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    from contextlib import nullcontext
+
+    predict = make_predict(model, pad_id, batch_size, dev, nullcontext)
+    return task.score(model, feats, examples, predict)
