@@ -204,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import transformers
+
+    # Library chatter (load reports, weight-loading bars) would bury the command's own output.
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     from .config import ConfigError
     from .families import UnsupportedModelError
     from .serialization import DeltaFileError

@@ -106,6 +106,12 @@ def load_tokenizer(model: str | None):
     from ..models import default_model_path
 
     target = model or default_model_path()
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                       "sentencepiece.bpe.model", "tokenizer.model")
+    if os.path.isdir(target) and not any(os.path.exists(os.path.join(target, f)) for f in tokenizer_files):
+        # transformers 5 would build an empty tokenizer here rather than fail
+        raise ConfigError(f"model folder {target} has no tokenizer files ({', '.join(tokenizer_files[:3])}, ...); "
+                          f"save one beside the model with tokenizer.save_pretrained, or pick another --model")
     try:
         tok = AutoTokenizer.from_pretrained(target)
     except (OSError, ValueError, TypeError) as e:

@@ -1,0 +1,242 @@
+"""The ``unipelt`` command end to end on a tiny random BERT and slices of the real GLUE data."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+import unipelt
+from unipelt.cli import EXIT_BAD_INPUT, EXIT_DIVERGED, main
+from unipelt.models import default_model_path
+from unipelt.train import loop
+
+DATA = Path(os.environ.get("UNIPELT_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+GLUE = DATA / "glue"
+needs_glue = pytest.mark.skipif(not (GLUE / "SST-2" / "train.tsv").exists(),
+                                reason=f"GLUE data not found in {GLUE} (set UNIPELT_DATA_DIR)")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    """A 2-layer BERT with hidden size 32 and the MiniLM tokenizer, saved like a pretrained model."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        vocab_size=tok.vocab_size, max_position_embeddings=128)
+    BertForMaskedLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def small_glue(tmp_path_factory) -> Path:
+    """The first rows of each real GLUE file (keeping each file's own layout and header)."""
+    if not GLUE.exists():
+        pytest.skip(f"GLUE data not found in {GLUE}")
+    out = tmp_path_factory.mktemp("glue")
+    for task_dir in GLUE.iterdir():
+        (out / task_dir.name).mkdir()
+        for f in task_dir.glob("*.tsv"):
+            lines = f.read_text(encoding="utf-8").splitlines(keepends=True)
+            (out / task_dir.name / f.name).write_text("".join(lines[:121]), encoding="utf-8")
+    return out
+
+
+def train_args(model: str, data: Path, out: Path, task: str = "sst2", method: str = "lora", *extra: str) -> list[str]:
+    return ["train", "--task", task, "--method", method, "--model", model, "--data-dir", str(data), "--out", str(out),
+            "--k-shot", "16", "--max-steps", "6", "--eval-every", "3", "--batch-size", "8", "--max-length", "32",
+            "--device", "cpu", "--no-progress", *extra]
+
+
+@needs_glue
+def test_train_then_eval_sst2(tiny_model, small_glue, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model, small_glue, out)) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "sst2" and results["method"] == "lora" and results["k_shot"] == 16
+    assert results["train_examples"] == 16 and results["validation_examples"] == 16
+    assert results["report_examples"] == 120 and results["steps"] == 6
+    assert set(results["metrics"]) == {"accuracy"} and 0.0 <= results["score"] <= 1.0
+    for key in ("trainable_params", "wall_time_s", "peak_memory_mb", "steps_per_s"):
+        assert results[key] > 0
+    assert (out / "delta.safetensors").exists() and (out / "unipelt.json").exists()
+    assert "accuracy" in capsys.readouterr().out
+    assert main(["eval", "--task", "sst2", "--delta", str(out), "--device", "cpu"]) == 0
+    evaluated = json.loads((out / "eval_dev.json").read_text())["metrics"]
+    assert evaluated["accuracy"] == pytest.approx(results["score"], abs=1e-9)
+
+
+@needs_glue
+@pytest.mark.parametrize(("task", "metric"), [("rte", "accuracy"), ("stsb", "pearson"), ("cola", "matthews"),
+                                              ("mrpc", "f1"), ("wnli", "accuracy")])
+def test_other_glue_tasks(tiny_model, small_glue, tmp_path, task, metric) -> None:
+    out = tmp_path / task
+    assert main(train_args(tiny_model, small_glue, out, task, "pfeiffer")) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["main_metric"] == metric and metric in results["metrics"]
+
+
+@needs_glue
+def test_full_finetuning_and_method_options(tiny_model, small_glue, tmp_path) -> None:
+    out = tmp_path / "full"
+    assert main(train_args(tiny_model, small_glue, out, "sst2", "full")) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["trainable_params"] == results["total_params"]
+    assert (out / "model" / "config.json").exists()
+    assert main(["eval", "--delta", str(out), "--device", "cpu"]) == 0
+
+    config = tmp_path / "lora.json"
+    config.write_text(json.dumps({"r": 2, "targets": ["q", "k", "v"]}))
+    out2 = tmp_path / "lora"
+    assert main(train_args(tiny_model, small_glue, out2, "sst2", "lora", "--config", str(config), "--set",
+                           "alpha=4")) == 0
+    saved = json.loads((out2 / "unipelt.json").read_text())["methods"][0]["config"]
+    assert saved["r"] == 2 and saved["alpha"] == 4 and saved["targets"] == ["q", "k", "v"]
+
+
+@needs_glue
+def test_k_shot_runs_are_reproducible(tiny_model, small_glue, tmp_path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(train_args(tiny_model, small_glue, a, "sst2", "unipelt")) == 0
+    assert main(train_args(tiny_model, small_glue, b, "sst2", "unipelt")) == 0
+    ta, tb = load_file(a / "delta.safetensors"), load_file(b / "delta.safetensors")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+@needs_glue
+def test_resume_after_a_kill_gives_the_same_weights(tiny_model, small_glue, tmp_path, monkeypatch) -> None:
+    whole = tmp_path / "whole"
+    args = ["--max-steps", "12", "--eval-every", "2", "--patience", "100"]
+    assert main(train_args(tiny_model, small_glue, whole, "sst2", "unipelt", *args)) == 0
+
+    interrupted = tmp_path / "interrupted"
+    real_save = loop._atomic_torch_save
+    calls = []
+
+    def save_then_die(obj, path):
+        real_save(obj, path)
+        calls.append(path)
+        if len(calls) == 3:  # killed right after the checkpoint of step 6
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_atomic_torch_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        main(train_args(tiny_model, small_glue, interrupted, "sst2", "unipelt", *args))
+    monkeypatch.setattr(loop, "_atomic_torch_save", real_save)
+    assert not (interrupted / "results.json").exists()
+    # without --resume the interrupted run is protected
+    assert main(train_args(tiny_model, small_glue, interrupted, "sst2", "unipelt", *args)) == EXIT_BAD_INPUT
+    assert main(train_args(tiny_model, small_glue, interrupted, "sst2", "unipelt", *args, "--resume")) == 0
+    ta, tb = load_file(whole / "delta.safetensors"), load_file(interrupted / "delta.safetensors")
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    ra = json.loads((whole / "results.json").read_text())
+    rb = json.loads((interrupted / "results.json").read_text())
+    assert ra["score"] == rb["score"] and ra["validation"]["history"] == rb["validation"]["history"]
+
+
+@needs_glue
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_model, small_glue, tmp_path,
+                                                                    monkeypatch, capsys) -> None:
+    out = tmp_path / "nan"
+    real_forward = torch.nn.Module.__call__
+    steps = []
+
+    def poisoned(self, *args, **kwargs):
+        output = real_forward(self, *args, **kwargs)
+        if type(self).__name__ == "BertForSequenceClassification" and self.training:
+            steps.append(1)
+            if len(steps) == 5:
+                output.loss = output.loss * float("nan")
+        return output
+
+    monkeypatch.setattr(torch.nn.Module, "__call__", poisoned)
+    code = main(train_args(tiny_model, small_glue, out, "sst2", "lora", "--eval-every", "2"))
+    monkeypatch.setattr(torch.nn.Module, "__call__", real_forward)
+    assert code == EXIT_DIVERGED
+    err = capsys.readouterr().err
+    assert "nan" in err.lower() and "step 5" in err and "checkpoint" in err
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["state"]["step"] == 4
+    assert all(torch.isfinite(t).all() for t in ckpt["weights"].values())
+
+
+@needs_glue
+def test_bad_input_exits_2_and_writes_nothing(tiny_model, small_glue, tmp_path, capsys) -> None:
+    out = tmp_path / "never"
+
+    def check(args: list[str], words: tuple[str, ...]) -> None:
+        assert main(args) == EXIT_BAD_INPUT
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and len(err.splitlines()) == 1, err
+        for word in words:
+            assert word in err, (word, err)
+        assert not out.exists()
+
+    check(train_args(tiny_model, small_glue, out, "nosuchtask"), ("unknown task", "sst2"))
+    check(train_args(tiny_model, small_glue, out, "sst2", "nosuchmethod"), ("unknown method", "lora"))
+    check(train_args(tiny_model, tmp_path / "empty", out), ("missing data file", "--data-dir"))
+    check(train_args(tiny_model, small_glue, out, "sst2", "lora", "--set", "bogus=1"), ("unknown key", "bogus"))
+    check(train_args(tiny_model, small_glue, out, "sst2", "lora", "--k-shot", "1000"), ("--k-shot",))
+
+    bad = tmp_path / "bad"
+    shutil.copytree(small_glue / "SST-2", bad / "SST-2")
+    rows = (bad / "SST-2" / "train.tsv").read_text().splitlines()
+    rows[3] = rows[3].rsplit("\t", 1)[0] + "\t7"
+    (bad / "SST-2" / "train.tsv").write_text("\n".join(rows) + "\n")
+    check(train_args(tiny_model, bad, out), ("label '7'", "train.tsv"))
+    # RTE's layout given to SST-2: no 'sentence' column
+    shutil.rmtree(bad / "SST-2")
+    shutil.copytree(small_glue / "RTE", bad / "SST-2")
+    check(train_args(tiny_model, bad, out), ("column",))
+
+    no_tokenizer = tmp_path / "no-tokenizer"
+    BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                               vocab_size=128)).save_pretrained(no_tokenizer)
+    capsys.readouterr()
+    check(train_args(str(no_tokenizer), small_glue, out), ("tokenizer",))
+
+
+@needs_glue
+def test_a_finished_run_is_never_overwritten(tiny_model, small_glue, tmp_path) -> None:
+    out = tmp_path / "done"
+    assert main(train_args(tiny_model, small_glue, out)) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert main(train_args(tiny_model, small_glue, out, "sst2", "ia3")) == EXIT_BAD_INPUT
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_methods_lists_the_catalogue_with_counts(tiny_model, capsys) -> None:
+    assert main(["methods", "--model", tiny_model]) == 0
+    out = capsys.readouterr().out
+    for name in unipelt.methods():
+        assert name in out
+    lora_line = next(line for line in out.splitlines() if line.startswith("lora "))
+    # LoRA r=8 on q and v of 2 layers, hidden 32: 2 * 2 * 8 * (32 + 32)
+    assert "2,048" in lora_line
+
+
+@needs_glue
+def test_default_model_runs_offline(small_glue, tmp_path) -> None:
+    """The embedded all-MiniLM-L6-v2, a few steps: the README's main job in miniature."""
+    out = tmp_path / "minilm"
+    args = ["train", "--task", "sst2", "--method", "unipelt", "--k-shot", "8", "--max-steps", "2",
+            "--data-dir", str(small_glue), "--out", str(out), "--max-length", "32", "--no-progress", "--device", "cpu"]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert "MiniLM" in results["model"] and results["steps"] == 2
