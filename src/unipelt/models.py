@@ -29,6 +29,7 @@ def load_model(name_or_path: str | None, auto_class: Any, pooling: str | None = 
     """
     target = name_or_path or default_model_path()
     local = os.path.isdir(target)
+    kwargs.setdefault("dtype", torch.float32)  # float32 master weights; mixed precision is the trainer's job
     try:
         model = auto_class.from_pretrained(target, **kwargs)
         if pooling == "auto" and local and sentence_pooling(target) == "mean" \
