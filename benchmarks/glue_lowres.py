@@ -70,7 +70,8 @@ def grid(opts: argparse.Namespace) -> list[dict]:
                         continue
                     epochs = opts.epochs_small if k <= 100 else opts.epochs_large
                     jobs.append({"task": task, "method": method, "method_options": options, "k_shot": k,
-                                 "seed": seed, "epochs": epochs, "lr": lr, "data_dir": str(opts.data_dir), "out": str(out),
+                                 "seed": seed, "epochs": epochs, "lr": lr, "data_dir": str(opts.data_dir),
+                                 "out": str(out),
                                  "model": opts.model, "max_length": opts.max_length, "batch_size": 16,
                                  "device": opts.device, "resume": (out / "checkpoint.pt").exists(),
                                  "label": label, "threads": opts.threads})
