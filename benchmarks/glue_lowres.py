@@ -164,7 +164,13 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=None, help="start no new run after this many seconds")
     parser.add_argument("--device-name", default=None, help="how to name the device in the results")
     parser.add_argument("--summarise-only", action="store_true")
+    parser.add_argument("--lr", action="append", default=[], metavar="LABEL=LR",
+                        help="override a method's learning rate, e.g. --lr prefix=5e-4")
     opts = parser.parse_args()
+    for item in opts.lr:
+        label, _, value = item.partition("=")
+        method, options, _ = METHODS[label]
+        METHODS[label] = (method, options, float(value))
     opts.out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     if not opts.summarise_only:
