@@ -38,11 +38,12 @@ from ..models import DEFAULT_MODEL, load_model
 from ..serialization import atomic_write_text
 from ..tasks import Task, TaskDataError, get_task, hold_out, k_shot
 
-# Learning rates that work for each method on BERT-sized models (UniPELT and the methods' papers).
+# Default learning rates, from the low-resource GLUE runs on MiniLM (benchmarks/results/glue_lowres) and the
+# methods' papers; --lr overrides them.
 DEFAULT_LR = {
-    "full": 3e-5, "lora": 5e-4, "adapter": 5e-4, "houlsby": 5e-4, "pfeiffer": 5e-4, "parallel": 5e-4,
-    "scaled_parallel": 5e-4, "prefix": 5e-4, "prompt": 3e-2, "bitfit": 1e-3, "ia3": 3e-3, "ln": 1e-3,
-    "unipelt": 5e-4, "mam": 5e-4, "composition": 5e-4,
+    "full": 5e-5, "lora": 2e-3, "adapter": 2e-3, "houlsby": 2e-3, "pfeiffer": 2e-3, "parallel": 2e-3,
+    "scaled_parallel": 1e-3, "prefix": 2e-4, "prompt": 3e-2, "bitfit": 1e-3, "ia3": 3e-3, "ln": 1e-3,
+    "unipelt": 2e-3, "mam": 5e-4, "composition": 1e-3,
 }
 RUN_FILE, RESULTS_FILE, CHECKPOINT_FILE = "run.json", "results.json", "checkpoint.pt"
 
