@@ -240,3 +240,24 @@ def test_default_model_runs_offline(small_glue, tmp_path) -> None:
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert "MiniLM" in results["model"] and results["steps"] == 2
+
+
+@needs_glue
+def test_pretrain_writes_a_model_that_train_takes(tiny_model, small_glue, tmp_path) -> None:
+    """DAPT/TAPT: continued MLM pretraining, then fine-tuning from its output; mean pooling carries over."""
+    from transformers import AutoModelForSequenceClassification
+
+    from unipelt.models import MeanPooler, load_model
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    shutil.copytree(Path(default_model_path()) / "1_Pooling", base / "1_Pooling")
+    text = tmp_path / "domain.txt"
+    text.write_text("\n".join(f"the film number {i} was {'good' if i % 2 else 'bad'}" for i in range(40)) + "\n")
+    adapted = tmp_path / "dapt"
+    assert main(["pretrain", "--mlm", "--text", str(text), "--out", str(adapted), "--model", str(base),
+                 "--max-steps", "3", "--batch-size", "8", "--max-length", "32"]) == 0
+    assert isinstance(load_model(str(adapted), AutoModelForSequenceClassification, num_labels=2).bert.pooler,
+                      MeanPooler)
+    assert main(train_args(str(adapted), small_glue, tmp_path / "run")) == 0
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["model"] == str(adapted)

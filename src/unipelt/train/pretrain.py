@@ -310,6 +310,9 @@ def run_mlm(text_files: list[str | Path], out: str | Path, model: str | None = N
         state.update(base_only)
         mlm.save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
+        pooling = Path(source) / "1_Pooling"
+        if pooling.is_dir():  # keep the sentence-transformers pooling, so classifiers pool as the base did
+            shutil.copytree(pooling, tmp / "1_Pooling")
         meta = {
             "kind": MARKER_KIND, "base_model": str(source), "text_files": [str(f) for f in text_files],
             "lines": len(lines), "sequences": len(sequences), "steps": steps, "epochs": epochs,
