@@ -74,7 +74,9 @@ def grid(opts: argparse.Namespace) -> list[dict]:
                                  "out": str(out),
                                  "model": opts.model, "max_length": opts.max_length, "batch_size": 16,
                                  "device": opts.device, "resume": (out / "checkpoint.pt").exists(),
-                                 "label": label, "threads": opts.threads})
+                                 "label": label, "threads": opts.threads,
+                                 "part_lr": {p.split("=")[0]: float(p.split("=")[1]) for p in opts.part_lr
+                                             if method in ("unipelt", "mam")}})
     return jobs
 
 
@@ -164,6 +166,8 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=None, help="start no new run after this many seconds")
     parser.add_argument("--device-name", default=None, help="how to name the device in the results")
     parser.add_argument("--summarise-only", action="store_true")
+    parser.add_argument("--part-lr", action="append", default=[], metavar="METHOD=LR",
+                        help="a learning rate for one part of a composition, e.g. prefix=2e-4")
     parser.add_argument("--lr", action="append", default=[], metavar="LABEL=LR",
                         help="override a method's learning rate, e.g. --lr prefix=5e-4")
     opts = parser.parse_args()

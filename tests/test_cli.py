@@ -261,3 +261,27 @@ def test_pretrain_writes_a_model_that_train_takes(tiny_model, small_glue, tmp_pa
                       MeanPooler)
     assert main(train_args(str(adapted), small_glue, tmp_path / "run")) == 0
     assert json.loads((tmp_path / "run" / "results.json").read_text())["model"] == str(adapted)
+
+
+def test_part_learning_rates_put_each_method_in_its_own_group() -> None:
+    from conftest import build
+
+    model = unipelt.attach(build("bert"), "unipelt")
+    groups, by_part = loop.parameter_groups(model, 2e-3, {"prefix": 2e-4})
+    assert by_part == {"prefix": 2e-4}
+    prefix_ids = {id(p) for p in model.unipelt_deltas["prefix"].parameters()}
+    by_lr = {g["lr"]: {id(p) for p in g["params"]} for g in groups}
+    assert by_lr[2e-4] == prefix_ids
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert by_lr[2e-3] == trainable - prefix_ids
+    with pytest.raises(unipelt.ConfigError, match="ia3"):
+        loop.parameter_groups(model, 2e-3, {"ia3": 1e-3})
+
+
+@needs_glue
+def test_part_lr_from_the_command_line(tiny_model, small_glue, tmp_path) -> None:
+    out = tmp_path / "parts"
+    assert main(train_args(tiny_model, small_glue, out, "sst2", "unipelt", "--part-lr", "prefix=1e-5")) == 0
+    assert json.loads((out / "results.json").read_text())["lr_by_part"] == {"prefix": 1e-5}
+    assert main(train_args(tiny_model, small_glue, tmp_path / "x", "sst2", "lora", "--part-lr", "prefix=1e-5")) \
+        == EXIT_BAD_INPUT

@@ -59,6 +59,21 @@ def method_options(sets: list[str], config_file: str | None) -> dict[str, Any]:
     return options
 
 
+def part_lrs(items: list[str]) -> dict[str, float]:
+    from .config import ConfigError
+
+    out = {}
+    for item in items:
+        name, eq, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"--part-lr takes METHOD=LR, got {item!r}") from None
+        if not eq:
+            raise ConfigError(f"--part-lr takes METHOD=LR, got {item!r}")
+    return out
+
+
 def _train(args: argparse.Namespace) -> int:
     from .train import RunConfig, run
 
@@ -70,7 +85,7 @@ def _train(args: argparse.Namespace) -> int:
         max_length=args.max_length, data_dir=args.data_dir, out=args.out or f"out/{args.task}-{args.method}",
         device=args.device, eval_every=args.eval_every, patience=args.patience,
         method_options=method_options(args.set, args.config), resume=args.resume,
-        mixed_precision=args.mixed_precision, progress=not args.no_progress,
+        mixed_precision=args.mixed_precision, progress=not args.no_progress, part_lr=part_lrs(args.part_lr),
     )
     run(cfg)
     return 0
@@ -164,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--patience", type=int, default=10, help="validations without improvement before stopping")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a method option, e.g. r=8")
     t.add_argument("--config", default=None, help="JSON or YAML file of method options")
+    t.add_argument("--part-lr", action="append", default=[], metavar="METHOD=LR",
+                   help="a learning rate for one part of a composition, e.g. prefix=2e-4")
     t.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     t.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
     t.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -78,6 +78,29 @@ class RunConfig:
     resume: bool = False
     report_split: str = "dev"
     progress: bool = True
+    part_lr: dict[str, float] = field(default_factory=dict)  # method name -> its own learning rate
+
+
+def parameter_groups(model: torch.nn.Module, lr: float, part_lr: dict[str, float]) -> tuple[list[dict], dict]:
+    """Optimizer groups: each attached method named in ``part_lr`` at its own rate, the rest at ``lr``.
+
+    UniPELT trains its prefix, adapter and LoRA together; prefix tuning wants about a tenth of the
+    others' rate (``part_lr={"prefix": 2e-4}``).
+    """
+    taken: set[int] = set()
+    groups, by_part = [], {}
+    for name, method in core.deltas(model).items():
+        kind = method.config.method
+        if kind in part_lr:
+            own = [p for p in method.parameters() if p.requires_grad]
+            taken.update(id(p) for p in own)
+            groups.append({"params": own, "lr": part_lr[kind]})
+            by_part[name] = part_lr[kind]
+    unknown = sorted(set(part_lr) - {m.config.method for m in core.deltas(model).values()})
+    if unknown:
+        raise ConfigError(f"--part-lr names {unknown}, which this run does not attach")
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
+    return [g for g in [{"params": rest, "lr": lr}, *groups] if g["params"]], by_part
 
 
 def _device(name: str | None) -> str:
@@ -266,7 +289,8 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     eval_every = cfg.eval_every or steps_per_epoch
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    groups, lr_by_part = parameter_groups(model, lr, cfg.part_lr)
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup_ratio * total_steps)
 
     def schedule(step: int) -> float:
@@ -381,7 +405,8 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
         "validation": {"best": state["best"], "best_step": state["best_step"], "history": state["history"]},
         "trainable_params": counts["total"], "trainable_by_part": counts,
         "total_params": sum(p.numel() for p in bare.parameters()),
-        "steps": state["step"], "stopped_early": stopped_early, "lr": lr, "batch_size": cfg.batch_size,
+        "steps": state["step"], "stopped_early": stopped_early, "lr": lr, "lr_by_part": lr_by_part,
+        "batch_size": cfg.batch_size,
         "wall_time_s": train_time, "steps_per_s": trained_steps / train_time if train_time > 0 else 0.0,
         "peak_memory_mb": peak_memory_mb(device), "device": device, "train_examples": len(prep.train),
         "validation_examples": len(prep.val), "report_examples": len(prep.report),
