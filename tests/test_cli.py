@@ -23,14 +23,6 @@ needs_glue = pytest.mark.skipif(not (GLUE / "SST-2" / "train.tsv").exists(),
                                 reason=f"GLUE data not found in {GLUE} (set UNIPELT_DATA_DIR)")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
     """A 2-layer BERT with hidden size 32 and the MiniLM tokenizer, saved like a pretrained model."""

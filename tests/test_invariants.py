@@ -101,15 +101,6 @@ APPLICABLE = [pytest.param(f, m, id=f"{f}-{m}") for f, m in ALL if not_applicabl
 EXCLUDED = [pytest.param(f, m, id=f"{f}-{m}") for f, m in ALL if not_applicable(f, m) is not None]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead (25x slower on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _select(keys: set[str]) -> list:
     return [pytest.param(f, m, id=f"{f}-{m}") for f, m in ALL if m in keys and not_applicable(f, m) is None]
 

@@ -195,15 +195,6 @@ def test_aggregate_refuses_duplicate_seeds_and_mixed_models(tmp_path: Path) -> N
 WORDS = ["the", "cat", "dog", "model", "reads", "sees", "a", "book", "paper", "on", "table", "quickly"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models here are tiny: several CPU threads only add overhead, and on a busy machine a lot of it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return AutoTokenizer.from_pretrained(default_model_path())
