@@ -77,13 +77,11 @@ def _start(model: nn.Module, train_head: bool) -> Attachment:
     def before_call(module, args, kwargs):
         in_call[0] = True
         call = call_arguments(module, args, kwargs)
-        mask = call.get("attention_mask")
-        state.context.reset(mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None)
+        state.context.reset(call.get("attention_mask"))
         for installer in state.installers.values():
             for rewrite in installer.call_rewrites:
                 call = rewrite(call)
-        if call.get("attention_mask") is not None and call["attention_mask"].dim() == 2:
-            state.context.padding_mask = call["attention_mask"]
+        state.context.use_mask(call.get("attention_mask"))  # widened by a prompt, if any
         return (), call
 
     def after_call(module, args, kwargs, output):
@@ -99,8 +97,7 @@ def _start(model: nn.Module, train_head: bool) -> Attachment:
         # generate() runs an encoder-decoder's encoder on its own: that is a forward pass of its own,
         # whose context (padding mask, per-pass caches) must not be the previous call's.
         if not in_call[0]:
-            mask = call_arguments(module, args, kwargs).get("attention_mask")
-            state.context.reset(mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None)
+            state.context.reset(call_arguments(module, args, kwargs).get("attention_mask"))
 
     state.handles.append(model.register_forward_pre_hook(before_call, with_kwargs=True))
     state.handles.append(model.register_forward_hook(after_call, with_kwargs=True))

@@ -26,9 +26,16 @@ class ForwardContext:
     padding_mask: torch.Tensor | None = None  # (batch, seq) 1 = real token, of the main input
     values: dict[Any, Any] = field(default_factory=dict)  # per-forward cache (prefix reparametrisation)
 
-    def reset(self, padding_mask: torch.Tensor | None) -> None:
-        self.padding_mask = padding_mask
+    def reset(self, attention_mask: Any = None) -> None:
+        """Start a new forward pass: clear the per-pass values; take the mask if it is a padding mask."""
+        self.padding_mask = None
         self.values.clear()
+        self.use_mask(attention_mask)
+
+    def use_mask(self, attention_mask: Any) -> None:
+        """Take ``attention_mask`` as the padding mask when it is one: (batch, seq)."""
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            self.padding_mask = attention_mask
 
 
 class Gate(nn.Module):

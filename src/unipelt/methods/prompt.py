@@ -201,8 +201,7 @@ class Prompt(DeltaMethod):
             if call.get("input_ids") is None and call.get("inputs_embeds") is None:
                 return None
             insert_input(call)
-            if call.get("attention_mask") is not None:
-                installer.context.padding_mask = call["attention_mask"]
+            installer.context.use_mask(call.get("attention_mask"))
             return (), call
 
         installer.rewrite_call(rewrite)

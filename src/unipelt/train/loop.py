@@ -184,7 +184,7 @@ def make_predict(model: torch.nn.Module, pad_id: int, batch_size: int, device: s
                         parts.setdefault(key, []).append(value.float().cpu())
         result = {}
         for key, chunks in parts.items():
-            if chunks[0].dim() >= 2 and key != "logits" or chunks[0].dim() == 3:
+            if chunks[0].dim() >= 2:  # per-token outputs differ in length between batches
                 width = max(c.shape[1] for c in chunks)
                 chunks = [torch.nn.functional.pad(c, (0, 0) * (c.dim() - 2) + (0, width - c.shape[1])) for c in chunks]
             result[key] = torch.cat(chunks)
