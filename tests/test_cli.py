@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -140,6 +142,36 @@ def test_resume_after_a_kill_gives_the_same_weights(tiny_model, small_glue, tmp_
     ra = json.loads((whole / "results.json").read_text())
     rb = json.loads((interrupted / "results.json").read_text())
     assert ra["score"] == rb["score"] and ra["validation"]["history"] == rb["validation"]["history"]
+
+
+@needs_glue
+def test_two_processes_train_like_one(small_glue, tmp_path) -> None:
+    """``torchrun`` with two CPU processes (the launcher ``accelerate launch`` uses): each process takes half
+    of every batch and DDP averages the gradients, so with dropout off the delta equals one process's."""
+    model = tmp_path / "tiny-no-dropout"
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        vocab_size=tok.vocab_size, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    BertForMaskedLM(config).save_pretrained(model)
+    tok.save_pretrained(model)
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = [*train_args(str(model), small_glue, one, "sst2", "unipelt"), "--set", 'prompt={"length": 4}']
+    assert main(args) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               "-m", "unipelt", *[str(two) if a == str(one) else a for a in args]],
+                              env=env, capture_output=True, text=True, timeout=600)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert json.loads((one / "results.json").read_text())["processes"] == 1
+    assert json.loads((two / "results.json").read_text())["processes"] == 2
+    ta, tb = load_file(one / "delta.safetensors"), load_file(two / "delta.safetensors")
+    assert ta.keys() == tb.keys()
+    moved = max(ta[k].abs().max().item() for k in ta)
+    assert moved > 1e-3  # it trained
+    for k in ta:
+        torch.testing.assert_close(tb[k], ta[k], rtol=0, atol=1e-6)
 
 
 @needs_glue

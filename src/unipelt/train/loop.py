@@ -277,7 +277,9 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     mixed = cfg.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "no"
-    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed)
+    # Each process takes a slice of every batch (below), so the schedule advances once per step; accelerate's
+    # default would step it once per process and finish the warm-up and decay early.
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed, step_scheduler_with_optimizer=False)
     device = str(accelerator.device)
     main = accelerator.is_main_process
 
@@ -365,7 +367,10 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
             batch = {k: v.to(device) for k, v in collate([train_feats.rows[i] for i in idx], pad_id).items()}
             with accelerator.autocast():
                 loss = model(**batch).loss
-            if not torch.isfinite(loss):
+            finite = torch.isfinite(loss.detach()).reshape(1)
+            if world > 1:  # every process stops together, or the others would wait for it forever
+                finite = accelerator.gather(finite).all()
+            if not finite.all():
                 kept = f"the last good checkpoint is {out / CHECKPOINT_FILE}" if (out / CHECKPOINT_FILE).exists() \
                     else "no checkpoint was written yet"
                 raise TrainingDiverged(f"the loss became {loss.item()} at step {state['step'] + 1}; {kept}; "
@@ -410,7 +415,7 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
         "trainable_params": counts["total"], "trainable_by_part": counts,
         "total_params": sum(p.numel() for p in bare.parameters()),
         "steps": state["step"], "stopped_early": stopped_early, "lr": lr, "lr_by_part": lr_by_part,
-        "batch_size": cfg.batch_size,
+        "batch_size": cfg.batch_size, "processes": world,
         "wall_time_s": train_time, "steps_per_s": trained_steps / train_time if train_time > 0 else 0.0,
         "peak_memory_mb": peak_memory_mb(device), "device": device, "train_examples": len(prep.train),
         "validation_examples": len(prep.val), "report_examples": len(prep.report),
