@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -146,8 +147,8 @@ def test_resume_after_a_kill_gives_the_same_weights(tiny_model, small_glue, tmp_
 
 @needs_glue
 def test_two_processes_train_like_one(small_glue, tmp_path) -> None:
-    """``torchrun`` with two CPU processes (the launcher ``accelerate launch`` uses): each process takes half
-    of every batch and DDP averages the gradients, so with dropout off the delta equals one process's."""
+    """``accelerate launch`` with two CPU processes: each process takes half of every batch and DDP averages
+    the gradients, so with dropout off the delta equals one process's."""
     model = tmp_path / "tiny-no-dropout"
     tok = AutoTokenizer.from_pretrained(default_model_path())
     torch.manual_seed(0)
@@ -160,8 +161,13 @@ def test_two_processes_train_like_one(small_glue, tmp_path) -> None:
     args = [*train_args(str(model), small_glue, one, "sst2", "unipelt"), "--set", 'prompt={"length": 4}']
     assert main(args) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               "-m", "unipelt", *[str(two) if a == str(one) else a for a in args]],
+    with socket.socket() as s:  # a free port for the processes' rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    # accelerate's multi-GPU launcher (torch.distributed.run underneath); --device cpu makes it gloo on CPUs
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port]
+    launched = subprocess.run([*launcher, "-m", "unipelt", *[str(two) if a == str(one) else a for a in args]],
                               env=env, capture_output=True, text=True, timeout=600)
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert json.loads((one / "results.json").read_text())["processes"] == 1
