@@ -216,10 +216,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("runs", nargs="+")
     r.add_argument("--out", default="out/report")
     r.set_defaults(func=_report)
+
+    # listed here for --help; its options belong to unipelt.bench (main() hands the arguments over)
+    sub.add_parser("bench", help="training speed and memory of every method beside peft and adapters")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     import transformers
 

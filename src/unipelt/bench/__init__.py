@@ -1,0 +1,178 @@
+"""Training speed and memory of every method, side by side with ``peft`` and ``adapters``.
+
+``benchmarks/speed.py`` and ``unipelt bench`` run this. Each case (a library's method, the frozen
+floor, full fine-tuning) runs in its own process through ``case.py`` so that peak memory is the
+case's own; ``adapters`` cases run under a private ``transformers`` (``adapters`` pins
+``transformers~=4.57``), installed with ``pip --target`` into a folder put first on ``PYTHONPATH``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+CASE_FILE = Path(__file__).with_name("case.py")
+PEERS = ("peft", "adapters")
+ADAPTERS_PINS = ("adapters==1.3.0", "transformers==4.57.6", "tokenizers==0.22.2", "huggingface_hub==0.36.2")
+
+
+def _case_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("unipelt_bench_case", CASE_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+case = _case_module()
+METHODS, SHAPES = case.METHODS, case.SHAPES
+
+
+def ensure_adapters_env(target: Path, wheels: Path | None = None, log=print) -> Path | None:
+    """A folder holding ``adapters`` and its pinned ``transformers`` (installed on first use), or None."""
+    if (target / "adapters" / "__init__.py").exists():
+        return target
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--disable-pip-version-check",
+           "--target", str(target), *ADAPTERS_PINS]
+    if wheels is not None:
+        cmd += ["--no-index", "--find-links", str(wheels)]
+    log(f"installing {', '.join(ADAPTERS_PINS)} into {target}")
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        log(f"could not install adapters ({done.stderr.strip().splitlines()[-1:]}); its cases are left out")
+        return None
+    return target
+
+
+def run_case(spec: dict[str, Any], pythonpath: Path | None = None, timeout: float = 1800) -> dict[str, Any]:
+    """Run one case in a fresh process; its measurements, or ``{"error": ...}``."""
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pythonpath), env.get("PYTHONPATH")]))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        done = subprocess.run([sys.executable, str(CASE_FILE), json.dumps(spec)], capture_output=True, text=True,
+                              env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": tail[:300]}
+    return json.loads(lines[-1])
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def benchmark(shape: str, methods: list[str], peers: tuple[str, ...] = PEERS, device: str = "cpu",
+              steps: int = 20, warmup: int = 5, adapters_env: Path | None = None, threads: int | None = None,
+              log=print) -> dict[str, Any]:
+    """Every method of ours and of each peer that has it, the floor and full fine-tuning, in one run."""
+    def one(peer: str, method: str) -> dict[str, Any]:
+        spec = {"peer": peer, "method": method, "shape": shape, "device": device, "steps": steps,
+                "warmup": warmup, "threads": threads}
+        result = run_case(spec, adapters_env if peer == "adapters" else None)
+        shown = f"{result['train_ms']:.2f} ms" if "train_ms" in result else result["error"]
+        log(f"  {peer:<9} {method:<11} {shown}")
+        return result
+
+    floor, full = one("floor", "-"), one("full", "-")
+    if "error" in floor:
+        raise RuntimeError(f"the floor case failed: {floor['error']}")
+    rows = []
+    for method in methods:
+        spec = METHODS[method]
+        ours = one("unipelt", method) if "unipelt" in spec else None
+        for peer in [p for p in peers if p in spec and (p != "adapters" or adapters_env is not None)] or [None]:
+            theirs = one(peer, method) if peer else None
+            rows.append(_row(method, peer, ours, theirs, floor, device))
+    return {"shape": shape, "shape_spec": SHAPES[shape], "device": device_name(device), "steps": steps,
+            "warmup": warmup, "floor": floor, "full": full, "rows": rows}
+
+
+def _row(method: str, peer: str | None, ours: dict | None, theirs: dict | None, floor: dict, device: str) -> dict:
+    def get(result: dict | None, key: str):
+        return None if result is None or "error" in result else result.get(key)
+
+    ours_ms, peer_ms, floor_ms = get(ours, "train_ms"), get(theirs, "train_ms"), floor["train_ms"]
+    return {"method": method, "peer": peer, "device": device_name(device), "ours_ms": ours_ms, "peer_ms": peer_ms,
+            "floor_ms": floor_ms,
+            "ratio_vs_peer": ours_ms / peer_ms if ours_ms and peer_ms else None,
+            "ratio_vs_floor": ours_ms / floor_ms if ours_ms else None,
+            "ours_peak_mb": get(ours, "peak_mb"), "peer_peak_mb": get(theirs, "peak_mb"),
+            "ours_infer_ms": get(ours, "infer_ms"), "ours_merged_infer_ms": get(ours, "merged_infer_ms"),
+            "peer_infer_ms": get(theirs, "infer_ms"), "peer_merged_infer_ms": get(theirs, "merged_infer_ms"),
+            "bare_infer_ms": floor["infer_ms"],
+            "ours_trainable": get(ours, "trainable"), "peer_trainable": get(theirs, "trainable"),
+            "ours_error": (ours or {}).get("error"), "peer_error": (theirs or {}).get("error")}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    def f(x, fmt=".2f"):
+        return "-" if x is None else format(x, fmt)
+
+    floor, full = result["floor"], result["full"]
+    lines = [f"{result['shape']} on {result['device']}: floor {floor['train_ms']:.2f} ms/step "
+             f"(peak {floor['peak_mb']:.0f} MB, inference {floor['infer_ms']:.2f} ms), full fine-tuning "
+             f"{f(full.get('train_ms'))} ms ({f(full.get('train_ms') and full['train_ms'] / floor['train_ms'])}x)",
+             "",
+             "| method | peer | ours ms | peer ms | x floor | x peer | ours MB | peer MB | infer ms (merged) | "
+             "peer infer ms (merged) | trainable ours / peer |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['method']} | {r['peer'] or '-'} | {f(r['ours_ms'])} | {f(r['peer_ms'])} | "
+            f"{f(r['ratio_vs_floor'])} | {f(r['ratio_vs_peer'])} | {f(r['ours_peak_mb'], '.0f')} | "
+            f"{f(r['peer_peak_mb'], '.0f')} | "
+            f"{f(r['ours_infer_ms'])} ({f(r['ours_merged_infer_ms'])}) | {f(r['peer_infer_ms'])} "
+            f"({f(r['peer_merged_infer_ms'])}) | {f(r['ours_trainable'], ',')} / {f(r['peer_trainable'], ',')} |")
+    errors = [(r["method"], who, r[f"{who}_error"]) for r in result["rows"] for who in ("ours", "peer")
+              if r[f"{who}_error"]]
+    if errors:
+        lines += ["", "Failed cases: " + "; ".join(f"{m} ({who}): {e}" for m, who, e in errors)]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="unipelt bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default=None, choices=list(SHAPES),
+                        help="default: bert-base on a GPU, bert-small on the CPU")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS))
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per case (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per case on the CPU")
+    parser.add_argument("--adapters-env", type=Path, default=Path(".bench/adapters-env"),
+                        help="folder for adapters and its pinned transformers (installed if missing)")
+    parser.add_argument("--adapters-wheels", type=Path, default=None, help="install them offline from these wheels")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed/speed.json"))
+    opts = parser.parse_args(argv)
+
+    import torch
+
+    device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    shape = opts.shape or ("bert-base" if device.startswith("cuda") else "bert-small")
+    env = ensure_adapters_env(opts.adapters_env.resolve(), opts.adapters_wheels) if "adapters" in opts.peers else None
+    print(f"{shape} on {device_name(device)}, {len(opts.methods)} methods", flush=True)
+    result = benchmark(shape, opts.methods, tuple(opts.peers), device, opts.steps, opts.warmup, env, opts.threads)
+    table = format_table(result)
+    print(table)
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    opts.out.write_text(json.dumps(result, indent=2) + "\n")
+    opts.out.with_suffix(".md").write_text(table + "\n")
+    return 0

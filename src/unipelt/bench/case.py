@@ -1,0 +1,267 @@
+"""One benchmark case in its own process: a library's PEFT method on a random model, timed and measured.
+
+Run as a script (``python case.py '{json spec}'``), never imported by the library: the ``adapters``
+cases run it under another ``transformers`` version (``adapters`` pins its own), so it imports
+nothing from unipelt unless the case is unipelt's. It prints one JSON line.
+
+Every case trains the same function: the base model (no head), bf16 autocast on GPU, loss
+``mean(last_hidden_state²)``, AdamW over the trainable parameters. The floor is the frozen base
+with gradients through the activations only (the input embeddings' output requires grad), which
+any inserted module must pay as well.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+
+SHAPES: dict[str, dict[str, Any]] = {
+    # BERT-base, batch 32 x 128: the issue's reference shape
+    "bert-base": {"family": "bert", "batch": 32, "seq": 128,
+                  "config": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                             "intermediate_size": 3072, "vocab_size": 30522}},
+    # a 1B-class LLaMA-style decoder (GQA), batch 8 x 512
+    "llama-1b": {"family": "llama", "batch": 8, "seq": 512,
+                 "config": {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32,
+                            "num_key_value_heads": 8, "intermediate_size": 8192, "vocab_size": 32000}},
+    # a small BERT for the CPU
+    "bert-small": {"family": "bert", "batch": 8, "seq": 128,
+                   "config": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+                              "intermediate_size": 1024, "vocab_size": 30522}},
+    # the CI smoke shape
+    "bert-tiny": {"family": "bert", "batch": 2, "seq": 16,
+                  "config": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                             "intermediate_size": 64, "vocab_size": 1000}},
+    "llama-tiny": {"family": "llama", "batch": 2, "seq": 16,
+                   "config": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                              "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 1000}},
+}
+
+# Equal configurations across libraries (same rank, bottleneck, prefix length and placements), as
+# functions of the hidden size d. Keys: unipelt's config, peft's config class and kwargs, adapters'.
+METHODS: dict[str, dict[str, Any]] = {
+    "lora": {"unipelt": {"method": "lora", "r": 8, "alpha": 16, "targets": ["q", "v"]},
+             "peft": ("LoraConfig", {"r": 8, "lora_alpha": 16, "target_modules": "qv"}),
+             "adapters": ("LoRAConfig", {"r": 8, "alpha": 16, "attn_matrices": ["q", "v"]})},
+    "prefix": {"unipelt": {"method": "prefix", "length": 10, "reparam": False},
+               "peft": ("PrefixTuningConfig", {"num_virtual_tokens": 10, "prefix_projection": False}),
+               "adapters": ("PrefixTuningConfig", {"prefix_length": 10, "flat": True})},
+    "prefix_mlp": {"unipelt": {"method": "prefix", "length": 10, "reparam": True, "reparam_hidden": 512},
+                   "peft": ("PrefixTuningConfig", {"num_virtual_tokens": 10, "prefix_projection": True,
+                                                   "encoder_hidden_size": 512}),
+                   "adapters": ("PrefixTuningConfig", {"prefix_length": 10, "flat": False, "bottleneck_size": 512})},
+    "prompt": {"unipelt": {"method": "prompt", "length": 20, "position": "start"},
+               "peft": ("PromptTuningConfig", {"num_virtual_tokens": 20}),
+               "adapters": ("PromptTuningConfig", {"prompt_length": 20})},
+    "ia3": {"unipelt": {"method": "ia3"},
+            "peft": ("IA3Config", {"target_modules": "kvf", "feedforward_modules": "f"}),
+            "adapters": ("IA3Config", {})},
+    "ln": {"unipelt": {"method": "ln"},
+           "peft": ("LNTuningConfig", {"target_modules": "ln"})},
+    "pfeiffer": {"unipelt": {"method": "pfeiffer", "bottleneck": "d/16"},
+                 "adapters": ("SeqBnConfig", {"reduction_factor": 16})},
+    "houlsby": {"unipelt": {"method": "houlsby", "bottleneck": "d/16"},
+                "adapters": ("DoubleSeqBnConfig", {"reduction_factor": 16})},
+    "parallel": {"unipelt": {"method": "parallel", "bottleneck": "d/2"},
+                 "adapters": ("ParBnConfig", {"reduction_factor": 2})},
+    "mam": {"unipelt": {"method": "mam", "prefix": {"length": 30, "reparam_hidden": 800},
+                        "adapter": {"bottleneck": "d/2"}},
+            "adapters": ("MAMConfig", {})},
+    "unipelt": {"unipelt": {"method": "unipelt", "lora": {"alpha": 2}},
+                "adapters": ("UniPELTConfig", {})},
+    "compacter": {"adapters": ("CompacterConfig", {})},
+}
+
+# module names (regular expressions) of the attention projections, the FFN's output projection W_2 and the
+# norms per family, for peft's target_modules; BERT's "output.dense" alone would match the attention's too
+PEFT_TARGETS = {
+    "bert": {"q": "query", "k": "key", "v": "value", "f": r"\d+\.output\.dense", "ln": "LayerNorm"},
+    "llama": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "f": "down_proj",
+              "ln": "input_layernorm|post_attention_layernorm|norm"},
+}
+
+
+def build_base(shape: dict[str, Any]) -> torch.nn.Module:
+    """The randomly initialised base model (no head, no pooler) for a shape."""
+    import transformers
+
+    torch.manual_seed(0)
+    if shape["family"] == "bert":
+        config = transformers.BertConfig(**shape["config"], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                         max_position_embeddings=max(512, shape["seq"] + 64))
+        return transformers.BertModel(config, add_pooling_layer=False)
+    config = transformers.LlamaConfig(**shape["config"], max_position_embeddings=max(2048, shape["seq"] + 64))
+    return transformers.LlamaModel(config)
+
+
+def _resolve(value: Any, d: int) -> Any:
+    if isinstance(value, str) and value.startswith("d/"):
+        return d // int(value[2:])
+    if isinstance(value, dict):
+        return {k: _resolve(v, d) for k, v in value.items()}
+    return value
+
+
+def attach(peer: str, method: str, model: torch.nn.Module, family: str) -> torch.nn.Module:
+    """Put ``method`` from library ``peer`` on ``model`` and freeze the rest."""
+    d = model.config.hidden_size
+    if peer == "floor":
+        model.requires_grad_(False)
+        # gradients flow back through every activation down to the embeddings' output
+        model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+        return model
+    if peer == "full":
+        return model.requires_grad_(True)
+    spec = METHODS[method][peer]
+    if peer == "unipelt":
+        import unipelt
+
+        return unipelt.attach(model, _resolve(spec, d))
+    name, kwargs = spec
+    kwargs = _resolve(dict(kwargs), d)
+    if peer == "peft":
+        import peft
+
+        names = PEFT_TARGETS[family]
+        for key in ("target_modules", "feedforward_modules"):
+            if key in kwargs:
+                chosen = [names["ln"]] if kwargs[key] == "ln" else [names[c] for c in kwargs[key]]
+                kwargs[key] = rf"(.*\.)?({'|'.join(chosen)})"  # peft full-matches a string against each name
+        cls = getattr(peft, name)
+        if name in ("PrefixTuningConfig", "PromptTuningConfig"):
+            kwargs["task_type"] = "FEATURE_EXTRACTION"
+        return peft.get_peft_model(model, cls(**kwargs))
+    if peer == "adapters":
+        import adapters
+
+        adapters.init(model)
+        model.add_adapter("bench", config=getattr(adapters, name)(**kwargs))
+        model.train_adapter("bench")
+        return model
+    raise ValueError(f"unknown library {peer!r}")
+
+
+def merge(peer: str, model: torch.nn.Module) -> torch.nn.Module | None:
+    """The merged model where the library merges this method, else None."""
+    try:
+        if peer == "unipelt":
+            import warnings
+
+            import unipelt
+
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                merged = unipelt.merge(model)
+            return None if caught else merged  # a warning means something stayed unmerged
+        if peer == "peft":
+            return model.merge_and_unload()
+        if peer == "adapters":
+            model.merge_adapter("bench")
+            return model
+    except (ValueError, AttributeError, NotImplementedError, TypeError):
+        return None
+    return None
+
+
+def virtual_tokens(peer: str, method: str) -> int:
+    """Positions a library prepends to the outputs (peft's prompt tuning returns its prompt's states too)."""
+    if peer == "peft" and method == "prompt":
+        return METHODS[method]["peft"][1]["num_virtual_tokens"]
+    return 0
+
+
+def hidden(output: Any, skip: int = 0) -> torch.Tensor:
+    """The real tokens' final states (every case's loss is a function of these alone)."""
+    states = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+    return states[:, skip:] if skip else states
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    shape = SHAPES[spec["shape"]]
+    device = spec["device"]
+    cuda = device.startswith("cuda")
+    model = build_base(shape)
+    model = attach(spec["peer"], spec["method"], model, shape["family"]).to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    counted = sum(p.numel() for p in trainable)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, shape["config"]["vocab_size"], (shape["batch"], shape["seq"]), generator=generator)
+    inputs = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    skip = virtual_tokens(spec["peer"], spec["method"])
+
+    def train_step() -> float:
+        with autocast():
+            loss = hidden(model(**inputs), skip).float().square().mean()
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def timed(fn, steps: int, warmup: int) -> list[float]:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(steps):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return times
+
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    model.train()
+    train_ms = timed(train_step, spec["steps"], spec["warmup"])
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    loss = float(train_step())
+
+    def infer(m: torch.nn.Module):
+        def run() -> None:
+            with torch.no_grad(), autocast():
+                m(**inputs)
+        return run
+
+    model.eval()
+    infer_ms = statistics.median(timed(infer(model), spec["steps"], spec["warmup"]))
+    merged_ms = None
+    if spec["peer"] not in ("floor", "full"):
+        merged = merge(spec["peer"], model)
+        if merged is not None:
+            merged_ms = statistics.median(timed(infer(merged), spec["steps"], spec["warmup"]))
+    return {"peer": spec["peer"], "method": spec["method"], "shape": spec["shape"], "device_kind": device,
+            "train_ms": statistics.median(train_ms), "train_ms_all": train_ms,
+            "tokens_per_s": shape["batch"] * shape["seq"] / (statistics.median(train_ms) / 1e3),
+            "peak_mb": peak, "infer_ms": infer_ms, "merged_infer_ms": merged_ms, "trainable": counted,
+            "loss": loss}
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    print(json.dumps(measure(spec)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""The speed benchmark compares like with like: each case computes its peer's function for equal weights.
+
+For every method that ``peft`` has, the benchmark's unipelt case and peft case are built on the same
+random base; peft's delta weights are randomised, copied into ours, and the outputs the benchmark
+trains on must agree. A CPU smoke run of the whole benchmark checks its rows and table.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from unipelt import core
+from unipelt.bench import benchmark, case, format_table
+
+peft = pytest.importorskip("peft")
+
+SHAPE_OF = {"bert": "bert-tiny", "llama": "llama-tiny"}
+
+
+def _peft_module(theirs: torch.nn.Module, path: str) -> torch.nn.Module:
+    return theirs.get_submodule(f"base_model.model.{path}")
+
+
+def _method(ours: torch.nn.Module):
+    (method,) = core.deltas(ours).values()
+    return method
+
+
+def copy_peft_weights(method: str, theirs: torch.nn.Module, ours: torch.nn.Module) -> None:
+    """Put peft's (randomised) delta into our method object of the same configuration."""
+    mine = _method(ours)
+    with torch.no_grad():
+        if method == "lora":
+            for key, proj in mine.sites.items():
+                layer = _peft_module(theirs, proj.path)
+                mine.pairs[key].A.weight.copy_(layer.lora_A["default"].weight)
+                mine.pairs[key].B.weight.copy_(layer.lora_B["default"].weight)
+        elif method == "ia3":
+            for key, proj in {**mine.outputs, **mine.inputs}.items():
+                mine.scales[key].copy_(_peft_module(theirs, proj.path).ia3_l["default"].reshape(-1))
+        elif method == "ln":
+            for key, norm in mine.norms.items():
+                copy = _peft_module(theirs, key.replace("__", ".")).ln_tuning_layers["default"]
+                mine.gains[key].copy_(copy.weight - norm.weight)
+                if key in mine.biases:
+                    mine.biases[key].copy_(copy.bias - norm.bias)
+        elif method == "prefix":
+            flat = theirs.prompt_encoder["default"].embedding.weight
+            start = 0
+            for key, dkv in mine.kv_dims.items():  # peft lays out [k | v] per layer, layers in order
+                mine.prefixes[key].copy_(flat[:, start:start + 2 * dkv].reshape(-1, 2, dkv).transpose(0, 1))
+                start += 2 * dkv
+            assert start == flat.shape[1]
+        elif method == "prefix_mlp":
+            encoder = theirs.prompt_encoder["default"]
+            mine.embedding.copy_(encoder.embedding.weight)
+            mine.mlp[0].load_state_dict(encoder.transform[0].state_dict())
+            mine.mlp[2].load_state_dict(encoder.transform[2].state_dict())
+            mine.start.zero_()  # ours adds a fixed word-like start; peft has none
+        elif method == "prompt":
+            mine.embedding.copy_(theirs.prompt_encoder["default"].embedding.weight)
+        else:
+            raise AssertionError(method)
+
+
+PEFT_METHODS = [m for m, spec in case.METHODS.items() if "peft" in spec and "unipelt" in spec]
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("method", PEFT_METHODS)
+def test_unipelt_case_computes_the_peft_case_function(method: str, family: str) -> None:
+    if method == "prefix_mlp" and family == "llama":
+        pytest.skip("with grouped-query attention peft's prefix MLP embeds in the key/value width, ours in the "
+                    "hidden size: the same prefixes, differently parametrised, so no weight copy exists")
+    shape = case.SHAPES[SHAPE_OF[family]]
+    theirs = case.attach("peft", method, case.build_base(shape), family)
+    ours = case.attach("unipelt", method, case.build_base(shape), family)
+    trainable = [p for p in theirs.parameters() if p.requires_grad]
+    assert trainable
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in trainable:
+            p.add_(torch.randn_like(p) * 0.2)  # away from identity, so that a misplaced delta shows
+    copy_peft_weights(method, theirs, ours)
+    ids = torch.randint(5, shape["config"]["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # a padded row too
+    theirs.eval()
+    ours.eval()
+    # peft's prefix passes as a cache of past tokens, which moves the real tokens' positions on by its
+    # length; ours leaves positions alone (the cost is the same), so here ours gets the moved positions
+    shift = case.METHODS[method]["peft"][1]["num_virtual_tokens"] if method.startswith("prefix") else 0
+    positions = {"position_ids": torch.arange(shift, shift + ids.shape[1]).expand_as(ids)} if shift else {}
+    with torch.no_grad():
+        a = case.hidden(theirs(input_ids=ids, attention_mask=mask), case.virtual_tokens("peft", method))
+        b = case.hidden(ours(input_ids=ids, attention_mask=mask, **positions))
+        bare = case.hidden(case.build_base(shape)(input_ids=ids, attention_mask=mask))
+    assert a.shape == b.shape == bare.shape
+    assert (a - bare).abs().max() > 1e-3  # the delta changes the function
+    keep = mask.bool()
+    torch.testing.assert_close(b[keep], a[keep], rtol=1e-4, atol=1e-5)
+    # and the configurations are the same size
+    ours_count = sum(p.numel() for p in ours.parameters() if p.requires_grad)
+    theirs_count = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    assert ours_count == theirs_count
+
+
+def test_floor_case_has_no_trainable_weights_but_gradients_reach_the_embeddings() -> None:
+    shape = case.SHAPES["bert-tiny"]
+    model = case.attach("floor", "-", case.build_base(shape), "bert")
+    assert not any(p.requires_grad for p in model.parameters())
+    ids = torch.randint(5, 1000, (2, 8))
+    out = case.hidden(model(input_ids=ids, attention_mask=torch.ones_like(ids)))
+    assert out.requires_grad
+    captured = []
+
+    def watch(module, inputs, output) -> None:
+        output.register_hook(captured.append)
+
+    model.get_input_embeddings().register_forward_hook(watch)
+    case.hidden(model(input_ids=ids, attention_mask=torch.ones_like(ids))).square().mean().backward()
+    assert captured and captured[0].abs().sum() > 0
+
+
+def test_benchmark_smoke_run_on_cpu(tmp_path) -> None:
+    """The whole benchmark on the tiny shape, a few steps per case, with peft as the peer (no timing claims)."""
+    result = benchmark("bert-tiny", ["lora", "pfeiffer", "ia3"], peers=("peft",), device="cpu", steps=2, warmup=1,
+                       threads=1, log=lambda s: None)
+    rows = {(r["method"], r["peer"]): r for r in result["rows"]}
+    assert set(rows) == {("lora", "peft"), ("pfeiffer", None), ("ia3", "peft")}
+    for r in rows.values():
+        assert r["ours_error"] is None and r["ours_ms"] > 0 and r["ratio_vs_floor"] > 0
+    lora = rows[("lora", "peft")]
+    assert lora["peer_error"] is None and lora["ours_trainable"] == lora["peer_trainable"]
+    assert lora["ratio_vs_peer"] == pytest.approx(lora["ours_ms"] / lora["peer_ms"])
+    assert lora["ours_merged_infer_ms"] is not None and lora["peer_merged_infer_ms"] is not None
+    assert rows[("pfeiffer", None)]["ours_merged_infer_ms"] is None  # serial adapters do not merge
+    table = format_table(result)
+    assert "| lora | peft |" in table and "| pfeiffer | - |" in table
+    json.dumps(result)  # the JSON the benchmark writes
+    for key in ("method", "peer", "device", "ours_ms", "peer_ms", "floor_ms", "ratio_vs_peer", "ratio_vs_floor"):
+        assert key in lora
+
+
+def test_unipelt_bench_command(tmp_path, capsys) -> None:
+    from unipelt.cli import main
+
+    out = tmp_path / "speed.json"
+    assert main(["bench", "--shape", "bert-tiny", "--methods", "lora", "--peers", "--steps", "2", "--warmup", "1",
+                 "--threads", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["rows"][0]["method"] == "lora" and result["rows"][0]["peer"] is None
+    assert out.with_suffix(".md").exists()
+    assert "| lora |" in capsys.readouterr().out
