@@ -72,6 +72,11 @@ def _start(model: nn.Module, train_head: bool) -> Attachment:
                 p.requires_grad_(True)
     model.add_module(STORE, nn.ModuleDict())
     model.__dict__["_unipelt"] = state
+    return state
+
+
+def _hook_model_calls(model: nn.Module, state: Attachment) -> None:
+    """The model-level hooks: a fresh forward context per call, call and output rewrites (prompts)."""
     in_call = [False]  # True while the whole model runs
 
     def before_call(module, args, kwargs):
@@ -106,7 +111,6 @@ def _start(model: nn.Module, train_head: bool) -> Attachment:
     encoder = get_encoder() if callable(get_encoder) else None
     if isinstance(encoder, nn.Module) and encoder is not model:
         state.handles.append(encoder.register_forward_pre_hook(before_encoder, with_kwargs=True))
-    return state
 
 
 def _dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
@@ -135,6 +139,8 @@ def add_method(model: nn.Module, config: MethodConfig, name: str | None = None) 
     for p in method.parameters():
         p.requires_grad_(True)
     store[name] = method
+    if not state.handles:
+        _hook_model_calls(model, state)
     installer = Installer(model, state.context)
     method.install(installer)
     state.installers[name] = installer
@@ -186,6 +192,7 @@ def detach(model: nn.Module) -> nn.Module:
         _remove_method(model, name)
     for handle in state.handles:
         handle.remove()
+    state.handles.clear()
     if STORE in model._modules:
         del model._modules[STORE]
     with torch.no_grad():
@@ -244,6 +251,10 @@ def merge(model: nn.Module) -> nn.Module:
     if state.attention_routing is not None and not any(i._providers for i in state.installers.values()):
         attention.restore_routing(model, state.attention_routing)
         state.attention_routing = None
+    if not deltas(model):  # everything folded in: the merged model runs as bare as the base model
+        for handle in state.handles:
+            handle.remove()
+        state.handles.clear()
     if kept:
         warnings.warn(f"not mergeable, kept as deltas: {', '.join(kept)}", UserWarning, stacklevel=2)
     return model

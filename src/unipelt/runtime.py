@@ -38,6 +38,14 @@ class ForwardContext:
             self.padding_mask = attention_mask
 
 
+def matmul_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x`` in the dtype a delta's matmul with ``weight`` runs in: under autocast the matmul casts by
+    itself (a float32 copy of a bf16 activation would be wasted traffic); otherwise the weight's."""
+    if x.dtype == weight.dtype or torch.is_autocast_enabled(x.device.type):
+        return x
+    return x.to(weight.dtype)
+
+
 class Gate(nn.Module):
     """UniPELT gate: ``sigmoid(W x + b)``, one scalar per token (or per pooled example)."""
 
@@ -46,7 +54,8 @@ class Gate(nn.Module):
         self.proj = nn.Linear(in_features, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.proj(x.to(self.proj.weight.dtype)))
+        w = self.proj.weight
+        return torch.sigmoid(torch.nn.functional.linear(matmul_input(x, w), w, self.proj.bias))
 
 
 def pooled(x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
@@ -70,6 +79,7 @@ class Installer:
         self._handles: list[Any] = []
         self._providers: list[tuple[nn.Module, attention.KVProvider]] = []
         self._swaps: list[tuple[nn.Module, str, nn.Module]] = []
+        self._overrides: list[nn.Module] = []
         self.call_rewrites: list[ModelCallRewrite] = []
         self.output_rewrites: list[ModelOutputRewrite] = []
         self.hooked: list[tuple[nn.Module, str]] = []  # (module, "output" | "input" | "other"), for merge
@@ -88,6 +98,14 @@ class Installer:
         """``fn(module, args, kwargs) -> (args, kwargs)`` (or None) before ``module`` runs, keywords included."""
         self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
         self.hooked.append((module, "input"))
+
+    def override_forward(self, module: nn.Module, fn: Callable[..., Any]) -> None:
+        """Run ``fn`` instead of ``module.forward`` (hooks on the module still fire); undone by remove."""
+        if "forward" in module.__dict__:
+            raise RuntimeError(f"{type(module).__name__} already has its forward replaced")
+        module.forward = fn
+        self._overrides.append(module)
+        self.hooked.append((module, "other"))
 
     def kv_provider(self, attention_module: nn.Module, provider: attention.KVProvider) -> None:
         attention.add_provider(attention_module, provider)
@@ -116,9 +134,12 @@ class Installer:
             attention.remove_provider(module, provider)
         for parent, attr, old in reversed(self._swaps):
             setattr(parent, attr, old)
+        for module in self._overrides:
+            del module.__dict__["forward"]
         self._handles.clear()
         self._providers.clear()
         self._swaps.clear()
+        self._overrides.clear()
         self.call_rewrites.clear()
         self.output_rewrites.clear()
         self.hooked.clear()

@@ -35,6 +35,11 @@ SHAPES: dict[str, dict[str, Any]] = {
     "bert-small": {"family": "bert", "batch": 8, "seq": 128,
                    "config": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
                               "intermediate_size": 1024, "vocab_size": 30522}},
+    # BERT-base's depth and op count at a width where every op is cheap: on the CPU its step time is
+    # mostly per-op overhead (Python, dispatch), the cost that launch-bound GPU steps pay too
+    "bert-base-narrow": {"family": "bert", "batch": 4, "seq": 32,
+                         "config": {"hidden_size": 64, "num_hidden_layers": 12, "num_attention_heads": 4,
+                                    "intermediate_size": 256, "vocab_size": 30522}},
     # the CI smoke shape
     "bert-tiny": {"family": "bert", "batch": 2, "seq": 16,
                   "config": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -67,14 +72,14 @@ METHODS: dict[str, dict[str, Any]] = {
            "peft": ("LNTuningConfig", {"target_modules": "ln"})},
     "pfeiffer": {"unipelt": {"method": "pfeiffer", "bottleneck": "d/16"},
                  "adapters": ("SeqBnConfig", {"reduction_factor": 16})},
-    "houlsby": {"unipelt": {"method": "houlsby", "bottleneck": "d/16"},
+    "houlsby": {"unipelt": {"method": "houlsby", "bottleneck": "d/16", "activation": "swish"},
                 "adapters": ("DoubleSeqBnConfig", {"reduction_factor": 16})},
-    "parallel": {"unipelt": {"method": "parallel", "bottleneck": "d/2"},
+    "parallel": {"unipelt": {"method": "parallel", "bottleneck": "d/2", "scaling": 4.0},
                  "adapters": ("ParBnConfig", {"reduction_factor": 2})},
     "mam": {"unipelt": {"method": "mam", "prefix": {"length": 30, "reparam_hidden": 800},
                         "adapter": {"bottleneck": "d/2"}},
             "adapters": ("MAMConfig", {})},
-    "unipelt": {"unipelt": {"method": "unipelt", "lora": {"alpha": 2}},
+    "unipelt": {"unipelt": {"method": "unipelt", "lora": {"alpha": 2}, "adapter": {"bottleneck": "d/16"}},
                 "adapters": ("UniPELTConfig", {})},
     "compacter": {"adapters": ("CompacterConfig", {})},
 }
@@ -148,8 +153,10 @@ def attach(peer: str, method: str, model: torch.nn.Module, family: str) -> torch
     raise ValueError(f"unknown library {peer!r}")
 
 
-def merge(peer: str, model: torch.nn.Module) -> torch.nn.Module | None:
+def merge(peer: str, method: str, model: torch.nn.Module) -> torch.nn.Module | None:
     """The merged model where the library merges this method, else None."""
+    if peer == "adapters" and METHODS[method]["adapters"][0] not in ("LoRAConfig", "IA3Config"):
+        return None  # adapters merges only its LoRA-style methods (merge_adapter leaves others in place)
     try:
         if peer == "unipelt":
             import warnings
@@ -191,7 +198,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     model = attach(spec["peer"], spec["method"], model, shape["family"]).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     counted = sum(p.numel() for p in trainable)
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
+    # foreach: the multi-tensor update GPUs use by default, also on the CPU (like for like across devices)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=True) if trainable else None
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(5, shape["config"]["vocab_size"], (shape["batch"], shape["seq"]), generator=generator)
     inputs = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
@@ -234,7 +242,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    loss = float(train_step())
+    loss = float(train_step().detach())
 
     def infer(m: torch.nn.Module):
         def run() -> None:
@@ -246,7 +254,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     infer_ms = statistics.median(timed(infer(model), spec["steps"], spec["warmup"]))
     merged_ms = None
     if spec["peer"] not in ("floor", "full"):
-        merged = merge(spec["peer"], model)
+        merged = merge(spec["peer"], spec["method"], model)
         if merged is not None:
             merged_ms = statistics.median(timed(infer(merged), spec["steps"], spec["warmup"]))
     return {"peer": spec["peer"], "method": spec["method"], "shape": spec["shape"], "device_kind": device,

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..config import ConfigError, MethodConfig, register, register_preset
 from ..runtime import Gate, Installer
 from ..sites import ModelMap, Projection
-from .base import DeltaMethod, activation, cast_like
+from .base import DeltaMethod, activation, cast_like, matmul_input
 
 PLACEMENTS = ("houlsby", "pfeiffer", "attention")
 
@@ -71,7 +72,9 @@ class Bottleneck(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.act(self.down(x.to(self.down.weight.dtype))))
+        down, up = self.down, self.up  # weights used directly: module calls cost Python time per site
+        h = self.act(F.linear(matmul_input(x, down.weight), down.weight, down.bias))
+        return F.linear(h, up.weight, up.bias)
 
 
 @dataclass
@@ -104,11 +107,10 @@ class Adapter(DeltaMethod):
 
     def _delta(self, site_key: str, x: torch.Tensor) -> torch.Tensor:
         delta = self.adapters[site_key](x)
-        if self.config.scaling != 1.0:
-            delta = delta * self.config.scaling
-        if site_key in self.gates:
-            delta = delta * self.gates[site_key](x)
-        return delta
+        if site_key in self.gates:  # scale the (tokens, 1) gate, not the (tokens, d) delta
+            scale = self.gates[site_key](x)
+            return delta * (scale * self.config.scaling if self.config.scaling != 1.0 else scale)
+        return delta * self.config.scaling if self.config.scaling != 1.0 else delta
 
     def install(self, installer: Installer) -> None:
         for site_key, site in self.sites.items():

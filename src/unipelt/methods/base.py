@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ConfigError, MethodConfig
-from ..runtime import Installer
+from ..runtime import Installer, matmul_input  # noqa: F401 (methods import it from here)
 from ..sites import ModelMap
 
 
@@ -54,13 +54,23 @@ def key(*parts: object) -> str:
     return "_".join(str(p) for p in parts)
 
 
-_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.SiLU, "tanh": nn.Tanh}
 
 
 def activation(name: str) -> nn.Module:
     if name not in _ACTIVATIONS:
         raise ConfigError(f"unknown activation {name!r}; choose one of {sorted(_ACTIVATIONS)}")
     return _ACTIVATIONS[name]()
+
+
+def add_matmul(output: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``output + scale * h @ weight.T`` as one GEMM that takes ``output`` as its addend (cuBLAS' beta=1),
+    where the dtypes allow; else as a matmul, a scale and an add."""
+    if output.dtype == weight.dtype or torch.is_autocast_enabled(output.device.type):
+        flat = torch.addmm(output.reshape(-1, output.shape[-1]), h.reshape(-1, h.shape[-1]), weight.t(), alpha=scale)
+        return flat.view(output.shape)
+    delta = torch.nn.functional.linear(h, weight)
+    return output + cast_like(delta * scale if scale != 1.0 else delta, output)
 
 
 def cast_like(delta: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -56,7 +56,22 @@ class LNTuning(DeltaMethod):
 
     def install(self, installer: Installer) -> None:
         for k, module in self.norms.items():
-            installer.on_output(module, self._hook(k))
+            if isinstance(module, nn.LayerNorm):
+                installer.override_forward(module, self._tuned_layer_norm(k, module))
+            else:
+                installer.on_output(module, self._hook(k))
+
+    def _tuned_layer_norm(self, k: str, module: nn.LayerNorm):
+        """LayerNorm with gain ``g + dg`` and bias ``b + db``: one norm kernel, as the base model runs."""
+        gain = self.gains[k]
+        bias = self.biases[k] if k in self.biases else None  # noqa: SIM401 (ParameterDict)
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            w = module.weight + gain
+            b = module.bias + bias if bias is not None else module.bias
+            return F.layer_norm(x, module.normalized_shape, w, b, module.eps)
+
+        return forward
 
     def _hook(self, k: str):
         gain = self.gains[k]

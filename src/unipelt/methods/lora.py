@@ -18,7 +18,7 @@ import torch.nn as nn
 from ..config import ConfigError, MethodConfig, register
 from ..runtime import Gate, Installer
 from ..sites import ModelMap, Projection
-from .base import DeltaMethod, cast_like
+from .base import DeltaMethod, add_matmul, cast_like, matmul_input
 
 
 @register
@@ -74,7 +74,6 @@ class LoRA(DeltaMethod):
             self.pairs[site_key] = LoRAPair(proj.in_features, proj.out_features, config.r)
             if config.gate:
                 self.gates[site_key] = Gate(proj.in_features)
-        self.dropout = nn.Dropout(config.dropout)
 
     def install(self, installer: Installer) -> None:
         for site_key, proj in self.sites.items():
@@ -83,14 +82,21 @@ class LoRA(DeltaMethod):
     def _hook(self, site_key: str, proj: Projection):
         pair = self.pairs[site_key]
         gate = self.gates[site_key] if site_key in self.gates else None  # noqa: SIM401 (ModuleDict has no get)
+        a, b = pair.A.weight, pair.B.weight
+        scaling, p = self.scaling, self.config.dropout
+        whole = proj.out_slice is None
 
+        # Per call: one GEMM for A x, one for output + s B (A x) (the add rides in the GEMM); the weights
+        # are used directly, without module calls, since at small batches Python per op is the cost.
         def add_lora(module, inputs, output):
             x = inputs[0]
-            xd = self.dropout(x).to(pair.A.weight.dtype)
-            delta = pair.B(pair.A(xd)) * self.scaling
-            if gate is not None:
-                delta = delta * gate(x)
-            return output + proj.place(cast_like(delta, output))
+            xd = torch.nn.functional.dropout(x, p, self.training) if p else x
+            h = torch.nn.functional.linear(matmul_input(xd, a), a)
+            if gate is None and whole:
+                return add_matmul(output, h, b, scaling)
+            delta = torch.nn.functional.linear(h, b)
+            scale = gate(x) * scaling if gate is not None else scaling
+            return output + proj.place(cast_like(delta * scale, output))
 
         return add_lora
 
