@@ -8,12 +8,16 @@ trains on must agree. A CPU smoke run of the whole benchmark checks its rows and
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from unipelt import core
-from unipelt.bench import benchmark, case, format_table
+from unipelt.bench import CASE_FILE, benchmark, case, ensure_adapters_env, format_table
 
 peft = pytest.importorskip("peft")
 
@@ -48,12 +52,7 @@ def copy_peft_weights(method: str, theirs: torch.nn.Module, ours: torch.nn.Modul
                 if key in mine.biases:
                     mine.biases[key].copy_(copy.bias - norm.bias)
         elif method == "prefix":
-            flat = theirs.prompt_encoder["default"].embedding.weight
-            start = 0
-            for key, dkv in mine.kv_dims.items():  # peft lays out [k | v] per layer, layers in order
-                mine.prefixes[key].copy_(flat[:, start:start + 2 * dkv].reshape(-1, 2, dkv).transpose(0, 1))
-                start += 2 * dkv
-            assert start == flat.shape[1]
+            _copy_prefix(mine, theirs.prompt_encoder["default"].embedding.weight)
         elif method == "prefix_mlp":
             encoder = theirs.prompt_encoder["default"]
             mine.embedding.copy_(encoder.embedding.weight)
@@ -106,6 +105,101 @@ def test_unipelt_case_computes_the_peft_case_function(method: str, family: str) 
     ours_count = sum(p.numel() for p in ours.parameters() if p.requires_grad)
     theirs_count = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
     assert ours_count == theirs_count
+
+
+def _copy_prefix(mine, flat: torch.Tensor) -> None:
+    """peft and adapters lay a flat prefix out as [k | v] per layer, layers in order (as ours)."""
+    start = 0
+    for key, dkv in mine.kv_dims.items():
+        mine.prefixes[key].copy_(flat[:, start:start + 2 * dkv].reshape(-1, 2, dkv).transpose(0, 1))
+        start += 2 * dkv
+    assert start == flat.shape[1]
+
+
+def copy_adapters_weights(method: str, delta: dict[str, torch.Tensor], ours: torch.nn.Module) -> None:
+    """Put the ``adapters`` library's delta (by parameter name) into our method of the same configuration."""
+    mine = _method(ours)
+    used = set()
+
+    def take(name: str) -> torch.Tensor:
+        used.add(name)
+        return delta[name]
+
+    with torch.no_grad():
+        if method == "lora":
+            for key, proj in mine.sites.items():
+                mine.pairs[key].A.weight.copy_(take(f"{proj.path}.loras.bench.lora_A"))
+                mine.pairs[key].B.weight.copy_(take(f"{proj.path}.loras.bench.lora_B"))
+        elif method in ("houlsby", "parallel"):
+            for key, site in mine.sites.items():
+                where = site.write.path.rsplit(".", 1)[0] + ".adapters.bench"  # the sub-layer's output module
+                bottleneck = mine.adapters[key]
+                bottleneck.down.weight.copy_(take(f"{where}.adapter_down.0.weight"))
+                bottleneck.down.bias.copy_(take(f"{where}.adapter_down.0.bias"))
+                bottleneck.up.weight.copy_(take(f"{where}.adapter_up.weight"))
+                bottleneck.up.bias.copy_(take(f"{where}.adapter_up.bias"))
+        elif method in ("prefix", "prefix_mlp"):
+            (pool,) = {n.split(".self_prefix.")[0] for n in delta}
+            stem = f"{pool}.self_prefix"
+            if method == "prefix":
+                flat = take(f"{stem}.control_trans")
+                _copy_prefix(mine, flat.reshape(mine.config.length, -1))  # adapters keeps it as one vector
+            else:
+                mine.embedding.copy_(take(f"{stem}.wte.weight"))
+                for i in (0, 2):
+                    mine.mlp[i].weight.copy_(take(f"{stem}.control_trans.{i}.weight"))
+                    mine.mlp[i].bias.copy_(take(f"{stem}.control_trans.{i}.bias"))
+                mine.start.zero_()
+        else:
+            raise AssertionError(method)
+    assert used == set(delta), f"adapters parameters left unmapped: {sorted(set(delta) - used)[:4]}"
+
+
+# Methods whose adapters configuration computes the same function as ours; the others differ by design:
+# its Pfeiffer adapter reads the FFN output after the layer's LayerNorm (ours, as METHODS.md, before
+# it), its IA3 scales W_1's output before the activation (ours, as the paper, after it), its UniPELT
+# gates average over the sequence, its prompt joins the embedding layer's output (after position
+# embeddings and LayerNorm; ours and peft's join the input embeddings); MAM is prefix + parallel adapter,
+# both checked here.
+ADAPTERS_SAME_FUNCTION = ["lora", "houlsby", "parallel", "prefix", "prefix_mlp"]
+
+
+@pytest.fixture(scope="module")
+def adapters_env() -> Path:
+    """``adapters`` and its pinned transformers, installed once into the (git-ignored) .bench folder."""
+    target = Path(os.environ.get("UNIPELT_ADAPTERS_ENV", Path(__file__).resolve().parents[1] / ".bench"
+                                 / "adapters-env"))
+    env = ensure_adapters_env(target, log=lambda s: None)
+    assert env is not None, "pip could not install adapters==1.3.0 with transformers==4.57.6"
+    return env
+
+
+@pytest.mark.parametrize("method", ADAPTERS_SAME_FUNCTION)
+def test_unipelt_case_computes_the_adapters_case_function(method: str, adapters_env: Path, tmp_path) -> None:
+    file = tmp_path / f"{method}.pt"
+    spec = {"peer": "adapters", "method": method, "shape": "bert-tiny", "dump": str(file)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(adapters_env), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(CASE_FILE), json.dumps(spec)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    dumped = torch.load(file, weights_only=True)
+    shape = case.SHAPES["bert-tiny"]
+    base = case.build_base(shape)
+    base.load_state_dict(dumped["base"])  # the peer's base weights, whatever its transformers initialised
+    ours = case.attach("unipelt", method, base, "bert")
+    copy_adapters_weights(method, dumped["delta"], ours)
+    bare = case.build_base(shape).eval()
+    bare.load_state_dict(dumped["base"])
+    ours.eval()
+    inputs = {"input_ids": dumped["input_ids"], "attention_mask": dumped["attention_mask"]}
+    with torch.no_grad():
+        a, b, plain = dumped["output"], case.hidden(ours(**inputs)), case.hidden(bare(**inputs))
+    keep = dumped["attention_mask"].bool()
+    assert a.shape == b.shape == plain.shape
+    assert (a - plain).abs().max() > 1e-3  # the peer's delta changes the function
+    torch.testing.assert_close(b[keep], a[keep], rtol=1e-4, atol=1e-5)
+    assert sum(p.numel() for p in ours.parameters() if p.requires_grad) == \
+        sum(v.numel() for v in dumped["delta"].values())
 
 
 def test_floor_case_has_no_trainable_weights_but_gradients_reach_the_embeddings() -> None:

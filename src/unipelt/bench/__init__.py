@@ -116,6 +116,8 @@ def _row(method: str, peer: str | None, ours: dict | None, theirs: dict | None, 
             "peer_infer_ms": get(theirs, "infer_ms"), "peer_merged_infer_ms": get(theirs, "merged_infer_ms"),
             "bare_infer_ms": floor["infer_ms"],
             "ours_trainable": get(ours, "trainable"), "peer_trainable": get(theirs, "trainable"),
+            "ours_ops": get(ours, "ops_per_step"), "peer_ops": get(theirs, "ops_per_step"),
+            "floor_ops": floor.get("ops_per_step"),
             "ours_error": (ours or {}).get("error"), "peer_error": (theirs or {}).get("error")}
 
 
@@ -124,20 +126,22 @@ def format_table(result: dict[str, Any]) -> str:
         return "-" if x is None else format(x, fmt)
 
     floor, full = result["floor"], result["full"]
-    lines = [f"{result['shape']} on {result['device']}: floor {floor['train_ms']:.2f} ms/step "
+    lines = [f"{result['shape']} on {result['device']}: floor {floor['train_ms']:.2f} ms/step, "
+             f"{floor.get('ops_per_step', 0)} ops "
              f"(peak {floor['peak_mb']:.0f} MB, inference {floor['infer_ms']:.2f} ms), full fine-tuning "
              f"{f(full.get('train_ms'))} ms ({f(full.get('train_ms') and full['train_ms'] / floor['train_ms'])}x)",
              "",
              "| method | peer | ours ms | peer ms | x floor | x peer | ours MB | peer MB | infer ms (merged) | "
-             "peer infer ms (merged) | trainable ours / peer |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "peer infer ms (merged) | ops/step ours / peer | trainable ours / peer |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         lines.append(
             f"| {r['method']} | {r['peer'] or '-'} | {f(r['ours_ms'])} | {f(r['peer_ms'])} | "
             f"{f(r['ratio_vs_floor'])} | {f(r['ratio_vs_peer'])} | {f(r['ours_peak_mb'], '.0f')} | "
             f"{f(r['peer_peak_mb'], '.0f')} | "
             f"{f(r['ours_infer_ms'])} ({f(r['ours_merged_infer_ms'])}) | {f(r['peer_infer_ms'])} "
-            f"({f(r['peer_merged_infer_ms'])}) | {f(r['ours_trainable'], ',')} / {f(r['peer_trainable'], ',')} |")
+            f"({f(r['peer_merged_infer_ms'])}) | {f(r['ours_ops'], 'd')} / {f(r['peer_ops'], 'd')} | "
+            f"{f(r['ours_trainable'], ',')} / {f(r['peer_trainable'], ',')} |")
     errors = [(r["method"], who, r[f"{who}_error"]) for r in result["rows"] for who in ("ours", "peer")
               if r[f"{who}_error"]]
     if errors:

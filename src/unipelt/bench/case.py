@@ -178,9 +178,12 @@ def merge(peer: str, method: str, model: torch.nn.Module) -> torch.nn.Module | N
 
 
 def virtual_tokens(peer: str, method: str) -> int:
-    """Positions a library prepends to the outputs (peft's prompt tuning returns its prompt's states too)."""
-    if peer == "peft" and method == "prompt":
+    """Positions a library prepends to the outputs (peft's and adapters' prompt tuning return the prompt's
+    states too; ours returns the real tokens' only)."""
+    if method == "prompt" and peer == "peft":
         return METHODS[method]["peft"][1]["num_virtual_tokens"]
+    if method == "prompt" and peer == "adapters":
+        return METHODS[method]["adapters"][1]["prompt_length"]
     return 0
 
 
@@ -188,6 +191,23 @@ def hidden(output: Any, skip: int = 0) -> torch.Tensor:
     """The real tokens' final states (every case's loss is a function of these alone)."""
     states = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
     return states[:, skip:] if skip else states
+
+
+def count_ops(fn) -> int:
+    """ATen operations one call of ``fn`` dispatches (views included): each costs the CPU a dispatch and
+    most a kernel launch, so at small batches this count is what a step's overhead scales with."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
@@ -243,6 +263,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     loss = float(train_step().detach())
+    ops = count_ops(train_step)
 
     def infer(m: torch.nn.Module):
         def run() -> None:
@@ -252,6 +273,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     model.eval()
     infer_ms = statistics.median(timed(infer(model), spec["steps"], spec["warmup"]))
+    infer_ops = count_ops(infer(model))
     merged_ms = None
     if spec["peer"] not in ("floor", "full"):
         merged = merge(spec["peer"], spec["method"], model)
@@ -260,15 +282,43 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     return {"peer": spec["peer"], "method": spec["method"], "shape": spec["shape"], "device_kind": device,
             "train_ms": statistics.median(train_ms), "train_ms_all": train_ms,
             "tokens_per_s": shape["batch"] * shape["seq"] / (statistics.median(train_ms) / 1e3),
-            "peak_mb": peak, "infer_ms": infer_ms, "merged_infer_ms": merged_ms, "trainable": counted,
+            "peak_mb": peak, "infer_ms": infer_ms, "ops_per_step": ops, "ops_per_inference": infer_ops,
+            "merged_infer_ms": merged_ms, "trainable": counted,
             "loss": loss}
+
+
+def dump(spec: dict[str, Any]) -> dict[str, Any]:
+    """For the equivalence tests: the base weights, the library's randomised delta, inputs and outputs.
+
+    The file lets another process (another ``transformers``) rebuild the same function with unipelt.
+    """
+    shape = SHAPES[spec["shape"]]
+    base = build_base(shape)
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    model = attach(spec["peer"], spec["method"], base, shape["family"])
+    torch.manual_seed(3)
+    delta = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.2)  # away from the identity init, so a misplaced delta shows
+                delta[name] = p.detach().clone()
+    ids = torch.randint(5, shape["config"]["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    model.eval()
+    with torch.no_grad():
+        out = hidden(model(input_ids=ids, attention_mask=mask), virtual_tokens(spec["peer"], spec["method"]))
+    torch.save({"base": base_state, "delta": delta, "input_ids": ids, "attention_mask": mask, "output": out},
+               spec["dump"])
+    return {"dump": spec["dump"], "delta_names": sorted(delta)}
 
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    print(json.dumps(measure(spec)), flush=True)
+    print(json.dumps(dump(spec) if spec.get("dump") else measure(spec)), flush=True)
 
 
 if __name__ == "__main__":
