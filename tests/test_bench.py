@@ -219,21 +219,23 @@ def test_floor_case_has_no_trainable_weights_but_gradients_reach_the_embeddings(
     assert captured and captured[0].abs().sum() > 0
 
 
-def test_benchmark_smoke_run_on_cpu(tmp_path) -> None:
-    """The whole benchmark on the tiny shape, a few steps per case, with peft as the peer (no timing claims)."""
-    result = benchmark("bert-tiny", ["lora", "pfeiffer", "ia3"], peers=("peft",), device="cpu", steps=2, warmup=1,
-                       threads=1, log=lambda s: None)
+def test_benchmark_smoke_run_on_cpu(adapters_env: Path) -> None:
+    """The whole benchmark on the tiny shape, a few steps per case, both peers (no timing claims)."""
+    result = benchmark("bert-tiny", ["lora", "ln", "ia3"], peers=("peft", "adapters"), device="cpu", steps=2,
+                       warmup=1, adapters_env=adapters_env, threads=1, log=lambda s: None)
     rows = {(r["method"], r["peer"]): r for r in result["rows"]}
-    assert set(rows) == {("lora", "peft"), ("pfeiffer", None), ("ia3", "peft")}
+    assert set(rows) == {("lora", "peft"), ("lora", "adapters"), ("ln", "peft"), ("ia3", "peft"), ("ia3", "adapters")}
+    assert rows[("lora", "adapters")]["peer_error"] is None and rows[("lora", "adapters")]["peer_ms"] > 0
+    assert rows[("lora", "adapters")]["peer_trainable"] == rows[("lora", "adapters")]["ours_trainable"]
     for r in rows.values():
-        assert r["ours_error"] is None and r["ours_ms"] > 0 and r["ratio_vs_floor"] > 0
+        assert r["ours_error"] is None and r["ours_ms"] > 0 and r["ratio_vs_floor"] > 0 and r["ours_ops"] > 0
     lora = rows[("lora", "peft")]
     assert lora["peer_error"] is None and lora["ours_trainable"] == lora["peer_trainable"]
     assert lora["ratio_vs_peer"] == pytest.approx(lora["ours_ms"] / lora["peer_ms"])
     assert lora["ours_merged_infer_ms"] is not None and lora["peer_merged_infer_ms"] is not None
-    assert rows[("pfeiffer", None)]["ours_merged_infer_ms"] is None  # serial adapters do not merge
+    assert rows[("ln", "peft")]["ours_merged_infer_ms"] is not None
     table = format_table(result)
-    assert "| lora | peft |" in table and "| pfeiffer | - |" in table
+    assert "| lora | peft |" in table and "| lora | adapters |" in table
     json.dumps(result)  # the JSON the benchmark writes
     for key in ("method", "peer", "device", "ours_ms", "peer_ms", "floor_ms", "ratio_vs_peer", "ratio_vs_floor"):
         assert key in lora

@@ -78,28 +78,52 @@ def device_name(device: str) -> str:
 
 def benchmark(shape: str, methods: list[str], peers: tuple[str, ...] = PEERS, device: str = "cpu",
               steps: int = 20, warmup: int = 5, adapters_env: Path | None = None, threads: int | None = None,
-              log=print) -> dict[str, Any]:
-    """Every method of ours and of each peer that has it, the floor and full fine-tuning, in one run."""
-    def one(peer: str, method: str) -> dict[str, Any]:
-        spec = {"peer": peer, "method": method, "shape": shape, "device": device, "steps": steps,
-                "warmup": warmup, "threads": threads}
-        result = run_case(spec, adapters_env if peer == "adapters" else None)
-        shown = f"{result['train_ms']:.2f} ms" if "train_ms" in result else result["error"]
-        log(f"  {peer:<9} {method:<11} {shown}")
-        return result
+              rounds: int = 1, log=print) -> dict[str, Any]:
+    """Every method of ours and of each peer that has it, the floor and full fine-tuning, in one run.
 
-    floor, full = one("floor", "-"), one("full", "-")
+    With ``rounds > 1`` every case runs that many times, round-robin over all cases, and the times
+    are the medians over rounds: a burst of load on a shared machine then hits one round of a case,
+    not all of one case.
+    """
+    cases = [("floor", "-"), ("full", "-")]
+    for method in methods:
+        spec = METHODS[method]
+        cases += [(p, method) for p in ("unipelt", *peers)
+                  if p in spec and (p != "adapters" or adapters_env is not None)]
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {c: [] for c in cases}
+    for r in range(rounds):
+        for peer, method in cases:
+            spec = {"peer": peer, "method": method, "shape": shape, "device": device, "steps": steps,
+                    "warmup": warmup, "threads": threads}
+            result = run_case(spec, adapters_env if peer == "adapters" else None)
+            runs[(peer, method)].append(result)
+            shown = f"{result['train_ms']:.2f} ms" if "train_ms" in result else result["error"]
+            log(f"  {f'round {r + 1} ' if rounds > 1 else ''}{peer:<9} {method:<11} {shown}")
+    results = {case: _median_of_rounds(found) for case, found in runs.items()}
+    floor, full = results[("floor", "-")], results[("full", "-")]
     if "error" in floor:
         raise RuntimeError(f"the floor case failed: {floor['error']}")
     rows = []
     for method in methods:
-        spec = METHODS[method]
-        ours = one("unipelt", method) if "unipelt" in spec else None
-        for peer in [p for p in peers if p in spec and (p != "adapters" or adapters_env is not None)] or [None]:
-            theirs = one(peer, method) if peer else None
-            rows.append(_row(method, peer, ours, theirs, floor, device))
+        ours = results.get(("unipelt", method))
+        for peer in [p for p in peers if (p, method) in results] or [None]:
+            rows.append(_row(method, peer, ours, results.get((peer, method)), floor, device))
     return {"shape": shape, "shape_spec": SHAPES[shape], "device": device_name(device), "steps": steps,
-            "warmup": warmup, "floor": floor, "full": full, "rows": rows}
+            "warmup": warmup, "rounds": rounds, "floor": floor, "full": full, "rows": rows}
+
+
+def _median_of_rounds(found: list[dict[str, Any]]) -> dict[str, Any]:
+    import statistics
+
+    good = [r for r in found if "error" not in r]
+    if not good:
+        return found[0]
+    merged = dict(good[0])
+    for key in ("train_ms", "tokens_per_s", "infer_ms", "merged_infer_ms", "peak_mb"):
+        values = [r[key] for r in good if r.get(key) is not None]
+        merged[key] = statistics.median(values) if values else None
+    merged["train_ms_rounds"] = [r["train_ms"] for r in good]
+    return merged
 
 
 def _row(method: str, peer: str | None, ours: dict | None, theirs: dict | None, floor: dict, device: str) -> dict:
@@ -161,10 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per case (the median is reported)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per case on the CPU")
+    parser.add_argument("--rounds", type=int, default=1, help="run every case this many times, round-robin, "
+                                                              "and report medians (for noisy machines)")
     parser.add_argument("--adapters-env", type=Path, default=Path(".bench/adapters-env"),
                         help="folder for adapters and its pinned transformers (installed if missing)")
     parser.add_argument("--adapters-wheels", type=Path, default=None, help="install them offline from these wheels")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed/speed.json"))
+    parser.add_argument("--out", type=Path, default=Path("out/speed/speed.json"), help="JSON; the table goes beside it")
     opts = parser.parse_args(argv)
 
     import torch
@@ -173,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     shape = opts.shape or ("bert-base" if device.startswith("cuda") else "bert-small")
     env = ensure_adapters_env(opts.adapters_env.resolve(), opts.adapters_wheels) if "adapters" in opts.peers else None
     print(f"{shape} on {device_name(device)}, {len(opts.methods)} methods", flush=True)
-    result = benchmark(shape, opts.methods, tuple(opts.peers), device, opts.steps, opts.warmup, env, opts.threads)
+    result = benchmark(shape, opts.methods, tuple(opts.peers), device, opts.steps, opts.warmup, env, opts.threads,
+                       opts.rounds)
     table = format_table(result)
     print(table)
     opts.out.parent.mkdir(parents=True, exist_ok=True)

@@ -72,7 +72,7 @@ METHODS: dict[str, dict[str, Any]] = {
            "peft": ("LNTuningConfig", {"target_modules": "ln"})},
     "pfeiffer": {"unipelt": {"method": "pfeiffer", "bottleneck": "d/16"},
                  "adapters": ("SeqBnConfig", {"reduction_factor": 16})},
-    "houlsby": {"unipelt": {"method": "houlsby", "bottleneck": "d/16", "activation": "swish"},
+    "houlsby": {"unipelt": {"method": "houlsby", "bottleneck": "d/16", "activation": "silu"},
                 "adapters": ("DoubleSeqBnConfig", {"reduction_factor": 16})},
     "parallel": {"unipelt": {"method": "parallel", "bottleneck": "d/2", "scaling": 4.0},
                  "adapters": ("ParBnConfig", {"reduction_factor": 2})},
