@@ -141,6 +141,7 @@ def _row(method: str, peer: str | None, ours: dict | None, theirs: dict | None, 
             "bare_infer_ms": floor["infer_ms"],
             "ours_trainable": get(ours, "trainable"), "peer_trainable": get(theirs, "trainable"),
             "ours_ops": get(ours, "ops_per_step"), "peer_ops": get(theirs, "ops_per_step"),
+            "ours_ms_rounds": get(ours, "train_ms_rounds"), "peer_ms_rounds": get(theirs, "train_ms_rounds"),
             "floor_ops": floor.get("ops_per_step"),
             "ours_error": (ours or {}).get("error"), "peer_error": (theirs or {}).get("error")}
 
