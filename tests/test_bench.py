@@ -46,11 +46,11 @@ def copy_peft_weights(method: str, theirs: torch.nn.Module, ours: torch.nn.Modul
             for key, proj in {**mine.outputs, **mine.inputs}.items():
                 mine.scales[key].copy_(_peft_module(theirs, proj.path).ia3_l["default"].reshape(-1))
         elif method == "ln":
-            for key, norm in mine.norms.items():
+            for key in mine.norms:
                 copy = _peft_module(theirs, key.replace("__", ".")).ln_tuning_layers["default"]
-                mine.gains[key].copy_(copy.weight - norm.weight)
+                mine.gains[key].copy_(copy.weight)  # both train the norms' own gains and biases
                 if key in mine.biases:
-                    mine.biases[key].copy_(copy.bias - norm.bias)
+                    mine.biases[key].copy_(copy.bias)
         elif method == "prefix":
             _copy_prefix(mine, theirs.prompt_encoder["default"].embedding.weight)
         elif method == "prefix_mlp":

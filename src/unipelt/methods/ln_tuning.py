@@ -1,9 +1,11 @@
 """LN-tuning (Qi et al. 2022): train only the LayerNorm gains and biases.
 
-Implemented as zero-initialised deltas ``dg``, ``db`` on every normalisation layer of the
-pretrained body (LayerNorm, and RMSNorm in LLaMA and T5): ``y' = y + dg * n(x) + db`` where
-``n(x)`` is the normalised input before the affine map. The base weights stay untouched until
-``merge`` adds the deltas to the gains and biases. Parameters: the norms' gain and bias sizes.
+Every normalisation layer of the pretrained body (LayerNorm, and RMSNorm in LLaMA and T5) gets
+trainable gain and bias ``g' = g + dg``, ``b' = b + db``, starting at the base values (``dg = db = 0``).
+A LayerNorm then runs as one norm with ``g'``, ``b'`` (as cheap as the base model's); other norms keep
+their code and add ``dg * n(x) + db``, ``n(x)`` the normalised input. The base weights stay untouched
+until ``merge`` writes ``g'``, ``b'`` into them; ``save`` stores ``dg``, ``db``. Weight decay, if any,
+pulls ``g'`` towards zero (as in peft's LN tuning). Parameters: the norms' gain and bias sizes.
 """
 
 from __future__ import annotations
@@ -50,8 +52,12 @@ class LNTuning(DeltaMethod):
         self.norms = {path.replace(".", "__"): m for path, m in model_map.base_modules() if _is_norm(m)}
         if not self.norms:
             raise ConfigError(f"{type(model_map.model).__name__} has no LayerNorm or RMSNorm layers")
-        self.gains = nn.ParameterDict({k: nn.Parameter(torch.zeros(m.weight.shape)) for k, m in self.norms.items()})
-        self.biases = nn.ParameterDict({k: nn.Parameter(torch.zeros(m.bias.shape)) for k, m in self.norms.items()
+        # The parameters are the tuned gains and biases themselves, starting at the base values (so a
+        # LayerNorm runs as one norm, as in the base model); what is saved and merged is their delta.
+        self.gains = nn.ParameterDict({k: nn.Parameter(m.weight.detach().float().clone())
+                                       for k, m in self.norms.items()})
+        self.biases = nn.ParameterDict({k: nn.Parameter(m.bias.detach().float().clone())
+                                        for k, m in self.norms.items()
                                         if isinstance(getattr(m, "bias", None), nn.Parameter)})
 
     def install(self, installer: Installer) -> None:
@@ -62,24 +68,26 @@ class LNTuning(DeltaMethod):
                 installer.on_output(module, self._hook(k))
 
     def _tuned_layer_norm(self, k: str, module: nn.LayerNorm):
-        """LayerNorm with gain ``g + dg`` and bias ``b + db``: one norm kernel, as the base model runs."""
         gain = self.gains[k]
         bias = self.biases[k] if k in self.biases else None  # noqa: SIM401 (ParameterDict)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            w = module.weight + gain
-            b = module.bias + bias if bias is not None else module.bias
+            w, b = gain, bias
+            if w.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+                w, b = w.to(x.dtype), (b.to(x.dtype) if b is not None else None)
             return F.layer_norm(x, module.normalized_shape, w, b, module.eps)
 
         return forward
 
     def _hook(self, k: str):
+        """Other norms (RMSNorm, T5's) keep their own code: ``y + (g' - g) n(x) + (b' - b)``."""
         gain = self.gains[k]
-        bias = self.biases.get(k, None)
+        bias = self.biases[k] if k in self.biases else None  # noqa: SIM401 (ParameterDict)
 
         def shift(module, inputs, output):
-            out = output + cast_like(gain, output) * normalised(module, inputs[0]).to(output.dtype)
-            return out + cast_like(bias, output) if bias is not None else out
+            dg = cast_like(gain - module.weight, output)
+            out = output + dg * normalised(module, inputs[0]).to(output.dtype)
+            return out + cast_like(bias - module.bias, output) if bias is not None else out
 
         return shift
 
@@ -89,6 +97,24 @@ class LNTuning(DeltaMethod):
     @torch.no_grad()
     def merge(self) -> None:
         for k, module in self.norms.items():
-            module.weight.add_(self.gains[k].to(module.weight.dtype))
+            module.weight.copy_(self.gains[k].to(module.weight.dtype))
             if k in self.biases:
-                module.bias.add_(self.biases[k].to(module.bias.dtype))
+                module.bias.copy_(self.biases[k].to(module.bias.dtype))
+
+    def delta_state(self) -> dict[str, torch.Tensor]:
+        """The saved delta: tuned minus base values (zero for an untrained method)."""
+        with torch.no_grad():
+            state = {f"gains.{k}": (g - self.norms[k].weight.float()).detach() for k, g in self.gains.items()}
+            state.update({f"biases.{k}": (b - self.norms[k].bias.float()).detach() for k, b in self.biases.items()})
+        return state
+
+    def load_delta_state(self, state: dict[str, torch.Tensor]) -> None:
+        expected = {f"gains.{k}" for k in self.gains} | {f"biases.{k}" for k in self.biases}
+        if set(state) != expected:
+            raise ConfigError(f"saved delta does not fit method 'ln': missing {sorted(expected - set(state))[:5]}, "
+                              f"unexpected {sorted(set(state) - expected)[:5]}")
+        with torch.no_grad():
+            for k, g in self.gains.items():
+                g.copy_(self.norms[k].weight.float() + state[f"gains.{k}"].to(g.device, torch.float32))
+            for k, b in self.biases.items():
+                b.copy_(self.norms[k].bias.float() + state[f"biases.{k}"].to(b.device, torch.float32))
