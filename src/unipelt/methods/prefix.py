@@ -112,7 +112,8 @@ class Prefix(DeltaMethod):
         """Every attention's (2, l, d_kv) prefix; the MLP runs once per forward pass."""
         if self.prefixes is not None:
             return dict(self.prefixes.items())
-        flat = self.mlp(self.embedding) + self.start  # (l, sum 2 d_kv)
+        flat = self.mlp(self.embedding)  # (l, sum 2 d_kv); bf16 under autocast, and it stays so
+        flat = flat + self.start.to(flat.dtype)
         out, start = {}, 0
         for site_key, dkv in self.kv_dims.items():
             out[site_key] = flat[:, start:start + 2 * dkv].reshape(-1, 2, dkv).transpose(0, 1)
@@ -140,8 +141,10 @@ class Prefix(DeltaMethod):
             def provide(module, query, key, value, site_key=site_key, gate_slot=gate_slot):
                 p = prefixes()[site_key]  # (2, l, d_kv)
                 b, h_kv, _, hd = key.shape
-                pk, pv = (t.reshape(t.shape[0], h_kv, hd).transpose(0, 1).unsqueeze(0).expand(b, -1, -1, -1)
-                          for t in (p[0], p[1]))
+                if p.dtype != key.dtype:
+                    p = p.to(key.dtype)  # once per layer, before the batch expansion (not b copies)
+                kv = p.reshape(2, p.shape[1], h_kv, hd).permute(0, 2, 1, 3)  # (2, heads, l, head_dim), a view
+                pk, pv = (t.unsqueeze(0).expand(b, -1, -1, -1) for t in kv.unbind(0))
                 if site_key not in self.gates:
                     return pk, pv, None
                 x = values.pop(gate_slot)
