@@ -76,26 +76,78 @@ class LoRA(DeltaMethod):
                 self.gates[site_key] = Gate(proj.in_features)
 
     def install(self, installer: Installer) -> None:
-        for site_key, proj in self.sites.items():
-            installer.on_output(proj.module, self._hook(site_key, proj))
+        # Sites of one attention (q, v, ...) usually read the same input tensor: their A's and gates then
+        # run as one GEMM over it (one read of x, one gradient back into x instead of one per site).
+        groups: dict[str, list[str]] = {}
+        for site_key in self.sites:
+            stem, target = site_key.rsplit("_", 1)
+            groups.setdefault(stem if target in ("q", "k", "v") else site_key, []).append(site_key)
+        for group in groups.values():
+            same_width = len({self.sites[k].in_features for k in group}) == 1
+            fused = self._fused_reader(group, installer.context.values) \
+                if len(group) > 1 and same_width and not self.config.dropout else None
+            for site_key in group:
+                installer.on_output(self.sites[site_key].module, self._hook(site_key, self.sites[site_key], fused))
 
-    def _hook(self, site_key: str, proj: Projection):
+    def _fused_reader(self, group: list[str], cache: dict):
+        """``read(site_key, x) -> (A x, gate pre-activation or None)`` computed once per input for the group.
+
+        The first site of the group to see an input computes ``x [A_1; ...; A_n; w_g1; ...; w_gn]^T`` and
+        leaves it in the per-forward cache; the others take their columns when their input is the same
+        tensor, and compute alone otherwise (cross-attention keys read the encoder's states).
+        """
+        r, n = self.config.r, len(group)
+        gated = all(k in self.gates for k in group)
+        slot = (id(self), group[0])
+        column = {k: i for i, k in enumerate(group)}
+
+        def read(site_key: str, x: torch.Tensor):
+            hit = cache.get(slot)
+            if hit is None or hit[0] is not x:
+                weights = [self.pairs[k].A.weight for k in group]
+                bias = None
+                if gated:
+                    weights += [self.gates[k].proj.weight for k in group]
+                    bias = torch.cat([x.new_zeros(n * r, dtype=weights[0].dtype),
+                                      *[self.gates[k].proj.bias for k in group]])
+                w = torch.cat(weights)
+                hit = [x, torch.nn.functional.linear(matmul_input(x, w), w, bias), n]
+                cache[slot] = hit
+            hit[2] -= 1
+            if hit[2] == 0:  # every site has its columns: do not keep this layer's input alive any longer
+                del cache[slot]
+            h_all, i = hit[1], column[site_key]
+            h = h_all[..., i * r:(i + 1) * r]
+            return h, (h_all[..., n * r + i:n * r + i + 1] if gated else None)
+
+        return read
+
+    def _hook(self, site_key: str, proj: Projection, fused=None):
         pair = self.pairs[site_key]
         gate = self.gates[site_key] if site_key in self.gates else None  # noqa: SIM401 (ModuleDict has no get)
         a, b = pair.A.weight, pair.B.weight
         scaling, p = self.scaling, self.config.dropout
         whole = proj.out_slice is None
 
-        # Per call: one GEMM for A x, one for output + s B (A x) (the add rides in the GEMM); the weights
-        # are used directly, without module calls, since at small batches Python per op is the cost.
+        # Per call: one GEMM for A x (shared with the group's other sites, see _fused_reader), one for
+        # output + s B (A x) (the add rides in the GEMM); weights are used directly, without module calls,
+        # since at small batches Python per op is the cost.
         def add_lora(module, inputs, output):
             x = inputs[0]
-            xd = torch.nn.functional.dropout(x, p, self.training) if p else x
-            h = torch.nn.functional.linear(matmul_input(xd, a), a)
+            gate_logit = None
+            if fused is not None:
+                h, gate_logit = fused(site_key, x)
+            else:
+                xd = torch.nn.functional.dropout(x, p, self.training) if p else x
+                h = torch.nn.functional.linear(matmul_input(xd, a), a)
             if gate is None and whole:
                 return add_matmul(output, h, b, scaling)
             delta = torch.nn.functional.linear(h, b)
-            scale = gate(x) * scaling if gate is not None else scaling
+            if gate is not None:
+                g = torch.sigmoid(gate_logit) if gate_logit is not None else gate(x)
+                scale = g * scaling
+            else:
+                scale = scaling
             return output + proj.place(cast_like(delta * scale, output))
 
         return add_lora
