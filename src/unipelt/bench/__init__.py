@@ -19,6 +19,9 @@ from typing import Any
 CASE_FILE = Path(__file__).with_name("case.py")
 PEERS = ("peft", "adapters")
 ADAPTERS_PINS = ("adapters==1.3.0", "transformers==4.57.6", "tokenizers==0.22.2", "huggingface_hub==0.36.2")
+# what huggingface_hub 0.36 imports beyond this environment's packages (1.x moved to httpx)
+HUB_036_NEEDS = {"requests": "requests", "charset_normalizer": "charset-normalizer", "idna": "idna",
+                 "urllib3": "urllib3", "certifi": "certifi"}
 
 
 def _case_module():
@@ -38,8 +41,11 @@ def ensure_adapters_env(target: Path, wheels: Path | None = None, log=print) -> 
     """A folder holding ``adapters`` and its pinned ``transformers`` (installed on first use), or None."""
     if (target / "adapters" / "__init__.py").exists():
         return target
+    import importlib.util
+
+    missing = [dist for module, dist in HUB_036_NEEDS.items() if importlib.util.find_spec(module) is None]
     cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--disable-pip-version-check",
-           "--target", str(target), *ADAPTERS_PINS]
+           "--target", str(target), *ADAPTERS_PINS, *missing]
     if wheels is not None:
         cmd += ["--no-index", "--find-links", str(wheels)]
     log(f"installing {', '.join(ADAPTERS_PINS)} into {target}")
