@@ -3,7 +3,8 @@
 #   device run: bash benchmarks/speed_gpu.sh bert-base      (carry .whl: the adapters wheels, see below)
 #   device run: bash benchmarks/speed_gpu.sh llama-1b
 # The adapters peer needs adapters==1.3.0, transformers==4.57.6, tokenizers==0.22.2 and
-# huggingface_hub==0.36.2 as Python 3.12 wheels in .whl (pip download ... -d .whl, see the device README);
+# huggingface_hub==0.36.2 (and requests, charset-normalizer, idna, urllib3, certifi, which hub 0.36 imports)
+# as Python 3.12 wheels in .whl (pip download ... -d .whl, see the device README);
 # they are installed into /tmp/adapters-env, apart from the machine's own transformers.
 set -euo pipefail
 shape=${1:-bert-base}
