@@ -252,3 +252,32 @@ def test_unipelt_bench_command(tmp_path, capsys) -> None:
     assert result["rows"][0]["method"] == "lora" and result["rows"][0]["peer"] is None
     assert out.with_suffix(".md").exists()
     assert "| lora |" in capsys.readouterr().out
+
+
+def test_a_fully_merged_model_runs_the_bare_models_code_and_can_take_new_deltas() -> None:
+    """After merging everything no unipelt hook is left (merged inference = bare inference); attaching
+    again puts the model-level hooks back."""
+    import unipelt
+
+    shape = case.SHAPES["bert-tiny"]
+    model = case.build_base(shape).eval()
+    probe = torch.ones(1, 6, dtype=torch.long)
+    with torch.no_grad():
+        bare_ops = case.count_ops(lambda: model(input_ids=probe))
+    unipelt.attach(model, {"method": "lora", "r": 2})
+    with torch.no_grad():
+        for pair in core.deltas(model)["lora"].pairs.values():
+            pair.B.weight.normal_()
+    ids = torch.randint(5, 1000, (2, 6))
+    with torch.no_grad():
+        before = case.hidden(model(input_ids=ids))
+    unipelt.merge(model)
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    with torch.no_grad():
+        torch.testing.assert_close(case.hidden(model(input_ids=ids)), before, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert case.count_ops(lambda: model(input_ids=probe)) == bare_ops
+    unipelt.attach(model, {"method": "prompt", "length": 3})  # needs the model-level call rewrite again
+    assert model._forward_pre_hooks
+    with torch.no_grad():
+        assert case.hidden(model(input_ids=ids)).shape == before.shape
