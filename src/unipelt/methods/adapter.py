@@ -106,11 +106,18 @@ class Adapter(DeltaMethod):
                 self.gates[site_key] = Gate(d)
 
     def _delta(self, site_key: str, x: torch.Tensor) -> torch.Tensor:
-        delta = self.adapters[site_key](x)
-        if site_key in self.gates:  # scale the (tokens, 1) gate, not the (tokens, d) delta
-            scale = self.gates[site_key](x)
-            return delta * (scale * self.config.scaling if self.config.scaling != 1.0 else scale)
-        return delta * self.config.scaling if self.config.scaling != 1.0 else delta
+        if site_key not in self.gates:
+            delta = self.adapters[site_key](x)
+            return delta * self.config.scaling if self.config.scaling != 1.0 else delta
+        # The gate reads the adapter's input: W_down and the gate's row run as one GEMM over x.
+        bottleneck, gate = self.adapters[site_key], self.gates[site_key].proj
+        w = torch.cat([bottleneck.down.weight, gate.weight])
+        both = F.linear(matmul_input(x, w), w, torch.cat([bottleneck.down.bias, gate.bias]))
+        m = bottleneck.down.out_features
+        up = bottleneck.up
+        delta = F.linear(bottleneck.act(both[..., :m]), up.weight, up.bias)
+        scale = torch.sigmoid(both[..., m:])  # scale the (tokens, 1) gate, not the (tokens, d) delta
+        return delta * (scale * self.config.scaling if self.config.scaling != 1.0 else scale)
 
     def install(self, installer: Installer) -> None:
         for site_key, site in self.sites.items():
