@@ -163,10 +163,10 @@ def merge(peer: str, method: str, model: torch.nn.Module) -> torch.nn.Module | N
 
             import unipelt
 
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "not mergeable, kept as deltas": checked below
                 merged = unipelt.merge(model)
-            return None if caught else merged  # a warning means something stayed unmerged
+            return None if unipelt.core.deltas(merged) else merged  # merged only if nothing stayed a delta
         if peer == "peft":
             return model.merge_and_unload()
         if peer == "adapters":
