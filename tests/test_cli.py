@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -26,17 +27,20 @@ needs_glue = pytest.mark.skipif(not (GLUE / "SST-2" / "train.tsv").exists(),
                                 reason=f"GLUE data not found in {GLUE} (set UNIPELT_DATA_DIR)")
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
+def save_tiny_bert(folder: Path, **config: Any) -> str:
     """A 2-layer BERT with hidden size 32 and the MiniLM tokenizer, saved like a pretrained model."""
-    folder = tmp_path_factory.mktemp("tiny-bert")
     tok = AutoTokenizer.from_pretrained(default_model_path())
     torch.manual_seed(0)
-    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                        vocab_size=tok.vocab_size, max_position_embeddings=128)
-    BertForMaskedLM(config).save_pretrained(folder)
+    bert = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                      vocab_size=tok.vocab_size, max_position_embeddings=128, **config)
+    BertForMaskedLM(bert).save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="module")
@@ -149,16 +153,9 @@ def test_resume_after_a_kill_gives_the_same_weights(tiny_model, small_glue, tmp_
 def test_two_processes_train_like_one(small_glue, tmp_path) -> None:
     """``accelerate launch`` with two CPU processes: each process takes half of every batch and DDP averages
     the gradients, so with dropout off the delta equals one process's."""
-    model = tmp_path / "tiny-no-dropout"
-    tok = AutoTokenizer.from_pretrained(default_model_path())
-    torch.manual_seed(0)
-    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                        vocab_size=tok.vocab_size, max_position_embeddings=128, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    BertForMaskedLM(config).save_pretrained(model)
-    tok.save_pretrained(model)
+    model = save_tiny_bert(tmp_path / "tiny-no-dropout", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     one, two = tmp_path / "one", tmp_path / "two"
-    args = [*train_args(str(model), small_glue, one, "sst2", "unipelt"), "--set", 'prompt={"length": 4}']
+    args = [*train_args(model, small_glue, one, "sst2", "unipelt"), "--set", 'prompt={"length": 4}']
     assert main(args) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with socket.socket() as s:  # a free port for the processes' rendezvous

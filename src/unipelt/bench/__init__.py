@@ -109,12 +109,13 @@ def benchmark(shape: str, methods: list[str], peers: tuple[str, ...] = PEERS, de
     floor, full = results[("floor", "-")], results[("full", "-")]
     if "error" in floor:
         raise RuntimeError(f"the floor case failed: {floor['error']}")
+    name = device_name(device)
     rows = []
     for method in methods:
         ours = results.get(("unipelt", method))
         for peer in [p for p in peers if (p, method) in results] or [None]:
-            rows.append(_row(method, peer, ours, results.get((peer, method)), floor, device))
-    return {"shape": shape, "shape_spec": SHAPES[shape], "device": device_name(device), "steps": steps,
+            rows.append(_row(method, peer, ours, results.get((peer, method)), floor, name))
+    return {"shape": shape, "shape_spec": SHAPES[shape], "device": name, "steps": steps,
             "warmup": warmup, "rounds": rounds, "floor": floor, "full": full, "rows": rows}
 
 
@@ -133,11 +134,12 @@ def _median_of_rounds(found: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _row(method: str, peer: str | None, ours: dict | None, theirs: dict | None, floor: dict, device: str) -> dict:
+    """One JSON row; ``device`` is the device's name."""
     def get(result: dict | None, key: str):
         return None if result is None or "error" in result else result.get(key)
 
     ours_ms, peer_ms, floor_ms = get(ours, "train_ms"), get(theirs, "train_ms"), floor["train_ms"]
-    return {"method": method, "peer": peer, "device": device_name(device), "ours_ms": ours_ms, "peer_ms": peer_ms,
+    return {"method": method, "peer": peer, "device": device, "ours_ms": ours_ms, "peer_ms": peer_ms,
             "floor_ms": floor_ms,
             "ratio_vs_peer": ours_ms / peer_ms if ours_ms and peer_ms else None,
             "ratio_vs_floor": ours_ms / floor_ms if ours_ms else None,
