@@ -252,6 +252,22 @@ def test_unipelt_bench_command(tmp_path, capsys) -> None:
     assert result["rows"][0]["method"] == "lora" and result["rows"][0]["peer"] is None
     assert out.with_suffix(".md").exists()
     assert "| lora |" in capsys.readouterr().out
+    # every case was also appended as it finished (what a run cut short by a time limit keeps)
+    cases = [json.loads(line) for line in out.with_suffix(".cases.jsonl").read_text().splitlines()]
+    assert [(c["peer"], c["method"]) for c in cases] == [("floor", "-"), ("unipelt", "lora"), ("full", "-")]
+    assert cases[1]["train_ms"] == result["rows"][0]["ours_ms"]
+
+
+def test_a_compiled_case_trains_through_torch_compile() -> None:
+    """--compile: the case's model runs through torch.compile; it reports training only (counting ops or
+    timing inference would each compile again), with the same trainable weights as the eager case."""
+    spec = {"peer": "unipelt", "method": "lora", "shape": "bert-tiny", "device": "cpu", "steps": 1, "warmup": 1}
+    eager = case.measure(spec)
+    fast = case.measure({**spec, "compile": "default"})
+    assert fast["compile"] == "default" and fast["train_ms"] > 0
+    assert fast["ops_per_step"] is None and fast["infer_ms"] is None
+    assert fast["trainable"] == eager["trainable"]
+    assert abs(fast["loss"] - eager["loss"]) < 1e-4  # same weights, same batch, after the same two steps
 
 
 def test_a_fully_merged_model_runs_the_bare_models_code_and_can_take_new_deltas() -> None:

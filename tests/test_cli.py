@@ -110,6 +110,25 @@ def test_full_finetuning_and_method_options(tiny_model, small_glue, tmp_path) ->
 
 
 @needs_glue
+def test_compile_option_trains_through_torch_compile(tiny_model, small_glue, tmp_path, monkeypatch) -> None:
+    """--compile hands the training forward to torch.compile (its gradients equal eager's:
+    test_training.py) and the run is recorded as compiled."""
+    modes = []
+    real = loop.compiled
+
+    def spy(model, mode):
+        modes.append(mode)
+        return real(model, mode)
+
+    monkeypatch.setattr(loop, "compiled", spy)
+    out = tmp_path / "compiled"
+    assert main(train_args(tiny_model, small_glue, out, "sst2", "unipelt", "--compile", "default")) == 0
+    assert modes == ["default"]
+    assert json.loads((out / "run.json").read_text())["config"]["compile"] == "default"
+    assert json.loads((out / "results.json").read_text())["steps"] == 6
+
+
+@needs_glue
 def test_k_shot_runs_are_reproducible(tiny_model, small_glue, tmp_path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     assert main(train_args(tiny_model, small_glue, a, "sst2", "unipelt")) == 0

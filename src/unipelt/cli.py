@@ -86,6 +86,7 @@ def _train(args: argparse.Namespace) -> int:
         device=args.device, eval_every=args.eval_every, patience=args.patience,
         method_options=method_options(args.set, args.config), resume=args.resume,
         mixed_precision=args.mixed_precision, progress=not args.no_progress, part_lr=part_lrs(args.part_lr),
+        compile=args.compile,
     )
     run(cfg)
     return 0
@@ -184,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     t.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--compile", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+                   help="train through torch.compile in this mode (reduce-overhead: with CUDA graphs)")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="score a finished run")

@@ -84,26 +84,35 @@ def device_name(device: str) -> str:
 
 def benchmark(shape: str, methods: list[str], peers: tuple[str, ...] = PEERS, device: str = "cpu",
               steps: int = 20, warmup: int = 5, adapters_env: Path | None = None, threads: int | None = None,
-              rounds: int = 1, log=print) -> dict[str, Any]:
+              rounds: int = 1, profile: bool = False, compile_mode: str | None = None,
+              partial: Path | None = None, log=print) -> dict[str, Any]:
     """Every method of ours and of each peer that has it, the floor and full fine-tuning, in one run.
 
     With ``rounds > 1`` every case runs that many times, round-robin over all cases, and the times
     are the medians over rounds: a burst of load on a shared machine then hits one round of a case,
-    not all of one case.
+    not all of one case. ``profile`` adds each case's GPU kernel count, busy time and top kernels;
+    ``compile_mode`` runs every case (the floor too) through ``torch.compile`` in that mode. Each
+    finished case is appended to ``partial`` (JSON lines) at once, so a run cut short keeps its cases.
     """
-    cases = [("floor", "-"), ("full", "-")]
+    cases = [("floor", "-")]
     for method in methods:
         spec = METHODS[method]
         cases += [(p, method) for p in ("unipelt", *peers)
                   if p in spec and (p != "adapters" or adapters_env is not None)]
+    cases.append(("full", "-"))  # last: the reference a run cut short can best do without
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {c: [] for c in cases}
     for r in range(rounds):
         for peer, method in cases:
             spec = {"peer": peer, "method": method, "shape": shape, "device": device, "steps": steps,
-                    "warmup": warmup, "threads": threads}
+                    "warmup": warmup, "threads": threads, "profile": profile, "compile": compile_mode}
             result = run_case(spec, adapters_env if peer == "adapters" else None)
             runs[(peer, method)].append(result)
+            if partial is not None:
+                with partial.open("a") as f:
+                    f.write(json.dumps({"peer": peer, "method": method, **result}) + "\n")
             shown = f"{result['train_ms']:.2f} ms" if "train_ms" in result else result["error"]
+            if result.get("kernels_per_step") is not None:
+                shown += f", {result['kernels_per_step']:.0f} kernels, GPU busy {result['gpu_busy_ms']:.2f} ms"
             log(f"  {f'round {r + 1} ' if rounds > 1 else ''}{peer:<9} {method:<11} {shown}")
     results = {case: _median_of_rounds(found) for case, found in runs.items()}
     floor, full = results[("floor", "-")], results[("full", "-")]
@@ -115,7 +124,7 @@ def benchmark(shape: str, methods: list[str], peers: tuple[str, ...] = PEERS, de
         ours = results.get(("unipelt", method))
         for peer in [p for p in peers if (p, method) in results] or [None]:
             rows.append(_row(method, peer, ours, results.get((peer, method)), floor, name))
-    return {"shape": shape, "shape_spec": SHAPES[shape], "device": name, "steps": steps,
+    return {"shape": shape, "shape_spec": SHAPES[shape], "device": name, "steps": steps, "compile": compile_mode,
             "warmup": warmup, "rounds": rounds, "floor": floor, "full": full, "rows": rows}
 
 
@@ -151,6 +160,9 @@ def _row(method: str, peer: str | None, ours: dict | None, theirs: dict | None, 
             "ours_ops": get(ours, "ops_per_step"), "peer_ops": get(theirs, "ops_per_step"),
             "ours_ms_rounds": get(ours, "train_ms_rounds"), "peer_ms_rounds": get(theirs, "train_ms_rounds"),
             "floor_ops": floor.get("ops_per_step"),
+            "ours_kernels": get(ours, "kernels_per_step"), "peer_kernels": get(theirs, "kernels_per_step"),
+            "ours_gpu_busy_ms": get(ours, "gpu_busy_ms"), "peer_gpu_busy_ms": get(theirs, "gpu_busy_ms"),
+            "ours_top_kernels": get(ours, "top_kernels"), "peer_top_kernels": get(theirs, "top_kernels"),
             "ours_error": (ours or {}).get("error"), "peer_error": (theirs or {}).get("error")}
 
 
@@ -160,8 +172,8 @@ def format_table(result: dict[str, Any]) -> str:
 
     floor, full = result["floor"], result["full"]
     lines = [f"{result['shape']} on {result['device']}: floor {floor['train_ms']:.2f} ms/step, "
-             f"{floor.get('ops_per_step', 0)} ops "
-             f"(peak {floor['peak_mb']:.0f} MB, inference {floor['infer_ms']:.2f} ms), full fine-tuning "
+             f"{f(floor.get('ops_per_step'), 'd')} ops "
+             f"(peak {floor['peak_mb']:.0f} MB, inference {f(floor['infer_ms'])} ms), full fine-tuning "
              f"{f(full.get('train_ms'))} ms ({f(full.get('train_ms') and full['train_ms'] / floor['train_ms'])}x)",
              "",
              "| method | peer | ours ms | peer ms | x floor | x peer | ours MB | peer MB | infer ms (merged) | "
@@ -175,6 +187,15 @@ def format_table(result: dict[str, Any]) -> str:
             f"{f(r['ours_infer_ms'])} ({f(r['ours_merged_infer_ms'])}) | {f(r['peer_infer_ms'])} "
             f"({f(r['peer_merged_infer_ms'])}) | {f(r['ours_ops'], 'd')} / {f(r['peer_ops'], 'd')} | "
             f"{f(r['ours_trainable'], ',')} / {f(r['peer_trainable'], ',')} |")
+    if floor.get("kernels_per_step") is not None:
+        lines += ["", f"GPU kernels per training step and GPU busy ms per step (torch profiler; floor "
+                      f"{floor['kernels_per_step']:.0f} kernels, {floor['gpu_busy_ms']:.2f} ms busy):", "",
+                  "| method | peer | kernels ours / peer | busy ms ours / peer | step ms ours / peer |",
+                  "|---|---|---:|---:|---:|"]
+        for r in result["rows"]:
+            lines.append(f"| {r['method']} | {r['peer'] or '-'} | {f(r['ours_kernels'], '.0f')} / "
+                         f"{f(r['peer_kernels'], '.0f')} | {f(r['ours_gpu_busy_ms'])} / {f(r['peer_gpu_busy_ms'])} | "
+                         f"{f(r['ours_ms'])} / {f(r['peer_ms'])} |")
     errors = [(r["method"], who, r[f"{who}_error"]) for r in result["rows"] for who in ("ours", "peer")
               if r[f"{who}_error"]]
     if errors:
@@ -196,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per case on the CPU")
     parser.add_argument("--rounds", type=int, default=1, help="run every case this many times, round-robin, "
                                                               "and report medians (for noisy machines)")
+    parser.add_argument("--profile", action="store_true",
+                        help="on a GPU: each case's kernels per step, GPU busy time and top kernels (torch profiler)")
+    parser.add_argument("--compile", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+                        help="run every case, the floor too, through torch.compile in this mode")
     parser.add_argument("--adapters-env", type=Path, default=Path(".bench/adapters-env"),
                         help="folder for adapters and its pinned transformers (installed if missing)")
     parser.add_argument("--adapters-wheels", type=Path, default=None, help="install them offline from these wheels")
@@ -208,8 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     shape = opts.shape or ("bert-base" if device.startswith("cuda") else "bert-small")
     env = ensure_adapters_env(opts.adapters_env.resolve(), opts.adapters_wheels) if "adapters" in opts.peers else None
     print(f"{shape} on {device_name(device)}, {len(opts.methods)} methods", flush=True)
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    partial = opts.out.with_suffix(".cases.jsonl")
+    partial.unlink(missing_ok=True)
     result = benchmark(shape, opts.methods, tuple(opts.peers), device, opts.steps, opts.warmup, env, opts.threads,
-                       opts.rounds)
+                       opts.rounds, opts.profile, opts.compile, partial)
     table = format_table(result)
     print(table)
     opts.out.parent.mkdir(parents=True, exist_ok=True)

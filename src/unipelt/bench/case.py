@@ -210,12 +210,38 @@ def count_ops(fn) -> int:
     return Count.n
 
 
+def kernel_profile(fn, steps: int = 3) -> dict[str, Any]:
+    """GPU kernels of ``steps`` calls of ``fn`` under the torch profiler: launches and busy time per call,
+    and the kernels that take the most time. A step much longer than its busy time waits on the CPU
+    (launch-bound): fewer ops help it; a busy GPU needs fewer FLOPs or bytes instead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = {}
+    for event in prof.events():
+        # kernels only: a user annotation (the optimizer's "Optimizer.step#AdamW.step") spans others
+        if event.device_type == torch.autograd.DeviceType.CUDA and not getattr(event, "is_user_annotation", False) \
+                and "#" not in event.name:
+            kernels.setdefault(event.name, []).append(event.time_range.elapsed_us())
+    busy = sum(sum(t) for t in kernels.values())
+    top = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:12]
+    return {"kernels_per_step": sum(len(t) for t in kernels.values()) / steps,
+            "gpu_busy_ms": busy / steps / 1e3,
+            "top_kernels": [[name[:90], len(t) / steps, sum(t) / steps / 1e3] for name, t in top]}
+
+
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     shape = SHAPES[spec["shape"]]
     device = spec["device"]
     cuda = device.startswith("cuda")
-    model = build_base(shape)
+    with torch.device(device):  # random init where the model runs: seconds less per case on a GPU
+        model = build_base(shape)
     model = attach(spec["peer"], spec["method"], model, shape["family"]).to(device)
+    if spec.get("compile"):
+        model = torch.compile(model, mode=None if spec["compile"] == "default" else spec["compile"])
     trainable = [p for p in model.parameters() if p.requires_grad]
     counted = sum(p.numel() for p in trainable)
     # foreach: the multi-tensor update GPUs use by default, also on the CPU (like for like across devices)
@@ -263,7 +289,22 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     loss = float(train_step().detach())
-    ops = count_ops(train_step)
+    compiled = bool(spec.get("compile"))
+    # under torch.compile a dispatch mode or eval/no-grad would each trigger another compilation: a compiled
+    # case measures training only
+    ops = None if compiled else count_ops(train_step)
+    profiled = {}
+    if cuda and spec.get("profile"):
+        try:
+            profiled = kernel_profile(train_step)
+        except Exception as error:  # noqa: BLE001 (a profiler failure must not lose the case's timings)
+            profiled = {"profile_error": str(error)[:200]}
+    if compiled:
+        return {"peer": spec["peer"], "method": spec["method"], "shape": spec["shape"], "device_kind": device,
+                "compile": spec["compile"], "train_ms": statistics.median(train_ms), "train_ms_all": train_ms,
+                "tokens_per_s": shape["batch"] * shape["seq"] / (statistics.median(train_ms) / 1e3),
+                "peak_mb": peak, "infer_ms": None, "ops_per_step": None, "ops_per_inference": None,
+                "merged_infer_ms": None, "trainable": counted, "loss": loss, **profiled}
 
     def infer(m: torch.nn.Module):
         def run() -> None:
@@ -280,11 +321,12 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         if merged is not None:
             merged_ms = statistics.median(timed(infer(merged), spec["steps"], spec["warmup"]))
     return {"peer": spec["peer"], "method": spec["method"], "shape": spec["shape"], "device_kind": device,
+            "compile": spec.get("compile"),
             "train_ms": statistics.median(train_ms), "train_ms_all": train_ms,
             "tokens_per_s": shape["batch"] * shape["seq"] / (statistics.median(train_ms) / 1e3),
             "peak_mb": peak, "infer_ms": infer_ms, "ops_per_step": ops, "ops_per_inference": infer_ops,
             "merged_infer_ms": merged_ms, "trainable": counted,
-            "loss": loss}
+            "loss": loss, **profiled}
 
 
 def dump(spec: dict[str, Any]) -> dict[str, Any]:

@@ -81,6 +81,10 @@ class RunConfig:
     report_split: str = "dev"
     progress: bool = True
     part_lr: dict[str, float] = field(default_factory=dict)  # method name -> its own learning rate
+    # torch.compile mode for the training forward and backward ("default", "reduce-overhead" = with CUDA
+    # graphs, "max-autotune"), or None for eager. At small batches a GPU step is bound by the CPU launching
+    # kernels; compiled, it is bound by the kernels (benchmarks/results/speed).
+    compile: str | None = None
 
 
 def parameter_groups(model: torch.nn.Module, lr: float, part_lr: dict[str, float]) -> tuple[list[dict], dict]:
@@ -103,6 +107,19 @@ def parameter_groups(model: torch.nn.Module, lr: float, part_lr: dict[str, float
         raise ConfigError(f"--part-lr names {unknown}, which this run does not attach")
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
     return [g for g in [{"params": rest, "lr": lr}, *groups] if g["params"]], by_part
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
+def compiled(model: torch.nn.Module, mode: str | None) -> torch.nn.Module:
+    """``model`` through ``torch.compile`` in ``mode`` (None: ``model`` itself). Hooks of attached methods are
+    traced into the graph; the parameters stay the model's, so saving and evaluation use ``model``."""
+    if mode is None:
+        return model
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
+    return torch.compile(model, mode=None if mode == "default" else mode)
 
 
 def _device(name: str | None) -> str:
@@ -309,6 +326,8 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     bare = accelerator.unwrap_model(model)
+    # only training steps run compiled: evaluation (no grad, other batch sizes) would compile again
+    step_model = compiled(model, cfg.compile)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     predict = make_predict(model, pad_id, cfg.eval_batch_size, device, accelerator.autocast)
     higher = task.greater_is_better
@@ -368,7 +387,7 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
             idx = idx[rank::world] or idx[:1]
             batch = {k: v.to(device) for k, v in collate([train_feats.rows[i] for i in idx], pad_id).items()}
             with accelerator.autocast():
-                loss = model(**batch).loss
+                loss = step_model(**batch).loss
             finite = torch.isfinite(loss.detach()).reshape(1)
             if world > 1:  # every process stops together, or the others would wait for it forever
                 finite = accelerator.gather(finite).all()
