@@ -58,12 +58,23 @@ class Gate(nn.Module):
         return torch.sigmoid(torch.nn.functional.linear(matmul_input(x, w), w, self.proj.bias))
 
 
-def pooled(x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean over tokens of ``x`` (batch, seq, d), counting only real tokens when the mask fits."""
-    if padding_mask is not None and padding_mask.shape == x.shape[:2]:
+def pooled(x: torch.Tensor, padding_mask: torch.Tensor | None, cache: dict | None = None) -> torch.Tensor:
+    """Mean over tokens of ``x`` (batch, seq, d), counting only real tokens when the mask fits.
+
+    The mask's per-token weights (1 / real tokens, or 0) are the same in every layer: with ``cache``
+    (the forward context's values) they are computed once per forward pass, and each layer pays a
+    multiply and a sum.
+    """
+    if padding_mask is None or padding_mask.shape != x.shape[:2]:
+        return x.mean(1)
+    slot = ("pool_weights", x.dtype)
+    weights = cache.get(slot) if cache is not None else None
+    if weights is None or weights.shape[:2] != x.shape[:2]:
         m = padding_mask.to(x.dtype).unsqueeze(-1)
-        return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
-    return x.mean(1)
+        weights = m / m.sum(1, keepdim=True).clamp_min(1.0)
+        if cache is not None:
+            cache[slot] = weights
+    return (x * weights).sum(1)
 
 
 ModelCallRewrite = Callable[[dict[str, Any]], dict[str, Any]]

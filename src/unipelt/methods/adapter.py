@@ -113,10 +113,10 @@ class Adapter(DeltaMethod):
         bottleneck, gate = self.adapters[site_key], self.gates[site_key].proj
         w = torch.cat([bottleneck.down.weight, gate.weight])
         both = F.linear(matmul_input(x, w), w, torch.cat([bottleneck.down.bias, gate.bias]))
-        m = bottleneck.down.out_features
+        down, gate_logit = both.split([bottleneck.down.out_features, 1], dim=-1)  # backward: one cat
         up = bottleneck.up
-        delta = F.linear(bottleneck.act(both[..., :m]), up.weight, up.bias)
-        scale = torch.sigmoid(both[..., m:])  # scale the (tokens, 1) gate, not the (tokens, d) delta
+        delta = F.linear(bottleneck.act(down), up.weight, up.bias)
+        scale = torch.sigmoid(gate_logit)  # scale the (tokens, 1) gate, not the (tokens, d) delta
         return delta * (scale * self.config.scaling if self.config.scaling != 1.0 else scale)
 
     def install(self, installer: Installer) -> None:

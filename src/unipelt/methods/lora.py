@@ -111,14 +111,16 @@ class LoRA(DeltaMethod):
                     bias = torch.cat([x.new_zeros(n * r, dtype=weights[0].dtype),
                                       *[self.gates[k].proj.bias for k in group]])
                 w = torch.cat(weights)
-                hit = [x, torch.nn.functional.linear(matmul_input(x, w), w, bias), n]
+                h_all = torch.nn.functional.linear(matmul_input(x, w), w, bias)
+                # split, not slices: its backward is one concatenation, where each slice's would be a
+                # zero-filled full-width gradient, a copy into it and an add
+                hit = [x, h_all.split([r] * n + [1] * (n if gated else 0), dim=-1), n]
                 cache[slot] = hit
             hit[2] -= 1
             if hit[2] == 0:  # every site has its columns: do not keep this layer's input alive any longer
                 del cache[slot]
-            h_all, i = hit[1], column[site_key]
-            h = h_all[..., i * r:(i + 1) * r]
-            return h, (h_all[..., n * r + i:n * r + i + 1] if gated else None)
+            parts, i = hit[1], column[site_key]
+            return parts[i], (parts[n + i] if gated else None)
 
         return read
 
@@ -146,11 +148,11 @@ class LoRA(DeltaMethod):
                 return output + proj.place(cast_like(torch.nn.functional.linear(h, b) * scaling, output))
             g = torch.sigmoid(gate_logit) if gate_logit is not None else gate(x)
             # the gate is one scalar per token: scaling the rank-r rows of A x is the same as scaling the
-            # d-wide delta, at a fraction of the traffic, and the add still rides in the GEMM
-            h = h * (g * scaling)
+            # d-wide delta, at a fraction of the traffic; the add and alpha/r ride in the GEMM
+            h = h * g
             if whole:
-                return add_matmul(output, h, b)
-            return output + proj.place(cast_like(torch.nn.functional.linear(h, b), output))
+                return add_matmul(output, h, b, scaling)
+            return output + proj.place(cast_like(torch.nn.functional.linear(h, b) * scaling, output))
 
         return add_lora
 

@@ -114,11 +114,10 @@ class Prefix(DeltaMethod):
             return dict(self.prefixes.items())
         flat = self.mlp(self.embedding)  # (l, sum 2 d_kv); bf16 under autocast, and it stays so
         flat = flat + self.start.to(flat.dtype)
-        out, start = {}, 0
-        for site_key, dkv in self.kv_dims.items():
-            out[site_key] = flat[:, start:start + 2 * dkv].reshape(-1, 2, dkv).transpose(0, 1)
-            start += 2 * dkv
-        return out
+        # split, not slices: its backward is one concatenation instead of a zero-filled copy per attention
+        pieces = flat.split([2 * dkv for dkv in self.kv_dims.values()], dim=1)
+        return {site_key: piece.reshape(-1, 2, dkv).transpose(0, 1)
+                for (site_key, dkv), piece in zip(self.kv_dims.items(), pieces, strict=True)}
 
     def install(self, installer: Installer) -> None:
         values = installer.context.values
@@ -151,7 +150,7 @@ class Prefix(DeltaMethod):
                 gate = self.gates[site_key]
                 if self.causal[site_key]:
                     return pk, pv, gate(x)  # (b, q, 1): per query token
-                g = gate(pooled(x, context.padding_mask))[:, :, None, None]  # (b, 1, 1, 1)
+                g = gate(pooled(x, context.padding_mask, values))[:, :, None, None]  # (b, 1, 1, 1)
                 return pk * g, pv * g, None
 
             installer.kv_provider(att.module, provide)

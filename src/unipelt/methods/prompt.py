@@ -54,13 +54,20 @@ class PromptConfig(MethodConfig):
             raise ConfigError(f"prompt position must be one of {POSITIONS}, got {self.position!r}")
 
 
+def _join(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``parts`` joined along the sequence, leaving out empty ones (the piece before a prompt at the start):
+    a lone piece needs no copy, and an empty slice would still cost a full-size gradient in backward."""
+    parts = [t for t in parts if t.shape[1]]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
 def _insert(t: torch.Tensor, pos: int, n: int, fill: Any) -> torch.Tensor:
     pad = torch.full((t.shape[0], n, *t.shape[2:]), fill, dtype=t.dtype, device=t.device)
-    return torch.cat([t[:, :pos], pad, t[:, pos:]], dim=1)
+    return _join([t[:, :pos], pad, t[:, pos:]])
 
 
 def _remove(t: torch.Tensor, pos: int, n: int) -> torch.Tensor:
-    return torch.cat([t[:, :pos], t[:, pos + n:]], dim=1)
+    return _join([t[:, :pos], t[:, pos + n:]])
 
 
 class Prompt(DeltaMethod):
@@ -114,11 +121,11 @@ class Prompt(DeltaMethod):
             b = output.shape[0]
             prompt = self.embedding.to(output.dtype).unsqueeze(0).expand(b, -1, -1)
             if self.vision:
-                return torch.cat([output[:, :pos], prompt, output[:, pos:]], dim=1)
+                return _join([output[:, :pos], prompt, output[:, pos:]])
             expected = values.pop(slot, None)
             if expected is None or output.shape[1] != expected:
                 return output
-            return torch.cat([output[:, :pos], prompt, output[:, pos + n:]], dim=1)
+            return _join([output[:, :pos], prompt, output[:, pos + n:]])
 
         installer.on_output(self.embed_module, fill_prompt)
         if self.vision:
@@ -136,7 +143,7 @@ class Prompt(DeltaMethod):
             else:
                 length = embeds.shape[1]
                 prompt = self.embedding.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
-                kwargs["inputs_embeds"] = torch.cat([embeds[:, :pos], prompt, embeds[:, pos:]], dim=1)
+                kwargs["inputs_embeds"] = _join([embeds[:, :pos], prompt, embeds[:, pos:]])
             if mask is not None and mask.shape[1] == length:
                 kwargs["attention_mask"] = _insert(mask, pos, n, 1)
             return length
