@@ -51,17 +51,26 @@ METHODS: dict[str, object] = {
     "unipelt_prompt": {"method": "unipelt", "adapter": {"bottleneck": 16}, "prefix": {"length": 4}, "lora": {"r": 4},
                        "prompt": {"length": 3}},
     "unipelt_noprefix": {"method": "unipelt", "adapter": {"bottleneck": 16}, "prefix": None, "lora": {"r": 4}},
+    "compacter": {"method": "compacter", "bottleneck": 8},
+    "compacter++": {"method": "compacter++", "bottleneck": 8},
+    "phm_adapter": {"method": "phm_adapter", "bottleneck": 8},
+    "adapter_bias": "adapter_bias",
+    "krona": {"method": "krona", "a_out": 4, "a_in": 4},
     "composition": "composition",  # built fresh per test by _config (a Composition object is mutable)
     "composition_two_lora": "composition_two_lora",
     "composition_partial": "composition_partial",
+    "composition_catalogue": "composition_catalogue",
 }
 
 ZERO_INIT = {"lora", "lora_all", "houlsby", "pfeiffer", "parallel", "scaled_parallel", "bitfit", "ia3", "ln",
-             "unipelt_noprefix", "composition", "composition_two_lora", "composition_partial"}
+             "unipelt_noprefix", "composition", "composition_two_lora", "composition_partial", "compacter",
+             "compacter++", "phm_adapter", "adapter_bias", "krona", "composition_catalogue"}
 NOT_IDENTITY = {"prefix", "prefix_direct", "prompt", "mam", "unipelt", "unipelt_prompt"}
-MERGEABLE = {"lora", "lora_all", "bitfit", "ia3", "ln", "composition_two_lora"}
+MERGEABLE = {"lora", "lora_all", "bitfit", "ia3", "ln", "composition_two_lora", "krona", "adapter_bias"}
+NO_FFN_BIAS = {"llama", "t5"}  # W_2 without a bias cannot hold AdapterBias' constant shift: it stays a delta
 PREFIX_STYLE = {"prefix", "prefix_direct", "mam", "unipelt", "unipelt_prompt"}
-GATED = {"unipelt", "unipelt_prompt", "unipelt_noprefix", "composition", "composition_partial"}
+GATED = {"unipelt", "unipelt_prompt", "unipelt_noprefix", "composition", "composition_partial",
+         "composition_catalogue"}
 assert set(METHODS) == ZERO_INIT | NOT_IDENTITY and not ZERO_INIT & NOT_IDENTITY
 
 
@@ -84,7 +93,17 @@ def _config(key: str):
             {"method": "lora", "r": 4},
             "ln",
         ])
+    if key == "composition_catalogue":  # newer catalogue methods, gated, beside one that merges
+        return unipelt.Composition(methods=[
+            {"method": "krona", "a_out": 4, "a_in": 4, "gate": True},
+            {"method": "compacter++", "bottleneck": 8, "gate": True},
+            "adapter_bias",
+        ])
     return copy.deepcopy(METHODS[key])
+
+
+def mergeable(family: str, key: str) -> bool:
+    return key in MERGEABLE and not (key == "adapter_bias" and family in NO_FFN_BIAS)
 
 
 def not_applicable(family: str, key: str) -> str | None:
@@ -230,6 +249,23 @@ def prefix_count(D: Dims, length: int, reparam: bool, gate: bool = False) -> int
     return length * D.d + (D.d * h + h) + (h * 2 * N * D.kv + 2 * N * D.kv) + gates
 
 
+def compacter_count(D: Dims, m: int, houlsby: bool, n: int = 4, full: bool = False, gate: bool = False) -> int:
+    """Shared rules n^3 plus per adapter rank-1 factors r (out + in) and a bias for W_down and W_up
+    (3 (d + m)); PHM-Adapter: own rules n^3 and full factors out in / n per PHM layer."""
+    adapters = sum((layer.attentions if houlsby else 0) + 1 for layer in D.layers)
+    if full:
+        per = 2 * n ** 3 + 2 * D.d * m // n + D.d + m
+        return adapters * (per + (D.d + 1 if gate else 0))
+    return n ** 3 + adapters * (3 * (D.d + m) + (D.d + 1 if gate else 0))
+
+
+def krona_count(D: Dims, a_out: int, a_in: int, gate: bool = False) -> int:
+    """a_out a_in + (d_out / a_out)(d_in / a_in) per adapted matrix (W_q, W_v), d_in + 1 per gate."""
+    shapes = [(D.d, D.q), (D.d, D.kv)]
+    per = sum(a_out * a_in + (o // a_out) * (i // a_in) + (i + 1 if gate else 0) for i, o in shapes)
+    return D.n_attn * per
+
+
 def ia3_count(D: Dims) -> int:
     return sum(layer.attentions * 2 * D.kv + layer.ff for layer in D.layers)
 
@@ -281,6 +317,14 @@ def expected_counts(family: str, key: str, model: nn.Module) -> dict[str, int]:
                                          "ln": ln_count(model)},
         "composition_partial": lambda: {"adapter": adapter_count(D, 8, False, gate=True), "lora": lora_count(D, 4),
                                         "ln": ln_count(model)},
+        "compacter": lambda: {"compacter": compacter_count(D, 8, True)},
+        "compacter++": lambda: {"compacter": compacter_count(D, 8, False)},
+        "phm_adapter": lambda: {"compacter": compacter_count(D, 8, True, full=True)},
+        "adapter_bias": lambda: {"adapter_bias": len(D.layers) * (2 * D.d + 1)},
+        "krona": lambda: {"krona": krona_count(D, 4, 4)},
+        "composition_catalogue": lambda: {"krona": krona_count(D, 4, 4, gate=True),
+                                          "compacter": compacter_count(D, 8, False, gate=True),
+                                          "adapter_bias": len(D.layers) * (2 * D.d + 1)},
     }
     return table[key]()
 
@@ -480,7 +524,7 @@ def test_merge(family: str, key: str) -> None:
     perturb(model)
     out = logits(model, batch)
     names = set(store(model))
-    if key in MERGEABLE:
+    if mergeable(family, key):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             unipelt.merge(model)
@@ -496,6 +540,9 @@ def test_merge(family: str, key: str) -> None:
         torch.testing.assert_close(logits(model, batch), out, atol=1e-5, rtol=0)
     elif key == "composition_partial":  # lora and ln touch no module the adapter hooks: they fold
         assert kept == {"adapter"}
+        torch.testing.assert_close(logits(model, batch), out, atol=1e-5, rtol=0)
+    elif key == "composition_catalogue":  # gated krona and compacter stay; adapter_bias shares W_2 with compacter
+        assert {"krona", "compacter"} <= kept <= names
         torch.testing.assert_close(logits(model, batch), out, atol=1e-5, rtol=0)
     else:  # nothing here is mergeable (adapters, prefixes, prompts, gated lora)
         assert kept == names
@@ -650,7 +697,8 @@ def test_unknown_key_lists_valid_keys(config, valid) -> None:
 @pytest.mark.parametrize("config", [
     {"method": "lora", "r": 0}, {"method": "lora", "r": -2}, {"method": "lora", "r": 33},
     {"method": "houlsby", "bottleneck": 0}, {"method": "prefix", "length": 0}, {"method": "prompt", "length": 0},
-    {"method": "ia3", "gate": True},
+    {"method": "ia3", "gate": True}, {"method": "compacter", "n": 0}, {"method": "krona", "a_out": 0},
+    {"method": "adapter_bias", "gate": True},
 ])
 def test_bad_values_raise_config_error(config) -> None:
     model = build("bert")
@@ -690,3 +738,18 @@ def test_mam_dict_sizes_keep_the_papers_settings() -> None:
     model = unipelt.attach(build("bert"), {"method": "unipelt", "adapter": {"activation": "gelu"}, "lora": {"r": 4}})
     assert store(model)["adapter"].config.bottleneck == 48  # UniPELT's m, not AdapterConfig's default
     assert store(model)["lora"].config.alpha == 16.0
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({"method": "compacter", "bottleneck": 6}, r"bottleneck 6 is not divisible by n=4; use a multiple of 4"),
+    ({"method": "compacter++", "bottleneck": 9, "n": 3}, r"model width divisible by n: 32 is not divisible by n=3"),
+    ({"method": "krona", "a_out": 5, "a_in": 4}, r"a_out=5 must divide 32"),
+])
+def test_sizes_that_do_not_divide_are_named(config, message) -> None:
+    """PHM layers need the width and bottleneck divisible by n; KronA's factors must divide the matrix."""
+    model = build("bert")
+    base = logits(model, inputs("bert"))
+    with pytest.raises(unipelt.ConfigError, match=message):
+        unipelt.attach(model, config)
+    assert "unipelt_deltas" not in model._modules
+    assert torch.equal(logits(model, inputs("bert")), base)

@@ -15,6 +15,8 @@ METHODS = [
     {"method": "mam", "prefix": {"length": 4}, "adapter": {"bottleneck": 16, "parallel": True, "scaling": 4.0}},
     {"method": "unipelt", "adapter": {"bottleneck": 16}, "prefix": {"length": 4}},
     {"method": "unipelt", "adapter": {"bottleneck": 16}, "prefix": {"length": 4}, "prompt": {"length": 4}},
+    {"method": "compacter", "bottleneck": 8}, {"method": "compacter++", "bottleneck": 8}, "adapter_bias",
+    {"method": "krona", "a_out": 4, "a_in": 4},
 ]
 
 

@@ -81,7 +81,10 @@ METHODS: dict[str, dict[str, Any]] = {
             "adapters": ("MAMConfig", {})},
     "unipelt": {"unipelt": {"method": "unipelt", "lora": {"alpha": 2}, "adapter": {"bottleneck": "d/16"}},
                 "adapters": ("UniPELTConfig", {})},
-    "compacter": {"adapters": ("CompacterConfig", {})},
+    "compacter": {"unipelt": {"method": "compacter", "bottleneck": "d/32"},
+                  "adapters": ("CompacterConfig", {})},
+    "krona": {"unipelt": {"method": "krona", "a_out": 32, "a_in": 32}},
+    "adapter_bias": {"unipelt": {"method": "adapter_bias"}},
 }
 
 # module names (regular expressions) of the attention projections, the FFN's output projection W_2 and the

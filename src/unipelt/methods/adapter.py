@@ -101,9 +101,13 @@ class Adapter(DeltaMethod):
         self.gates = nn.ModuleDict()
         for site_key, site in self.sites.items():
             d = site.write.out_features
-            self.adapters[site_key] = Bottleneck(d, config.bottleneck, config.activation)
+            self.adapters[site_key] = self._bottleneck(d)
             if config.gate:
                 self.gates[site_key] = Gate(d)
+
+    def _bottleneck(self, d: int) -> nn.Module:
+        """The module mapping a site's input to its delta (subclasses build other bottlenecks)."""
+        return Bottleneck(d, self.config.bottleneck, self.config.activation)
 
     def _delta(self, site_key: str, x: torch.Tensor) -> torch.Tensor:
         if site_key not in self.gates:

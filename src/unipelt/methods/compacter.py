@@ -1,0 +1,125 @@
+"""Compacter, Compacter++ and PHM-Adapter (Karimi Mahabadi et al., NeurIPS 2021).
+
+Bottleneck adapters whose two projections are parameterised hypercomplex multiplication (PHM)
+layers: ``W = sum_{i=1..n} A_i (x) B_i`` (Kronecker products), ``A_i`` n x n, ``B_i`` (out/n) x (in/n).
+
+- ``compacter``: the ``A_i`` ("slow" weights) are one set shared by every PHM layer of the model;
+  each layer's ``B_i = s_i t_i^T`` has rank ``phm_rank`` (1 in the paper); Houlsby placement.
+- ``compacter++``: the same, one adapter per layer after the FFN (Pfeiffer placement).
+- ``phm_adapter``: each PHM layer has its own ``A_i`` and full ``B_i``; Houlsby placement.
+
+Everything else is a bottleneck adapter's (placement, parallel, scaling, UniPELT gate): the up
+projection's fast weights (``t_i``, or ``B_i``) and bias start at zero, so the model starts as the
+base model. ``W`` is built per call from the factors (``n * out * in`` multiply-adds, small beside
+the GEMM) and the GEMMs run on it. The down projection is initialised with ``nn.Linear``'s variance
+(``A_i ~ N(0, 1/n)``, factors scaled to match). Not mergeable (non-linearity).
+
+Parameters: shared ``n^3``, plus per PHM layer ``r (out + in) + out`` (rank r) or ``n^3 + out in / n +
+out`` (PHM-Adapter); with ``m`` the bottleneck and ``d`` the width, a Compacter adapter has
+``3 (d + m)`` at rank 1. Sizes must divide by ``n``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ConfigError, register, register_preset
+from .adapter import Adapter, AdapterConfig
+from .base import activation, matmul_input
+
+
+@register
+@dataclass
+class CompacterConfig(AdapterConfig):
+    method = "compacter"
+    description = "Compacter: adapters of PHM layers, shared n x n rules, rank-1 factors (Karimi Mahabadi 2021)"
+
+    bottleneck: int = 24  # the paper's reduction factor 32 on a 768-wide model
+    placement: str = "houlsby"
+    activation: str = "gelu"
+    n: int = 4
+    phm_rank: int | None = 1  # None: full B_i (PHM-Adapter)
+    shared_rules: bool = True  # one set of A_i for the whole model
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ConfigError(f"compacter n must be a positive integer, got {self.n!r}")
+        if self.phm_rank is not None and (not isinstance(self.phm_rank, int) or self.phm_rank < 1):
+            raise ConfigError(f"compacter phm_rank must be a positive integer or None (full), got {self.phm_rank!r}")
+        if self.bottleneck % self.n:
+            near = max(self.n, self.bottleneck // self.n * self.n)
+            raise ConfigError(f"compacter bottleneck {self.bottleneck} is not divisible by n={self.n}; "
+                              f"use a multiple of {self.n}, e.g. bottleneck={near}")
+
+
+register_preset("compacter++", CompacterConfig, "Compacter++: one Compacter adapter per layer, after the FFN",
+                placement="pfeiffer")
+register_preset("phm_adapter", CompacterConfig, "PHM-Adapter: adapters of PHM layers with own rules and full factors",
+                phm_rank=None, shared_rules=False)
+
+
+class PHMLinear(nn.Module):
+    """``y = x W^T + b`` with ``W = sum_i A_i (x) B_i``; the rules ``A`` are passed in when shared."""
+
+    def __init__(self, in_features: int, out_features: int, n: int, rank: int | None, own_rules: bool, zero: bool):
+        super().__init__()
+        p, q = out_features // n, in_features // n
+        self.shape = (n, p, q)
+        self.rules = nn.Parameter(torch.randn(n, n, n) / math.sqrt(n)) if own_rules else None
+        # Var(W) = n Var(A) Var(B) = Var(B) with Var(A) = 1/n: B gets nn.Linear's 1 / (3 in)
+        target = 1.0 / (3.0 * in_features)
+        if rank is None:
+            self.B = nn.Parameter(torch.zeros(n, p, q) if zero else torch.randn(n, p, q) * math.sqrt(target))
+            self.s = self.t = None
+        else:
+            factor = (target / rank) ** 0.25  # Var(s t^T) = rank Var(s) Var(t)
+            self.B = None
+            self.s = nn.Parameter(torch.randn(n, p, rank) * factor)
+            self.t = nn.Parameter(torch.zeros(n, rank, q) if zero else torch.randn(n, rank, q) * factor)
+        self.bias = nn.Parameter(torch.zeros(out_features))
+
+    def weight(self, shared_rules: torch.Tensor | None) -> torch.Tensor:
+        rules = self.rules if self.rules is not None else shared_rules
+        factors = self.B if self.B is not None else self.s @ self.t  # (n, p, q)
+        n, p, q = self.shape
+        # (A (x) B)[(a, c), (b, d)] = A[a, b] B[c, d], summed over the n pairs
+        return torch.einsum("iab,icd->acbd", rules.to(factors.dtype), factors).reshape(n * p, n * q)
+
+
+class PHMBottleneck(nn.Module):
+    def __init__(self, d: int, m: int, config: CompacterConfig):
+        super().__init__()
+        own = not config.shared_rules
+        self.down = PHMLinear(d, m, config.n, config.phm_rank, own, zero=False)
+        self.up = PHMLinear(m, d, config.n, config.phm_rank, own, zero=True)
+        self.act = activation(config.activation)
+
+    def forward(self, x: torch.Tensor, shared_rules: torch.Tensor | None) -> torch.Tensor:
+        w_down, w_up = self.down.weight(shared_rules), self.up.weight(shared_rules)
+        h = self.act(F.linear(matmul_input(x, w_down), w_down, self.down.bias))
+        return F.linear(h, w_up, self.up.bias)
+
+
+class Compacter(Adapter):
+    config_class = CompacterConfig
+
+    def _bottleneck(self, d: int) -> nn.Module:
+        config: CompacterConfig = self.config
+        if d % config.n:
+            raise ConfigError(f"compacter needs the model width divisible by n: {d} is not divisible by n={config.n}; "
+                              f"choose n among {[k for k in range(1, 9) if d % k == 0 and config.bottleneck % k == 0]}")
+        if config.shared_rules and getattr(self, "rules", None) is None:
+            self.rules = nn.Parameter(torch.randn(config.n, config.n, config.n) / math.sqrt(config.n))
+        return PHMBottleneck(d, config.bottleneck, config)
+
+    def _delta(self, site_key: str, x: torch.Tensor) -> torch.Tensor:
+        delta = self.adapters[site_key](x, getattr(self, "rules", None))
+        if site_key in self.gates:
+            delta = delta * self.gates[site_key](x)
+        return delta * self.config.scaling if self.config.scaling != 1.0 else delta
