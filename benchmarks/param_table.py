@@ -21,6 +21,11 @@ ROWS = [
     ("scaled_parallel", "scaled_parallel"), ("bitfit", "bitfit"), ("ia3", "ia3"), ("ln", "ln"),
     ("prefix", "prefix"), ("prompt", "prompt"), ("mam", "mam"), ("unipelt", "unipelt"),
     ("unipelt + prompt", {"method": "unipelt", "prompt": {"length": 20}}),
+    ("compacter", "compacter"), ("compacter++", "compacter++"), ("phm_adapter", "phm_adapter"),
+    ("krona", "krona"), ("krona_ffn", "krona_ffn"), ("kadaptation", "kadaptation"), ("adapter_bias", "adapter_bias"),
+    ("sparse_adapter", "sparse_adapter"),
+    ("sparse_adapter large-sparse", {"method": "sparse_adapter", "large_sparse": True}),
+    ("rational", "rational"),
 ]
 
 

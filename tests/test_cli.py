@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForMaskedLM
 
 import unipelt
 from unipelt.cli import EXIT_BAD_INPUT, EXIT_DIVERGED, main
@@ -331,3 +331,68 @@ def test_part_lr_from_the_command_line(tiny_model, small_glue, tmp_path) -> None
     assert json.loads((out / "results.json").read_text())["lr_by_part"] == {"prefix": 1e-5}
     assert main(train_args(tiny_model, small_glue, tmp_path / "x", "sst2", "lora", "--part-lr", "prefix=1e-5")) \
         == EXIT_BAD_INPUT
+
+
+@needs_glue
+def test_sparse_adapter_is_pruned_on_training_batches(tiny_model, small_glue, tmp_path) -> None:
+    """The trainer runs SNIP on seeded training batches before the first step: the saved adapter keeps
+    (1 - sparsity) of each weight matrix, and the same seed prunes the same way."""
+    from unipelt.methods.sparse_adapter import sparse_adapters
+
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert main(train_args(tiny_model, small_glue, out, "sst2", "sparse_adapter", "--set", "sparsity=0.75",
+                               "--set", "bottleneck=16")) == 0
+        model = unipelt.load(loop.load_model(tiny_model, AutoModelForSequenceClassification, num_labels=2), out)
+        (adapter,) = sparse_adapters(model).values()
+        masks = {k: layer.mask.clone() for k, layer in adapter.masked_layers().items()}
+        assert masks and all(abs(m.float().mean().item() - 0.25) < 0.02 for m in masks.values())
+        runs.append(masks)
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def _save_tiny_vit(folder: Path) -> str:
+    import transformers
+
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                    image_size=16, patch_size=4, num_channels=3)
+    torch.manual_seed(0)
+    transformers.ViTModel(config).save_pretrained(folder)
+    return str(folder)
+
+
+def test_digits_image_classification_offline(tmp_path) -> None:
+    """The offline image smoke task: scikit-learn's digits, upscaled to the ViT's input; a LoRA run learns
+    (chance is 0.1) and `unipelt eval` reproduces the score."""
+    vit = _save_tiny_vit(tmp_path / "vit")
+    out = tmp_path / "digits"
+    assert main(["train", "--task", "digits", "--model", vit, "--method", "lora", "--k-shot", "200", "--max-steps",
+                 "100", "--eval-every", "50", "--lr", "1e-2", "--out", str(out), "--device", "cpu",
+                 "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["main_metric"] == "accuracy" and results["report_examples"] == 360
+    assert results["score"] > 0.3
+    assert loop.evaluate(out, device="cpu")["accuracy"] == pytest.approx(results["score"])
+
+
+def test_image_folder_task_and_vpt(tmp_path) -> None:
+    """A folder of images per class trains with visual prompt tuning (deep); a text model is refused."""
+    from PIL import Image
+
+    vit = _save_tiny_vit(tmp_path / "vit")
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 6), ("val", 3)):
+        for label in ("cat", "dog"):
+            (tmp_path / "data" / split / label).mkdir(parents=True)
+            for i in range(n):
+                pixels = (torch.rand(20, 20, 3, generator=g) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(tmp_path / "data" / split / label / f"{i}.png")
+    out = tmp_path / "run"
+    assert main(["train", "--task", "images", "--data-dir", str(tmp_path / "data"), "--model", vit, "--method",
+                 "vpt_deep", "--set", "length=4", "--max-steps", "4", "--out", str(out), "--device", "cpu",
+                 "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["report_examples"] == 6 and results["trainable_by_part"]["vpt"] == 2 * 4 * 32
+    assert main(["train", "--task", "digits", "--method", "vpt", "--max-steps", "1", "--out",
+                 str(tmp_path / "text"), "--device", "cpu", "--no-progress"]) == EXIT_BAD_INPUT

@@ -56,6 +56,12 @@ METHODS: dict[str, object] = {
     "phm_adapter": {"method": "phm_adapter", "bottleneck": 8},
     "adapter_bias": "adapter_bias",
     "krona": {"method": "krona", "a_out": 4, "a_in": 4},
+    "krona_ffn": {"method": "krona_ffn", "a_out": 4, "a_in": 4},
+    "krona_ffn_res": {"method": "krona_ffn", "a_out": 4, "a_in": 4, "residual_scale": 0.5},
+    "kadaptation": {"method": "kadaptation", "n": 4, "rank": 2},
+    "sparse_adapter": {"method": "sparse_adapter", "bottleneck": 16, "sparsity": 0.5},
+    "vpt": {"method": "vpt", "length": 3},
+    "vpt_deep": {"method": "vpt_deep", "length": 3},
     "composition": "composition",  # built fresh per test by _config (a Composition object is mutable)
     "composition_two_lora": "composition_two_lora",
     "composition_partial": "composition_partial",
@@ -64,9 +70,12 @@ METHODS: dict[str, object] = {
 
 ZERO_INIT = {"lora", "lora_all", "houlsby", "pfeiffer", "parallel", "scaled_parallel", "bitfit", "ia3", "ln",
              "unipelt_noprefix", "composition", "composition_two_lora", "composition_partial", "compacter",
-             "compacter++", "phm_adapter", "adapter_bias", "krona", "composition_catalogue"}
-NOT_IDENTITY = {"prefix", "prefix_direct", "prompt", "mam", "unipelt", "unipelt_prompt"}
-MERGEABLE = {"lora", "lora_all", "bitfit", "ia3", "ln", "composition_two_lora", "krona", "adapter_bias"}
+             "compacter++", "phm_adapter", "adapter_bias", "krona", "composition_catalogue", "krona_ffn",
+             "kadaptation", "sparse_adapter"}
+NOT_IDENTITY = {"prefix", "prefix_direct", "prompt", "mam", "unipelt", "unipelt_prompt", "krona_ffn_res", "vpt",
+                "vpt_deep"}
+MERGEABLE = {"lora", "lora_all", "bitfit", "ia3", "ln", "composition_two_lora", "krona", "adapter_bias",
+             "kadaptation"}
 NO_FFN_BIAS = {"llama", "t5"}  # W_2 without a bias cannot hold AdapterBias' constant shift: it stays a delta
 PREFIX_STYLE = {"prefix", "prefix_direct", "mam", "unipelt", "unipelt_prompt"}
 GATED = {"unipelt", "unipelt_prompt", "unipelt_noprefix", "composition", "composition_partial",
@@ -112,6 +121,8 @@ def not_applicable(family: str, key: str) -> str | None:
         return "bias"
     if key in PREFIX_STYLE and family == "deberta-v2":
         return "prefix"
+    if key in ("vpt", "vpt_deep") and family != "vit":
+        return "vision"
     return None
 
 
@@ -322,6 +333,12 @@ def expected_counts(family: str, key: str, model: nn.Module) -> dict[str, int]:
         "phm_adapter": lambda: {"compacter": compacter_count(D, 8, True, full=True)},
         "adapter_bias": lambda: {"adapter_bias": len(D.layers) * (2 * D.d + 1)},
         "krona": lambda: {"krona": krona_count(D, 4, 4)},
+        "krona_ffn": lambda: {"krona_ffn": len(D.layers) * (16 + (D.d // 4) ** 2)},
+        "krona_ffn_res": lambda: {"krona_ffn": len(D.layers) * (16 + (D.d // 4) ** 2)},
+        "kadaptation": lambda: {"kadaptation": 4 ** 3 + D.n_attn * 2 * ((D.q + D.d) + (D.kv + D.d))},
+        "sparse_adapter": lambda: {"sparse_adapter": adapter_count(D, 16, False)},  # dense tensors, masks apart
+        "vpt": lambda: {"vpt": 3 * D.d},
+        "vpt_deep": lambda: {"vpt": len(D.layers) * 3 * D.d},
         "composition_catalogue": lambda: {"krona": krona_count(D, 4, 4, gate=True),
                                           "compacter": compacter_count(D, 8, False, gate=True),
                                           "adapter_bias": len(D.layers) * (2 * D.d + 1)},
@@ -609,7 +626,8 @@ def test_not_applicable_raises_config_error(family: str, key: str) -> None:
     batch = inputs(family)
     base = logits(model, batch)
     why = not_applicable(family, key)
-    match = "no bias terms" if why == "bias" else "prefix-style methods do not support family 'deberta-v2'"
+    match = {"bias": "no bias terms", "vision": "vpt prompts vision transformers; .* use method 'prompt'",
+             "prefix": "prefix-style methods do not support family 'deberta-v2'"}[why]
     with pytest.raises(unipelt.ConfigError, match=match):
         unipelt.attach(model, _config(key))
     assert "unipelt_deltas" not in model._modules and not hasattr(model, "_unipelt")

@@ -16,7 +16,8 @@ METHODS = [
     {"method": "unipelt", "adapter": {"bottleneck": 16}, "prefix": {"length": 4}},
     {"method": "unipelt", "adapter": {"bottleneck": 16}, "prefix": {"length": 4}, "prompt": {"length": 4}},
     {"method": "compacter", "bottleneck": 8}, {"method": "compacter++", "bottleneck": 8}, "adapter_bias",
-    {"method": "krona", "a_out": 4, "a_in": 4},
+    {"method": "krona", "a_out": 4, "a_in": 4}, {"method": "krona_ffn", "a_out": 4, "a_in": 4},
+    {"method": "kadaptation", "rank": 2},
 ]
 
 

@@ -22,11 +22,11 @@ from .methods import (  # noqa: E402
     PromptConfig,
 )
 from .peft_format import export_peft, load_peft  # noqa: E402
-from .serialization import DeltaFileError, load, save  # noqa: E402
+from .serialization import DeltaFileError, load, load_tasks, save  # noqa: E402
 
 __all__ = [
     "AdapterConfig", "BitFitConfig", "Composition", "ConfigError", "DeltaFileError", "IA3Config", "LNConfig",
     "LoRAConfig", "MAMConfig", "MethodConfig", "PrefixConfig", "PromptConfig", "UniPELTConfig",
-    "UnsupportedModelError", "__version__", "attach", "detach", "export_peft", "load", "load_peft", "merge",
-    "methods", "parse_config", "save", "summary", "trainable_parameters",
+    "UnsupportedModelError", "__version__", "attach", "detach", "export_peft", "load", "load_peft", "load_tasks",
+    "merge", "methods", "parse_config", "save", "summary", "trainable_parameters",
 ]

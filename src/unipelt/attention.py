@@ -19,8 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# provider(module, query, key, value) -> (prefix_key, prefix_value, query_gate): keys and values shaped
-# (batch, kv_heads, l, head_dim); query_gate None or (batch, q_len, 1) scaling what they add per query.
+# provider(module, query, key, value) -> (prefix_key, prefix_value, query_gate[, rows]): keys and values shaped
+# (batch, kv_heads, l, head_dim); query_gate None or (batch, q_len, 1) scaling what they add per query; rows
+# (multi-task serving) None or (batch,) bool: the rows that see these keys (masked out for the others).
 KVProvider = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor],
                       tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
 
@@ -69,6 +70,20 @@ def _widen_mask(mask: torch.Tensor | None, n: int, query: torch.Tensor, key: tor
     return F.pad(mask, (n, 0), value=0.0)
 
 
+def _hide_from_rows(mask: torch.Tensor | None, spans: list[tuple[int, int, torch.Tensor]], query: torch.Tensor,
+                    kv_len: int) -> torch.Tensor:
+    """Mask key columns ``[start, start + length)`` for the rows not in ``rows``: another task's prefix."""
+    b = query.shape[0]
+    if mask is None:
+        mask = torch.ones(b, 1, query.shape[2], kv_len, dtype=torch.bool, device=query.device)
+    mask = mask.expand(b, *mask.shape[1:]).clone()
+    for start, length, rows in spans:
+        block = mask[..., start:start + length]  # a view: filled in place
+        others = ~rows.view(b, 1, 1, 1).to(mask.device)
+        block.masked_fill_(others, False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min)
+    return mask
+
+
 def _wrapper(impl: str) -> Callable:
     def attention_with_prefix(module, query, key, value, attention_mask, **kwargs):
         providers = _PROVIDERS.get(module)
@@ -76,14 +91,20 @@ def _wrapper(impl: str) -> Callable:
         if not providers:
             return fn(module, query, key, value, attention_mask, **kwargs)
         causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
-        keys, values, query_gates = [], [], []
+        keys, values, query_gates, hidden = [], [], [], []
+        start = 0
         for provider in providers:
-            pk, pv, query_gate = provider(module, query, key, value)
+            pk, pv, query_gate, *rows = provider(module, query, key, value)
             keys.append(pk.to(key.dtype))
             values.append(pv.to(value.dtype))
             query_gates.append(query_gate)
+            if rows and rows[0] is not None:
+                hidden.append((start, pk.shape[2], rows[0]))
+            start += pk.shape[2]
         n = sum(k.shape[2] for k in keys)
         attention_mask = _widen_mask(attention_mask, n, query, key, causal)
+        if hidden:
+            attention_mask = _hide_from_rows(attention_mask, hidden, query, n + key.shape[2])
         if attention_mask is not None:
             kwargs["is_causal"] = False
         bias = kwargs.get("position_bias")

@@ -36,6 +36,9 @@ class Attachment:
     head_snapshot: dict[str, torch.Tensor] = field(default_factory=dict)
     attention_routing: dict[int, str] | None = None
     handles: list[Any] = field(default_factory=list)
+    # multi-task serving (serialization.load_tasks): task names in task-id order, and each served method's task id
+    tasks: list[str] = field(default_factory=list)
+    method_task: dict[str, int] = field(default_factory=dict)
 
 
 def attachment(model: nn.Module) -> Attachment | None:
@@ -82,7 +85,13 @@ def _hook_model_calls(model: nn.Module, state: Attachment) -> None:
     def before_call(module, args, kwargs):
         in_call[0] = True
         call = call_arguments(module, args, kwargs)
+        task_ids = call.pop("task_ids", None)
         state.context.reset(call.get("attention_mask"))
+        if state.tasks:
+            state.context.row_masks = _row_masks(state, task_ids)
+        elif task_ids is not None:
+            raise ConfigError("task_ids was given but this model serves no tasks; load deltas with "
+                              "unipelt.load_tasks(model, {name: folder, ...}) first")
         for installer in state.installers.values():
             for rewrite in installer.call_rewrites:
                 call = rewrite(call)
@@ -113,6 +122,21 @@ def _hook_model_calls(model: nn.Module, state: Attachment) -> None:
         state.handles.append(encoder.register_forward_pre_hook(before_encoder, with_kwargs=True))
 
 
+def _row_masks(state: Attachment, task_ids: Any) -> dict[str, torch.Tensor]:
+    """Each served method's rows of the batch, from one task id per row."""
+    if task_ids is None:
+        raise ConfigError(f"this model serves the tasks {state.tasks}: pass task_ids= with one task id per row "
+                          f"(0..{len(state.tasks) - 1}, in that order)")
+    task_ids = torch.as_tensor(task_ids)
+    if task_ids.dim() != 1:
+        raise ConfigError(f"task_ids must hold one task id per row (1-D), got shape {tuple(task_ids.shape)}")
+    bad = task_ids[(task_ids < 0) | (task_ids >= len(state.tasks))]
+    if bad.numel():
+        raise ConfigError(f"task_ids holds {sorted(set(bad.tolist()))}, but the tasks are 0..{len(state.tasks) - 1} "
+                          f"({state.tasks})")
+    return {name: task_ids == task for name, task in state.method_task.items()}
+
+
 def _dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
     p = next(model.parameters())
     dtype = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
@@ -141,7 +165,7 @@ def add_method(model: nn.Module, config: MethodConfig, name: str | None = None) 
     store[name] = method
     if not state.handles:
         _hook_model_calls(model, state)
-    installer = Installer(model, state.context)
+    installer = Installer(model, state.context, name)
     method.install(installer)
     state.installers[name] = installer
     if installer._providers and state.attention_routing is None:
@@ -178,6 +202,9 @@ def _remove_method(model: nn.Module, name: str) -> None:
     store = deltas(model)
     state.installers.pop(name).remove()
     del store[name]
+    state.method_task.pop(name, None)
+    if not state.method_task:
+        state.tasks.clear()
     if state.attention_routing is not None and not any(i._providers for i in state.installers.values()):
         attention.restore_routing(model, state.attention_routing)
         state.attention_routing = None
@@ -240,14 +267,17 @@ def merge(model: nn.Module) -> nn.Module:
     while progress:
         progress = False
         for name, method in list(deltas(model).items()):
-            if method.mergeable() and _merges_exactly(state, name):
+            # a served task's delta acts on its rows only: folded into the shared weights it would act on all
+            if method.mergeable() and name not in state.method_task and _merges_exactly(state, name):
                 # Remove the hooks first: the merged weights already contain the delta.
                 state.installers[name].remove()
                 method.merge()
                 state.installers.pop(name)
                 del deltas(model)[name]
                 progress = True
-    kept = [f"{n} (shares a module with a delta that stays)" if m.mergeable() else n for n, m in deltas(model).items()]
+    kept = [f"{n} (serves task '{state.tasks[state.method_task[n]]}')" if n in state.method_task
+            else f"{n} (shares a module with a delta that stays)" if m.mergeable() else n
+            for n, m in deltas(model).items()]
     if state.attention_routing is not None and not any(i._providers for i in state.installers.values()):
         attention.restore_routing(model, state.attention_routing)
         state.attention_routing = None

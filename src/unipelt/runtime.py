@@ -25,11 +25,15 @@ class ForwardContext:
 
     padding_mask: torch.Tensor | None = None  # (batch, seq) 1 = real token, of the main input
     values: dict[Any, Any] = field(default_factory=dict)  # per-forward cache (prefix reparametrisation)
+    # multi-task serving: method name -> (batch,) bool, the rows of the batch that method acts on; a method
+    # absent here acts on every row
+    row_masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def reset(self, attention_mask: Any = None) -> None:
         """Start a new forward pass: clear the per-pass values; take the mask if it is a padding mask."""
         self.padding_mask = None
         self.values.clear()
+        self.row_masks = {}
         self.use_mask(attention_mask)
 
     def use_mask(self, attention_mask: Any) -> None:
@@ -84,9 +88,10 @@ ModelOutputRewrite = Callable[[dict[str, Any], Any], Any]
 class Installer:
     """Registers a method's hooks on a model and remembers how to take them all off."""
 
-    def __init__(self, model: nn.Module, context: ForwardContext):
+    def __init__(self, model: nn.Module, context: ForwardContext, name: str = ""):
         self.model = model
         self.context = context
+        self.name = name  # the method's name in the model's store
         self._handles: list[Any] = []
         self._providers: list[tuple[nn.Module, attention.KVProvider]] = []
         self._swaps: list[tuple[nn.Module, str, nn.Module]] = []
@@ -94,6 +99,17 @@ class Installer:
         self.call_rewrites: list[ModelCallRewrite] = []
         self.output_rewrites: list[ModelOutputRewrite] = []
         self.hooked: list[tuple[nn.Module, str]] = []  # (module, "output" | "input" | "other"), for merge
+
+    def rows(self, like: torch.Tensor) -> torch.Tensor | None:
+        """Multi-task serving: this method's rows of the batch as a 0/1 tensor shaped to broadcast over
+        ``like`` (batch first), in its dtype; None when the method acts on every row."""
+        mask = self.context.row_masks.get(self.name)
+        if mask is None:
+            return None
+        if mask.shape[0] != like.shape[0]:
+            raise RuntimeError(f"task_ids has {mask.shape[0]} rows but a tensor of method '{self.name}' has "
+                               f"{like.shape[0]}; pass one task id per row of the batch")
+        return mask.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
     def on_output(self, module: nn.Module, fn: Callable[[nn.Module, tuple, Any], Any]) -> None:
         """``fn(module, inputs, output) -> new output`` after ``module`` runs."""

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .config import ConfigError, parse_config
-from .core import _start, add_method, attachment, deltas, detach
+from .core import _remove_method, _start, add_method, attachment, deltas, detach
 from .families import family_of
 
 DELTA_FILE = "delta.safetensors"
@@ -157,9 +157,25 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load_tasks(model: nn.Module, folders: dict[str, str | os.PathLike]) -> list[str]:
+    """Serve several task deltas at once: load each folder's delta as task ``name`` (task id = its position).
+
+    Call the model with ``task_ids`` (one id per row of the batch): each row's output is the one its
+    task's delta gives alone. The deltas must leave the task head alone (``attach(..., train_head=False)``):
+    the served model shares one head. Returns the task names in task-id order.
+    """
+    if not folders:
+        raise ConfigError("load_tasks needs at least one {task name: delta folder}")
+    for name, folder in folders.items():
+        load(model, folder, task=name)
+    return list(folders)
+
+
+def load(model: nn.Module, path: str | os.PathLike, task: str | None = None) -> nn.Module:
     """Attach the saved delta in ``path`` to ``model`` (a fresh base model) and fill its weights.
 
+    With ``task``, the delta serves that task only: its methods are named ``<task>__<method>`` and act on
+    the rows whose ``task_ids`` entry is this task's id (see :func:`load_tasks`).
     Also reads a LoRA folder saved by ``peft`` (``adapter_config.json``).
     """
     folder = Path(path)
@@ -188,13 +204,23 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         tensors = load_file(str(delta_path))
     except Exception as e:  # safetensors raises its own error types
         raise DeltaFileError(f"{delta_path} cannot be read ({e}); the file is corrupt") from e
-    state = attachment(model) or _start(model, meta.get("train_head", True))
+    fresh = attachment(model) is None
+    state = attachment(model) or _start(model, meta.get("train_head", True) if task is None else False)
+    try:
+        task_id = _task_id(state, task, meta, folder) if task is not None else None
+    except Exception:
+        if fresh:
+            detach(model)
+        raise
     added = []
     try:
         for entry in meta["methods"]:
-            name = add_method(model, parse_config(entry["config"]), name=entry["name"])
+            name = add_method(model, parse_config(entry["config"]),
+                              name=entry["name"] if task is None else f"{task}__{entry['name']}")
             added.append(name)
-            prefix = f"{name}."
+            if task_id is not None:
+                state.method_task[name] = task_id
+            prefix = f"{entry['name']}."  # tensors are stored under the saved name
             own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             try:
                 deltas(model)[name].load_delta_state(own)
@@ -214,6 +240,39 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                     raise DeltaFileError(f"{folder}: the saved head '{head_name}' does not fit ({e}); "
                                          f"was it trained with another number of labels?") from e
     except Exception:
-        detach(model)
+        if task is None:
+            detach(model)
+        else:  # the tasks served before this one stay
+            for name in added:
+                _remove_method(model, name)
+            if state.tasks and state.tasks[-1] == task:  # registered last by _task_id
+                state.tasks.pop()
+            if not deltas(model):
+                detach(model)
         raise
     return model
+
+
+def _task_id(state: Any, task: str, meta: dict[str, Any], folder: Path) -> int:
+    """Register ``task`` for serving (after checking its delta can share the model); its id."""
+    if not task or "." in task or "__" in task:
+        raise ConfigError(f"task name {task!r}: use a non-empty name without '.' or '__'")
+    if task in state.tasks:
+        raise ConfigError(f"task {task!r} is already served; give each delta its own task name")
+    if meta.get("heads"):
+        raise DeltaFileError(f"{folder} carries a trained task head ({', '.join(meta['heads'])}); served tasks share "
+                             f"the model's head: train them with attach(..., train_head=False), or serve this "
+                             f"delta alone with unipelt.load")
+    unsupported = sorted({m["config"]["method"] for m in meta["methods"]} - set(_row_aware_methods()))
+    if unsupported:
+        raise ConfigError(f"{folder}: {unsupported} cannot serve one task among others in a batch yet; "
+                          f"methods that can: {sorted(_row_aware_methods())}")
+    state.tasks.append(task)
+    return len(state.tasks) - 1
+
+
+def _row_aware_methods() -> list[str]:
+    """Methods whose hooks honour per-row task masks (``serves_rows``)."""
+    from .methods import METHOD_CLASSES
+
+    return [name for name, cls in METHOD_CLASSES.items() if getattr(cls, "serves_rows", False)]

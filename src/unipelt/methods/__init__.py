@@ -6,19 +6,26 @@ from .base import DeltaMethod
 from .bitfit import BitFit, BitFitConfig
 from .compacter import Compacter, CompacterConfig
 from .ia3 import IA3, IA3Config
-from .krona import KronA, KronAConfig
+from .kadaptation import KAdaptation, KAdaptationConfig
+from .krona import KronA, KronAConfig, KronAFFN, KronAFFNConfig
 from .ln_tuning import LNConfig, LNTuning
 from .lora import LoRA, LoRAConfig
 from .prefix import Prefix, PrefixConfig
 from .prompt import Prompt, PromptConfig
+from .rational import Rational, RationalConfig
+from .sparse_adapter import SparseAdapter, SparseAdapterConfig
+from .vpt import VPT, VPTConfig
 
 METHOD_CLASSES: dict[str, type[DeltaMethod]] = {
     cls.config_class.method: cls
-    for cls in (Adapter, AdapterBias, BitFit, Compacter, IA3, KronA, LNTuning, LoRA, Prefix, Prompt)
+    for cls in (Adapter, AdapterBias, BitFit, Compacter, IA3, KAdaptation, KronA, KronAFFN, LNTuning, LoRA, Prefix,
+                Prompt, Rational, SparseAdapter, VPT)
 }
 
 __all__ = [
     "METHOD_CLASSES", "Adapter", "AdapterBias", "AdapterBiasConfig", "AdapterConfig", "BitFit", "BitFitConfig",
-    "Compacter", "CompacterConfig", "DeltaMethod", "IA3", "IA3Config", "KronA", "KronAConfig", "LNConfig",
-    "LNTuning", "LoRA", "LoRAConfig", "Prefix", "PrefixConfig", "Prompt", "PromptConfig",
+    "Compacter", "CompacterConfig", "DeltaMethod", "IA3", "IA3Config", "KAdaptation", "KAdaptationConfig", "KronA",
+    "KronAConfig", "KronAFFN", "KronAFFNConfig", "LNConfig", "LNTuning", "LoRA", "LoRAConfig", "Prefix",
+    "PrefixConfig", "Prompt", "PromptConfig", "Rational", "RationalConfig", "SparseAdapter", "SparseAdapterConfig",
+    "VPT", "VPTConfig",
 ]

@@ -62,6 +62,12 @@ register_preset("scaled_parallel", AdapterConfig, "scaled parallel adapter on th
                 placement="pfeiffer", parallel=True, scaling=4.0, bottleneck=512)
 
 
+def served(delta: torch.Tensor, rows) -> torch.Tensor:
+    """``delta`` on the rows of the batch its method serves (multi-task serving), zero elsewhere."""
+    mask = rows(delta)
+    return delta if mask is None else delta * mask
+
+
 class Bottleneck(nn.Module):
     def __init__(self, d: int, m: int, act: str):
         super().__init__()
@@ -85,6 +91,7 @@ class _Site:
 
 class Adapter(DeltaMethod):
     config_class = AdapterConfig
+    serves_rows = True  # multi-task serving: acts on its task's rows of a batch only
 
     def __init__(self, config: AdapterConfig, model_map: ModelMap):
         super().__init__(config, model_map)
@@ -128,11 +135,11 @@ class Adapter(DeltaMethod):
             if self.config.parallel:
                 self._install_parallel(installer, site_key, site)
             else:
-                installer.on_output(site.write.module, self._serial_hook(site_key))
+                installer.on_output(site.write.module, self._serial_hook(site_key, installer.rows))
 
-    def _serial_hook(self, site_key: str):
+    def _serial_hook(self, site_key: str, rows):
         def serial(module, inputs, output):
-            return output + cast_like(self._delta(site_key, output), output)
+            return output + cast_like(served(self._delta(site_key, output), rows), output)
 
         return serial
 
@@ -147,7 +154,7 @@ class Adapter(DeltaMethod):
             x = stash.pop(slot, None)
             if x is None:
                 raise RuntimeError(f"parallel adapter {site_key}: sub-layer input was not seen before its output")
-            return output + cast_like(self._delta(site_key, x), output)
+            return output + cast_like(served(self._delta(site_key, x), installer.rows), output)
 
         installer.on_input(site.read, read_input)
         installer.on_output(site.write.module, add_parallel)

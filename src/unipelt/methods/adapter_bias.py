@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ..config import MethodConfig, register
 from ..runtime import Installer
 from ..sites import ModelMap, Projection
+from .adapter import served
 from .base import DeltaMethod, cast_like, matmul_input
 
 
@@ -31,6 +32,7 @@ class AdapterBiasConfig(MethodConfig):
 
 class AdapterBias(DeltaMethod):
     config_class = AdapterBiasConfig
+    serves_rows = True
 
     def __init__(self, config: AdapterBiasConfig, model_map: ModelMap):
         super().__init__(config, model_map)
@@ -40,14 +42,14 @@ class AdapterBias(DeltaMethod):
 
     def install(self, installer: Installer) -> None:
         for k, proj in self.sites.items():
-            installer.on_output(proj.module, self._hook(k, proj))
+            installer.on_output(proj.module, self._hook(k, proj, installer.rows))
 
-    def _hook(self, k: str, proj: Projection):
+    def _hook(self, k: str, proj: Projection, rows):
         shift, alpha = self.shifts[k], self.alphas[k]
 
         def add_shift(module, inputs, output):
             weight = F.linear(matmul_input(output, alpha.weight), alpha.weight, alpha.bias)  # (..., 1)
-            return output + proj.place(cast_like(weight * shift, output))
+            return output + proj.place(cast_like(served(weight * shift, rows), output))
 
         return add_shift
 

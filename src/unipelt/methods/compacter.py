@@ -86,10 +86,14 @@ class PHMLinear(nn.Module):
 
     def weight(self, shared_rules: torch.Tensor | None) -> torch.Tensor:
         rules = self.rules if self.rules is not None else shared_rules
-        factors = self.B if self.B is not None else self.s @ self.t  # (n, p, q)
-        n, p, q = self.shape
-        # (A (x) B)[(a, c), (b, d)] = A[a, b] B[c, d], summed over the n pairs
-        return torch.einsum("iab,icd->acbd", rules.to(factors.dtype), factors).reshape(n * p, n * q)
+        return kron_sum(rules, self.B if self.B is not None else self.s @ self.t)
+
+
+def kron_sum(rules: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """``sum_i A_i (x) B_i`` for rules ``A`` (n, n, n) and factors ``B`` (n, p, q): an (n p, n q) matrix."""
+    n, p, q = factors.shape
+    # (A (x) B)[(a, c), (b, d)] = A[a, b] B[c, d], summed over the n pairs
+    return torch.einsum("iab,icd->acbd", rules.to(factors.dtype), factors).reshape(n * p, n * q)
 
 
 class PHMBottleneck(nn.Module):

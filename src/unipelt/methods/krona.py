@@ -6,6 +6,13 @@ W_q and W_v by default. The product is never formed: with ``X`` the input reshap
 zero (the model starts as the base model), ``B`` Kaiming-uniform like ``nn.Linear``. Mergeable:
 ``W' = W + s A (x) B``. Parameters per matrix: ``a_out a_in + (d_out / a_out)(d_in / a_in)``; the sizes
 must divide.
+
+``krona_ffn`` is KronA^B: the same Kronecker update as an adapter parallel to the FFN block,
+``h <- FFN(x) + s (A (x) B) x`` with ``x`` the block's input (d x d, so ``a_out`` and ``a_in`` divide d).
+With ``residual_scale = c`` it is KronA^B_res: ``h <- FFN(x) + s (A (x) B) x + c x``, a fixed scaled
+residual around the block (the paper's res variant; not the identity at init unless c = 0). Not
+mergeable (the FFN between its input and output is non-linear). Parameters per layer:
+``a_out a_in + (d / a_out)(d / a_in)``.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import torch.nn as nn
 from ..config import ConfigError, MethodConfig, register
 from ..runtime import Gate, Installer
 from ..sites import ModelMap, Projection
+from .adapter import served
 from .base import DeltaMethod, cast_like, matmul_input
 
 
@@ -55,6 +63,7 @@ def kron_apply(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tenso
 
 class KronA(DeltaMethod):
     config_class = KronAConfig
+    serves_rows = True
 
     def __init__(self, config: KronAConfig, model_map: ModelMap):
         super().__init__(config, model_map)
@@ -78,22 +87,19 @@ class KronA(DeltaMethod):
 
     def install(self, installer: Installer) -> None:
         for site_key, proj in self.sites.items():
-            installer.on_output(proj.module, self._hook(site_key, proj))
+            installer.on_output(proj.module, self._hook(site_key, proj, installer.rows))
 
-    def _hook(self, site_key: str, proj: Projection):
+    def _hook(self, site_key: str, proj: Projection, rows):
         a, b, scale = self.A[site_key], self.B[site_key], self.config.scale
         gate = self.gates[site_key] if site_key in self.gates else None  # noqa: SIM401 (ModuleDict has no get)
 
         def add_kron(module, inputs, output):
             x = inputs[0]
-            x_in = matmul_input(x, a)
-            if not torch.is_autocast_enabled(x.device.type) and x_in.dtype != a.dtype:
-                x_in = x_in.to(a.dtype)
-            delta = kron_apply(x_in, a, b)
+            delta = kron_apply(matmul_input(x, a), a, b)
             delta = delta * scale if scale != 1.0 else delta
             if gate is not None:
                 delta = delta * gate(x)
-            return output + proj.place(cast_like(delta, output))
+            return output + proj.place(cast_like(served(delta, rows), output))
 
         return add_kron
 
@@ -104,3 +110,76 @@ class KronA(DeltaMethod):
     def merge(self) -> None:
         for site_key, proj in self.sites.items():
             proj.add_to_weight(torch.kron(self.A[site_key], self.B[site_key]) * self.config.scale)
+
+
+@register
+@dataclass
+class KronAFFNConfig(MethodConfig):
+    method = "krona_ffn"
+    description = "KronA^B: a Kronecker adapter parallel to the FFN; residual_scale > 0 gives KronA^B_res"
+    gateable = True
+
+    a_out: int = 32
+    a_in: int = 32
+    scale: float = 1.0
+    residual_scale: float = 0.0
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("a_out", "a_in"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"krona_ffn {name} must be a positive integer, got {value!r}")
+
+
+class KronAFFN(DeltaMethod):
+    config_class = KronAFFNConfig
+    serves_rows = True
+
+    def __init__(self, config: KronAFFNConfig, model_map: ModelMap):
+        super().__init__(config, model_map)
+        self.layers = {layer.key: layer for layer in model_map.layers}
+        self.A = nn.ParameterDict()
+        self.B = nn.ParameterDict()
+        self.gates = nn.ModuleDict()
+        for key, layer in self.layers.items():
+            d_in, d_out = layer.ffn_in[0].in_features, layer.ffn_out.out_features
+            if d_out % config.a_out or d_in % config.a_in:
+                raise ConfigError(f"krona_ffn factors do not fit the FFN of {key} ({d_in} -> {d_out}): a_out="
+                                  f"{config.a_out} must divide {d_out} and a_in={config.a_in} must divide {d_in}")
+            self.A[key] = nn.Parameter(torch.zeros(config.a_out, config.a_in))
+            b = torch.empty(d_out // config.a_out, d_in // config.a_in)
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+            self.B[key] = nn.Parameter(b)
+            if config.gate:
+                self.gates[key] = Gate(d_in)
+
+    def install(self, installer: Installer) -> None:
+        stash = installer.context.values
+        for key, layer in self.layers.items():
+            slot = (id(self), key)
+
+            def read_input(module, inputs, slot=slot):
+                stash[slot] = inputs[0]
+
+            installer.on_input(layer.ffn_in[0].module, read_input)
+            installer.on_output(layer.ffn_out.module, self._hook(key, layer.ffn_out, slot, stash, installer.rows))
+
+    def _hook(self, key: str, proj: Projection, slot: tuple, stash: dict, rows):
+        a, b, gate = self.A[key], self.B[key], (self.gates[key] if key in self.gates else None)  # noqa: SIM401
+        scale, residual = self.config.scale, self.config.residual_scale
+
+        def add_parallel(module, inputs, output):
+            x = stash.pop(slot, None)
+            if x is None:
+                raise RuntimeError(f"krona_ffn {key}: the FFN input was not seen before its output")
+            x_in = matmul_input(x, a)
+            delta = kron_apply(x_in, a, b)
+            delta = delta * scale if scale != 1.0 else delta
+            if residual:
+                delta = delta + residual * x_in
+            if gate is not None:
+                delta = delta * gate(x)
+            return output + proj.place(cast_like(served(delta, rows), output))
+
+        return add_parallel

@@ -57,6 +57,7 @@ class LoRAPair(nn.Module):
 
 class LoRA(DeltaMethod):
     config_class = LoRAConfig
+    serves_rows = True  # multi-task serving: acts on its task's rows of a batch only
 
     def __init__(self, config: LoRAConfig, model_map: ModelMap):
         super().__init__(config, model_map)
@@ -87,7 +88,8 @@ class LoRA(DeltaMethod):
             fused = self._fused_reader(group, installer.context.values) \
                 if len(group) > 1 and same_width and not self.config.dropout else None
             for site_key in group:
-                installer.on_output(self.sites[site_key].module, self._hook(site_key, self.sites[site_key], fused))
+                installer.on_output(self.sites[site_key].module,
+                                    self._hook(site_key, self.sites[site_key], fused, installer.rows))
 
     def _fused_reader(self, group: list[str], cache: dict):
         """``read(site_key, x) -> (A x, gate pre-activation or None)`` computed once per input for the group.
@@ -124,7 +126,7 @@ class LoRA(DeltaMethod):
 
         return read
 
-    def _hook(self, site_key: str, proj: Projection, fused=None):
+    def _hook(self, site_key: str, proj: Projection, fused=None, rows=None):
         pair = self.pairs[site_key]
         gate = self.gates[site_key] if site_key in self.gates else None  # noqa: SIM401 (ModuleDict has no get)
         a, b = pair.A.weight, pair.B.weight
@@ -142,6 +144,9 @@ class LoRA(DeltaMethod):
             else:
                 xd = torch.nn.functional.dropout(x, p, self.training) if p else x
                 h = torch.nn.functional.linear(matmul_input(xd, a), a)
+            served = rows(h) if rows is not None else None
+            if served is not None:  # zero A x on other tasks' rows: their delta is then zero too
+                h = h * served
             if gate is None:
                 if whole:
                     return add_matmul(output, h, b, scaling)

@@ -48,6 +48,7 @@ class PrefixConfig(MethodConfig):
 
 class Prefix(DeltaMethod):
     config_class = PrefixConfig
+    serves_rows = True  # multi-task serving: other tasks' rows do not see this prefix
 
     def __init__(self, config: PrefixConfig, model_map: ModelMap):
         super().__init__(config, model_map)
@@ -123,6 +124,7 @@ class Prefix(DeltaMethod):
         values = installer.context.values
         cache_slot = (id(self), "prefixes")
         context = installer.context
+        name = installer.name
 
         def prefixes() -> dict[str, torch.Tensor]:
             if cache_slot not in values:
@@ -144,14 +146,15 @@ class Prefix(DeltaMethod):
                     p = p.to(key.dtype)  # once per layer, before the batch expansion (not b copies)
                 kv = p.reshape(2, p.shape[1], h_kv, hd).permute(0, 2, 1, 3)  # (2, heads, l, head_dim), a view
                 pk, pv = (t.unsqueeze(0).expand(b, -1, -1, -1) for t in kv.unbind(0))
+                rows = context.row_masks.get(name)  # multi-task serving: the rows that see this prefix
                 if site_key not in self.gates:
-                    return pk, pv, None
+                    return pk, pv, None, rows
                 x = values.pop(gate_slot)
                 gate = self.gates[site_key]
                 if self.causal[site_key]:
-                    return pk, pv, gate(x)  # (b, q, 1): per query token
+                    return pk, pv, gate(x), rows  # (b, q, 1): per query token
                 g = gate(pooled(x, context.padding_mask, values))[:, :, None, None]  # (b, 1, 1, 1)
-                return pk * g, pv * g, None
+                return pk * g, pv * g, None, rows
 
             installer.kv_provider(att.module, provide)
 

@@ -10,7 +10,7 @@ DOMAIN_TASKS = ("chemprot", "rct", "citation_intent", "sciie", "ag_news", "hyper
 
 
 def task_names() -> list[str]:
-    return [*GLUE_LAYOUTS, "squad", "ner", "text", *DOMAIN_TASKS]
+    return [*GLUE_LAYOUTS, "squad", "ner", "text", *DOMAIN_TASKS, "images", "digits"]
 
 
 def get_task(name: str) -> Task:
@@ -29,6 +29,10 @@ def get_task(name: str) -> Task:
         from .ner import NerTask
 
         return NerTask()
+    if key in ("images", "digits"):
+        from .images import DigitsTask, ImageFolderTask
+
+        return DigitsTask() if key == "digits" else ImageFolderTask()
     raise TaskDataError(f"unknown task {name!r}; known tasks: {', '.join(task_names())}")
 
 

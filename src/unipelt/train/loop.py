@@ -47,7 +47,8 @@ DEFAULT_LR = {
     "scaled_parallel": 1e-3, "prefix": 2e-4, "prompt": 3e-2, "bitfit": 1e-3, "ia3": 3e-3, "ln": 1e-3,
     "unipelt": 1e-3, "mam": 5e-4, "composition": 1e-3,
     # the papers' rates: Compacter 3e-3 (T5-base, GLUE), KronA 1e-3, AdapterBias 1e-3
-    "compacter": 3e-3, "compacter++": 3e-3, "phm_adapter": 3e-3, "krona": 1e-3, "adapter_bias": 1e-3,
+    "compacter": 3e-3, "compacter++": 3e-3, "phm_adapter": 3e-3, "krona": 1e-3, "krona_ffn": 1e-3,
+    "adapter_bias": 1e-3, "kadaptation": 1e-3, "sparse_adapter": 2e-3, "vpt": 5e-2, "vpt_deep": 5e-2,
 }
 RUN_FILE, RESULTS_FILE, CHECKPOINT_FILE = "run.json", "results.json", "checkpoint.pt"
 
@@ -167,12 +168,36 @@ def load_tokenizer(model: str | None):
     return tok
 
 
+def preprocessor(task: Task, model: str | None):
+    """What turns the task's examples into model inputs: the model's tokenizer, or for image tasks its
+    image preprocessing."""
+    return task.preprocessor(model) if getattr(task, "uses_images", False) else load_tokenizer(model)
+
+
+def prune_sparse_adapters(model: torch.nn.Module, train_feats: Any, tok: Any, cfg: RunConfig,
+                          batches: int = 4) -> None:
+    """SparseAdapter's SNIP pruning at initialisation, on ``batches`` seeded batches of the training data.
+
+    Deterministic for a seed: a resumed run recomputes the same masks before its checkpoint is loaded.
+    """
+    from ..methods.sparse_adapter import snip_prune, sparse_adapters
+
+    if not sparse_adapters(model):
+        return
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    order = torch.randperm(len(train_feats), generator=torch.Generator().manual_seed(cfg.seed))
+    picked = order[:batches * cfg.batch_size].tolist()
+    snip_prune(model, [collate([train_feats.rows[i] for i in picked[j:j + cfg.batch_size]], pad_id)
+                       for j in range(0, len(picked), cfg.batch_size)])
+
+
 def collate(rows: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad a list of rows into a batch: ids with ``pad_id``, labels of token tasks with -100, the rest 0."""
+    """Pad a list of rows into a batch: ids with ``pad_id``, labels of token tasks with -100, the rest 0;
+    scalars and images (same shape in every row) are stacked."""
     batch = {}
     for key in rows[0]:
         values = [r[key] for r in rows]
-        if values[0].dim() == 0:
+        if values[0].dim() != 1:
             batch[key] = torch.stack(values)
             continue
         fill = pad_id if key == "input_ids" else (-100 if key == "labels" else 0)
@@ -263,7 +288,7 @@ def _prepare(cfg: RunConfig) -> _Prepared:
     report = task.load(cfg.report_split, cfg.data_dir)
     if not report:
         raise TaskDataError(f"the {cfg.report_split} split of {cfg.task} is empty")
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = preprocessor(task, cfg.model)
     set_seed(cfg.seed)
     model_kwargs = task.model_kwargs(full_train)
     model = load_model(cfg.model, task.auto_model_class(), **model_kwargs)
@@ -311,6 +336,7 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     eval_every = cfg.eval_every or steps_per_epoch
 
+    prune_sparse_adapters(model, train_feats, tok, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     part_lr = dict(cfg.part_lr)
     if not part_lr and cfg.method in ("unipelt", "mam"):
@@ -506,7 +532,7 @@ def evaluate(delta_dir: str | os.PathLike, split: str = "dev", task_name: str | 
         model = load_model(model_path, task.auto_model_class(), **info["model_kwargs"])
         serialization.load(model, folder)
     model.to(dev)
-    tok = load_tokenizer(model_path)
+    tok = preprocessor(task, model_path if cfg["method"] != "full" else str(folder / "model"))
     feats = task.featurize(examples, tok, cfg["max_length"])
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     from contextlib import nullcontext

@@ -1,0 +1,95 @@
+"""KAdaptation (He et al., AAAI 2023): a sum of Kronecker products as the update of W_q and W_v.
+
+``Delta W = sum_{i=1..n} A_i (x) (u_i v_i^T)``: PHM-style, with the n x n rules ``A_i`` shared by
+every adapted matrix of the model ("slow" weights) and each matrix's factors ``u_i v_i^T`` of rank
+``rank`` ("fast" weights). Built for ViT image classification, it applies to any family. ``v`` starts
+at zero (the model starts as the base model), ``u`` and ``A`` random. Mergeable:
+``W' = W + scale Delta W``. Parameters: ``n^3`` shared, plus ``rank (d_out + d_in)`` per matrix; the
+sizes must divide by ``n``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ConfigError, MethodConfig, register
+from ..runtime import Installer
+from ..sites import ModelMap, Projection
+from .adapter import served
+from .base import DeltaMethod, cast_like, matmul_input
+from .compacter import kron_sum
+
+
+@register
+@dataclass
+class KAdaptationConfig(MethodConfig):
+    method = "kadaptation"
+    description = "KAdaptation: sum of Kronecker products A_i (x) u_i v_i^T on W_q, W_v, shared A_i, mergeable"
+
+    n: int = 4
+    rank: int = 1
+    scale: float = 1.0
+    targets: tuple[str, ...] = ("q", "v")
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("n", "rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"kadaptation {name} must be a positive integer, got {value!r}")
+        if not self.targets:
+            raise ConfigError("kadaptation needs at least one target, e.g. targets=('q', 'v')")
+
+
+class KAdaptation(DeltaMethod):
+    config_class = KAdaptationConfig
+    serves_rows = True
+
+    def __init__(self, config: KAdaptationConfig, model_map: ModelMap):
+        super().__init__(config, model_map)
+        n, r = config.n, config.rank
+        self.rules = nn.Parameter(torch.randn(n, n, n) / math.sqrt(n))
+        self.sites: dict[str, Projection] = {}
+        self.u = nn.ParameterDict()
+        self.v = nn.ParameterDict()
+        for site_key, proj in model_map.projections(config.targets):
+            d_out, d_in = proj.out_features, proj.in_features
+            if d_out % n or d_in % n:
+                raise ConfigError(f"kadaptation needs the sizes of {proj.path} ({d_in} -> {d_out}) divisible by n={n}; "
+                                  f"choose n among {[k for k in range(1, 9) if d_out % k == 0 and d_in % k == 0]}")
+            self.sites[site_key] = proj
+            # Var(u v^T) per entry = rank Var(u) Var(v) once v has trained; u like a Linear's fan-in scale
+            self.u[site_key] = nn.Parameter(torch.randn(n, d_out // n, r) / math.sqrt(d_in))
+            self.v[site_key] = nn.Parameter(torch.zeros(n, r, d_in // n))
+
+    def delta_weight(self, site_key: str) -> torch.Tensor:
+        """``sum_i A_i (x) u_i v_i^T`` as (d_out, d_in)."""
+        return kron_sum(self.rules, self.u[site_key] @ self.v[site_key])
+
+    def install(self, installer: Installer) -> None:
+        for site_key, proj in self.sites.items():
+            installer.on_output(proj.module, self._hook(site_key, proj, installer.rows))
+
+    def _hook(self, site_key: str, proj: Projection, rows):
+        scale = self.config.scale
+
+        def add_update(module, inputs, output):
+            w = self.delta_weight(site_key)  # n d_out d_in / n multiply-adds: small beside the layer's GEMM
+            delta = F.linear(matmul_input(inputs[0], w), w)
+            delta = delta * scale if scale != 1.0 else delta
+            return output + proj.place(cast_like(served(delta, rows), output))
+
+        return add_update
+
+    def mergeable(self) -> bool:
+        return True
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        for site_key, proj in self.sites.items():
+            proj.add_to_weight(self.delta_weight(site_key) * self.config.scale)

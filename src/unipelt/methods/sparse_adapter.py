@@ -1,0 +1,340 @@
+"""SparseAdapter (He et al., Findings of EMNLP 2022): a bottleneck adapter pruned once, at initialisation.
+
+A bottleneck adapter (placement, parallel, scaling, UniPELT gate and activation as ``adapter``; default
+Pfeiffer placement, ``m = 64``) whose two weight matrices ``W_down`` (m x d) and ``W_up`` (d x m) each carry
+a fixed 0/1 mask, a boolean buffer. The forward pass multiplies every weight by its mask, so a pruned
+weight has zero gradient and no effect whatever the optimiser does to its stored value (AdamW's weight
+decay included). Biases and gates stay dense. Right after ``attach`` every mask is all ones: the method
+is a dense adapter (with the same seed, the same weights as ``adapter``) until :func:`snip_prune` runs.
+
+Config: ``sparsity`` s (default 0.5, 0 <= s < 1) is the fraction of each weight matrix pruned;
+``large_sparse`` (default False) enlarges the bottleneck to ``m' = floor(m / (1 - s) + 1/2)`` (m rounded
+half up) and keeps exactly ``d m`` weights in each matrix: the weight non-zeros equal a dense adapter's of
+bottleneck m exactly, and the achieved sparsity is ``1 - m / m'`` (s up to rounding of m').
+
+Kept weights per matrix of ``n = d m'`` entries: ``k = d m`` with ``large_sparse``, else
+``k = floor((1 - s) n + 1/2)``, at least 1. Parameters per adapter (``trainable_parameters`` counts the
+stored, dense tensors): ``2 d m' + d + m'`` (gate: ``d + 1``); of those, ``2 k + d + m'`` can be non-zero
+(``SparseAdapter.nonzero_parameters``). With ``large_sparse`` that is the dense adapter's ``2 d m + d + m``
+plus ``m' - m`` for the wider down bias.
+
+SNIP (:func:`snip_prune`, Lee et al. 2019): the saliency of a weight is ``|dL/dw * w|``, with the gradient
+summed over the given batches, the model in eval mode (no dropout: the scores are deterministic) and every
+mask set to ones first. Pruning is per matrix: each matrix keeps its own top k, so both matrices of every
+adapter have the requested density and no adapter can be pruned away entirely (global SNIP's layer
+collapse); ties go to the lower flat index (stable sort). A zero-initialised ``W_up`` has ``|g * w| = 0``
+everywhere, and because ``W_up = 0`` also blocks the gradient to ``W_down``, so has ``W_down``. So:
+
+1. an all-zero matrix (``W_up`` at init) is scored by ``|g|``: SNIP's score one gradient step later,
+   ``|g * (-lr g)|``, has the same order;
+2. the other matrices (``W_down``) are scored ``|g * w|`` with each all-zero matrix temporarily set to its
+   first step, ``-c g`` masked by the mask of step 1 (``c`` scales it to the RMS of ``nn.Linear``'s
+   initialisation, ``1 / sqrt(3 fan_in)``): ``W_down`` is judged through the ``W_up`` connections that stay.
+   The zero matrices are restored exactly (zero) afterwards, so the model's output at init is unchanged.
+
+Nothing is random and stored weights are not modified: ``snip_prune`` run again on the same model and
+batches gives the same masks. For an adapter that is not zero (trained or loaded), every matrix is plain
+SNIP ``|g * w|``.
+
+Saved deltas (``unipelt.save``) hold, for each pruned matrix, ``<matrix>.values`` (the kept weights in
+flat-index order), ``<matrix>.indices`` (their flat row-major indices, int32, int64 past 2^31 entries) and
+``<matrix>.shape`` (int64); a matrix whose mask is all ones is stored dense as ``<matrix>.weight``. Loading
+rebuilds weights (zero where pruned) and masks exactly. Indices cost as much as fp32 values: the file is
+smaller than a dense adapter's for s > 0.5. Not mergeable (non-linearity).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ConfigError, register
+from .adapter import Adapter, AdapterConfig
+from .base import activation, matmul_input
+
+
+@register
+@dataclass
+class SparseAdapterConfig(AdapterConfig):
+    method = "sparse_adapter"
+    description = "SparseAdapter: bottleneck adapter pruned at init by SNIP, fixed masks; Large-Sparse (He 2022)"
+
+    sparsity: float = 0.5  # fraction of each adapter weight matrix pruned
+    large_sparse: bool = False  # bottleneck m / (1 - s) at the dense adapter's count of non-zero weights
+
+    def validate(self) -> None:
+        super().validate()
+        s = self.sparsity
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or not 0 <= s < 1:
+            raise ConfigError(f"sparse_adapter sparsity is the fraction of weights pruned, 0 <= sparsity < 1; "
+                              f"got {s!r}")
+        if not isinstance(self.large_sparse, bool):
+            raise ConfigError(f"sparse_adapter large_sparse must be true or false, got {self.large_sparse!r}")
+
+    @property
+    def effective_bottleneck(self) -> int:
+        """``m`` itself, or with ``large_sparse`` ``m' = floor(m / (1 - s) + 1/2)``."""
+        if not self.large_sparse:
+            return self.bottleneck
+        return max(self.bottleneck, math.floor(self.bottleneck / (1.0 - self.sparsity) + 0.5))
+
+    def kept(self, numel: int) -> int:
+        """How many weights of an adapter matrix with ``numel`` entries the mask keeps."""
+        if self.large_sparse:  # numel = d m': keep d m, the dense adapter's count
+            return numel * self.bottleneck // self.effective_bottleneck
+        return min(numel, max(1, math.floor((1.0 - self.sparsity) * numel + 0.5)))
+
+
+class MaskedLinear(nn.Linear):
+    """``nn.Linear`` whose weight is multiplied by a fixed boolean ``mask`` (a buffer) in every forward."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features)
+        self.register_buffer("mask", torch.ones(out_features, in_features, dtype=torch.bool))
+
+    def masked_weight(self) -> torch.Tensor:
+        return self.weight * self.mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.masked_weight()
+        return F.linear(matmul_input(x, w), w, self.bias)
+
+    def sparse_state(self) -> dict[str, torch.Tensor]:
+        """The weight as saved: dense when nothing is pruned, else kept values, flat indices and shape."""
+        w = self.weight.detach()
+        if bool(self.mask.all()):
+            return {"weight": w}
+        idx = self.mask.reshape(-1).nonzero().squeeze(1)  # ascending
+        index_dtype = torch.int32 if w.numel() < 2**31 else torch.int64
+        return {"values": w.reshape(-1)[idx], "indices": idx.to(index_dtype),
+                "shape": torch.tensor(list(w.shape), dtype=torch.int64)}
+
+    @torch.no_grad()
+    def load_sparse_state(self, state: Mapping[str, torch.Tensor], where: str) -> None:
+        """Rebuild weight and mask from :meth:`sparse_state`'s tensors; a :class:`ConfigError` if they do not fit."""
+        shape = tuple(self.weight.shape)
+        if set(state) == {"weight"}:
+            if tuple(state["weight"].shape) != shape:
+                raise ConfigError(f"{where}.weight has shape {tuple(state['weight'].shape)}, expected {shape}")
+            self.weight.copy_(state["weight"])
+            self.mask.fill_(True)
+            return
+        if set(state) != {"values", "indices", "shape"}:
+            raise ConfigError(f"{where}: expected 'weight' or 'values', 'indices' and 'shape', got {sorted(state)}")
+        values, indices, saved = state["values"], state["indices"], state["shape"]
+        if tuple(int(s) for s in saved.reshape(-1).tolist()) != shape:
+            raise ConfigError(f"{where} was saved with shape {saved.tolist()}, expected {list(shape)}")
+        if indices.dtype not in (torch.int32, torch.int64) or indices.dim() != 1 or values.shape != indices.shape:
+            raise ConfigError(f"{where}: {values.numel()} values and {indices.numel()} {indices.dtype} indices "
+                              f"do not pair up")
+        idx = indices.to(device=self.mask.device, dtype=torch.int64)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.weight.numel()):
+            raise ConfigError(f"{where}: indices out of range for a {list(shape)} matrix")
+        self.weight.zero_()
+        self.weight.view(-1)[idx] = values.to(device=self.weight.device, dtype=self.weight.dtype)
+        self.mask.fill_(False)
+        self.mask.view(-1)[idx] = True
+
+
+class SparseBottleneck(nn.Module):
+    """``W_up f(W_down h + b_down) + b_up`` with masked weights; ``W_up`` and ``b_up`` start at zero."""
+
+    def __init__(self, d: int, m: int, act: str):
+        super().__init__()
+        self.down = MaskedLinear(d, m)  # same construction order as adapter.Bottleneck: same weights per seed
+        self.act = activation(act)
+        self.up = MaskedLinear(m, d)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.act(self.down(x)))
+
+
+class SparseAdapter(Adapter):
+    config_class = SparseAdapterConfig
+
+    def _bottleneck(self, d: int) -> nn.Module:
+        config: SparseAdapterConfig = self.config
+        return SparseBottleneck(d, config.effective_bottleneck, config.activation)
+
+    def _delta(self, site_key: str, x: torch.Tensor) -> torch.Tensor:
+        bottleneck = self.adapters[site_key]
+        scaling = self.config.scaling
+        w_down, w_up = bottleneck.down.masked_weight(), bottleneck.up.masked_weight()
+        if site_key not in self.gates:
+            h = bottleneck.act(F.linear(matmul_input(x, w_down), w_down, bottleneck.down.bias))
+            delta = F.linear(h, w_up, bottleneck.up.bias)
+            return delta * scaling if scaling != 1.0 else delta
+        # as Adapter: W_down and the gate's row in one GEMM over x
+        gate = self.gates[site_key].proj
+        w = torch.cat([w_down, gate.weight])
+        both = F.linear(matmul_input(x, w), w, torch.cat([bottleneck.down.bias, gate.bias]))
+        down, gate_logit = both.split([w_down.shape[0], 1], dim=-1)
+        delta = F.linear(bottleneck.act(down), w_up, bottleneck.up.bias)
+        scale = torch.sigmoid(gate_logit)
+        return delta * (scale * scaling if scaling != 1.0 else scale)
+
+    def masked_layers(self) -> dict[str, MaskedLinear]:
+        """Every masked matrix by its module name (``adapters.<site>.down`` / ``.up``)."""
+        return {n: m for n, m in self.named_modules() if isinstance(m, MaskedLinear)}
+
+    def nonzero_parameters(self) -> int:
+        """Parameters that can be non-zero: kept weights, plus every bias and gate parameter."""
+        masked = {id(layer.weight): layer for layer in self.masked_layers().values()}
+        return sum(int(masked[id(p)].mask.sum()) if id(p) in masked else p.numel() for p in self.parameters())
+
+    def delta_state(self) -> dict[str, torch.Tensor]:
+        layers = self.masked_layers()
+        state = {}
+        for k, v in self.state_dict().items():
+            owner, _, leaf = k.rpartition(".")
+            if not (owner in layers and leaf in ("weight", "mask")):
+                state[k] = v.detach()
+        for name, layer in layers.items():
+            state.update({f"{name}.{k}": v for k, v in layer.sparse_state().items()})
+        return state
+
+    def load_delta_state(self, state: dict[str, torch.Tensor]) -> None:
+        layers = self.masked_layers()
+        own: dict[str, dict[str, torch.Tensor]] = {name: {} for name in layers}
+        rest = {}
+        for k, v in state.items():
+            owner, _, leaf = k.rpartition(".")
+            if owner in layers and leaf in ("weight", "values", "indices", "shape"):
+                own[owner][leaf] = v
+            else:
+                rest[k] = v
+        missing, unexpected = self.load_state_dict(rest, strict=False)
+        missing = [k for k in missing if not (k.rpartition(".")[0] in layers and k.rpartition(".")[2] in
+                                              ("weight", "mask"))]
+        if missing or unexpected:
+            raise ConfigError(f"saved delta does not fit method '{self.config.method}': missing {missing[:5]}, "
+                              f"unexpected {list(unexpected)[:5]}")
+        for name, layer in layers.items():
+            layer.load_sparse_state(own[name], name)
+
+
+def sparse_adapters(model: nn.Module) -> dict[str, SparseAdapter]:
+    """The attached sparse adapters of ``model`` by method name (empty when there are none)."""
+    from ..core import deltas  # core imports the methods package: import it late
+
+    return {name: m for name, m in deltas(model).items() if isinstance(m, SparseAdapter)}
+
+
+def _loss(output: Any, loss_fn: Callable[[Any], torch.Tensor] | None) -> torch.Tensor:
+    if loss_fn is not None:
+        loss = loss_fn(output)
+    else:
+        loss = getattr(output, "loss", None)
+        if loss is None:
+            raise ConfigError("snip_prune: the model returned no loss; give the batches labels "
+                              "(e.g. 'labels') or pass loss_fn(output) -> scalar tensor")
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ConfigError(f"snip_prune: the loss must be a scalar tensor, got {type(loss).__name__}"
+                          f"{' of shape ' + str(tuple(loss.shape)) if isinstance(loss, torch.Tensor) else ''}")
+    return loss.reshape(())
+
+
+def _gradients(model: nn.Module, layers: dict[str, MaskedLinear], batches: list[Mapping[str, Any]],
+               loss_fn: Callable[[Any], torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """``dL/dW`` of each layer's stored weight, summed over ``batches``; no ``.grad`` is touched."""
+    params = [layer.weight for layer in layers.values()]
+    flags = [p.requires_grad for p in params]
+    total = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in params]
+    device = params[0].device
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            for batch in batches:
+                moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                loss = _loss(model(**moved), loss_fn)
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                for acc, g in zip(total, grads, strict=True):
+                    if g is not None:
+                        acc.add_(g.to(acc.dtype))
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+    return dict(zip(layers, total, strict=True))
+
+
+def _top_mask(score: torch.Tensor, keep: int, where: str) -> torch.Tensor:
+    """A boolean mask of the ``keep`` highest scores; ties to the lower flat index."""
+    flat = score.detach().reshape(-1).to("cpu", torch.float64)
+    if not bool(torch.isfinite(flat).all()):
+        raise FloatingPointError(f"snip_prune: the saliency of {where} is not finite; is the loss on the given "
+                                 f"batches NaN or infinite?")
+    order = torch.sort(flat, descending=True, stable=True).indices[:keep]
+    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask[order] = True
+    return mask.view(score.shape)
+
+
+@torch.no_grad()
+def snip_prune(model: nn.Module, batches: Iterable[Mapping[str, Any]],
+               loss_fn: Callable[[Any], torch.Tensor] | None = None) -> dict[str, float]:
+    """Prune every attached sparse adapter of ``model`` by SNIP saliency on ``batches``; fix its masks.
+
+    ``batches`` are model inputs (dicts of tensors, moved to the adapters' device). The loss is
+    ``loss_fn(output)`` when ``loss_fn`` is given, else the output's ``.loss`` (batches with labels, e.g.
+    ``labels`` for classification or language modelling). Scoring follows the module docstring: masks
+    reset to ones, eval mode (each module's train/eval flag is restored), per-matrix top k with ties to
+    the lower index, all-zero matrices scored by ``|g|`` and the rest by ``|g * w|`` with those matrices
+    at their masked first step. Stored weights are left as they are (zero ``W_up`` stays zero), and no
+    random numbers are drawn. Returns the achieved sparsity of each matrix, keyed
+    ``"<method name>.<site>.down"`` / ``".up"``.
+    """
+    methods = sparse_adapters(model)
+    if not methods:
+        raise ConfigError("snip_prune: no sparse_adapter is attached to this model (unipelt.attach it first)")
+    batches = list(batches)
+    if not batches:
+        raise ConfigError("snip_prune needs at least one batch of training inputs")
+    layers: dict[str, MaskedLinear] = {}
+    configs: dict[str, SparseAdapterConfig] = {}
+    for name, method in methods.items():
+        for site_key, bottleneck in method.adapters.items():
+            for part in ("down", "up"):
+                key = f"{name}.{site_key}.{part}"
+                layers[key], configs[key] = getattr(bottleneck, part), method.config
+    for layer in layers.values():
+        layer.mask.fill_(True)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        first = _gradients(model, layers, batches, loss_fn)
+        zero = [k for k, layer in layers.items() if not bool(layer.weight.any())]
+        for k in zero:
+            layers[k].mask.copy_(_top_mask(first[k].abs(), configs[k].kept(layers[k].weight.numel()), k))
+        second = first
+        if zero and len(zero) < len(layers):
+            try:
+                for k in zero:
+                    g = first[k]
+                    rms = float(g.pow(2).mean().sqrt())
+                    scale = 1.0 / (math.sqrt(3.0 * layers[k].in_features) * rms) if rms > 0 else 0.0
+                    layers[k].weight.copy_(-scale * g)
+                second = _gradients(model, layers, batches, loss_fn)
+            finally:
+                for k in zero:
+                    layers[k].weight.zero_()
+        for k, layer in layers.items():
+            if k not in zero:
+                score = (second[k] * layer.weight.to(second[k].dtype)).abs()
+                layer.mask.copy_(_top_mask(score, configs[k].kept(layer.weight.numel()), k))
+    except BaseException:
+        for layer in layers.values():  # an interrupted pruning leaves a dense adapter, not a half-pruned one
+            layer.mask.fill_(True)
+        raise
+    finally:
+        for m, flag in modes.items():
+            m.training = flag
+    return {k: 1.0 - int(layer.mask.sum()) / layer.mask.numel() for k, layer in layers.items()}

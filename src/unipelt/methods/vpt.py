@@ -1,0 +1,84 @@
+"""Visual prompt tuning, VPT (Jia et al. 2022), for vision transformers.
+
+Shallow: ``length`` learned prompt tokens are inserted after [CLS] into the patch-embedding sequence
+(after the position embeddings), so every layer sees ``1 + length + patches`` tokens. Deep: each
+later layer gets its own ``length`` prompts too: before layer ``i > 0`` runs, the prompt positions'
+hidden states are replaced by that layer's prompts (what the previous layer made of the old ones
+is discarded, as in the paper). The classification head reads [CLS] and is trained too (unipelt's
+task-head default). Prompts are initialised uniformly in ``+-sqrt(6 / (channels * patch^2 + d))``
+(the paper's Xavier rule over the patch projection's fan-in and the width), so the model changes at
+init, like any prompt. Not mergeable. Parameters: ``length * d`` (shallow), ``layers * length * d``
+(deep).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..config import ConfigError, MethodConfig, register, register_preset
+from ..runtime import Installer
+from ..sites import ModelMap
+from .base import DeltaMethod
+
+
+@register
+@dataclass
+class VPTConfig(MethodConfig):
+    method = "vpt"
+    description = "VPT: learned prompt tokens after [CLS] of a ViT (deep=True: new prompts at every layer)"
+
+    length: int = 10
+    deep: bool = False
+    seed: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.length, int) or self.length < 1:
+            raise ConfigError(f"vpt length must be a positive integer, got {self.length!r}")
+
+
+register_preset("vpt_deep", VPTConfig, "VPT-deep: new prompt tokens at the input of every ViT layer", deep=True)
+
+
+class VPT(DeltaMethod):
+    config_class = VPTConfig
+
+    def __init__(self, config: VPTConfig, model_map: ModelMap):
+        super().__init__(config, model_map)
+        model = model_map.model
+        if model_map.family.name != "vit":
+            raise ConfigError(f"vpt prompts vision transformers; {type(model).__name__} is a text model: use "
+                              f"method 'prompt' for text")
+        self.__dict__["embed_module"] = model.base_model.embeddings  # the base model's, not this delta's
+        self.__dict__["layer_modules"] = [layer.module for layer in model_map.layers]
+        d = model_map.hidden_size
+        channels, patch = getattr(model.config, "num_channels", 3), getattr(model.config, "patch_size", 16)
+        bound = math.sqrt(6.0 / (channels * patch * patch + d))
+        gen = torch.Generator().manual_seed(config.seed)
+        depth = len(model_map.layers) if config.deep else 1
+        self.prompts = nn.Parameter((torch.rand(depth, config.length, d, generator=gen) * 2 - 1) * bound)
+
+    def install(self, installer: Installer) -> None:
+        n = self.config.length
+
+        def insert(module, inputs, output):
+            prompt = self.prompts[0].to(output.dtype).unsqueeze(0).expand(output.shape[0], -1, -1)
+            return torch.cat([output[:, :1], prompt, output[:, 1:]], dim=1)
+
+        installer.on_output(self.embed_module, insert)
+        if not self.config.deep:
+            return
+        for i, layer in enumerate(self.layer_modules[1:], start=1):
+            def replace(module, args, kwargs, i=i):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                prompt = self.prompts[i].to(hidden.dtype).unsqueeze(0).expand(hidden.shape[0], -1, -1)
+                hidden = torch.cat([hidden[:, :1], prompt, hidden[:, 1 + n:]], dim=1)
+                if args:
+                    return (hidden, *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": hidden}
+
+            installer.on_call(layer, replace)
