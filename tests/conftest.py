@@ -114,3 +114,15 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def step(model: torch.nn.Module, family: str) -> None:
+    """One AdamW step (lr 1e-2) on a cross-entropy loss against random targets, over every parameter."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    out = model(**inputs(family)).logits
+    flat = out.reshape(-1, out.shape[-1])
+    targets = torch.randint(0, out.shape[-1], (flat.shape[0],), generator=torch.Generator().manual_seed(3))
+    torch.nn.functional.cross_entropy(flat, targets).backward()
+    opt.step()
+    model.eval()

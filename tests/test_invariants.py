@@ -20,13 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import transformers
 from safetensors.torch import load_file, save_file
 from transformers.pytorch_utils import Conv1D
 
 import unipelt
-from conftest import FAMILIES, build, inputs, logits
+from conftest import FAMILIES, build, inputs, logits, step
 from unipelt.runtime import Gate
 
 # Top-level modules of a task model trained with the delta (the list in unipelt/families.py).
@@ -173,18 +172,6 @@ def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def hook_count(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-
-def step(model: nn.Module, family: str) -> None:
-    """One AdamW step (lr 1e-2) on a cross-entropy loss against random targets, over every parameter."""
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    out = model(**inputs(family)).logits
-    flat = out.reshape(-1, out.shape[-1])
-    targets = torch.randint(0, out.shape[-1], (flat.shape[0],), generator=torch.Generator().manual_seed(3))
-    F.cross_entropy(flat, targets).backward()
-    opt.step()
-    model.eval()
 
 
 # ------------------------------------------------------- independent parameter counts (METHODS.md formulas)

@@ -82,17 +82,53 @@ def test_serving_errors_name_the_fix(tmp_path: Path) -> None:
     model = build("bert")
     with pytest.raises(unipelt.DeltaFileError, match="carries a trained task head"):
         unipelt.load_tasks(model, {"x": tmp_path / "head"})
-    prompt = _saved_task("bert", {"method": "prompt", "length": 2}, tmp_path / "prompt", seed=2)
-    with pytest.raises(unipelt.ConfigError, match=r"\['prompt'\] cannot serve one task among others"):
-        unipelt.load_tasks(model, {"x": prompt})
+    ia3 = _saved_task("bert", {"method": "ia3"}, tmp_path / "ia3", seed=2)
+    with pytest.raises(unipelt.ConfigError, match=r"\['ia3'\] cannot serve one task among others"):
+        unipelt.load_tasks(model, {"x": ia3})
     assert "unipelt_deltas" not in model._modules  # nothing half-loaded stays
+    # prompts share one insertion: every served task needs a prompt of one length and position, or none has
+    prompt = _saved_task("bert", {"method": "prompt", "length": 2}, tmp_path / "prompt", seed=3)
+    with pytest.raises(unipelt.ConfigError, match="prompts of one length and position, or none"):
+        unipelt.load_tasks(build("bert"), {"a": lora, "b": prompt})
+    with pytest.raises(unipelt.ConfigError, match="serve this t5 delta alone"):
+        unipelt.load_tasks(build("t5"), {"a": _saved_task("t5", {"method": "prompt", "length": 2},
+                                                           tmp_path / "t5prompt", seed=4)})
     with pytest.raises(unipelt.ConfigError, match="serves no tasks"):
         logits(unipelt.load(build("bert"), lora), {**batch, "task_ids": torch.tensor([0, 0, 0])})
 
 
+PROMPT_TASKS = {
+    "prompt": {"method": "prompt", "length": 3},
+    "prompt_lora": unipelt.Composition(methods=[{"method": "prompt", "length": 3}, {"method": "lora", "r": 2}]),
+    "unipelt_prompt": {"method": "unipelt", "adapter": {"bottleneck": 8}, "prefix": {"length": 2},
+                       "lora": {"r": 2}, "prompt": {"length": 3}},
+}
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "distilbert"])
+def test_prompt_tasks_share_one_insertion(family: str, tmp_path: Path) -> None:
+    """Tasks whose deltas hold prompts of one length: each row gets its own task's prompt (and the rest of its
+    delta), as alone."""
+    import copy
+
+    names = list(PROMPT_TASKS)
+    folders = {n: _saved_task(family, copy.deepcopy(PROMPT_TASKS[n]), tmp_path / n, seed=i)
+               for i, n in enumerate(names)}
+    batch = inputs(family)
+    alone = {n: _alone(family, folder, batch) for n, folder in folders.items()}
+    served = build(family)
+    unipelt.load_tasks(served, folders)
+    for task_ids in ([0, 1, 2], [2, 0, 1], [1, 1, 1]):
+        out = logits(served, {**batch, "task_ids": torch.tensor(task_ids)})
+        assert out.shape == alone[names[0]].shape
+        for row, task in enumerate(task_ids):
+            torch.testing.assert_close(out[row], alone[names[task]][row], atol=1e-5, rtol=0,
+                                       msg=f"row {row} of task {names[task]}")
+
+
 def test_a_failed_task_leaves_the_served_ones(tmp_path: Path) -> None:
     lora = _saved_task("bert", TASKS["lora"], tmp_path / "lora", seed=0)
-    prompt = _saved_task("bert", {"method": "prompt", "length": 2}, tmp_path / "prompt", seed=2)
+    prompt = _saved_task("bert", {"method": "ia3"}, tmp_path / "prompt", seed=2)
     served = build("bert")
     unipelt.load_tasks(served, {"a": lora})
     with pytest.raises(unipelt.ConfigError):

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from transformers.activations import QuickGELUActivation
 
 import unipelt
-from conftest import build, inputs, logits
+from conftest import build, inputs, logits, step
 from unipelt.methods.rational import (
     TARGETS,
     RationalConfig,
@@ -48,18 +48,6 @@ def store(model: nn.Module) -> nn.ModuleDict:
 def fit_error(name: str, m: int = 5, n: int = 4) -> float:
     a, b = initial_coefficients(name, m, n)
     return float((rational(GRID, a, b) - TARGETS[name](GRID)).abs().max())
-
-
-def step(model: nn.Module, family: str) -> None:
-    """One AdamW step (lr 1e-2) on a cross-entropy loss against random targets, over every parameter."""
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    out = model(**inputs(family)).logits
-    flat = out.reshape(-1, out.shape[-1])
-    targets = torch.randint(0, out.shape[-1], (flat.shape[0],), generator=torch.Generator().manual_seed(3))
-    F.cross_entropy(flat, targets).backward()
-    opt.step()
-    model.eval()
 
 
 @torch.no_grad()

@@ -39,6 +39,7 @@ class Attachment:
     # multi-task serving (serialization.load_tasks): task names in task-id order, and each served method's task id
     tasks: list[str] = field(default_factory=list)
     method_task: dict[str, int] = field(default_factory=dict)
+    task_prompts: dict[str, tuple | None] = field(default_factory=dict)  # task -> its prompt's (length, position)
 
 
 def attachment(model: nn.Module) -> Attachment | None:
@@ -205,6 +206,7 @@ def _remove_method(model: nn.Module, name: str) -> None:
     state.method_task.pop(name, None)
     if not state.method_task:
         state.tasks.clear()
+        state.task_prompts.clear()
     if state.attention_routing is not None and not any(i._providers for i in state.installers.values()):
         attention.restore_routing(model, state.attention_routing)
         state.attention_routing = None

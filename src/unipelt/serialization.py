@@ -247,6 +247,7 @@ def load(model: nn.Module, path: str | os.PathLike, task: str | None = None) -> 
                 _remove_method(model, name)
             if state.tasks and state.tasks[-1] == task:  # registered last by _task_id
                 state.tasks.pop()
+                state.task_prompts.pop(task, None)
             if not deltas(model):
                 detach(model)
         raise
@@ -267,7 +268,25 @@ def _task_id(state: Any, task: str, meta: dict[str, Any], folder: Path) -> int:
     if unsupported:
         raise ConfigError(f"{folder}: {unsupported} cannot serve one task among others in a batch yet; "
                           f"methods that can: {sorted(_row_aware_methods())}")
+    prompts = [(m["config"].get("length"), m["config"].get("position")) for m in meta["methods"]
+               if m["config"]["method"] == "prompt"]
+    if prompts:
+        model = state.model_map.model
+        if getattr(model.config, "is_encoder_decoder", False) or state.model_map.family.name == "vit":
+            raise ConfigError(f"{folder}: prompt deltas serve several tasks in one batch on encoder-only and "
+                              f"decoder-only text models; serve this {model.config.model_type} delta alone")
+        if len(prompts) > 1:
+            raise ConfigError(f"{folder} holds {len(prompts)} prompts; a served task may have one")
+    # the tasks' prompts share one insertion: either every served task has a prompt of one length and position,
+    # or none has
+    signature = prompts[0] if prompts else None
+    others = set(state.task_prompts.values())
+    if others and others != {signature}:
+        raise ConfigError(f"{folder}: task {task!r} has prompt {signature or 'none'} (length, position), but the "
+                          f"served tasks have {sorted(map(str, others))}; tasks served together need prompts of "
+                          f"one length and position, or none")
     state.tasks.append(task)
+    state.task_prompts[task] = signature
     return len(state.tasks) - 1
 
 

@@ -70,8 +70,15 @@ def _remove(t: torch.Tensor, pos: int, n: int) -> torch.Tensor:
     return _join([t[:, :pos], t[:, pos + n:]])
 
 
+# Multi-task serving: the one insertion of placeholders that the served tasks' prompts share (the first to
+# run makes it; each then writes its prompt into its own rows), as (position, length, sequence length after)
+SHARED_INSERT = ("prompt", "served insertion")
+
+
 class Prompt(DeltaMethod):
     config_class = PromptConfig
+    # multi-task serving, where every served task has a prompt of one length and position (load_tasks checks)
+    serves_rows = True
 
     def __init__(self, config: PromptConfig, model_map: ModelMap):
         super().__init__(config, model_map)
@@ -116,12 +123,23 @@ class Prompt(DeltaMethod):
         slot = (id(self), "insert")
         n, pos = self.config.length, self.position
 
+        def served_rows() -> torch.Tensor | None:
+            rows = installer.context.row_masks.get(installer.name)
+            return None if rows is None else rows.view(-1, 1, 1)
+
         def fill_prompt(module, inputs, output):
             # Vision: insert into the patch sequence. Text: overwrite the placeholders.
             b = output.shape[0]
             prompt = self.embedding.to(output.dtype).unsqueeze(0).expand(b, -1, -1)
             if self.vision:
                 return _join([output[:, :pos], prompt, output[:, pos:]])
+            rows = served_rows()
+            if rows is not None:  # served among other tasks: this prompt goes into its own rows only
+                shared = values.get(SHARED_INSERT)
+                if shared is None or output.shape[1] != shared[2]:
+                    return output
+                mine = torch.where(rows.to(output.device), prompt, output[:, pos:pos + n])
+                return _join([output[:, :pos], mine, output[:, pos + n:]])
             expected = values.pop(slot, None)
             if expected is None or output.shape[1] != expected:
                 return output
@@ -159,7 +177,18 @@ class Prompt(DeltaMethod):
             if not self.encoder_decoder and kwargs.get("past_key_values") is not None:
                 raise NotImplementedError("prompt tuning does not support cached generation in decoder-only "
                                           "models; use prefix tuning, or generate with use_cache=False")
+            rows = served_rows()
+            if rows is not None and SHARED_INSERT in values:
+                # another served task's prompt inserted the placeholders (and moved labels and positions)
+                embeds = kwargs.get("inputs_embeds")
+                if embeds is not None:
+                    prompt = self.embedding.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
+                    mine = torch.where(rows.to(embeds.device), prompt, embeds[:, pos:pos + n])
+                    kwargs["inputs_embeds"] = _join([embeds[:, :pos], mine, embeds[:, pos + n:]])
+                return kwargs
             length = insert_input(kwargs)
+            if rows is not None:
+                values[SHARED_INSERT] = (pos, n, length + n)
             values[(id(self), "length")] = length
             if self.encoder is not None:
                 values[ready] = True
