@@ -26,6 +26,8 @@ ROWS = [
     ("sparse_adapter", "sparse_adapter"),
     ("sparse_adapter large-sparse", {"method": "sparse_adapter", "large_sparse": True}),
     ("rational", "rational"),
+    ("poly (3 tasks)", {"method": "poly", "tasks": 3}), ("poly_s (3 tasks)", {"method": "poly_s", "tasks": 3}),
+    ("poly_mu", "poly_mu"),
 ]
 
 

@@ -396,3 +396,21 @@ def test_image_folder_task_and_vpt(tmp_path) -> None:
     assert results["report_examples"] == 6 and results["trainable_by_part"]["vpt"] == 2 * 4 * 32
     assert main(["train", "--task", "digits", "--method", "vpt", "--max-steps", "1", "--out",
                  str(tmp_path / "text"), "--device", "cpu", "--no-progress"]) == EXIT_BAD_INPUT
+
+
+@needs_glue
+def test_several_tasks_train_at_once_with_poly(tiny_model, small_glue, tmp_path) -> None:
+    """`--task sst2,rte,mrpc --method poly`: K per task, rows routed by task, one routing row per task, each
+    task's metrics and their mean; eval reproduces them; a method without routing is refused."""
+    out = tmp_path / "poly"
+    assert main(train_args(tiny_model, small_glue, out, "sst2,rte,mrpc", "poly")) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["train_examples"] == 3 * 16 and results["validation_examples"] == 3 * 16
+    assert results["main_metric"] == "mean"
+    per_task = [results["metrics"][k] for k in ("sst2/accuracy", "rte/accuracy", "mrpc/f1")]
+    assert results["score"] == pytest.approx(sum(per_task) / 3)
+    saved = json.loads((out / "unipelt.json").read_text())["methods"][0]["config"]
+    assert saved["method"] == "poly" and saved["tasks"] == 3
+    assert loop.evaluate(out, device="cpu") == pytest.approx(results["metrics"])
+    assert main(train_args(tiny_model, small_glue, tmp_path / "lora", "sst2,rte", "lora")) == EXIT_BAD_INPUT
+    assert main(train_args(tiny_model, small_glue, tmp_path / "stsb", "sst2,stsb", "poly")) == EXIT_BAD_INPUT

@@ -59,6 +59,8 @@ METHODS: dict[str, object] = {
     "krona_ffn_res": {"method": "krona_ffn", "a_out": 4, "a_in": 4, "residual_scale": 0.5},
     "kadaptation": {"method": "kadaptation", "n": 4, "rank": 2},
     "sparse_adapter": {"method": "sparse_adapter", "bottleneck": 16, "sparsity": 0.5},
+    "poly": {"method": "poly", "skills": 3, "r": 2},
+    "poly_s": {"method": "poly_s", "skills": 3, "r": 2, "heads": 2},
     "vpt": {"method": "vpt", "length": 3},
     "vpt_deep": {"method": "vpt_deep", "length": 3},
     "composition": "composition",  # built fresh per test by _config (a Composition object is mutable)
@@ -70,7 +72,7 @@ METHODS: dict[str, object] = {
 ZERO_INIT = {"lora", "lora_all", "houlsby", "pfeiffer", "parallel", "scaled_parallel", "bitfit", "ia3", "ln",
              "unipelt_noprefix", "composition", "composition_two_lora", "composition_partial", "compacter",
              "compacter++", "phm_adapter", "adapter_bias", "krona", "composition_catalogue", "krona_ffn",
-             "kadaptation", "sparse_adapter"}
+             "kadaptation", "sparse_adapter", "poly", "poly_s"}
 NOT_IDENTITY = {"prefix", "prefix_direct", "prompt", "mam", "unipelt", "unipelt_prompt", "krona_ffn_res", "vpt",
                 "vpt_deep"}
 MERGEABLE = {"lora", "lora_all", "bitfit", "ia3", "ln", "composition_two_lora", "krona", "adapter_bias",
@@ -324,6 +326,8 @@ def expected_counts(family: str, key: str, model: nn.Module) -> dict[str, int]:
         "krona_ffn_res": lambda: {"krona_ffn": len(D.layers) * (16 + (D.d // 4) ** 2)},
         "kadaptation": lambda: {"kadaptation": 4 ** 3 + D.n_attn * 2 * ((D.q + D.d) + (D.kv + D.d))},
         "sparse_adapter": lambda: {"sparse_adapter": adapter_count(D, 16, False)},  # dense tensors, masks apart
+        "poly": lambda: {"poly": 3 * lora_count(D, 2) + len(D.layers) * 1 * 3},  # skills x LoRA + routing
+        "poly_s": lambda: {"poly": 3 * lora_count(D, 2) + len(D.layers) * 2 * 3},
         "vpt": lambda: {"vpt": 3 * D.d},
         "vpt_deep": lambda: {"vpt": len(D.layers) * 3 * D.d},
         "composition_catalogue": lambda: {"krona": krona_count(D, 4, 4, gate=True),

@@ -88,9 +88,11 @@ def _hook_model_calls(model: nn.Module, state: Attachment) -> None:
         call = call_arguments(module, args, kwargs)
         task_ids = call.pop("task_ids", None)
         state.context.reset(call.get("attention_mask"))
+        if task_ids is not None:
+            state.context.task_ids = torch.as_tensor(task_ids)
         if state.tasks:
             state.context.row_masks = _row_masks(state, task_ids)
-        elif task_ids is not None:
+        elif task_ids is not None and not any(getattr(m, "uses_task_ids", False) for m in deltas(module).values()):
             raise ConfigError("task_ids was given but this model serves no tasks; load deltas with "
                               "unipelt.load_tasks(model, {name: folder, ...}) first")
         for installer in state.installers.values():
@@ -161,6 +163,7 @@ def add_method(model: nn.Module, config: MethodConfig, name: str | None = None) 
         raise RuntimeError(f"method '{config.method}' registered base-model weights as its own parameters")
     dtype, device = _dtype_device(model)
     method.to(device=device, dtype=dtype)
+    method.train(model.training)  # follows the model's mode (dropout, Poly's routing noise), as a submodule would
     for p in method.parameters():
         p.requires_grad_(True)
     store[name] = method

@@ -28,12 +28,14 @@ class ForwardContext:
     # multi-task serving: method name -> (batch,) bool, the rows of the batch that method acts on; a method
     # absent here acts on every row
     row_masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    task_ids: torch.Tensor | None = None  # the call's task_ids (one per row), for methods that route by task
 
     def reset(self, attention_mask: Any = None) -> None:
         """Start a new forward pass: clear the per-pass values; take the mask if it is a padding mask."""
         self.padding_mask = None
         self.values.clear()
         self.row_masks = {}
+        self.task_ids = None
         self.use_mask(attention_mask)
 
     def use_mask(self, attention_mask: Any) -> None:

@@ -10,6 +10,7 @@ from .kadaptation import KAdaptation, KAdaptationConfig
 from .krona import KronA, KronAConfig, KronAFFN, KronAFFNConfig
 from .ln_tuning import LNConfig, LNTuning
 from .lora import LoRA, LoRAConfig
+from .poly import Poly, PolyConfig
 from .prefix import Prefix, PrefixConfig
 from .prompt import Prompt, PromptConfig
 from .rational import Rational, RationalConfig
@@ -18,14 +19,14 @@ from .vpt import VPT, VPTConfig
 
 METHOD_CLASSES: dict[str, type[DeltaMethod]] = {
     cls.config_class.method: cls
-    for cls in (Adapter, AdapterBias, BitFit, Compacter, IA3, KAdaptation, KronA, KronAFFN, LNTuning, LoRA, Prefix,
-                Prompt, Rational, SparseAdapter, VPT)
+    for cls in (Adapter, AdapterBias, BitFit, Compacter, IA3, KAdaptation, KronA, KronAFFN, LNTuning, LoRA, Poly,
+                Prefix, Prompt, Rational, SparseAdapter, VPT)
 }
 
 __all__ = [
     "METHOD_CLASSES", "Adapter", "AdapterBias", "AdapterBiasConfig", "AdapterConfig", "BitFit", "BitFitConfig",
     "Compacter", "CompacterConfig", "DeltaMethod", "IA3", "IA3Config", "KAdaptation", "KAdaptationConfig", "KronA",
-    "KronAConfig", "KronAFFN", "KronAFFNConfig", "LNConfig", "LNTuning", "LoRA", "LoRAConfig", "Prefix",
-    "PrefixConfig", "Prompt", "PromptConfig", "Rational", "RationalConfig", "SparseAdapter", "SparseAdapterConfig",
-    "VPT", "VPTConfig",
+    "KronAConfig", "KronAFFN", "KronAFFNConfig", "LNConfig", "LNTuning", "LoRA", "LoRAConfig", "Poly", "PolyConfig",
+    "Prefix", "PrefixConfig", "Prompt", "PromptConfig", "Rational", "RationalConfig", "SparseAdapter",
+    "SparseAdapterConfig", "VPT", "VPTConfig",
 ]

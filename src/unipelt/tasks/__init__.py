@@ -15,6 +15,10 @@ def task_names() -> list[str]:
 
 def get_task(name: str) -> Task:
     """The task called ``name``; an unknown name is a :class:`TaskDataError` listing the known ones."""
+    if "," in name:
+        from .multitask import MultiTask
+
+        return MultiTask([get_task(part.strip()) for part in name.split(",") if part.strip()])
     key = name.lower().replace("-", "").replace("_mm", "_mm")
     key = {"sst": "sst2", "stsb": "stsb", "mnlimm": "mnli_mm", "mnli_mismatched": "mnli_mm"}.get(key, key)
     if key in GLUE_LAYOUTS:

@@ -274,12 +274,30 @@ class _Prepared:
     model_kwargs: dict[str, Any]
 
 
+def routed_method(method_cfg: Any, task: Any, cfg: RunConfig) -> Any:
+    """Training several tasks at once needs a method that routes rows by task (Poly); it gets one task each."""
+    from dataclasses import replace
+
+    from ..methods.poly import PolyConfig
+
+    if not isinstance(method_cfg, PolyConfig):
+        raise ConfigError(f"training several tasks at once ({task.name}) routes each row by its task: use --method "
+                          f"poly, poly_s or poly_mu, or train the tasks one by one")
+    n = len(task.tasks)
+    if "tasks" in cfg.method_options and method_cfg.tasks != n:
+        raise ConfigError(f"--set tasks={method_cfg.tasks} but --task names {n} tasks")
+    return replace(method_cfg, tasks=n)
+
+
 def _prepare(cfg: RunConfig) -> _Prepared:
     """Everything that can fail on bad input, before anything is written."""
     task = get_task(cfg.task)
     method_cfg = method_config(cfg.method, cfg.method_options)
     full_train = task.load("train", cfg.data_dir)
-    if cfg.k_shot is not None:
+    if hasattr(task, "sample"):  # several tasks: K (or a hold-out) per task, and a routed method
+        method_cfg = routed_method(method_cfg, task, cfg)
+        train, val = task.sample(full_train, cfg.k_shot, cfg.seed)
+    elif cfg.k_shot is not None:
         train, val = k_shot(full_train, cfg.k_shot, cfg.seed)
     else:
         train, val = hold_out(full_train, cfg.seed)
@@ -526,6 +544,8 @@ def evaluate(delta_dir: str | os.PathLike, split: str = "dev", task_name: str | 
     examples = task.load(split, data_dir)
     dev = _device(device)
     model_path = info.get("model_path")
+    # weights the checkpoint lacks (a classifier's pooler on a masked-LM checkpoint) are initialised as in training
+    set_seed(cfg["seed"])
     if cfg["method"] == "full":
         model = load_model(str(folder / "model"), task.auto_model_class())
     else:

@@ -1,0 +1,171 @@
+"""Polytropon, Poly-S and Poly-mu (Ponti et al. 2023; Caccia et al. 2023): an inventory of LoRA modules
+with per-task routing.
+
+At every adapted projection (W_q, W_v by default) sit ``skills`` LoRA modules ``(A_k, B_k)`` (rank
+``r``, ``B_k = 0`` at init, so the model starts as the base model). Each layer has a routing matrix
+``Z`` of logits, ``tasks x heads x skills``; a row of task ``t`` uses, at that layer,
+
+    A_t = sum_k w_tk A_k,  B_t = sum_k w_tk B_k,  w_t = s(Z_t) / sum_k s(Z_tk),
+    h = W x + (alpha / r) B_t A_t x
+
+with ``s`` the sigmoid, or while training a relaxed Bernoulli sample of it (Gumbel-sigmoid at
+``temperature``), as Polytropon learns its binary skill allocation. Rows choose their task through
+``task_ids`` in the model call (one id per row); with one task it may be left out.
+
+- ``poly``: one head (Polytropon).
+- ``poly_s``: ``heads`` > 1, multi-head routing (Caccia et al.'s Poly-S/MHR): A's input columns and
+  B's output rows are split into ``heads`` blocks, each routed on its own.
+- ``poly_mu``: the routing is fixed to the uniform average of the inventory (Poly-mu): every task uses
+  the mean module, and adapting to a new task fine-tunes the inventory itself.
+
+Few-shot adaptation to a new task: ``Poly.add_task()`` appends a routing row (uniform logits) and
+returns its id; train the routing alone (``Poly.train_routing_only()``) or everything. Not mergeable
+(rows of different tasks need different weights). Parameters: ``skills r (d_in + d_out)`` per adapted
+matrix, plus ``tasks heads skills`` per layer (none for ``poly_mu``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+
+from ..config import ConfigError, MethodConfig, register, register_preset
+from ..runtime import Installer
+from ..sites import ModelMap, Projection
+from .base import DeltaMethod, cast_like, matmul_input
+
+ROUTINGS = ("learned", "uniform")
+
+
+@register
+@dataclass
+class PolyConfig(MethodConfig):
+    method = "poly"
+    description = "Polytropon: an inventory of LoRA skills per layer, routed per task (task_ids per row)"
+
+    tasks: int = 1
+    skills: int = 8
+    r: int = 2
+    alpha: float = 2.0
+    heads: int = 1
+    routing: str = "learned"
+    temperature: float = 1.0
+    targets: tuple[str, ...] = ("q", "v")
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("tasks", "skills", "r", "heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"poly {name} must be a positive integer, got {value!r}")
+        if self.routing not in ROUTINGS:
+            raise ConfigError(f"poly routing must be one of {ROUTINGS}, got {self.routing!r}")
+        if not self.temperature > 0:
+            raise ConfigError(f"poly temperature must be positive, got {self.temperature!r}")
+        if not self.targets:
+            raise ConfigError("poly needs at least one target, e.g. targets=('q', 'v')")
+
+
+register_preset("poly_s", PolyConfig, "Poly-S: multi-head routing of the LoRA inventory (4 heads)", heads=4)
+register_preset("poly_mu", PolyConfig, "Poly-mu: every task uses the inventory's uniform average", routing="uniform")
+
+
+class Poly(DeltaMethod):
+    config_class = PolyConfig
+    uses_task_ids = True  # reads the model call's task_ids (one per row)
+
+    def __init__(self, config: PolyConfig, model_map: ModelMap):
+        super().__init__(config, model_map)
+        k, r, heads = config.skills, config.r, config.heads
+        self.sites: dict[str, Projection] = {}
+        self.layer_of: dict[str, str] = {}
+        self.A = nn.ParameterDict()
+        self.B = nn.ParameterDict()
+        for site_key, proj in model_map.projections(config.targets):
+            d_in, d_out = proj.in_features, proj.out_features
+            if d_in % heads or d_out % heads:
+                raise ConfigError(f"poly heads={heads} must divide the sizes of {proj.path} ({d_in} -> {d_out})")
+            self.sites[site_key] = proj
+            self.layer_of[site_key] = site_key.split("_", 1)[0]
+            a = torch.empty(k, r, d_in)
+            for i in range(k):  # each skill's A like LoRA's: Kaiming-uniform over its own (r, d_in)
+                nn.init.kaiming_uniform_(a[i], a=math.sqrt(5))
+            self.A[site_key] = nn.Parameter(a)
+            self.B[site_key] = nn.Parameter(torch.zeros(k, d_out, r))
+        self.routing = nn.ParameterDict()
+        if config.routing == "learned":
+            for layer in sorted(set(self.layer_of.values())):
+                self.routing[layer] = nn.Parameter(torch.zeros(config.tasks, heads, k))
+
+    @property
+    def tasks(self) -> int:
+        return self.config.tasks
+
+    def add_task(self) -> int:
+        """A new task's routing row (uniform: every skill equally likely); its task id."""
+        if self.config.routing == "learned":
+            for layer, z in self.routing.items():
+                self.routing[layer] = nn.Parameter(torch.cat([z.detach(), torch.zeros_like(z[:1])]))
+        self.config = replace(self.config, tasks=self.config.tasks + 1)
+        return self.config.tasks - 1
+
+    def train_routing_only(self) -> None:
+        """Freeze the inventory; only the routing trains (Poly-z adaptation to a new task)."""
+        for p in [*self.A.values(), *self.B.values()]:
+            p.requires_grad_(False)
+
+    def weights(self, layer: str, task_ids: torch.Tensor) -> torch.Tensor:
+        """Each row's skill weights at ``layer``: (batch, heads, skills), summing to 1 over skills."""
+        k, heads = self.config.skills, self.config.heads
+        if self.config.routing == "uniform":
+            return torch.full((task_ids.shape[0], heads, k), 1.0 / k, device=task_ids.device)
+        z = self.routing[layer]
+        if self.training:  # relaxed Bernoulli: sigmoid((Z + logistic noise) / temperature)
+            u = torch.rand_like(z).clamp(1e-6, 1 - 1e-6)
+            w = torch.sigmoid((z + torch.log(u) - torch.log1p(-u)) / self.config.temperature)
+        else:
+            w = torch.sigmoid(z)
+        w = w / (w.sum(-1, keepdim=True) + 1e-12)
+        return w[task_ids]
+
+    def install(self, installer: Installer) -> None:
+        context = installer.context
+
+        def task_ids_of(x: torch.Tensor) -> torch.Tensor:
+            ids = context.task_ids
+            if ids is None:
+                if self.config.tasks == 1:
+                    return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+                raise ConfigError(f"poly routes {self.config.tasks} tasks: pass task_ids= (one task id per row, "
+                                  f"0..{self.config.tasks - 1}) in the model call")
+            if ids.shape[0] != x.shape[0] or int(ids.max()) >= self.config.tasks or int(ids.min()) < 0:
+                raise ConfigError(f"task_ids {ids.tolist()} do not fit a batch of {x.shape[0]} rows and "
+                                  f"{self.config.tasks} poly tasks")
+            return ids.to(x.device)
+
+        for site_key, proj in self.sites.items():
+            installer.on_output(proj.module, self._hook(site_key, proj, task_ids_of))
+
+    def _hook(self, site_key: str, proj: Projection, task_ids_of):
+        a, b, layer = self.A[site_key], self.B[site_key], self.layer_of[site_key]
+        scaling, heads = self.config.alpha / self.config.r, self.config.heads
+
+        def add_routed(module, inputs, output):
+            x = inputs[0]
+            w = self.weights(layer, task_ids_of(x)).to(a.dtype)  # (batch, heads, skills)
+            k, r, d_in = a.shape
+            d_out = b.shape[1]
+            # each row's A_t and B_t, head block by head block: (batch, r, d_in) and (batch, d_out, r)
+            a_rows = torch.einsum("bjk,krjd->brjd", w, a.view(k, r, heads, d_in // heads)).reshape(-1, r, d_in)
+            b_rows = torch.einsum("bjk,kjor->bjor", w, b.view(k, heads, d_out // heads, r)).reshape(-1, d_out, r)
+            h = torch.einsum("b...d,brd->b...r", matmul_input(x, a_rows), a_rows)
+            delta = torch.einsum("b...r,bor->b...o", h, b_rows) * scaling
+            return output + proj.place(cast_like(delta, output))
+
+        return add_routed
+
+    def saved_config(self) -> PolyConfig:
+        return self.config  # holds the current task count (add_task grows it)
