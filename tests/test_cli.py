@@ -414,3 +414,26 @@ def test_several_tasks_train_at_once_with_poly(tiny_model, small_glue, tmp_path)
     assert loop.evaluate(out, device="cpu") == pytest.approx(results["metrics"])
     assert main(train_args(tiny_model, small_glue, tmp_path / "lora", "sst2,rte", "lora")) == EXIT_BAD_INPUT
     assert main(train_args(tiny_model, small_glue, tmp_path / "stsb", "sst2,stsb", "poly")) == EXIT_BAD_INPUT
+
+
+@needs_glue
+def test_a_new_task_adapts_from_a_poly_inventory(tiny_model, small_glue, tmp_path) -> None:
+    """--from-inventory: a Poly delta trained on sst2,rte is the start of mrpc: a third routing row (the run's
+    default task), a fresh head, and with --routing-only nothing of the inventory trains."""
+    inventory = tmp_path / "inventory"
+    assert main(train_args(tiny_model, small_glue, inventory, "sst2,rte", "poly")) == 0
+    out = tmp_path / "mrpc"
+    args = train_args(tiny_model, small_glue, out, "mrpc", "poly", "--from-inventory", str(inventory),
+                      "--routing-only")
+    assert main(args) == 0
+    saved = json.loads((out / "unipelt.json").read_text())["methods"][0]["config"]
+    assert saved["tasks"] == 3 and saved["default_task"] == 2
+    results = json.loads((out / "results.json").read_text())
+    assert results["trainable_by_part"]["poly"] == 2 * 3 * 1 * 8  # layers x tasks x heads x skills: routing only
+    old, new = load_file(inventory / "delta.safetensors"), load_file(out / "delta.safetensors")
+    assert all(torch.equal(old[k], new[k]) for k in old if ".A." in k or ".B." in k)
+    assert loop.evaluate(out, device="cpu")[results["main_metric"]] == pytest.approx(results["score"])
+    lora = tmp_path / "lora"
+    assert main(train_args(tiny_model, small_glue, lora, "sst2", "lora")) == 0
+    assert main(train_args(tiny_model, small_glue, tmp_path / "bad", "mrpc", "poly", "--from-inventory",
+                           str(lora))) == EXIT_BAD_INPUT

@@ -78,7 +78,7 @@ def _train(args: argparse.Namespace) -> int:
     from .train import RunConfig, run
 
     if args.method is None:
-        args.method = "unipelt"
+        args.method = "poly" if args.from_inventory else "unipelt"
     cfg = RunConfig(
         task=args.task, method=args.method, model=args.model, k_shot=args.k_shot, seed=args.seed,
         epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
@@ -86,7 +86,7 @@ def _train(args: argparse.Namespace) -> int:
         device=args.device, eval_every=args.eval_every, patience=args.patience,
         method_options=method_options(args.set, args.config), resume=args.resume,
         mixed_precision=args.mixed_precision, progress=not args.no_progress, part_lr=part_lrs(args.part_lr),
-        compile=args.compile,
+        compile=args.compile, from_inventory=args.from_inventory, routing_only=args.routing_only,
     )
     run(cfg)
     return 0
@@ -185,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     t.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--from-inventory", default=None, metavar="DIR",
+                   help="start from a Poly delta trained on other tasks (--task a,b,c --method poly): "
+                        "a new routing row for this task over its inventory")
+    t.add_argument("--routing-only", action="store_true", help="with --from-inventory: train the routing row "
+                                                                "and the head only")
     t.add_argument("--compile", default=None, choices=["default", "reduce-overhead", "max-autotune"],
                    help="train through torch.compile in this mode (reduce-overhead: with CUDA graphs)")
     t.set_defaults(func=_train)

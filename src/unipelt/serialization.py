@@ -171,11 +171,12 @@ def load_tasks(model: nn.Module, folders: dict[str, str | os.PathLike]) -> list[
     return list(folders)
 
 
-def load(model: nn.Module, path: str | os.PathLike, task: str | None = None) -> nn.Module:
+def load(model: nn.Module, path: str | os.PathLike, task: str | None = None, heads: bool = True) -> nn.Module:
     """Attach the saved delta in ``path`` to ``model`` (a fresh base model) and fill its weights.
 
     With ``task``, the delta serves that task only: its methods are named ``<task>__<method>`` and act on
-    the rows whose ``task_ids`` entry is this task's id (see :func:`load_tasks`).
+    the rows whose ``task_ids`` entry is this task's id (see :func:`load_tasks`). ``heads=False`` leaves
+    the model's task head as it is (a new task's head, when a saved delta is the start of another task).
     Also reads a LoRA folder saved by ``peft`` (``adapter_config.json``).
     """
     folder = Path(path)
@@ -228,7 +229,7 @@ def load(model: nn.Module, path: str | os.PathLike, task: str | None = None) -> 
                 raise DeltaFileError(f"{delta_path}: the tensors of '{name}' do not fit its config in {META_FILE} "
                                      f"({e}); the two files do not belong together") from e
         with torch.no_grad():
-            for head_name in meta.get("heads", []):
+            for head_name in meta.get("heads", []) if heads else []:
                 head = state.model_map.head_modules.get(head_name)
                 prefix = f"head.{head_name}."
                 own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

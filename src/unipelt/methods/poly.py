@@ -19,7 +19,8 @@ with ``s`` the sigmoid, or while training a relaxed Bernoulli sample of it (Gumb
   the mean module, and adapting to a new task fine-tunes the inventory itself.
 
 Few-shot adaptation to a new task: ``Poly.add_task()`` appends a routing row (uniform logits) and
-returns its id; train the routing alone (``Poly.train_routing_only()``) or everything. Not mergeable
+returns its id, which calls without ``task_ids`` then use; train the routing alone
+(``Poly.train_routing_only()``) or everything (``unipelt train --from-inventory DIR [--routing-only]``). Not mergeable
 (rows of different tasks need different weights). Parameters: ``skills r (d_in + d_out)`` per adapted
 matrix, plus ``tasks heads skills`` per layer (none for ``poly_mu``).
 """
@@ -54,6 +55,7 @@ class PolyConfig(MethodConfig):
     routing: str = "learned"
     temperature: float = 1.0
     targets: tuple[str, ...] = ("q", "v")
+    default_task: int | None = None  # the task of calls without task_ids (set by add_task)
 
     def validate(self) -> None:
         super().validate()
@@ -67,6 +69,8 @@ class PolyConfig(MethodConfig):
             raise ConfigError(f"poly temperature must be positive, got {self.temperature!r}")
         if not self.targets:
             raise ConfigError("poly needs at least one target, e.g. targets=('q', 'v')")
+        if self.default_task is not None and not 0 <= self.default_task < self.tasks:
+            raise ConfigError(f"poly default_task {self.default_task} is not one of the {self.tasks} tasks")
 
 
 register_preset("poly_s", PolyConfig, "Poly-S: multi-head routing of the LoRA inventory (4 heads)", heads=4)
@@ -105,12 +109,14 @@ class Poly(DeltaMethod):
         return self.config.tasks
 
     def add_task(self) -> int:
-        """A new task's routing row (uniform: every skill equally likely); its task id."""
+        """A new task's routing row (uniform: every skill equally likely); its task id, which calls without
+        ``task_ids`` now use."""
         if self.config.routing == "learned":
             for layer, z in self.routing.items():
                 self.routing[layer] = nn.Parameter(torch.cat([z.detach(), torch.zeros_like(z[:1])]))
-        self.config = replace(self.config, tasks=self.config.tasks + 1)
-        return self.config.tasks - 1
+        new = self.config.tasks
+        self.config = replace(self.config, tasks=new + 1, default_task=new)
+        return new
 
     def train_routing_only(self) -> None:
         """Freeze the inventory; only the routing trains (Poly-z adaptation to a new task)."""
@@ -137,8 +143,10 @@ class Poly(DeltaMethod):
         def task_ids_of(x: torch.Tensor) -> torch.Tensor:
             ids = context.task_ids
             if ids is None:
-                if self.config.tasks == 1:
-                    return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+                default = self.config.default_task if self.config.default_task is not None else (
+                    0 if self.config.tasks == 1 else None)
+                if default is not None:
+                    return torch.full((x.shape[0],), default, dtype=torch.long, device=x.device)
                 raise ConfigError(f"poly routes {self.config.tasks} tasks: pass task_ids= (one task id per row, "
                                   f"0..{self.config.tasks - 1}) in the model call")
             if ids.shape[0] != x.shape[0] or int(ids.max()) >= self.config.tasks or int(ids.min()) < 0:

@@ -88,6 +88,9 @@ class RunConfig:
     # graphs, "max-autotune"), or None for eager. At small batches a GPU step is bound by the CPU launching
     # kernels; compiled, it is bound by the kernels (benchmarks/results/speed).
     compile: str | None = None
+    # few-shot adaptation from a Poly inventory: the saved multi-task delta, a new routing row for this task
+    from_inventory: str | None = None
+    routing_only: bool = False  # with from_inventory: train the new routing row (and head) only
 
 
 def parameter_groups(model: torch.nn.Module, lr: float, part_lr: dict[str, float]) -> tuple[list[dict], dict]:
@@ -274,6 +277,24 @@ class _Prepared:
     model_kwargs: dict[str, Any]
 
 
+def adapt_from_inventory(model: torch.nn.Module, cfg: RunConfig) -> Any:
+    """Load a Poly inventory trained on other tasks, add this task's routing row (its default), and freeze
+    the inventory when ``routing_only``; the task head starts fresh. Returns the method's config."""
+    from ..methods.poly import Poly
+
+    meta = serialization.read_meta(cfg.from_inventory)
+    kinds = [m["config"]["method"] for m in meta["methods"]]
+    if kinds != ["poly"]:
+        raise ConfigError(f"--from-inventory takes a delta of one Poly method (poly, poly_s, poly_mu); "
+                          f"{cfg.from_inventory} holds {kinds}")
+    serialization.load(model, cfg.from_inventory, heads=False)
+    poly = next(m for m in core.deltas(model).values() if isinstance(m, Poly))
+    poly.add_task()
+    if cfg.routing_only:
+        poly.train_routing_only()
+    return poly.config
+
+
 def routed_method(method_cfg: Any, task: Any, cfg: RunConfig) -> Any:
     """Training several tasks at once needs a method that routes rows by task (Poly); it gets one task each."""
     from dataclasses import replace
@@ -310,7 +331,9 @@ def _prepare(cfg: RunConfig) -> _Prepared:
     set_seed(cfg.seed)
     model_kwargs = task.model_kwargs(full_train)
     model = load_model(cfg.model, task.auto_model_class(), **model_kwargs)
-    if method_cfg is not None:
+    if cfg.from_inventory is not None:
+        method_cfg = adapt_from_inventory(model, cfg)
+    elif method_cfg is not None:
         core.attach(model, method_cfg)
     return _Prepared(task, train, val, report, tokenizer, model, method_cfg, model_kwargs)
 
