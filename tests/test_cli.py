@@ -437,3 +437,20 @@ def test_a_new_task_adapts_from_a_poly_inventory(tiny_model, small_glue, tmp_pat
     assert main(train_args(tiny_model, small_glue, lora, "sst2", "lora")) == 0
     assert main(train_args(tiny_model, small_glue, tmp_path / "bad", "mrpc", "poly", "--from-inventory",
                            str(lora))) == EXIT_BAD_INPUT
+
+
+@needs_glue
+def test_attempt_trains_a_target_over_source_prompts(tiny_model, small_glue, tmp_path) -> None:
+    """Source prompts trained on sst2 and mrpc, then rte with ATTEMPT over them; eval reproduces the score."""
+    sources = []
+    for task in ("sst2", "mrpc"):
+        out = tmp_path / task
+        assert main(train_args(tiny_model, small_glue, out, task, "prompt", "--set", "length=4")) == 0
+        sources.append(str(out))
+    out = tmp_path / "rte-attempt"
+    assert main(train_args(tiny_model, small_glue, out, "rte", "attempt", "--set", "length=4", "--set",
+                           f"sources={','.join(sources)}", "--set", "attention_hidden=8")) == 0
+    results = json.loads((out / "results.json").read_text())
+    saved = json.loads((out / "unipelt.json").read_text())["methods"][0]["config"]
+    assert saved["n_sources"] == 2 and saved["sources"] == []
+    assert loop.evaluate(out, device="cpu")["accuracy"] == pytest.approx(results["score"])

@@ -2,6 +2,7 @@
 
 from .adapter import Adapter, AdapterConfig
 from .adapter_bias import AdapterBias, AdapterBiasConfig
+from .attempt import Attempt, AttemptConfig
 from .base import DeltaMethod
 from .bitfit import BitFit, BitFitConfig
 from .compacter import Compacter, CompacterConfig
@@ -19,12 +20,13 @@ from .vpt import VPT, VPTConfig
 
 METHOD_CLASSES: dict[str, type[DeltaMethod]] = {
     cls.config_class.method: cls
-    for cls in (Adapter, AdapterBias, BitFit, Compacter, IA3, KAdaptation, KronA, KronAFFN, LNTuning, LoRA, Poly,
-                Prefix, Prompt, Rational, SparseAdapter, VPT)
+    for cls in (Adapter, AdapterBias, Attempt, BitFit, Compacter, IA3, KAdaptation, KronA, KronAFFN, LNTuning, LoRA,
+                Poly, Prefix, Prompt, Rational, SparseAdapter, VPT)
 }
 
 __all__ = [
-    "METHOD_CLASSES", "Adapter", "AdapterBias", "AdapterBiasConfig", "AdapterConfig", "BitFit", "BitFitConfig",
+    "METHOD_CLASSES", "Adapter", "AdapterBias", "AdapterBiasConfig", "AdapterConfig", "Attempt", "AttemptConfig",
+    "BitFit", "BitFitConfig",
     "Compacter", "CompacterConfig", "DeltaMethod", "IA3", "IA3Config", "KAdaptation", "KAdaptationConfig", "KronA",
     "KronAConfig", "KronAFFN", "KronAFFNConfig", "LNConfig", "LNTuning", "LoRA", "LoRAConfig", "Poly", "PolyConfig",
     "Prefix", "PrefixConfig", "Prompt", "PromptConfig", "Rational", "RationalConfig", "SparseAdapter",

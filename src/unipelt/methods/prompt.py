@@ -118,6 +118,13 @@ class Prompt(DeltaMethod):
                 init = torch.randn(config.length, d, generator=gen) * 0.02
         self.embedding = nn.Parameter(init.clone())
 
+    reads_inputs = False  # whether row_prompts looks at the inputs (ATTEMPT) or only at their shape
+
+    def row_prompts(self, inputs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The prompt of each row, (batch, length, d), given the rows' input embeddings (batch, seq, d) and
+        padding mask; a prompt-tuning delta gives every row the same (ATTEMPT mixes per row)."""
+        return self.embedding.to(inputs.dtype).unsqueeze(0).expand(inputs.shape[0], -1, -1)
+
     def install(self, installer: Installer) -> None:
         values = installer.context.values
         slot = (id(self), "insert")
@@ -127,23 +134,35 @@ class Prompt(DeltaMethod):
             rows = installer.context.row_masks.get(installer.name)
             return None if rows is None else rows.view(-1, 1, 1)
 
+        def real_mask(width: int) -> torch.Tensor | None:
+            """The padding mask of the real tokens (without the prompt's positions), when it fits."""
+            mask = installer.context.padding_mask
+            if mask is not None and mask.shape[1] == width + n:
+                mask = _remove(mask, pos, n)
+            return mask if mask is not None and mask.shape[1] == width else None
+
+        def prompt_for(embedded: torch.Tensor) -> torch.Tensor:
+            """Each row's prompt for a sequence whose placeholders sit at pos..pos+n."""
+            if not self.reads_inputs:
+                return self.row_prompts(embedded, None)  # the same for every row: no copy of the inputs
+            real = _remove(embedded, pos, n)
+            return self.row_prompts(real, real_mask(real.shape[1]))
+
         def fill_prompt(module, inputs, output):
             # Vision: insert into the patch sequence. Text: overwrite the placeholders.
-            b = output.shape[0]
-            prompt = self.embedding.to(output.dtype).unsqueeze(0).expand(b, -1, -1)
             if self.vision:
-                return _join([output[:, :pos], prompt, output[:, pos:]])
+                return _join([output[:, :pos], self.row_prompts(output, None), output[:, pos:]])
             rows = served_rows()
             if rows is not None:  # served among other tasks: this prompt goes into its own rows only
                 shared = values.get(SHARED_INSERT)
                 if shared is None or output.shape[1] != shared[2]:
                     return output
-                mine = torch.where(rows.to(output.device), prompt, output[:, pos:pos + n])
+                mine = torch.where(rows.to(output.device), prompt_for(output), output[:, pos:pos + n])
                 return _join([output[:, :pos], mine, output[:, pos + n:]])
             expected = values.pop(slot, None)
             if expected is None or output.shape[1] != expected:
                 return output
-            return _join([output[:, :pos], prompt, output[:, pos + n:]])
+            return _join([output[:, :pos], prompt_for(output), output[:, pos + n:]])
 
         installer.on_output(self.embed_module, fill_prompt)
         if self.vision:
@@ -160,8 +179,8 @@ class Prompt(DeltaMethod):
                 values[slot] = length + n
             else:
                 length = embeds.shape[1]
-                prompt = self.embedding.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
-                kwargs["inputs_embeds"] = _join([embeds[:, :pos], prompt, embeds[:, pos:]])
+                plain = mask if mask is not None and mask.shape[1] == length else None
+                kwargs["inputs_embeds"] = _join([embeds[:, :pos], self.row_prompts(embeds, plain), embeds[:, pos:]])
             if mask is not None and mask.shape[1] == length:
                 kwargs["attention_mask"] = _insert(mask, pos, n, 1)
             return length
@@ -182,8 +201,7 @@ class Prompt(DeltaMethod):
                 # another served task's prompt inserted the placeholders (and moved labels and positions)
                 embeds = kwargs.get("inputs_embeds")
                 if embeds is not None:
-                    prompt = self.embedding.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
-                    mine = torch.where(rows.to(embeds.device), prompt, embeds[:, pos:pos + n])
+                    mine = torch.where(rows.to(embeds.device), prompt_for(embeds), embeds[:, pos:pos + n])
                     kwargs["inputs_embeds"] = _join([embeds[:, :pos], mine, embeds[:, pos + n:]])
                 return kwargs
             length = insert_input(kwargs)

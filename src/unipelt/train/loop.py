@@ -49,6 +49,7 @@ DEFAULT_LR = {
     # the papers' rates: Compacter 3e-3 (T5-base, GLUE), KronA 1e-3, AdapterBias 1e-3
     "compacter": 3e-3, "compacter++": 3e-3, "phm_adapter": 3e-3, "krona": 1e-3, "krona_ffn": 1e-3,
     "adapter_bias": 1e-3, "kadaptation": 1e-3, "sparse_adapter": 2e-3, "vpt": 5e-2, "vpt_deep": 5e-2,
+    "poly": 2e-3, "poly_s": 2e-3, "poly_mu": 2e-3, "attempt": 3e-2, "rational": 1e-3,
 }
 RUN_FILE, RESULTS_FILE, CHECKPOINT_FILE = "run.json", "results.json", "checkpoint.pt"
 
