@@ -3,6 +3,8 @@
 #   device run: bash benchmarks/speed_gpu.sh bert-base                 (carry .whl: the adapters wheels, see below)
 #   device run: bash benchmarks/speed_gpu.sh llama-1b
 #   device run: bash benchmarks/speed_gpu.sh bert-base --compile default --peers   (ours compiled, floor too)
+#   device run: bash benchmarks/speed_gpu.sh bert-base --peers --methods krona krona_ffn kadaptation adapter_bias \
+#                    sparse_adapter rational poly                                 (the methods no peer has)
 # Extra arguments go to benchmarks/speed.py. Every finished case is also appended to
 # $OUT/speed_<shape>.cases.jsonl at once, so a run cut short by the call's time limit keeps its cases.
 # The adapters peer needs adapters==1.3.0, transformers==4.57.6, tokenizers==0.22.2 and

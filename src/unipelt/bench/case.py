@@ -85,6 +85,11 @@ METHODS: dict[str, dict[str, Any]] = {
                   "adapters": ("CompacterConfig", {})},
     "krona": {"unipelt": {"method": "krona", "a_out": 32, "a_in": 32}},
     "adapter_bias": {"unipelt": {"method": "adapter_bias"}},
+    "krona_ffn": {"unipelt": {"method": "krona_ffn", "a_out": 32, "a_in": 32}},
+    "kadaptation": {"unipelt": {"method": "kadaptation"}},
+    "sparse_adapter": {"unipelt": {"method": "sparse_adapter", "bottleneck": "d/16"}},  # masks of ones unpruned
+    "rational": {"unipelt": {"method": "rational"}},
+    "poly": {"unipelt": {"method": "poly"}},
 }
 
 # module names (regular expressions) of the attention projections, the FFN's output projection W_2 and the
