@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--out", type=Path, default=Path("out/transfer"))
     parser.add_argument("--model", default=None)
-    parser.add_argument("--sources", nargs="+", default=["sst2", "mrpc", "qnli"])
+    parser.add_argument("--sources", nargs="+", default=["sst2", "mrpc", "cola"])
     parser.add_argument("--target", default="rte")
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])

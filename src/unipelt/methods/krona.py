@@ -61,6 +61,16 @@ def kron_apply(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tenso
     return y.reshape(*x.shape[:-1], a_out * b_out)
 
 
+def kron_factors(a_out: int, a_in: int, d_out: int, d_in: int, where: str) -> tuple[nn.Parameter, nn.Parameter]:
+    """``A`` (a_out x a_in, zeros: the update starts at zero) and ``B`` (d_out/a_out x d_in/a_in, Kaiming-uniform)."""
+    if d_out % a_out or d_in % a_in:
+        raise ConfigError(f"{where} ({d_in} -> {d_out}): the factors do not fit: a_out={a_out} must divide {d_out} "
+                          f"and a_in={a_in} must divide {d_in}")
+    b = torch.empty(d_out // a_out, d_in // a_in)
+    nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+    return nn.Parameter(torch.zeros(a_out, a_in)), nn.Parameter(b)
+
+
 class KronA(DeltaMethod):
     config_class = KronAConfig
     serves_rows = True
@@ -72,18 +82,11 @@ class KronA(DeltaMethod):
         self.B = nn.ParameterDict()
         self.gates = nn.ModuleDict()
         for site_key, proj in model_map.projections(config.targets):
-            d_out, d_in = proj.out_features, proj.in_features
-            if d_out % config.a_out or d_in % config.a_in:
-                raise ConfigError(
-                    f"krona factors do not fit {proj.path} ({d_in} -> {d_out}): a_out={config.a_out} must divide "
-                    f"{d_out} and a_in={config.a_in} must divide {d_in}")
             self.sites[site_key] = proj
-            self.A[site_key] = nn.Parameter(torch.zeros(config.a_out, config.a_in))
-            b = torch.empty(d_out // config.a_out, d_in // config.a_in)
-            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
-            self.B[site_key] = nn.Parameter(b)
+            self.A[site_key], self.B[site_key] = kron_factors(config.a_out, config.a_in, proj.out_features,
+                                                              proj.in_features, f"krona on {proj.path}")
             if config.gate:
-                self.gates[site_key] = Gate(d_in)
+                self.gates[site_key] = Gate(proj.in_features)
 
     def install(self, installer: Installer) -> None:
         for site_key, proj in self.sites.items():
@@ -144,13 +147,7 @@ class KronAFFN(DeltaMethod):
         self.gates = nn.ModuleDict()
         for key, layer in self.layers.items():
             d_in, d_out = layer.ffn_in[0].in_features, layer.ffn_out.out_features
-            if d_out % config.a_out or d_in % config.a_in:
-                raise ConfigError(f"krona_ffn factors do not fit the FFN of {key} ({d_in} -> {d_out}): a_out="
-                                  f"{config.a_out} must divide {d_out} and a_in={config.a_in} must divide {d_in}")
-            self.A[key] = nn.Parameter(torch.zeros(config.a_out, config.a_in))
-            b = torch.empty(d_out // config.a_out, d_in // config.a_in)
-            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
-            self.B[key] = nn.Parameter(b)
+            self.A[key], self.B[key] = kron_factors(config.a_out, config.a_in, d_out, d_in, f"krona_ffn on {key}'s FFN")
             if config.gate:
                 self.gates[key] = Gate(d_in)
 
