@@ -275,6 +275,8 @@ def test_methods_lists_the_catalogue_with_counts(tiny_model, capsys) -> None:
     lora_line = next(line for line in out.splitlines() if line.startswith("lora "))
     # LoRA r=8 on q and v of 2 layers, hidden 32: 2 * 2 * 8 * (32 + 32)
     assert "2,048" in lora_line
+    # a method that cannot be counted on this model says why, below the table
+    assert "vpt: vpt prompts vision transformers" in out and "attempt: attempt needs source prompts" in out
 
 
 @needs_glue

@@ -116,6 +116,7 @@ def _methods(args: argparse.Namespace) -> int:
     model = load_model(args.model, AutoModelForSequenceClassification, num_labels=2)
     print(f"{'method':<16} {'trainable':>12} {'% of base':>9}  description")
     base = sum(p.numel() for p in model.parameters())
+    why_not: list[str] = []
     for name, description in core.methods().items():
         if name == "composition":
             count = "-"
@@ -127,11 +128,15 @@ def _methods(args: argparse.Namespace) -> int:
                     core.attach(model, name, train_head=False)
                 n = core.trainable_parameters(model)["total"]
                 count, pct = f"{n:,}", f"{100 * n / base:.3f}%"
-            except Exception as e:  # a method that does not apply to this model
-                count, pct = "n/a", type(e).__name__
+            except Exception as e:  # a method that does not apply to this model, or needs more than a name
+                count, pct = "n/a", "see below"
+                why_not.append(f"  {name}: {str(e).splitlines()[0][:150]}")
             finally:
                 core.detach(model)
         print(f"{name:<16} {count:>12} {pct:>9}  {description}")
+    if why_not:
+        print("\nNot counted on this model:")
+        print("\n".join(why_not))
     return 0
 
 
