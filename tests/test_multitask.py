@@ -22,7 +22,10 @@ TASKS = {
     "prefix": {"method": "prefix", "length": 3},
     "unipelt": {"method": "unipelt", "adapter": {"bottleneck": 8}, "prefix": {"length": 2}, "lora": {"r": 2}},
     "compacter": {"method": "compacter++", "bottleneck": 8},
+    "ia3": {"method": "ia3"},
+    "ln": {"method": "ln"},
 }
+BIAS_TASKS = {"bitfit": {"method": "bitfit"}, "lora": {"method": "lora", "r": 4}}
 
 
 def _saved_task(family: str, config: dict, folder: Path, seed: int) -> Path:
@@ -43,13 +46,14 @@ def _alone(family: str, folder: Path, batch: dict) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "t5", "bart"])
 def test_each_row_gets_its_tasks_output(family: str, tmp_path: Path) -> None:
-    names = list(TASKS)
-    folders = {name: _saved_task(family, TASKS[name], tmp_path / name, seed=i) for i, name in enumerate(names)}
+    tasks = TASKS if family not in ("bert", "gpt2") else {**TASKS, **BIAS_TASKS}  # llama and t5 have no biases
+    names = list(tasks)
+    folders = {name: _saved_task(family, tasks[name], tmp_path / name, seed=i) for i, name in enumerate(names)}
     batch = inputs(family)  # 3 rows, the last padded
     alone = {name: _alone(family, folder, batch) for name, folder in folders.items()}
     served = build(family)
     assert unipelt.load_tasks(served, folders) == names
-    for task_ids in ([0, 1, 2], [3, 4, 5], [5, 3, 0], [2, 2, 2]):
+    for task_ids in ([0, 1, 2], [3, 4, 5], [5, 3, 0], [2, 2, 2], [len(names) - 1, 6, 0]):
         out = logits(served, {**batch, "task_ids": torch.tensor(task_ids)})
         for row, task in enumerate(task_ids):
             torch.testing.assert_close(out[row], alone[names[task]][row], atol=1e-5, rtol=0,
@@ -82,9 +86,9 @@ def test_serving_errors_name_the_fix(tmp_path: Path) -> None:
     model = build("bert")
     with pytest.raises(unipelt.DeltaFileError, match="carries a trained task head"):
         unipelt.load_tasks(model, {"x": tmp_path / "head"})
-    ia3 = _saved_task("bert", {"method": "ia3"}, tmp_path / "ia3", seed=2)
-    with pytest.raises(unipelt.ConfigError, match=r"\['ia3'\] cannot serve one task among others"):
-        unipelt.load_tasks(model, {"x": ia3})
+    rational = _saved_task("bert", {"method": "rational"}, tmp_path / "rational", seed=2)
+    with pytest.raises(unipelt.ConfigError, match=r"\['rational'\] cannot serve one task among others"):
+        unipelt.load_tasks(model, {"x": rational})
     assert "unipelt_deltas" not in model._modules  # nothing half-loaded stays
     # prompts share one insertion: every served task needs a prompt of one length and position, or none has
     prompt = _saved_task("bert", {"method": "prompt", "length": 2}, tmp_path / "prompt", seed=3)
@@ -128,7 +132,7 @@ def test_prompt_tasks_share_one_insertion(family: str, tmp_path: Path) -> None:
 
 def test_a_failed_task_leaves_the_served_ones(tmp_path: Path) -> None:
     lora = _saved_task("bert", TASKS["lora"], tmp_path / "lora", seed=0)
-    prompt = _saved_task("bert", {"method": "ia3"}, tmp_path / "prompt", seed=2)
+    prompt = _saved_task("bert", {"method": "rational"}, tmp_path / "prompt", seed=2)
     served = build("bert")
     unipelt.load_tasks(served, {"a": lora})
     with pytest.raises(unipelt.ConfigError):

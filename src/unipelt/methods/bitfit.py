@@ -34,6 +34,7 @@ def _has_bias(module: nn.Module) -> bool:
 
 class BitFit(DeltaMethod):
     config_class = BitFitConfig
+    serves_rows = True  # multi-task serving: its bias deltas reach its task's rows only
 
     def __init__(self, config: BitFitConfig, model_map: ModelMap):
         super().__init__(config, model_map)
@@ -46,14 +47,15 @@ class BitFit(DeltaMethod):
 
     def install(self, installer: Installer) -> None:
         for k, module in self.modules_by_key.items():
-            installer.on_output(module, self._hook(k, isinstance(module, nn.Conv2d)))
+            installer.on_output(module, self._hook(k, isinstance(module, nn.Conv2d), installer.rows))
 
-    def _hook(self, k: str, channels_first: bool):
+    def _hook(self, k: str, channels_first: bool, rows):
         delta = self.biases[k]
 
         def add_bias(module, inputs, output):
-            d = delta[:, None, None] if channels_first else delta
-            return output + cast_like(d, output)
+            d = cast_like(delta[:, None, None] if channels_first else delta, output)
+            served = rows(output)
+            return output + (d if served is None else d * served)
 
         return add_bias
 

@@ -36,8 +36,14 @@ class IA3Config(MethodConfig):
             raise ConfigError(f"ia3 targets must be a non-empty subset of {TARGETS}, got {list(self.targets)}")
 
 
+def served_scale(scale: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """``scale`` on the rows this delta serves (multi-task serving), one on the others."""
+    return scale if rows is None else 1.0 + (scale - 1.0) * rows
+
+
 class IA3(DeltaMethod):
     config_class = IA3Config
+    serves_rows = True  # multi-task serving: other tasks' rows keep a scale of one
 
     def __init__(self, config: IA3Config, model_map: ModelMap):
         super().__init__(config, model_map)
@@ -58,24 +64,24 @@ class IA3(DeltaMethod):
 
     def install(self, installer: Installer) -> None:
         for k, proj in self.outputs.items():
-            installer.on_output(proj.module, self._output_hook(k, proj))
+            installer.on_output(proj.module, self._output_hook(k, proj, installer.rows))
         for k, proj in self.inputs.items():
-            installer.on_input(proj.module, self._input_hook(k))
+            installer.on_input(proj.module, self._input_hook(k, installer.rows))
 
-    def _output_hook(self, k: str, proj: Projection):
+    def _output_hook(self, k: str, proj: Projection, rows):
         scale = self.scales[k]
 
         def scale_output(module, inputs, output):
-            return output * cast_like(proj.place(scale, fill=1.0), output)
+            return output * served_scale(cast_like(proj.place(scale, fill=1.0), output), rows(output))
 
         return scale_output
 
-    def _input_hook(self, k: str):
+    def _input_hook(self, k: str, rows):
         scale = self.scales[k]
 
         def scale_input(module, inputs):
             x = inputs[0]
-            return (x * cast_like(scale, x), *inputs[1:])
+            return (x * served_scale(cast_like(scale, x), rows(x)), *inputs[1:])
 
         return scale_input
 

@@ -46,6 +46,7 @@ def normalised(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 class LNTuning(DeltaMethod):
     config_class = LNConfig
+    serves_rows = True  # multi-task serving: other tasks' rows keep the base gains and biases
 
     def __init__(self, config: LNConfig, model_map: ModelMap):
         super().__init__(config, model_map)
@@ -63,15 +64,21 @@ class LNTuning(DeltaMethod):
     def install(self, installer: Installer) -> None:
         for k, module in self.norms.items():
             if isinstance(module, nn.LayerNorm):
-                installer.override_forward(module, self._tuned_layer_norm(k, module))
+                installer.override_forward(module, self._tuned_layer_norm(k, module, installer.rows))
             else:
-                installer.on_output(module, self._hook(k))
+                installer.on_output(module, self._hook(k, installer.rows))
 
-    def _tuned_layer_norm(self, k: str, module: nn.LayerNorm):
+    def _tuned_layer_norm(self, k: str, module: nn.LayerNorm, rows):
         gain = self.gains[k]
         bias = self.biases[k] if k in self.biases else None  # noqa: SIM401 (ParameterDict)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
+            served = rows(x)
+            if served is not None:  # multi-task serving: tuned gain and bias on this task's rows, base elsewhere
+                y = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+                w = module.weight + (gain - module.weight) * served
+                b = module.bias + (bias - module.bias) * served if bias is not None else module.bias
+                return y * cast_like(w, y) + (cast_like(b, y) if b is not None else 0.0)
             w, b = gain, bias
             if w.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
                 w, b = w.to(x.dtype), (b.to(x.dtype) if b is not None else None)
@@ -79,15 +86,18 @@ class LNTuning(DeltaMethod):
 
         return forward
 
-    def _hook(self, k: str):
+    def _hook(self, k: str, rows):
         """Other norms (RMSNorm, T5's) keep their own code: ``y + (g' - g) n(x) + (b' - b)``."""
         gain = self.gains[k]
         bias = self.biases[k] if k in self.biases else None  # noqa: SIM401 (ParameterDict)
 
         def shift(module, inputs, output):
             dg = cast_like(gain - module.weight, output)
-            out = output + dg * normalised(module, inputs[0]).to(output.dtype)
-            return out + cast_like(bias - module.bias, output) if bias is not None else out
+            delta = dg * normalised(module, inputs[0]).to(output.dtype)
+            if bias is not None:
+                delta = delta + cast_like(bias - module.bias, output)
+            served = rows(output)
+            return output + (delta if served is None else delta * served)
 
         return shift
 
