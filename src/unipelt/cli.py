@@ -163,6 +163,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .train.loop import COMPILE_MODES
+
     parser = argparse.ArgumentParser(prog="unipelt", description="Parameter-efficient fine-tuning of transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -195,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "a new routing row for this task over its inventory")
     t.add_argument("--routing-only", action="store_true", help="with --from-inventory: train the routing row "
                                                                 "and the head only")
-    t.add_argument("--compile", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+    t.add_argument("--compile", default=None, choices=COMPILE_MODES,
                    help="train through torch.compile in this mode (reduce-overhead: with CUDA graphs)")
     t.set_defaults(func=_train)
 

@@ -32,6 +32,13 @@ class MethodConfig:
         if self.gate and not self.gateable:
             raise ConfigError(f"method '{self.method}' has no UniPELT gate; remove gate=True")
 
+    def require_positive_ints(self, *names: str) -> None:
+        """Each named field must be a positive integer (a boolean is not one)."""
+        for name in names:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{self.method} {name} must be a positive integer, got {value!r}")
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.method}
         for f in dataclasses.fields(self):

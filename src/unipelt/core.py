@@ -36,10 +36,10 @@ class Attachment:
     head_snapshot: dict[str, torch.Tensor] = field(default_factory=dict)
     attention_routing: dict[int, str] | None = None
     handles: list[Any] = field(default_factory=list)
-    # multi-task serving (serialization.load_tasks): task names in task-id order, and each served method's task id
-    tasks: list[str] = field(default_factory=list)
+    # multi-task serving (serialization.load_tasks): task name -> its prompt's (length, position) or None, in
+    # task-id order; and each served method's task id
+    tasks: dict[str, tuple | None] = field(default_factory=dict)
     method_task: dict[str, int] = field(default_factory=dict)
-    task_prompts: dict[str, tuple | None] = field(default_factory=dict)  # task -> its prompt's (length, position)
 
 
 def attachment(model: nn.Module) -> Attachment | None:
@@ -91,7 +91,7 @@ def _hook_model_calls(model: nn.Module, state: Attachment) -> None:
         if task_ids is not None:
             state.context.task_ids = torch.as_tensor(task_ids)
         if state.tasks:
-            state.context.row_masks = _row_masks(state, task_ids)
+            state.context.row_masks = _row_masks(state, state.context.task_ids)
         elif task_ids is not None and not any(getattr(m, "uses_task_ids", False) for m in deltas(module).values()):
             raise ConfigError("task_ids was given but this model serves no tasks; load deltas with "
                               "unipelt.load_tasks(model, {name: folder, ...}) first")
@@ -125,18 +125,17 @@ def _hook_model_calls(model: nn.Module, state: Attachment) -> None:
         state.handles.append(encoder.register_forward_pre_hook(before_encoder, with_kwargs=True))
 
 
-def _row_masks(state: Attachment, task_ids: Any) -> dict[str, torch.Tensor]:
+def _row_masks(state: Attachment, task_ids: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """Each served method's rows of the batch, from one task id per row."""
     if task_ids is None:
-        raise ConfigError(f"this model serves the tasks {state.tasks}: pass task_ids= with one task id per row "
+        raise ConfigError(f"this model serves the tasks {list(state.tasks)}: pass task_ids= with one task id per row "
                           f"(0..{len(state.tasks) - 1}, in that order)")
-    task_ids = torch.as_tensor(task_ids)
     if task_ids.dim() != 1:
         raise ConfigError(f"task_ids must hold one task id per row (1-D), got shape {tuple(task_ids.shape)}")
     bad = task_ids[(task_ids < 0) | (task_ids >= len(state.tasks))]
     if bad.numel():
         raise ConfigError(f"task_ids holds {sorted(set(bad.tolist()))}, but the tasks are 0..{len(state.tasks) - 1} "
-                          f"({state.tasks})")
+                          f"({list(state.tasks)})")
     return {name: task_ids == task for name, task in state.method_task.items()}
 
 
@@ -209,7 +208,6 @@ def _remove_method(model: nn.Module, name: str) -> None:
     state.method_task.pop(name, None)
     if not state.method_task:
         state.tasks.clear()
-        state.task_prompts.clear()
     if state.attention_routing is not None and not any(i._providers for i in state.installers.values()):
         attention.restore_routing(model, state.attention_routing)
         state.attention_routing = None
@@ -280,7 +278,7 @@ def merge(model: nn.Module) -> nn.Module:
                 state.installers.pop(name)
                 del deltas(model)[name]
                 progress = True
-    kept = [f"{n} (serves task '{state.tasks[state.method_task[n]]}')" if n in state.method_task
+    kept = [f"{n} (serves task '{list(state.tasks)[state.method_task[n]]}')" if n in state.method_task
             else f"{n} (shares a module with a delta that stays)" if m.mergeable() else n
             for n, m in deltas(model).items()]
     if state.attention_routing is not None and not any(i._providers for i in state.installers.values()):

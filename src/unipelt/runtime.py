@@ -102,16 +102,24 @@ class Installer:
         self.output_rewrites: list[ModelOutputRewrite] = []
         self.hooked: list[tuple[nn.Module, str]] = []  # (module, "output" | "input" | "other"), for merge
 
+    def row_mask(self) -> torch.Tensor | None:
+        """Multi-task serving: the rows of the batch this method acts on, (batch,) bool; None for every row."""
+        return self.context.row_masks.get(self.name)
+
     def rows(self, like: torch.Tensor) -> torch.Tensor | None:
-        """Multi-task serving: this method's rows of the batch as a 0/1 tensor shaped to broadcast over
-        ``like`` (batch first), in its dtype; None when the method acts on every row."""
-        mask = self.context.row_masks.get(self.name)
+        """:meth:`row_mask` as a 0/1 tensor shaped to broadcast over ``like`` (batch first), in its dtype."""
+        mask = self.row_mask()
         if mask is None:
             return None
         if mask.shape[0] != like.shape[0]:
             raise RuntimeError(f"task_ids has {mask.shape[0]} rows but a tensor of method '{self.name}' has "
                                f"{like.shape[0]}; pass one task id per row of the batch")
         return mask.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+    def own_rows(self, delta: torch.Tensor) -> torch.Tensor:
+        """``delta`` (batch first) on this method's rows of the batch, zero on other tasks' rows."""
+        mask = self.rows(delta)
+        return delta if mask is None else delta * mask
 
     def on_output(self, module: nn.Module, fn: Callable[[nn.Module, tuple, Any], Any]) -> None:
         """``fn(module, inputs, output) -> new output`` after ``module`` runs."""

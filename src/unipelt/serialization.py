@@ -246,9 +246,7 @@ def load(model: nn.Module, path: str | os.PathLike, task: str | None = None, hea
         else:  # the tasks served before this one stay
             for name in added:
                 _remove_method(model, name)
-            if state.tasks and state.tasks[-1] == task:  # registered last by _task_id
-                state.tasks.pop()
-                state.task_prompts.pop(task, None)
+            state.tasks.pop(task, None)  # registered last by _task_id; the earlier tasks keep their ids
             if not deltas(model):
                 detach(model)
         raise
@@ -281,13 +279,12 @@ def _task_id(state: Any, task: str, meta: dict[str, Any], folder: Path) -> int:
     # the tasks' prompts share one insertion: either every served task has a prompt of one length and position,
     # or none has
     signature = prompts[0] if prompts else None
-    others = set(state.task_prompts.values())
+    others = set(state.tasks.values())
     if others and others != {signature}:
         raise ConfigError(f"{folder}: task {task!r} has prompt {signature or 'none'} (length, position), but the "
                           f"served tasks have {sorted(map(str, others))}; tasks served together need prompts of "
                           f"one length and position, or none")
-    state.tasks.append(task)
-    state.task_prompts[task] = signature
+    state.tasks[task] = signature
     return len(state.tasks) - 1
 
 

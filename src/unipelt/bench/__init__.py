@@ -206,6 +206,8 @@ def format_table(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    from ..train.loop import COMPILE_MODES
+
     parser = argparse.ArgumentParser(prog="unipelt bench", description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default=None, choices=list(SHAPES),
                         help="default: bert-base on a GPU, bert-small on the CPU")
@@ -219,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                                                               "and report medians (for noisy machines)")
     parser.add_argument("--profile", action="store_true",
                         help="on a GPU: each case's kernels per step, GPU busy time and top kernels (torch profiler)")
-    parser.add_argument("--compile", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+    parser.add_argument("--compile", default=None, choices=COMPILE_MODES,
                         help="run every case, the floor too, through torch.compile in this mode")
     parser.add_argument("--adapters-env", type=Path, default=Path(".bench/adapters-env"),
                         help="folder for adapters and its pinned transformers (installed if missing)")

@@ -307,12 +307,13 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             profiled = kernel_profile(train_step)
         except Exception as error:  # noqa: BLE001 (a profiler failure must not lose the case's timings)
             profiled = {"profile_error": str(error)[:200]}
+    result = {"peer": spec["peer"], "method": spec["method"], "shape": spec["shape"], "device_kind": device,
+              "compile": spec.get("compile"), "train_ms": statistics.median(train_ms), "train_ms_all": train_ms,
+              "tokens_per_s": shape["batch"] * shape["seq"] / (statistics.median(train_ms) / 1e3),
+              "peak_mb": peak, "infer_ms": None, "ops_per_step": ops, "ops_per_inference": None,
+              "merged_infer_ms": None, "trainable": counted, "loss": loss, **profiled}
     if compiled:
-        return {"peer": spec["peer"], "method": spec["method"], "shape": spec["shape"], "device_kind": device,
-                "compile": spec["compile"], "train_ms": statistics.median(train_ms), "train_ms_all": train_ms,
-                "tokens_per_s": shape["batch"] * shape["seq"] / (statistics.median(train_ms) / 1e3),
-                "peak_mb": peak, "infer_ms": None, "ops_per_step": None, "ops_per_inference": None,
-                "merged_infer_ms": None, "trainable": counted, "loss": loss, **profiled}
+        return result
 
     def infer(m: torch.nn.Module):
         def run() -> None:
@@ -321,20 +322,13 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         return run
 
     model.eval()
-    infer_ms = statistics.median(timed(infer(model), spec["steps"], spec["warmup"]))
-    infer_ops = count_ops(infer(model))
-    merged_ms = None
+    result["infer_ms"] = statistics.median(timed(infer(model), spec["steps"], spec["warmup"]))
+    result["ops_per_inference"] = count_ops(infer(model))
     if spec["peer"] not in ("floor", "full"):
         merged = merge(spec["peer"], spec["method"], model)
         if merged is not None:
-            merged_ms = statistics.median(timed(infer(merged), spec["steps"], spec["warmup"]))
-    return {"peer": spec["peer"], "method": spec["method"], "shape": spec["shape"], "device_kind": device,
-            "compile": spec.get("compile"),
-            "train_ms": statistics.median(train_ms), "train_ms_all": train_ms,
-            "tokens_per_s": shape["batch"] * shape["seq"] / (statistics.median(train_ms) / 1e3),
-            "peak_mb": peak, "infer_ms": infer_ms, "ops_per_step": ops, "ops_per_inference": infer_ops,
-            "merged_infer_ms": merged_ms, "trainable": counted,
-            "loss": loss, **profiled}
+            result["merged_infer_ms"] = statistics.median(timed(infer(merged), spec["steps"], spec["warmup"]))
+    return result
 
 
 def dump(spec: dict[str, Any]) -> dict[str, Any]:

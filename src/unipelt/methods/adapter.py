@@ -47,8 +47,7 @@ class AdapterConfig(MethodConfig):
         super().validate()
         if self.placement not in PLACEMENTS:
             raise ConfigError(f"unknown adapter placement {self.placement!r}; choose one of {PLACEMENTS}")
-        if not isinstance(self.bottleneck, int) or self.bottleneck < 1:
-            raise ConfigError(f"adapter bottleneck must be a positive integer, got {self.bottleneck!r}")
+        self.require_positive_ints("bottleneck")
         activation(self.activation)
 
 
@@ -60,12 +59,6 @@ register_preset("parallel", AdapterConfig, "parallel adapter on the FFN (He et a
                 placement="pfeiffer", parallel=True)
 register_preset("scaled_parallel", AdapterConfig, "scaled parallel adapter on the FFN, m=512, s=4 (He et al. 2022)",
                 placement="pfeiffer", parallel=True, scaling=4.0, bottleneck=512)
-
-
-def served(delta: torch.Tensor, rows) -> torch.Tensor:
-    """``delta`` on the rows of the batch its method serves (multi-task serving), zero elsewhere."""
-    mask = rows(delta)
-    return delta if mask is None else delta * mask
 
 
 class Bottleneck(nn.Module):
@@ -135,11 +128,11 @@ class Adapter(DeltaMethod):
             if self.config.parallel:
                 self._install_parallel(installer, site_key, site)
             else:
-                installer.on_output(site.write.module, self._serial_hook(site_key, installer.rows))
+                installer.on_output(site.write.module, self._serial_hook(site_key, installer.own_rows))
 
-    def _serial_hook(self, site_key: str, rows):
+    def _serial_hook(self, site_key: str, own_rows):
         def serial(module, inputs, output):
-            return output + cast_like(served(self._delta(site_key, output), rows), output)
+            return output + cast_like(own_rows(self._delta(site_key, output)), output)
 
         return serial
 
@@ -154,7 +147,7 @@ class Adapter(DeltaMethod):
             x = stash.pop(slot, None)
             if x is None:
                 raise RuntimeError(f"parallel adapter {site_key}: sub-layer input was not seen before its output")
-            return output + cast_like(served(self._delta(site_key, x), installer.rows), output)
+            return output + cast_like(installer.own_rows(self._delta(site_key, x)), output)
 
         installer.on_input(site.read, read_input)
         installer.on_output(site.write.module, add_parallel)

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from ..config import MethodConfig, register
 from ..runtime import Installer
 from ..sites import ModelMap, Projection
-from .adapter import served
 from .base import DeltaMethod, cast_like, matmul_input
 
 
@@ -42,14 +41,14 @@ class AdapterBias(DeltaMethod):
 
     def install(self, installer: Installer) -> None:
         for k, proj in self.sites.items():
-            installer.on_output(proj.module, self._hook(k, proj, installer.rows))
+            installer.on_output(proj.module, self._hook(k, proj, installer.own_rows))
 
-    def _hook(self, k: str, proj: Projection, rows):
+    def _hook(self, k: str, proj: Projection, own_rows):
         shift, alpha = self.shifts[k], self.alphas[k]
 
         def add_shift(module, inputs, output):
             weight = F.linear(matmul_input(output, alpha.weight), alpha.weight, alpha.bias)  # (..., 1)
-            return output + proj.place(cast_like(served(weight * shift, rows), output))
+            return output + proj.place(cast_like(own_rows(weight * shift), output))
 
         return add_shift
 

@@ -45,8 +45,7 @@ class AttemptConfig(PromptConfig):
         if not self.sources and self.n_sources < 1:
             raise ConfigError("attempt needs source prompts: sources=('out/mnli-prompt', 'out/qnli-prompt', ...), "
                               "folders of prompt deltas trained on source tasks")
-        if not isinstance(self.attention_hidden, int) or self.attention_hidden < 1:
-            raise ConfigError(f"attempt attention_hidden must be a positive integer, got {self.attention_hidden!r}")
+        self.require_positive_ints("attention_hidden")
 
 
 def read_source_prompt(folder: str | Path) -> torch.Tensor:

@@ -48,8 +48,7 @@ class CompacterConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not isinstance(self.n, int) or self.n < 1:
-            raise ConfigError(f"compacter n must be a positive integer, got {self.n!r}")
+        self.require_positive_ints("n")
         if self.phm_rank is not None and (not isinstance(self.phm_rank, int) or self.phm_rank < 1):
             raise ConfigError(f"compacter phm_rank must be a positive integer or None (full), got {self.phm_rank!r}")
         if self.bottleneck % self.n:

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from ..config import ConfigError, MethodConfig, register
 from ..runtime import Installer
 from ..sites import ModelMap, Projection
-from .adapter import served
 from .base import DeltaMethod, cast_like, matmul_input
 from .compacter import kron_sum
 
@@ -38,10 +37,7 @@ class KAdaptationConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("n", "rank"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"kadaptation {name} must be a positive integer, got {value!r}")
+        self.require_positive_ints("n", "rank")
         if not self.targets:
             raise ConfigError("kadaptation needs at least one target, e.g. targets=('q', 'v')")
 
@@ -73,16 +69,16 @@ class KAdaptation(DeltaMethod):
 
     def install(self, installer: Installer) -> None:
         for site_key, proj in self.sites.items():
-            installer.on_output(proj.module, self._hook(site_key, proj, installer.rows))
+            installer.on_output(proj.module, self._hook(site_key, proj, installer.own_rows))
 
-    def _hook(self, site_key: str, proj: Projection, rows):
+    def _hook(self, site_key: str, proj: Projection, own_rows):
         scale = self.config.scale
 
         def add_update(module, inputs, output):
             w = self.delta_weight(site_key)  # n d_out d_in / n multiply-adds: small beside the layer's GEMM
             delta = F.linear(matmul_input(inputs[0], w), w)
             delta = delta * scale if scale != 1.0 else delta
-            return output + proj.place(cast_like(served(delta, rows), output))
+            return output + proj.place(cast_like(own_rows(delta), output))
 
         return add_update
 

@@ -26,7 +26,6 @@ import torch.nn as nn
 from ..config import ConfigError, MethodConfig, register
 from ..runtime import Gate, Installer
 from ..sites import ModelMap, Projection
-from .adapter import served
 from .base import DeltaMethod, cast_like, matmul_input
 
 
@@ -44,10 +43,7 @@ class KronAConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("a_out", "a_in"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"krona {name} must be a positive integer, got {value!r}")
+        self.require_positive_ints("a_out", "a_in")
         if not self.targets:
             raise ConfigError("krona needs at least one target, e.g. targets=('q', 'v')")
 
@@ -90,9 +86,9 @@ class KronA(DeltaMethod):
 
     def install(self, installer: Installer) -> None:
         for site_key, proj in self.sites.items():
-            installer.on_output(proj.module, self._hook(site_key, proj, installer.rows))
+            installer.on_output(proj.module, self._hook(site_key, proj, installer.own_rows))
 
-    def _hook(self, site_key: str, proj: Projection, rows):
+    def _hook(self, site_key: str, proj: Projection, own_rows):
         a, b, scale = self.A[site_key], self.B[site_key], self.config.scale
         gate = self.gates[site_key] if site_key in self.gates else None  # noqa: SIM401 (ModuleDict has no get)
 
@@ -102,7 +98,7 @@ class KronA(DeltaMethod):
             delta = delta * scale if scale != 1.0 else delta
             if gate is not None:
                 delta = delta * gate(x)
-            return output + proj.place(cast_like(served(delta, rows), output))
+            return output + proj.place(cast_like(own_rows(delta), output))
 
         return add_kron
 
@@ -129,10 +125,7 @@ class KronAFFNConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("a_out", "a_in"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"krona_ffn {name} must be a positive integer, got {value!r}")
+        self.require_positive_ints("a_out", "a_in")
 
 
 class KronAFFN(DeltaMethod):
@@ -160,9 +153,9 @@ class KronAFFN(DeltaMethod):
                 stash[slot] = inputs[0]
 
             installer.on_input(layer.ffn_in[0].module, read_input)
-            installer.on_output(layer.ffn_out.module, self._hook(key, layer.ffn_out, slot, stash, installer.rows))
+            installer.on_output(layer.ffn_out.module, self._hook(key, layer.ffn_out, slot, stash, installer.own_rows))
 
-    def _hook(self, key: str, proj: Projection, slot: tuple, stash: dict, rows):
+    def _hook(self, key: str, proj: Projection, slot: tuple, stash: dict, own_rows):
         a, b, gate = self.A[key], self.B[key], (self.gates[key] if key in self.gates else None)  # noqa: SIM401
         scale, residual = self.config.scale, self.config.residual_scale
 
@@ -177,6 +170,6 @@ class KronAFFN(DeltaMethod):
                 delta = delta + residual * x_in
             if gate is not None:
                 delta = delta * gate(x)
-            return output + proj.place(cast_like(served(delta, rows), output))
+            return output + proj.place(cast_like(own_rows(delta), output))
 
         return add_parallel

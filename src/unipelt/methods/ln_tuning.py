@@ -66,7 +66,7 @@ class LNTuning(DeltaMethod):
             if isinstance(module, nn.LayerNorm):
                 installer.override_forward(module, self._tuned_layer_norm(k, module, installer.rows))
             else:
-                installer.on_output(module, self._hook(k, installer.rows))
+                installer.on_output(module, self._hook(k, installer.own_rows))
 
     def _tuned_layer_norm(self, k: str, module: nn.LayerNorm, rows):
         gain = self.gains[k]
@@ -86,7 +86,7 @@ class LNTuning(DeltaMethod):
 
         return forward
 
-    def _hook(self, k: str, rows):
+    def _hook(self, k: str, own_rows):
         """Other norms (RMSNorm, T5's) keep their own code: ``y + (g' - g) n(x) + (b' - b)``."""
         gain = self.gains[k]
         bias = self.biases[k] if k in self.biases else None  # noqa: SIM401 (ParameterDict)
@@ -96,8 +96,7 @@ class LNTuning(DeltaMethod):
             delta = dg * normalised(module, inputs[0]).to(output.dtype)
             if bias is not None:
                 delta = delta + cast_like(bias - module.bias, output)
-            served = rows(output)
-            return output + (delta if served is None else delta * served)
+            return output + own_rows(delta)
 
         return shift
 

@@ -35,8 +35,7 @@ class LoRAConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not isinstance(self.r, int) or self.r < 1:
-            raise ConfigError(f"lora rank r must be a positive integer, got {self.r!r}")
+        self.require_positive_ints("r")
         if not self.targets:
             raise ConfigError("lora needs at least one target, e.g. targets=('q', 'v')")
         if not 0.0 <= self.dropout < 1.0:
@@ -89,7 +88,7 @@ class LoRA(DeltaMethod):
                 if len(group) > 1 and same_width and not self.config.dropout else None
             for site_key in group:
                 installer.on_output(self.sites[site_key].module,
-                                    self._hook(site_key, self.sites[site_key], fused, installer.rows))
+                                    self._hook(site_key, self.sites[site_key], installer.own_rows, fused))
 
     def _fused_reader(self, group: list[str], cache: dict):
         """``read(site_key, x) -> (A x, gate pre-activation or None)`` computed once per input for the group.
@@ -126,7 +125,7 @@ class LoRA(DeltaMethod):
 
         return read
 
-    def _hook(self, site_key: str, proj: Projection, fused=None, rows=None):
+    def _hook(self, site_key: str, proj: Projection, own_rows, fused=None):
         pair = self.pairs[site_key]
         gate = self.gates[site_key] if site_key in self.gates else None  # noqa: SIM401 (ModuleDict has no get)
         a, b = pair.A.weight, pair.B.weight
@@ -144,9 +143,7 @@ class LoRA(DeltaMethod):
             else:
                 xd = torch.nn.functional.dropout(x, p, self.training) if p else x
                 h = torch.nn.functional.linear(matmul_input(xd, a), a)
-            served = rows(h) if rows is not None else None
-            if served is not None:  # zero A x on other tasks' rows: their delta is then zero too
-                h = h * served
+            h = own_rows(h)  # multi-task serving: A x zero on other tasks' rows, so is their delta
             if gate is None:
                 if whole:
                     return add_matmul(output, h, b, scaling)

@@ -59,10 +59,7 @@ class PolyConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("tasks", "skills", "r", "heads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"poly {name} must be a positive integer, got {value!r}")
+        self.require_positive_ints("tasks", "skills", "r", "heads")
         if self.routing not in ROUTINGS:
             raise ConfigError(f"poly routing must be one of {ROUTINGS}, got {self.routing!r}")
         if not self.temperature > 0:

@@ -40,8 +40,7 @@ class PrefixConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not isinstance(self.length, int) or self.length < 1:
-            raise ConfigError(f"prefix length must be a positive integer, got {self.length!r}")
+        self.require_positive_ints("length")
         if self.reparam_hidden < 1:
             raise ConfigError(f"prefix reparam_hidden must be positive, got {self.reparam_hidden}")
 
@@ -124,7 +123,6 @@ class Prefix(DeltaMethod):
         values = installer.context.values
         cache_slot = (id(self), "prefixes")
         context = installer.context
-        name = installer.name
 
         def prefixes() -> dict[str, torch.Tensor]:
             if cache_slot not in values:
@@ -146,7 +144,7 @@ class Prefix(DeltaMethod):
                     p = p.to(key.dtype)  # once per layer, before the batch expansion (not b copies)
                 kv = p.reshape(2, p.shape[1], h_kv, hd).permute(0, 2, 1, 3)  # (2, heads, l, head_dim), a view
                 pk, pv = (t.unsqueeze(0).expand(b, -1, -1, -1) for t in kv.unbind(0))
-                rows = context.row_masks.get(name)  # multi-task serving: the rows that see this prefix
+                rows = installer.row_mask()  # multi-task serving: the rows that see this prefix
                 if site_key not in self.gates:
                     return pk, pv, None, rows
                 x = values.pop(gate_slot)

@@ -46,8 +46,7 @@ class PromptConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not isinstance(self.length, int) or self.length < 1:
-            raise ConfigError(f"prompt length must be a positive integer, got {self.length!r}")
+        self.require_positive_ints("length")
         if self.init not in ("vocab", "random"):
             raise ConfigError(f"prompt init must be 'vocab' or 'random', got {self.init!r}")
         if self.position not in POSITIONS:
@@ -131,7 +130,7 @@ class Prompt(DeltaMethod):
         n, pos = self.config.length, self.position
 
         def served_rows() -> torch.Tensor | None:
-            rows = installer.context.row_masks.get(installer.name)
+            rows = installer.row_mask()
             return None if rows is None else rows.view(-1, 1, 1)
 
         def real_mask(width: int) -> torch.Tensor | None:

@@ -84,10 +84,7 @@ class RationalConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("numerator_degree", "denominator_degree"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"rational {name} must be a positive integer, got {value!r}")
+        self.require_positive_ints("numerator_degree", "denominator_degree")
         if self.init is not None and self.init not in INITS:
             raise ConfigError(f"rational init must be one of {list(INITS)} or None (detect the model's own), "
                               f"got {self.init!r}")

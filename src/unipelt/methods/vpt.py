@@ -37,8 +37,7 @@ class VPTConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not isinstance(self.length, int) or self.length < 1:
-            raise ConfigError(f"vpt length must be a positive integer, got {self.length!r}")
+        self.require_positive_ints("length")
 
 
 register_preset("vpt_deep", VPTConfig, "VPT-deep: new prompt tokens at the input of every ViT layer", deep=True)

@@ -37,6 +37,7 @@ from ..config import ConfigError, parse_config
 from ..models import DEFAULT_MODEL, load_model
 from ..serialization import atomic_write_text
 from ..tasks import Task, TaskDataError, get_task, hold_out, k_shot
+from ..tasks.multitask import MultiTask
 
 # Default learning rates, from the low-resource GLUE runs on MiniLM (benchmarks/results/glue_lowres) and the
 # methods' papers; --lr overrides them.
@@ -178,7 +179,7 @@ def preprocessor(task: Task, model: str | None):
     return task.preprocessor(model) if getattr(task, "uses_images", False) else load_tokenizer(model)
 
 
-def prune_sparse_adapters(model: torch.nn.Module, train_feats: Any, tok: Any, cfg: RunConfig,
+def prune_sparse_adapters(model: torch.nn.Module, train_feats: Any, pad_id: int, cfg: RunConfig,
                           batches: int = 4) -> None:
     """SparseAdapter's SNIP pruning at initialisation, on ``batches`` seeded batches of the training data.
 
@@ -188,7 +189,6 @@ def prune_sparse_adapters(model: torch.nn.Module, train_feats: Any, tok: Any, cf
 
     if not sparse_adapters(model):
         return
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     order = torch.randperm(len(train_feats), generator=torch.Generator().manual_seed(cfg.seed))
     picked = order[:batches * cfg.batch_size].tolist()
     snip_prune(model, [collate([train_feats.rows[i] for i in picked[j:j + cfg.batch_size]], pad_id)
@@ -316,7 +316,7 @@ def _prepare(cfg: RunConfig) -> _Prepared:
     task = get_task(cfg.task)
     method_cfg = method_config(cfg.method, cfg.method_options)
     full_train = task.load("train", cfg.data_dir)
-    if hasattr(task, "sample"):  # several tasks: K (or a hold-out) per task, and a routed method
+    if isinstance(task, MultiTask):  # several tasks: K (or a hold-out) per task, and a routed method
         method_cfg = routed_method(method_cfg, task, cfg)
         train, val = task.sample(full_train, cfg.k_shot, cfg.seed)
     elif cfg.k_shot is not None:
@@ -378,7 +378,8 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     eval_every = cfg.eval_every or steps_per_epoch
 
-    prune_sparse_adapters(model, train_feats, tok, cfg)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    prune_sparse_adapters(model, train_feats, pad_id, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     part_lr = dict(cfg.part_lr)
     if not part_lr and cfg.method in ("unipelt", "mam"):
@@ -398,7 +399,6 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     bare = accelerator.unwrap_model(model)
     # only training steps run compiled: evaluation (no grad, other batch sizes) would compile again
     step_model = compiled(model, cfg.compile)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     predict = make_predict(model, pad_id, cfg.eval_batch_size, device, accelerator.autocast)
     higher = task.greater_is_better
 
