@@ -40,6 +40,9 @@ METHODS = {
     "krona_ffn": ("krona_ffn", {}, 1e-3),
     "kadaptation": ("kadaptation", {}, 1e-3),
     "adapter_bias": ("adapter_bias", {}, 1e-3),
+    "phm_adapter": ("phm_adapter", {}, 3e-3),
+    "sparse_adapter": ("sparse_adapter", {}, 2e-3),
+    "rational": ("rational", {}, 1e-3),
 }
 SINGLE = ("adapter", "prefix", "lora", "prompt")
 TABLE = ("adapter", "prefix", "lora", "prompt", "unipelt", "unipelt+prompt", "full")  # the committed table's runs
@@ -67,12 +70,14 @@ def one_run(args: dict) -> dict:
 
 
 def grid(opts: argparse.Namespace) -> list[dict]:
+    # seed outermost: a grid cut short by --deadline has whole seeds of every (task, K, method), not all
+    # seeds of some
     jobs = []
-    for k in opts.ks:
-        for task in opts.tasks:
-            for label in opts.methods:
-                method, options, lr = METHODS[label]
-                for seed in opts.seeds:
+    for seed in opts.seeds:
+        for k in opts.ks:
+            for task in opts.tasks:
+                for label in opts.methods:
+                    method, options, lr = METHODS[label]
                     out = run_dir(opts.out, task, k, label, seed)
                     if (out / "results.json").exists():
                         continue

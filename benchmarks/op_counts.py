@@ -35,7 +35,7 @@ def kernels_per_step(peer: str, method: str, shape_name: str) -> collections.Cou
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=True) if trainable else None
     ids = torch.randint(5, shape["config"]["vocab_size"], (shape["batch"], shape["seq"]),
                         generator=torch.Generator().manual_seed(1))
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    inputs = case.step_inputs(peer, model, ids)
     skip = case.virtual_tokens(peer, method)
 
     def step() -> None:
@@ -45,6 +45,8 @@ def kernels_per_step(peer: str, method: str, shape_name: str) -> collections.Cou
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        for leaf in inputs.values():
+            leaf.grad = None
 
     step()  # the optimizer's state exists from the second step on
     counts: collections.Counter = collections.Counter()

@@ -2,11 +2,12 @@
 # Issue 5's GPU figures in one device call (about 8 minutes on an H100):
 #   device run: bash benchmarks/speed_gpu.sh bert-base                 (carry .whl: the adapters wheels, see below)
 #   device run: bash benchmarks/speed_gpu.sh llama-1b
-#   device run: bash benchmarks/speed_gpu.sh bert-base --compile default --peers   (ours compiled, floor too)
+#   device run: bash benchmarks/speed_gpu.sh bert-base --compile reduce-overhead --prewarm 8   (every case compiled)
 #   device run: bash benchmarks/speed_gpu.sh bert-base --peers --methods krona krona_ffn kadaptation adapter_bias \
-#                    sparse_adapter rational poly                                 (the methods no peer has)
+#                    sparse_adapter rational poly poly_s compacter++ phm_adapter   (the methods no peer has)
 # Extra arguments go to benchmarks/speed.py. Every finished case is also appended to
-# $OUT/speed_<shape>.cases.jsonl at once, so a run cut short by the call's time limit keeps its cases.
+# $OUT/speed_<shape>.cases.jsonl at once, so a run cut short by the call's time limit keeps its cases
+# (python benchmarks/speed.py --from-cases FILE --device-name NAME makes its table).
 # The adapters peer needs adapters==1.3.0, transformers==4.57.6, tokenizers==0.22.2 and
 # huggingface_hub==0.36.2 (and requests, charset-normalizer, idna, urllib3, certifi, which hub 0.36 imports)
 # as Python 3.12 wheels in .whl (pip download ... -d .whl, see the device README);
@@ -17,7 +18,7 @@ shift || true
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 out=${OUT:-out/speed_gpu}
 mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 # the methods the issue's table has, UniPELT first (the slowest to reach its target)
 methods=(--methods unipelt mam lora prefix prefix_mlp prompt ia3 ln pfeiffer houlsby parallel compacter)
 if [ "$shape" = llama-1b ]; then methods=(--methods unipelt lora prefix prefix_mlp prompt ia3 ln pfeiffer); fi

@@ -208,16 +208,22 @@ def test_floor_case_has_no_trainable_weights_but_gradients_reach_the_embeddings(
     model = case.attach("floor", "-", case.build_base(shape), "bert")
     assert not any(p.requires_grad for p in model.parameters())
     ids = torch.randint(5, 1000, (2, 8))
-    out = case.hidden(model(input_ids=ids, attention_mask=torch.ones_like(ids)))
+    inputs = case.step_inputs("floor", model, ids)
+    out = case.hidden(model(**inputs))
     assert out.requires_grad
-    captured = []
+    out.square().mean().backward()
+    assert inputs["inputs_embeds"].grad.abs().sum() > 0
+    # the same function as the model called with the ids (the embeddings are looked up outside, that is all)
+    torch.testing.assert_close(out, case.hidden(model(input_ids=ids, attention_mask=torch.ones_like(ids))))
+    assert case.step_inputs("unipelt", model, ids).keys() == {"input_ids", "attention_mask"}
 
-    def watch(module, inputs, output) -> None:
-        output.register_hook(captured.append)
 
-    model.get_input_embeddings().register_forward_hook(watch)
-    case.hidden(model(input_ids=ids, attention_mask=torch.ones_like(ids))).square().mean().backward()
-    assert captured and captured[0].abs().sum() > 0
+def test_floor_compiles_as_one_graph() -> None:
+    """A graph break in the floor would make the compiled floor slower than the model it stands for."""
+    shape = case.SHAPES["bert-tiny"]
+    model = case.attach("floor", "-", case.build_base(shape), "bert")
+    explained = torch._dynamo.explain(model)(**case.step_inputs("floor", model, torch.randint(5, 1000, (2, 8))))
+    assert explained.graph_break_count == 0
 
 
 def test_benchmark_smoke_run_on_cpu(adapters_env: Path) -> None:
@@ -256,6 +262,15 @@ def test_unipelt_bench_command(tmp_path, capsys) -> None:
     cases = [json.loads(line) for line in out.with_suffix(".cases.jsonl").read_text().splitlines()]
     assert [(c["peer"], c["method"]) for c in cases] == [("floor", "-"), ("unipelt", "lora"), ("full", "-")]
     assert cases[1]["train_ms"] == result["rows"][0]["ours_ms"]
+    # --from-cases turns such a file back into the same rows, running nothing; a cut run lacks full fine-tuning
+    cut = out.with_suffix(".cases.jsonl")
+    cut.write_text("\n".join(cut.read_text().splitlines()[:2]) + "\n")
+    again = tmp_path / "again.json"
+    assert main(["bench", "--from-cases", str(cut), "--device-name", "test CPU", "--out", str(again)]) == 0
+    rebuilt = json.loads(again.read_text())
+    assert rebuilt["rows"][0]["ours_ms"] == result["rows"][0]["ours_ms"]
+    assert rebuilt["floor"]["train_ms"] == result["floor"]["train_ms"] and rebuilt["full"] == {"error": "not run"}
+    assert rebuilt["device"] == "test CPU" and rebuilt["partial"] is True
 
 
 def test_a_compiled_case_trains_through_torch_compile() -> None:
@@ -268,6 +283,27 @@ def test_a_compiled_case_trains_through_torch_compile() -> None:
     assert fast["ops_per_step"] is None and fast["infer_ms"] is None
     assert fast["trainable"] == eager["trainable"]
     assert abs(fast["loss"] - eager["loss"]) < 1e-4  # same weights, same batch, after the same two steps
+
+
+def test_prewarm_runs_every_case_once_untimed_before_the_timed_ones(monkeypatch) -> None:
+    """--prewarm N: each case (floor and full fine-tuning too) runs one untimed compiled step first, in
+    parallel; a case asked to run untimed trains one step and measures nothing."""
+    import unipelt.bench as bench
+
+    seen = []
+
+    def fake_run_case(spec, pythonpath=None, timeout=1800):
+        seen.append(spec)
+        return {"untimed": True}
+
+    monkeypatch.setattr(bench, "run_case", fake_run_case)
+    bench._prewarm([("floor", "-"), ("unipelt", "lora"), ("full", "-")], 2, shape="bert-tiny", device="cpu",
+                   compile_mode="default", adapters_env=None, log=lambda line: None)
+    assert sorted((s["peer"], s["method"]) for s in seen) == [("floor", "-"), ("full", "-"), ("unipelt", "lora")]
+    assert all(s["untimed"] and s["compile"] == "default" and s["steps"] == 1 for s in seen)
+    out = case.measure({"peer": "unipelt", "method": "lora", "shape": "bert-tiny", "device": "cpu", "steps": 1,
+                        "warmup": 1, "untimed": True})
+    assert out == {"peer": "unipelt", "method": "lora", "untimed": True}
 
 
 def test_a_fully_merged_model_runs_the_bare_models_code_and_can_take_new_deltas() -> None:

@@ -85,7 +85,7 @@ def device_name(device: str) -> str:
 def benchmark(shape: str, methods: list[str], peers: tuple[str, ...] = PEERS, device: str = "cpu",
               steps: int = 20, warmup: int = 5, adapters_env: Path | None = None, threads: int | None = None,
               rounds: int = 1, profile: bool = False, compile_mode: str | None = None,
-              partial: Path | None = None, log=print) -> dict[str, Any]:
+              partial: Path | None = None, prewarm: int = 0, log=print) -> dict[str, Any]:
     """Every method of ours and of each peer that has it, the floor and full fine-tuning, in one run.
 
     With ``rounds > 1`` every case runs that many times, round-robin over all cases, and the times
@@ -93,6 +93,9 @@ def benchmark(shape: str, methods: list[str], peers: tuple[str, ...] = PEERS, de
     not all of one case. ``profile`` adds each case's GPU kernel count, busy time and top kernels;
     ``compile_mode`` runs every case (the floor too) through ``torch.compile`` in that mode. Each
     finished case is appended to ``partial`` (JSON lines) at once, so a run cut short keeps its cases.
+    With ``compile_mode`` and ``prewarm > 0``, every case first runs one untimed step in that many
+    processes at once: compiling (a minute a case at BERT-base) then happens in parallel and fills
+    ``torch.compile``'s on-disk caches, and the timed cases, one at a time as always, load from them.
     """
     cases = [("floor", "-")]
     for method in methods:
@@ -101,6 +104,9 @@ def benchmark(shape: str, methods: list[str], peers: tuple[str, ...] = PEERS, de
                   if p in spec and (p != "adapters" or adapters_env is not None)]
     cases.append(("full", "-"))  # last: the reference a run cut short can best do without
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {c: [] for c in cases}
+    if compile_mode and prewarm > 0:
+        _prewarm(cases, prewarm, shape=shape, device=device, compile_mode=compile_mode, adapters_env=adapters_env,
+                 log=log)
     for r in range(rounds):
         for peer, method in cases:
             spec = {"peer": peer, "method": method, "shape": shape, "device": device, "steps": steps,
@@ -114,18 +120,60 @@ def benchmark(shape: str, methods: list[str], peers: tuple[str, ...] = PEERS, de
             if result.get("kernels_per_step") is not None:
                 shown += f", {result['kernels_per_step']:.0f} kernels, GPU busy {result['gpu_busy_ms']:.2f} ms"
             log(f"  {f'round {r + 1} ' if rounds > 1 else ''}{peer:<9} {method:<11} {shown}")
-    results = {case: _median_of_rounds(found) for case, found in runs.items()}
-    floor, full = results[("floor", "-")], results[("full", "-")]
+    return summarise(runs, shape, methods, peers, device_name(device), steps=steps, warmup=warmup, rounds=rounds,
+                     compile_mode=compile_mode)
+
+
+def summarise(runs: dict[tuple[str, str], list[dict[str, Any]]], shape: str, methods: list[str],
+              peers: tuple[str, ...], device: str, **run_options: Any) -> dict[str, Any]:
+    """The benchmark's result (rows of ours vs each peer, the floor, full fine-tuning) from each case's runs."""
+    results = {case: _median_of_rounds(found) for case, found in runs.items() if found}
+    floor = results.get(("floor", "-"), {"error": "not run"})
+    full = results.get(("full", "-"), {"error": "not run"})
     if "error" in floor:
         raise RuntimeError(f"the floor case failed: {floor['error']}")
-    name = device_name(device)
     rows = []
     for method in methods:
         ours = results.get(("unipelt", method))
         for peer in [p for p in peers if (p, method) in results] or [None]:
-            rows.append(_row(method, peer, ours, results.get((peer, method)), floor, name))
-    return {"shape": shape, "shape_spec": SHAPES[shape], "device": name, "steps": steps, "compile": compile_mode,
-            "warmup": warmup, "rounds": rounds, "floor": floor, "full": full, "rows": rows}
+            rows.append(_row(method, peer, ours, results.get((peer, method)), floor, device))
+    return {"shape": shape, "shape_spec": SHAPES[shape], "device": device, "floor": floor, "full": full,
+            "rows": rows, **run_options}
+
+
+def from_cases(path: Path, device: str) -> dict[str, Any]:
+    """The result of a run cut short, from the cases it finished (its ``.cases.jsonl``)."""
+    cases = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not cases:
+        raise ValueError(f"{path} holds no finished case")
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for c in cases:
+        runs.setdefault((c["peer"], c["method"]), []).append(c)
+    methods = list(dict.fromkeys(c["method"] for c in cases if c["method"] != "-"))
+    peers = tuple(p for p in PEERS if any(c["peer"] == p for c in cases))
+    first = cases[0]
+    return summarise(runs, first["shape"], methods, peers, device, compile_mode=first.get("compile"),
+                     partial=True)
+
+
+def _prewarm(cases: list[tuple[str, str]], workers: int, *, shape: str, device: str, compile_mode: str,
+             adapters_env: Path | None, log=print) -> None:
+    """One untimed compiled step of every case, ``workers`` processes at a time (fills the compile caches)."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    def warm(peer_method: tuple[str, str]) -> str:
+        peer, method = peer_method
+        spec = {"peer": peer, "method": method, "shape": shape, "device": device, "steps": 1, "warmup": 1,
+                "compile": compile_mode, "untimed": True}
+        result = run_case(spec, adapters_env if peer == "adapters" else None)
+        return f"{peer} {method}: {result.get('error', 'compiled')}"
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        for line in pool.map(warm, cases):
+            log(f"  prewarm {line}")
+    log(f"  prewarm: {len(cases)} cases compiled in {time.perf_counter() - start:.0f} s, {workers} at a time")
 
 
 def _median_of_rounds(found: list[dict[str, Any]]) -> dict[str, Any]:
@@ -223,11 +271,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="on a GPU: each case's kernels per step, GPU busy time and top kernels (torch profiler)")
     parser.add_argument("--compile", default=None, choices=COMPILE_MODES,
                         help="run every case, the floor too, through torch.compile in this mode")
+    parser.add_argument("--prewarm", type=int, default=0, metavar="N",
+                        help="with --compile: compile every case first, N processes at a time, untimed (fills the "
+                             "on-disk compile caches the timed cases then load from)")
     parser.add_argument("--adapters-env", type=Path, default=Path(".bench/adapters-env"),
                         help="folder for adapters and its pinned transformers (installed if missing)")
     parser.add_argument("--adapters-wheels", type=Path, default=None, help="install them offline from these wheels")
     parser.add_argument("--out", type=Path, default=Path("out/speed/speed.json"), help="JSON; the table goes beside it")
+    parser.add_argument("--from-cases", type=Path, default=None, metavar="CASES_JSONL",
+                        help="run nothing: make the table and JSON of a run cut short from the cases it finished")
+    parser.add_argument("--device-name", default=None, help="with --from-cases: the device the cases ran on")
     opts = parser.parse_args(argv)
+    if opts.from_cases is not None:
+        result = from_cases(opts.from_cases, opts.device_name or "unknown device")
+        _write(result, opts.out)
+        return 0
 
     import torch
 
@@ -239,10 +297,15 @@ def main(argv: list[str] | None = None) -> int:
     partial = opts.out.with_suffix(".cases.jsonl")
     partial.unlink(missing_ok=True)
     result = benchmark(shape, opts.methods, tuple(opts.peers), device, opts.steps, opts.warmup, env, opts.threads,
-                       opts.rounds, opts.profile, opts.compile, partial)
+                       opts.rounds, opts.profile, opts.compile, partial, opts.prewarm)
+    _write(result, opts.out)
+    return 0
+
+
+def _write(result: dict[str, Any], out: Path) -> None:
+    """Print the table; write the JSON to ``out`` and the table beside it (.md)."""
     table = format_table(result)
     print(table)
-    opts.out.parent.mkdir(parents=True, exist_ok=True)
-    opts.out.write_text(json.dumps(result, indent=2) + "\n")
-    opts.out.with_suffix(".md").write_text(table + "\n")
-    return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(table + "\n")

@@ -83,6 +83,8 @@ METHODS: dict[str, dict[str, Any]] = {
                 "adapters": ("UniPELTConfig", {})},
     "compacter": {"unipelt": {"method": "compacter", "bottleneck": "d/32"},
                   "adapters": ("CompacterConfig", {})},
+    "compacter++": {"unipelt": {"method": "compacter++", "bottleneck": "d/32"}},
+    "phm_adapter": {"unipelt": {"method": "phm_adapter", "bottleneck": "d/32"}},
     "krona": {"unipelt": {"method": "krona", "a_out": 32, "a_in": 32}},
     "adapter_bias": {"unipelt": {"method": "adapter_bias"}},
     "krona_ffn": {"unipelt": {"method": "krona_ffn", "a_out": 32, "a_in": 32}},
@@ -90,6 +92,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "sparse_adapter": {"unipelt": {"method": "sparse_adapter", "bottleneck": "d/16"}},  # masks of ones unpruned
     "rational": {"unipelt": {"method": "rational"}},
     "poly": {"unipelt": {"method": "poly"}},
+    "poly_s": {"unipelt": {"method": "poly_s"}},
 }
 
 # module names (regular expressions) of the attention projections, the FFN's output projection W_2 and the
@@ -126,10 +129,8 @@ def attach(peer: str, method: str, model: torch.nn.Module, family: str) -> torch
     """Put ``method`` from library ``peer`` on ``model`` and freeze the rest."""
     d = model.config.hidden_size
     if peer == "floor":
-        model.requires_grad_(False)
-        # gradients flow back through every activation down to the embeddings' output
-        model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
-        return model
+        # gradients flow back through every activation down to the embeddings' output (see step_inputs)
+        return model.requires_grad_(False)
     if peer == "full":
         return model.requires_grad_(True)
     spec = METHODS[method][peer]
@@ -159,6 +160,19 @@ def attach(peer: str, method: str, model: torch.nn.Module, family: str) -> torch
         model.train_adapter("bench")
         return model
     raise ValueError(f"unknown library {peer!r}")
+
+
+def step_inputs(peer: str, model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The model call of a training step. The floor gets its word embeddings as a leaf that requires grad
+    (``inputs_embeds``), so that gradients run back through every activation while no weight trains; a
+    hook setting ``requires_grad`` on the embeddings' output would do the same eagerly but breaks
+    ``torch.compile``'s graph there. The floor then skips one embedding lookup, which only lowers it."""
+    mask = torch.ones_like(ids)
+    if peer != "floor":
+        return {"input_ids": ids, "attention_mask": mask}
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+    return {"inputs_embeds": embeds.requires_grad_(True), "attention_mask": mask}
 
 
 def merge(peer: str, method: str, model: torch.nn.Module) -> torch.nn.Module | None:
@@ -256,7 +270,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=True) if trainable else None
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(5, shape["config"]["vocab_size"], (shape["batch"], shape["seq"]), generator=generator)
-    inputs = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+    inputs = step_inputs(spec["peer"], model, ids.to(device))
+    leaves = [t for t in inputs.values() if t.requires_grad]  # the floor's: its gradient is dropped every step
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     skip = virtual_tokens(spec["peer"], spec["method"])
 
@@ -267,6 +282,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        for leaf in leaves:
+            leaf.grad = None
         return loss
 
     def timed(fn, steps: int, warmup: int) -> list[float]:
@@ -291,6 +308,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     model.train()
+    if spec.get("untimed"):  # a prewarm: compile, run one step, nothing to measure
+        train_step()
+        return {"peer": spec["peer"], "method": spec["method"], "untimed": True}
     train_ms = timed(train_step, spec["steps"], spec["warmup"])
     if cuda:
         peak = torch.cuda.max_memory_allocated() / 2**20
