@@ -55,6 +55,18 @@ def test_minilm_attach_train_save_load_merge(tmp_path, batch, method) -> None:
         assert torch.allclose(fresh(**batch).logits, tuned, atol=1e-5)
 
 
+def test_rational_units_keep_the_pretrained_model(batch) -> None:
+    """MiniLM's FFN inputs reach -17 to 24, far beyond the fit range: the units must still leave the model's
+    states almost unchanged at init (without the straight tails they moved by 66%, and training failed)."""
+    model = _base()
+    with torch.no_grad():
+        before = model.bert(**batch).last_hidden_state
+    unipelt.attach(model, "rational")
+    with torch.no_grad():
+        after = model.bert(**batch).last_hidden_state
+    assert float((after - before).norm() / before.norm()) < 0.02
+
+
 def test_prompt_tuning_alone_learns_on_minilm() -> None:
     """30 steps of a 4-token prompt, head frozen, separate positive from negative sentences."""
     tok = AutoTokenizer.from_pretrained(default_model_path())

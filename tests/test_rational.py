@@ -29,6 +29,7 @@ from unipelt.methods.rational import (
     fit_rational,
     initial_coefficients,
     rational,
+    tail_slopes,
 )
 from unipelt.sites import resolve
 
@@ -118,6 +119,33 @@ def test_unit_gradients() -> None:
     _naive(*ref).square().sum().backward()
     for got, want in zip((x32, a32, b32), ref, strict=True):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_tails_continue_the_activation_beyond_the_fit_range() -> None:
+    """Pretrained FFNs reach far outside [-5, 5] (MiniLM: -17 to 24), where a bare type (5, 4) rational
+    grows like c x on both sides: the unit must follow the activation's asymptotes there."""
+    x = torch.linspace(-40, 40, 8001, dtype=torch.float64)
+    for name in ("gelu", "relu", "silu"):
+        a, b = initial_coefficients(name)
+        bare = rational(x, a.double(), b.double())
+        tailed = rational(x, a.double(), b.double(), tail_slopes(TARGETS[name]))
+        inside = x.abs() <= 5
+        assert torch.equal(tailed[inside], bare[inside])  # the rational itself on the fit range
+        # the fit error inside; outside, the distance from the activation to its asymptote at +-5 (SiLU 0.034)
+        assert float((tailed - TARGETS[name](x)).abs().max()) < 4e-2
+        assert float((bare - TARGETS[name](x)).abs().max()) > 1.0  # what the tails are there for
+        # the units a method builds carry them
+        assert RationalUnit(a, b, tails=tail_slopes(TARGETS[name])).tails == tail_slopes(TARGETS[name])
+
+
+def test_unit_gradients_with_tails() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 6, generator=g, dtype=torch.float64) * 6).requires_grad_()  # many beyond +-5
+    assert (x.abs() > 5).any() and (x.abs() < 5).any()
+    a = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    tails = (-5.0, 5.0, 0.1, 0.9)
+    assert torch.autograd.gradcheck(lambda x, a, b: rational(x, a, b, tails), (x, a, b))
 
 
 def test_unit_computes_in_float32_and_keeps_shape_and_dtype() -> None:

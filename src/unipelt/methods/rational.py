@@ -11,6 +11,10 @@ float32. Its coefficients start at a fit of the activation the model was trained
 ``init``), so the model changes at init only by the fit error. Only the coefficients train (the
 task head trains as usual); everything else stays frozen.
 
+Beyond the fit range the unit continues as straight lines (the initial fit's slopes at its ends), so
+inputs far outside it (pretrained FFNs reach beyond +-20) meet the activation's asymptotes, not the
+rational's growth (see :class:`RationalUnit`).
+
 The fit (:func:`fit_rational`, once per activation and degrees, cached in-process) runs in float64
 on ``[-5, 5]``: a linear least-squares start (``P - f (1 + S)``, the absolute value left out), then
 Levenberg-Marquardt steps on the true residual ``R - f``, then Lawson's reweighting (weights times
@@ -122,38 +126,51 @@ def _compute_dtype(x: torch.Tensor, coefficients: torch.Tensor) -> torch.dtype:
 
 
 class _Rational(torch.autograd.Function):
-    """``P(x) / (1 + |x T(x)|)`` with ``T(x) = sum_k b_k x^(k-1)``; saves only its inputs for backward."""
+    """``P(x) / (1 + |x T(x)|)`` with ``T(x) = sum_k b_k x^(k-1)`` on ``[lo, hi]``, continued by straight
+    lines of fixed slopes beyond it (``tails``; None: the rational everywhere). Saves only its inputs."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor,
+                tails: tuple[float, float, float, float] | None = None) -> torch.Tensor:
         ctx.save_for_backward(x, numerator, denominator)
+        ctx.tails = tails
         dtype = _compute_dtype(x, numerator)
         xc = x.to(dtype)
-        p = _horner(xc, numerator.to(dtype))
-        s = _horner(xc, denominator.to(dtype)) * xc
-        return (p / (1 + s.abs())).to(x.dtype)
+        inner = xc if tails is None else xc.clamp(tails[0], tails[1])
+        p = _horner(inner, numerator.to(dtype))
+        s = _horner(inner, denominator.to(dtype)) * inner
+        out = p / (1 + s.abs())
+        if tails is not None:
+            out = out + (xc - inner) * torch.where(xc > tails[1], tails[3], tails[2])
+        return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, numerator, denominator = ctx.saved_tensors
+        tails = ctx.tails
         dtype = _compute_dtype(x, numerator)
         xc, g = x.to(dtype), grad.to(dtype)
-        p, dp = _horner_with_slope(xc, numerator.to(dtype))
-        t, dt = _horner_with_slope(xc, denominator.to(dtype))
-        s, ds = t * xc, torch.addcmul(t, dt, xc)
+        inner = xc if tails is None else xc.clamp(tails[0], tails[1])
+        p, dp = _horner_with_slope(inner, numerator.to(dtype))
+        t, dt = _horner_with_slope(inner, denominator.to(dtype))
+        s, ds = t * inner, torch.addcmul(t, dt, inner)
         sign = torch.sign(s)
         q = 1 + s.abs()
         r = p / q
         gq = g / q
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = (gq * (dp - r * sign * ds)).to(x.dtype)
+            slope = dp / q - r * sign * ds / q
+            if tails is not None:  # beyond the range the unit is a line: its slope, whatever the coefficients
+                slope = torch.where(xc > tails[1], tails[3], torch.where(xc < tails[0], tails[2], slope))
+            grad_x = (g * slope).to(x.dtype)
+        # the coefficients act through R(clamped x) alone (the tails' slopes are fixed)
         if ctx.needs_input_grad[1]:  # dR/da_j = x^j / Q
-            grad_a = torch.stack(_power_sums(gq, xc, numerator.shape[0], first=0)).to(numerator.dtype)
+            grad_a = torch.stack(_power_sums(gq, inner, numerator.shape[0], first=0)).to(numerator.dtype)
         if ctx.needs_input_grad[2]:  # dR/db_k = -R sign(S) x^k / Q
-            grad_b = torch.stack(_power_sums(-gq * r * sign, xc, denominator.shape[0], first=1))
+            grad_b = torch.stack(_power_sums(-gq * r * sign, inner, denominator.shape[0], first=1))
             grad_b = grad_b.to(denominator.dtype)
-        return grad_x, grad_a, grad_b
+        return grad_x, grad_a, grad_b, None
 
 
 def _power_sums(weights: torch.Tensor, x: torch.Tensor, count: int, first: int) -> list[torch.Tensor]:
@@ -166,25 +183,51 @@ def _power_sums(weights: torch.Tensor, x: torch.Tensor, count: int, first: int) 
     return sums
 
 
-def rational(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+def rational(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor,
+             tails: tuple[float, float, float, float] | None = None) -> torch.Tensor:
     """The safe Pade unit ``(sum_j a_j x^j) / (1 + |sum_k b_k x^k|)`` elementwise, on any shape.
 
-    ``numerator`` holds ``a_0 .. a_m``, ``denominator`` holds ``b_1 .. b_n``. Computed in float32 (or
-    float64 when the input or coefficients are), returned in the input's dtype.
+    ``numerator`` holds ``a_0 .. a_m``, ``denominator`` holds ``b_1 .. b_n``. With ``tails = (lo, hi,
+    slope_lo, slope_hi)`` the unit is that rational on ``[lo, hi]`` and continues as straight lines of
+    those slopes outside. Computed in float32 (or float64 when the input or coefficients are),
+    returned in the input's dtype.
     """
-    return _Rational.apply(x, numerator, denominator)
+    return _Rational.apply(x, numerator, denominator, tails)
+
+
+def tail_slopes(fn: Callable[[torch.Tensor], torch.Tensor], lo: float = FIT_RANGE[0],
+                hi: float = FIT_RANGE[1]) -> tuple[float, float, float, float]:
+    """``(lo, hi, slope left, slope right)``: where a unit fitted to ``fn`` hands over to straight lines, and
+    their slopes: the activation's far out (its asymptotes: 0 and 1 for GELU, ReLU and SiLU). Not the fit's
+    slopes at the ends, which are off by its oscillating error (0.08 for ReLU), nor ``fn``'s there (SiLU
+    still bends at -5, so its slope there would drift by 0.9 at -40). The tails are then within
+    ``|fn(+-5) - asymptote|`` of ``fn`` plus the fit error: 2e-3 for GELU, 2e-2 for ReLU, 3.4e-2 for SiLU."""
+    x = torch.tensor([8 * lo, 8 * hi], dtype=torch.float64, requires_grad=True)
+    (slope,) = torch.autograd.grad(fn(x).sum(), x)
+    return lo, hi, float(slope[0]), float(slope[1])
 
 
 class RationalUnit(nn.Module):
-    """A trainable rational activation: ``numerator`` (m + 1) and ``denominator`` (n) coefficients."""
+    """A trainable rational activation: ``numerator`` (m + 1) and ``denominator`` (n) coefficients.
 
-    def __init__(self, numerator: torch.Tensor, denominator: torch.Tensor):
+    A type (m, m - 1) rational grows like ``c x`` towards both infinities, while GELU, ReLU and SiLU are
+    flat on the left and the identity on the right; pretrained FFNs do reach far beyond the fit range
+    (all-MiniLM-L6-v2: -17 to 24 on three sentences), where the bare rational was off by several units
+    and changed the model's output by two thirds. So the unit continues, outside the fit range, as the
+    straight lines of the fitted activation's slopes at the ends of the range (``tails``, see
+    :func:`tail_slopes`; fixed, so a loaded unit gets the same); inside, it is the rational, trained as usual.
+    ``tails=None`` keeps the rational everywhere.
+    """
+
+    def __init__(self, numerator: torch.Tensor, denominator: torch.Tensor,
+                 tails: tuple[float, float, float, float] | None = None):
         super().__init__()
         self.numerator = nn.Parameter(numerator.detach().to(torch.float32).clone())
         self.denominator = nn.Parameter(denominator.detach().to(torch.float32).clone())
+        self.tails = tails
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rational(x, self.numerator, self.denominator)
+        return rational(x, self.numerator, self.denominator, self.tails)
 
     def extra_repr(self) -> str:
         return f"numerator_degree={self.numerator.shape[0] - 1}, denominator_degree={self.denominator.shape[0]}"
@@ -396,9 +439,11 @@ class Rational(DeltaMethod):
             if len(names) > 1:
                 raise ConfigError(f"rational shared=True needs one activation in every layer, but the model uses "
                                   f"{names}; pass init= one of them or shared=False")
-            self.units = nn.ModuleDict({"shared": RationalUnit(*initial_coefficients(names[0], m, n))})
+            self.units = nn.ModuleDict({"shared": RationalUnit(*initial_coefficients(names[0], m, n),
+                                                               tails=tail_slopes(TARGETS[names[0]]))})
         else:
-            self.units = nn.ModuleDict({k: RationalUnit(*initial_coefficients(name, m, n))
+            self.units = nn.ModuleDict({k: RationalUnit(*initial_coefficients(name, m, n),
+                                                        tails=tail_slopes(TARGETS[name]))
                                         for k, name in inits.items()})
         self.inits = inits
 
