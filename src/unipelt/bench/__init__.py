@@ -94,8 +94,9 @@ def benchmark(shape: str, methods: list[str], peers: tuple[str, ...] = PEERS, de
     ``compile_mode`` runs every case (the floor too) through ``torch.compile`` in that mode. Each
     finished case is appended to ``partial`` (JSON lines) at once, so a run cut short keeps its cases.
     With ``compile_mode`` and ``prewarm > 0``, every case first runs one untimed step in that many
-    processes at once: compiling (a minute a case at BERT-base) then happens in parallel and fills
-    ``torch.compile``'s on-disk caches, and the timed cases, one at a time as always, load from them.
+    processes at once: compiling (about a minute a case at BERT-base) then happens in parallel and fills
+    ``torch.compile``'s on-disk caches, which the timed cases, one at a time as always, can load from
+    (tracing and CUDA-graph capture they still do themselves).
     """
     cases = [("floor", "-")]
     for method in methods:
