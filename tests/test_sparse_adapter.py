@@ -211,19 +211,25 @@ def _saved(model: nn.Module, path: Path) -> tuple[int, dict[str, torch.Tensor]]:
     return (path / "delta.safetensors").stat().st_size, load_file(str(path / "delta.safetensors"))
 
 
+@pytest.mark.parametrize(("sparsity", "form"), [(0.5, "bitmask"), (0.8, "bitmask"), (0.99, "indices")])
 @pytest.mark.parametrize("family", FAMS)
-def test_save_load_roundtrip_and_smaller_file(family: str, tmp_path: Path) -> None:
-    model = attached(family, sparsity=0.8)
+def test_save_load_roundtrip_and_smaller_file(family: str, sparsity: float, form: str, tmp_path: Path) -> None:
+    """Kept values plus the smaller of a packed bitmask (1/8 byte an entry) and int32 indices (4 bytes a
+    kept entry): the bitmask unless fewer than one entry in 32 is kept; smaller than dense at s = 0.5."""
+    model = attached(family, sparsity=sparsity)
     snip_prune(model, batches(family))
     perturb(model)  # every kept weight (and the pruned stored ones) non-zero
     batch = inputs(family)
     expected = logits(model, batch)
     size, tensors = _saved(model, tmp_path / "sparse")
+    other = {"bitmask": "indices", "indices": "bitmask"}[form]
     for name, layer in method(model).masked_layers().items():
         key = f"sparse_adapter.{name}"
-        assert f"{key}.weight" not in tensors and f"{key}.mask" not in tensors
+        assert f"{key}.weight" not in tensors and f"{key}.mask" not in tensors and f"{key}.{other}" not in tensors
         assert tensors[f"{key}.values"].numel() == int(layer.mask.sum())
-        assert tensors[f"{key}.indices"].dtype == torch.int32
+        assert tensors[f"{key}.{form}"].dtype == (torch.uint8 if form == "bitmask" else torch.int32)
+        if form == "bitmask":
+            assert tensors[f"{key}.bitmask"].numel() == -(-layer.mask.numel() // 8)
         assert tensors[f"{key}.shape"].tolist() == list(layer.weight.shape)
     loaded = unipelt.load(build(family), tmp_path / "sparse")
     assert torch.equal(logits(loaded, batch), expected)
@@ -262,6 +268,25 @@ def test_mismatched_sparse_tensors_are_delta_file_errors(tmp_path: Path) -> None
     (tmp_path / "b" / "unipelt.json").write_text(json.dumps(data))
     with pytest.raises(unipelt.DeltaFileError, match="shape"):
         unipelt.load(build("bert"), tmp_path / "b")
+
+
+def test_bitmask_that_disagrees_with_its_values_is_a_delta_file_error(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    model = attached("bert", sparsity=0.5)
+    snip_prune(model, batches("bert"))
+    unipelt.save(model, tmp_path / "a")
+    path = tmp_path / "a" / "delta.safetensors"
+    tensors = load_file(str(path))
+    key = next(k for k in tensors if k.endswith(".bitmask"))
+    tensors[key] = tensors[key].clone()
+    tensors[key][0] ^= 1  # one entry more or fewer than the saved values
+    save_file(tensors, str(path))
+    data = json.loads((tmp_path / "a" / "unipelt.json").read_text())
+    data["delta_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (tmp_path / "a" / "unipelt.json").write_text(json.dumps(data))
+    with pytest.raises(unipelt.DeltaFileError, match="bitmask keeps"):
+        unipelt.load(build("bert"), tmp_path / "a")
 
 
 # ------------------------------------------------------------------------------------------ counts

@@ -37,10 +37,14 @@ batches gives the same masks. For an adapter that is not zero (trained or loaded
 SNIP ``|g * w|``.
 
 Saved deltas (``unipelt.save``) hold, for each pruned matrix, ``<matrix>.values`` (the kept weights in
-flat-index order), ``<matrix>.indices`` (their flat row-major indices, int32, int64 past 2^31 entries) and
-``<matrix>.shape`` (int64); a matrix whose mask is all ones is stored dense as ``<matrix>.weight``. Loading
-rebuilds weights (zero where pruned) and masks exactly. Indices cost as much as fp32 values: the file is
-smaller than a dense adapter's for s > 0.5. Not mergeable (non-linearity).
+flat row-major order), ``<matrix>.shape`` (int64) and where they sit: ``<matrix>.bitmask`` (the mask, one
+bit per entry, packed eight to a uint8 byte, least significant bit first) or, when that is smaller, for
+very sparse matrices (fewer kept entries than one in 32), ``<matrix>.indices`` (flat indices, int32, int64
+past 2^31 entries). A matrix whose mask is all ones is stored dense as ``<matrix>.weight``. Loading reads
+either form and rebuilds weights (zero where pruned) and masks exactly. A float32 matrix at sparsity s
+then takes ``(1 - s) * 4 + 1/8`` bytes per entry against 4 dense; a BERT-base-sized adapter (m = 64,
+biases dense) saves to 54% of the dense file at s = 0.5 (2.56 vs 4.76 MB), 24% at s = 0.8 (1.14 MB; 1.94
+with indices alone) and 3% at s = 0.99. Not mergeable (non-linearity).
 """
 
 from __future__ import annotations
@@ -106,14 +110,21 @@ class MaskedLinear(nn.Linear):
         return F.linear(matmul_input(x, w), w, self.bias)
 
     def sparse_state(self) -> dict[str, torch.Tensor]:
-        """The weight as saved: dense when nothing is pruned, else kept values, flat indices and shape."""
+        """The weight as saved: dense when nothing is pruned, else kept values, shape and the smaller of a
+        packed bitmask and flat indices."""
         w = self.weight.detach()
         if bool(self.mask.all()):
             return {"weight": w}
-        idx = self.mask.reshape(-1).nonzero().squeeze(1)  # ascending
+        flat = self.mask.reshape(-1)
+        idx = flat.nonzero().squeeze(1)  # ascending
         index_dtype = torch.int32 if w.numel() < 2**31 else torch.int64
-        return {"values": w.reshape(-1)[idx], "indices": idx.to(index_dtype),
-                "shape": torch.tensor(list(w.shape), dtype=torch.int64)}
+        state = {"values": w.reshape(-1)[idx], "shape": torch.tensor(list(w.shape), dtype=torch.int64)}
+        index_bytes = idx.numel() * torch.empty((), dtype=index_dtype).element_size()
+        if index_bytes < math.ceil(flat.numel() / 8):
+            state["indices"] = idx.to(index_dtype)
+        else:
+            state["bitmask"] = pack_bits(flat)
+        return state
 
     @torch.no_grad()
     def load_sparse_state(self, state: Mapping[str, torch.Tensor], where: str) -> None:
@@ -125,11 +136,24 @@ class MaskedLinear(nn.Linear):
             self.weight.copy_(state["weight"])
             self.mask.fill_(True)
             return
-        if set(state) != {"values", "indices", "shape"}:
-            raise ConfigError(f"{where}: expected 'weight' or 'values', 'indices' and 'shape', got {sorted(state)}")
-        values, indices, saved = state["values"], state["indices"], state["shape"]
+        if set(state) not in ({"values", "indices", "shape"}, {"values", "bitmask", "shape"}):
+            raise ConfigError(f"{where}: expected 'weight', or 'values', 'shape' and 'bitmask' or 'indices', got "
+                              f"{sorted(state)}")
+        values, saved = state["values"], state["shape"]
         if tuple(int(s) for s in saved.reshape(-1).tolist()) != shape:
             raise ConfigError(f"{where} was saved with shape {saved.tolist()}, expected {list(shape)}")
+        if "bitmask" in state:
+            packed = state["bitmask"]
+            if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != math.ceil(self.mask.numel() / 8):
+                raise ConfigError(f"{where}.bitmask: {packed.numel()} {packed.dtype} bytes cannot hold the mask of a "
+                                  f"{list(shape)} matrix ({math.ceil(self.mask.numel() / 8)} uint8 bytes)")
+            flat = unpack_bits(packed, self.mask.numel())
+            if int(flat.sum()) != values.numel() or values.dim() != 1:
+                raise ConfigError(f"{where}: the bitmask keeps {int(flat.sum())} entries but {values.numel()} values "
+                                  f"were saved")
+            indices = flat.nonzero().squeeze(1)
+        else:
+            indices = state["indices"]
         if indices.dtype not in (torch.int32, torch.int64) or indices.dim() != 1 or values.shape != indices.shape:
             raise ConfigError(f"{where}: {values.numel()} values and {indices.numel()} {indices.dtype} indices "
                               f"do not pair up")
@@ -140,6 +164,20 @@ class MaskedLinear(nn.Linear):
         self.weight.view(-1)[idx] = values.to(device=self.weight.device, dtype=self.weight.dtype)
         self.mask.fill_(False)
         self.mask.view(-1)[idx] = True
+
+
+def pack_bits(flags: torch.Tensor) -> torch.Tensor:
+    """A 1-D bool tensor as uint8 bytes, eight flags a byte, the first flag in the least significant bit."""
+    padded = torch.zeros(math.ceil(flags.numel() / 8) * 8, dtype=torch.uint8, device=flags.device)
+    padded[: flags.numel()] = flags.to(torch.uint8)
+    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=flags.device)
+    return (padded.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """The first ``count`` flags of :func:`pack_bits`' bytes, as a 1-D bool tensor."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return ((packed.view(-1, 1) >> shifts) & 1).reshape(-1)[:count].bool()
 
 
 class SparseBottleneck(nn.Module):
@@ -207,7 +245,7 @@ class SparseAdapter(Adapter):
         rest = {}
         for k, v in state.items():
             owner, _, leaf = k.rpartition(".")
-            if owner in layers and leaf in ("weight", "values", "indices", "shape"):
+            if owner in layers and leaf in ("weight", "values", "indices", "bitmask", "shape"):
                 own[owner][leaf] = v
             else:
                 rest[k] = v
