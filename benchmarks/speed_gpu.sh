@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Issue 5's GPU figures in one device call (about 8 minutes on an H100):
+# Issue 5's GPU figures. Measured durations on an H100 (plan the 10-minute calls by them): BERT-base eager
+# with --profile ~12-20 s a case (all methods and peers ~9.5 min); LLaMA-1B eager ~30 s a case (all ~11 min:
+# split with --methods); compiled BERT-base ~60 s a case cold, ~50 s after --prewarm (each case reports
+# first_step_s and its compile-cache hits, to find where that time goes).
 #   device run: bash benchmarks/speed_gpu.sh bert-base                 (carry .whl: the adapters wheels, see below)
 #   device run: bash benchmarks/speed_gpu.sh llama-1b
 #   device run: bash benchmarks/speed_gpu.sh bert-base --compile reduce-overhead --prewarm 8   (every case compiled)

@@ -311,6 +311,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("untimed"):  # a prewarm: compile, run one step, nothing to measure
         train_step()
         return {"peer": spec["peer"], "method": spec["method"], "untimed": True}
+    first = time.perf_counter()
+    train_step()  # compiles, under torch.compile: its time and the compile caches' hits are reported
+    first_step_s = time.perf_counter() - first
     train_ms = timed(train_step, spec["steps"], spec["warmup"])
     if cuda:
         peak = torch.cuda.max_memory_allocated() / 2**20
@@ -318,6 +321,13 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     loss = float(train_step().detach())
     compiled = bool(spec.get("compile"))
+    compile_report = {}
+    if compiled:
+        from torch._dynamo.utils import counters
+
+        compile_report = {"first_step_s": first_step_s,
+                          "compile_cache": {f"{group}.{k}": v for group in ("inductor", "aot_autograd")
+                                            for k, v in counters[group].items() if "cache" in k}}
     # under torch.compile a dispatch mode or eval/no-grad would each trigger another compilation: a compiled
     # case measures training only
     ops = None if compiled else count_ops(train_step)
@@ -331,7 +341,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
               "compile": spec.get("compile"), "train_ms": statistics.median(train_ms), "train_ms_all": train_ms,
               "tokens_per_s": shape["batch"] * shape["seq"] / (statistics.median(train_ms) / 1e3),
               "peak_mb": peak, "infer_ms": None, "ops_per_step": ops, "ops_per_inference": None,
-              "merged_infer_ms": None, "trainable": counted, "loss": loss, **profiled}
+              "merged_infer_ms": None, "trainable": counted, "loss": loss, **profiled, **compile_report}
     if compiled:
         return result
 
