@@ -11,9 +11,9 @@ float32. Its coefficients start at a fit of the activation the model was trained
 ``init``), so the model changes at init only by the fit error. Only the coefficients train (the
 task head trains as usual); everything else stays frozen.
 
-Beyond the fit range the unit continues as straight lines (the initial fit's slopes at its ends), so
-inputs far outside it (pretrained FFNs reach beyond +-20) meet the activation's asymptotes, not the
-rational's growth (see :class:`RationalUnit`).
+Beyond the fit range the unit continues as straight lines along the activation's asymptotes, so
+inputs far outside it (pretrained FFNs reach beyond +-20) get about what the activation gives, not the
+rational's growth (see :class:`RationalUnit` and :func:`tail_slopes`).
 
 The fit (:func:`fit_rational`, once per activation and degrees, cached in-process) runs in float64
 on ``[-5, 5]``: a linear least-squares start (``P - f (1 + S)``, the absolute value left out), then
@@ -144,7 +144,8 @@ class _Rational(torch.autograd.Function):
         m, n = a.shape[0] - 1, b.shape[0]
         # powers x^1 .. x^K as one (N, K) tensor by a cumulative product: every polynomial below (values,
         # slopes, coefficient gradients) is then one matrix-vector product over it, where Horner's rule and
-        # power sums took one full-tensor kernel per degree (about 60 per call, against 25 now)
+        # power sums took a full-tensor kernel per degree and per coefficient (the unit's kernels per layer
+        # and training step: 87 -> 59, benchmarks/op_counts.py)
         powers = inner.unsqueeze(1).expand(-1, max(m, n)).cumprod(1)
 
         def poly(c0: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:  # c0 + sum_j c_j x^j
@@ -203,10 +204,10 @@ class RationalUnit(nn.Module):
     A type (m, m - 1) rational grows like ``c x`` towards both infinities, while GELU, ReLU and SiLU are
     flat on the left and the identity on the right; pretrained FFNs do reach far beyond the fit range
     (all-MiniLM-L6-v2: -17 to 24 on three sentences), where the bare rational was off by several units
-    and changed the model's output by two thirds. So the unit continues, outside the fit range, as the
-    straight lines of the fitted activation's slopes at the ends of the range (``tails``, see
-    :func:`tail_slopes`; fixed, so a loaded unit gets the same); inside, it is the rational, trained as usual.
-    ``tails=None`` keeps the rational everywhere.
+    and changed the model's output by two thirds. So the unit continues, outside the fit range, as
+    straight lines along the fitted activation's asymptotes (``tails``, see :func:`tail_slopes`; fixed, so
+    a loaded unit gets the same); inside, it is the rational, trained as usual. ``tails=None`` keeps the
+    rational everywhere.
     """
 
     def __init__(self, numerator: torch.Tensor, denominator: torch.Tensor,
