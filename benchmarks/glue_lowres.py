@@ -216,9 +216,14 @@ def main() -> None:
     import torch
 
     device = opts.device_name or (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
-    summary, table = summarise(collect(opts.out), device)
+    rows = collect(opts.out)
+    summary, table = summarise(rows, device)
     opts.results.mkdir(parents=True, exist_ok=True)
     (opts.results / "glue_lowres.json").write_text(json.dumps(summary, indent=2) + "\n")
+    # every run's own score too, so that seeds run in later calls can join the same table
+    keep = ("task", "k_shot", "label", "seed", "main_metric", "score", "trainable_params", "wall_time_s")
+    (opts.results / "glue_lowres.runs.jsonl").write_text(
+        "".join(json.dumps({key: r.get(key) for key in keep}) + "\n" for r in rows))
     (opts.results / "glue_lowres.md").write_text(table + "\n")
     print(table)
 

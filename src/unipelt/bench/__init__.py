@@ -85,7 +85,7 @@ def device_name(device: str) -> str:
 def benchmark(shape: str, methods: list[str], peers: tuple[str, ...] = PEERS, device: str = "cpu",
               steps: int = 20, warmup: int = 5, adapters_env: Path | None = None, threads: int | None = None,
               rounds: int = 1, profile: bool = False, compile_mode: str | None = None,
-              partial: Path | None = None, prewarm: int = 0, log=print) -> dict[str, Any]:
+              partial: Path | None = None, prewarm: int = 0, full: bool = True, log=print) -> dict[str, Any]:
     """Every method of ours and of each peer that has it, the floor and full fine-tuning, in one run.
 
     With ``rounds > 1`` every case runs that many times, round-robin over all cases, and the times
@@ -96,14 +96,16 @@ def benchmark(shape: str, methods: list[str], peers: tuple[str, ...] = PEERS, de
     With ``compile_mode`` and ``prewarm > 0``, every case first runs one untimed step in that many
     processes at once: compiling (about a minute a case at BERT-base) then happens in parallel and fills
     ``torch.compile``'s on-disk caches, which the timed cases, one at a time as always, can load from
-    (tracing and CUDA-graph capture they still do themselves).
+    (tracing and CUDA-graph capture they still do themselves). ``full=False`` leaves full fine-tuning out
+    (a run that extends an earlier one with its reference already measured).
     """
     cases = [("floor", "-")]
     for method in methods:
         spec = METHODS[method]
         cases += [(p, method) for p in ("unipelt", *peers)
                   if p in spec and (p != "adapters" or adapters_env is not None)]
-    cases.append(("full", "-"))  # last: the reference a run cut short can best do without
+    if full:
+        cases.append(("full", "-"))  # last: the reference a run cut short can best do without
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {c: [] for c in cases}
     if compile_mode and prewarm > 0:
         _prewarm(cases, prewarm, shape=shape, device=device, compile_mode=compile_mode, adapters_env=adapters_env,
@@ -275,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prewarm", type=int, default=0, metavar="N",
                         help="with --compile: compile every case first, N processes at a time, untimed (fills the "
                              "on-disk compile caches the timed cases then load from)")
+    parser.add_argument("--no-full", action="store_true",
+                        help="leave full fine-tuning out (measured in an earlier run of the same shape)")
     parser.add_argument("--adapters-env", type=Path, default=Path(".bench/adapters-env"),
                         help="folder for adapters and its pinned transformers (installed if missing)")
     parser.add_argument("--adapters-wheels", type=Path, default=None, help="install them offline from these wheels")
@@ -298,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     partial = opts.out.with_suffix(".cases.jsonl")
     partial.unlink(missing_ok=True)
     result = benchmark(shape, opts.methods, tuple(opts.peers), device, opts.steps, opts.warmup, env, opts.threads,
-                       opts.rounds, opts.profile, opts.compile, partial, opts.prewarm)
+                       opts.rounds, opts.profile, opts.compile, partial, opts.prewarm, not opts.no_full)
     _write(result, opts.out)
     return 0
 

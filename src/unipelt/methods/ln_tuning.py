@@ -2,8 +2,11 @@
 
 Every normalisation layer of the pretrained body (LayerNorm, and RMSNorm in LLaMA and T5) gets
 trainable gain and bias ``g' = g + dg``, ``b' = b + db``, starting at the base values (``dg = db = 0``).
-A LayerNorm then runs as one norm with ``g'``, ``b'`` (as cheap as the base model's); other norms keep
-their code and add ``dg * n(x) + db``, ``n(x)`` the normalised input. The base weights stay untouched
+A LayerNorm then runs as one norm with ``g'``, ``b'`` (as cheap as the base model's), and so does an
+RMSNorm whose forward is found, on a probe input at attach time, to compute ``g * rms_norm(x)`` (LLaMA's,
+Mistral's, Qwen's, T5's): one ``F.rms_norm``, fused on CUDA, where the base model runs an elementwise
+chain. Other norms (Gemma's ``(1 + g)``, say) keep their code and add ``dg * n(x) + db``, ``n(x)`` the
+normalised input. The base weights stay untouched
 until ``merge`` writes ``g'``, ``b'`` into them; ``save`` stores ``dg``, ``db``. Weight decay, if any,
 pulls ``g'`` towards zero (as in peft's LN tuning). Parameters: the norms' gain and bias sizes.
 """
@@ -33,6 +36,28 @@ def _is_norm(module: nn.Module) -> bool:
     name = type(module).__name__
     return isinstance(getattr(module, "weight", None), nn.Parameter) and (
         isinstance(module, nn.LayerNorm) or name.endswith("RMSNorm") or name.endswith("LayerNorm"))
+
+
+def _eps(module: nn.Module) -> float | None:
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    return float(eps) if isinstance(eps, (int, float)) else None
+
+
+@torch.no_grad()
+def is_plain_rms_norm(module: nn.Module) -> bool:
+    """Whether ``module(x)`` equals ``weight * rms_norm(x)`` (no bias, no offset), tried on a probe input."""
+    weight, eps = module.weight, _eps(module)
+    if eps is None or weight.dim() != 1 or isinstance(getattr(module, "bias", None), nn.Parameter) \
+            or weight.device.type == "meta":
+        return False
+    probe = torch.randn(3, weight.numel(), generator=torch.Generator().manual_seed(0)).to(weight.device) * 3 + 0.5
+    try:
+        out = module(probe)
+    except Exception:  # an unusual signature: keep the generic hook
+        return False
+    expected = F.rms_norm(probe, (weight.numel(),), weight.float(), eps)
+    return isinstance(out, torch.Tensor) and out.shape == probe.shape and torch.allclose(
+        out.float(), expected, rtol=1e-5, atol=1e-5)
 
 
 def normalised(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -65,6 +90,8 @@ class LNTuning(DeltaMethod):
         for k, module in self.norms.items():
             if isinstance(module, nn.LayerNorm):
                 installer.override_forward(module, self._tuned_layer_norm(k, module, installer.rows))
+            elif is_plain_rms_norm(module):
+                installer.override_forward(module, self._tuned_rms_norm(k, module, installer.rows))
             else:
                 installer.on_output(module, self._hook(k, installer.own_rows))
 
@@ -83,6 +110,22 @@ class LNTuning(DeltaMethod):
             if w.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
                 w, b = w.to(x.dtype), (b.to(x.dtype) if b is not None else None)
             return F.layer_norm(x, module.normalized_shape, w, b, module.eps)
+
+        return forward
+
+    def _tuned_rms_norm(self, k: str, module: nn.Module, rows):
+        gain, eps, shape = self.gains[k], _eps(module), tuple(module.weight.shape)
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            # The gain in the base weight's dtype, so that the output's dtype is the base norm's
+            # (``weight * normalised``: bf16 weights keep bf16, float32 master weights promote).
+            w = cast_like(gain, module.weight)
+            served = rows(x)
+            if served is not None:  # multi-task serving: the tuned gain on this task's rows, the base elsewhere
+                w = module.weight + (w - module.weight) * served
+            elif w.dtype == x.dtype:
+                return F.rms_norm(x, shape, w, eps)  # one fused kernel each way on CUDA
+            return w * F.rms_norm(x, shape, None, eps)
 
         return forward
 
