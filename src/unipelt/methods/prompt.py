@@ -192,7 +192,9 @@ class Prompt(DeltaMethod):
                 if mask is not None and enc_len is not None and mask.shape[1] == enc_len - n:
                     kwargs["attention_mask"] = _insert(mask, pos, n, 1)
                 return kwargs
-            if not self.encoder_decoder and kwargs.get("past_key_values") is not None:
+            # the cache is ``past_key_values`` up to transformers 5.23, ``cache`` from 5.24
+            cache = kwargs.get("past_key_values", kwargs.get("cache"))
+            if not self.encoder_decoder and cache is not None:
                 raise NotImplementedError("prompt tuning does not support cached generation in decoder-only "
                                           "models; use prefix tuning, or generate with use_cache=False")
             rows = served_rows()
