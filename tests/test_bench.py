@@ -287,6 +287,16 @@ def test_a_compiled_case_trains_through_torch_compile() -> None:
     assert fast["first_step_s"] > 0 and any(k.startswith("inductor.fxgraph_cache") for k in fast["compile_cache"])
 
 
+def test_fused_adamw_trains_the_same_weights_as_foreach() -> None:
+    """--optimizer fused: the same update (same loss after the same steps), recorded in the case's result."""
+    spec = {"peer": "unipelt", "method": "unipelt", "shape": "bert-tiny", "device": "cpu", "steps": 2, "warmup": 1}
+    foreach = case.measure(spec)
+    fused = case.measure({**spec, "optimizer": "fused"})
+    assert foreach["optimizer"] == "foreach" and fused["optimizer"] == "fused"
+    assert fused["trainable"] == foreach["trainable"]
+    assert abs(fused["loss"] - foreach["loss"]) < 1e-5
+
+
 def test_prewarm_runs_every_case_once_untimed_before_the_timed_ones(monkeypatch) -> None:
     """--prewarm N: each case (floor and full fine-tuning too) runs one untimed compiled step first, in
     parallel; a case asked to run untimed trains one step and measures nothing."""

@@ -85,7 +85,8 @@ def device_name(device: str) -> str:
 def benchmark(shape: str, methods: list[str], peers: tuple[str, ...] = PEERS, device: str = "cpu",
               steps: int = 20, warmup: int = 5, adapters_env: Path | None = None, threads: int | None = None,
               rounds: int = 1, profile: bool = False, compile_mode: str | None = None,
-              partial: Path | None = None, prewarm: int = 0, full: bool = True, log=print) -> dict[str, Any]:
+              partial: Path | None = None, prewarm: int = 0, full: bool = True, optimizer: str = "foreach",
+              log=print) -> dict[str, Any]:
     """Every method of ours and of each peer that has it, the floor and full fine-tuning, in one run.
 
     With ``rounds > 1`` every case runs that many times, round-robin over all cases, and the times
@@ -97,7 +98,8 @@ def benchmark(shape: str, methods: list[str], peers: tuple[str, ...] = PEERS, de
     processes at once: compiling (about a minute a case at BERT-base) then happens in parallel and fills
     ``torch.compile``'s on-disk caches, which the timed cases, one at a time as always, can load from
     (tracing and CUDA-graph capture they still do themselves). ``full=False`` leaves full fine-tuning out
-    (a run that extends an earlier one with its reference already measured).
+    (a run that extends an earlier one with its reference already measured). ``optimizer`` is AdamW's
+    implementation for every case: ``foreach`` (multi-tensor) or ``fused`` (one kernel per dtype).
     """
     cases = [("floor", "-")]
     for method in methods:
@@ -109,11 +111,12 @@ def benchmark(shape: str, methods: list[str], peers: tuple[str, ...] = PEERS, de
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {c: [] for c in cases}
     if compile_mode and prewarm > 0:
         _prewarm(cases, prewarm, shape=shape, device=device, compile_mode=compile_mode, adapters_env=adapters_env,
-                 log=log)
+                 optimizer=optimizer, log=log)
     for r in range(rounds):
         for peer, method in cases:
             spec = {"peer": peer, "method": method, "shape": shape, "device": device, "steps": steps,
-                    "warmup": warmup, "threads": threads, "profile": profile, "compile": compile_mode}
+                    "warmup": warmup, "threads": threads, "profile": profile, "compile": compile_mode,
+                    "optimizer": optimizer}
             result = run_case(spec, adapters_env if peer == "adapters" else None)
             runs[(peer, method)].append(result)
             if partial is not None:
@@ -124,7 +127,7 @@ def benchmark(shape: str, methods: list[str], peers: tuple[str, ...] = PEERS, de
                 shown += f", {result['kernels_per_step']:.0f} kernels, GPU busy {result['gpu_busy_ms']:.2f} ms"
             log(f"  {f'round {r + 1} ' if rounds > 1 else ''}{peer:<9} {method:<11} {shown}")
     return summarise(runs, shape, methods, peers, device_name(device), steps=steps, warmup=warmup, rounds=rounds,
-                     compile_mode=compile_mode)
+                     compile_mode=compile_mode, optimizer=optimizer)
 
 
 def summarise(runs: dict[tuple[str, str], list[dict[str, Any]]], shape: str, methods: list[str],
@@ -156,11 +159,11 @@ def from_cases(path: Path, device: str) -> dict[str, Any]:
     peers = tuple(p for p in PEERS if any(c["peer"] == p for c in cases))
     first = cases[0]
     return summarise(runs, first["shape"], methods, peers, device, compile_mode=first.get("compile"),
-                     partial=True)
+                     optimizer=first.get("optimizer", "foreach"), partial=True)
 
 
 def _prewarm(cases: list[tuple[str, str]], workers: int, *, shape: str, device: str, compile_mode: str,
-             adapters_env: Path | None, log=print) -> None:
+             adapters_env: Path | None, optimizer: str = "foreach", log=print) -> None:
     """One untimed compiled step of every case, ``workers`` processes at a time (fills the compile caches)."""
     import time
     from concurrent.futures import ThreadPoolExecutor
@@ -168,7 +171,7 @@ def _prewarm(cases: list[tuple[str, str]], workers: int, *, shape: str, device: 
     def warm(peer_method: tuple[str, str]) -> str:
         peer, method = peer_method
         spec = {"peer": peer, "method": method, "shape": shape, "device": device, "steps": 1, "warmup": 1,
-                "compile": compile_mode, "untimed": True}
+                "compile": compile_mode, "optimizer": optimizer, "untimed": True}
         result = run_case(spec, adapters_env if peer == "adapters" else None)
         return f"{peer} {method}: {result.get('error', 'compiled')}"
 
@@ -225,7 +228,9 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [f"{result['shape']} on {result['device']}: floor {floor['train_ms']:.2f} ms/step, "
              f"{f(floor.get('ops_per_step'), 'd')} ops "
              f"(peak {floor['peak_mb']:.0f} MB, inference {f(floor['infer_ms'])} ms), full fine-tuning "
-             f"{f(full.get('train_ms'))} ms ({f(full.get('train_ms') and full['train_ms'] / floor['train_ms'])}x)",
+             f"{f(full.get('train_ms'))} ms ({f(full.get('train_ms') and full['train_ms'] / floor['train_ms'])}x)"
+             + (f"; compiled ({result['compile_mode']})" if result.get("compile_mode") else "")
+             + f"; AdamW {result.get('optimizer', 'foreach')}",
              "",
              "| method | peer | ours ms | peer ms | x floor | x peer | ours MB | peer MB | infer ms (merged) | "
              "peer infer ms (merged) | ops/step ours / peer | trainable ours / peer |",
@@ -277,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prewarm", type=int, default=0, metavar="N",
                         help="with --compile: compile every case first, N processes at a time, untimed (fills the "
                              "on-disk compile caches the timed cases then load from)")
+    parser.add_argument("--optimizer", default="foreach", choices=["foreach", "fused"],
+                        help="AdamW's implementation in every case (default foreach, the multi-tensor update)")
     parser.add_argument("--no-full", action="store_true",
                         help="leave full fine-tuning out (measured in an earlier run of the same shape)")
     parser.add_argument("--adapters-env", type=Path, default=Path(".bench/adapters-env"),
@@ -302,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     partial = opts.out.with_suffix(".cases.jsonl")
     partial.unlink(missing_ok=True)
     result = benchmark(shape, opts.methods, tuple(opts.peers), device, opts.steps, opts.warmup, env, opts.threads,
-                       opts.rounds, opts.profile, opts.compile, partial, opts.prewarm, not opts.no_full)
+                       opts.rounds, opts.profile, opts.compile, partial, opts.prewarm, not opts.no_full,
+                       opts.optimizer)
     _write(result, opts.out)
     return 0
 
