@@ -110,3 +110,17 @@ def test_compiled_model_has_eager_gradients(method) -> None:
         assert g_fast.keys() == g_eager.keys()
         for n in g_eager:
             torch.testing.assert_close(g_fast[n], g_eager[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_adamw_is_fused_only_when_every_trainable_tensor_is_on_a_gpu() -> None:
+    from types import SimpleNamespace
+
+    from unipelt.train.loop import adamw_implementation
+
+    def on_gpu():
+        return SimpleNamespace(is_cuda=True, is_floating_point=lambda: True)
+
+    assert adamw_implementation([torch.zeros(2, requires_grad=True)]) == {}  # CPU: torch's default
+    assert adamw_implementation([on_gpu(), on_gpu()]) == {"fused": True}
+    assert adamw_implementation([on_gpu(), torch.zeros(2)]) == {}  # mixed devices: fused would fail
+    assert adamw_implementation([]) == {}
