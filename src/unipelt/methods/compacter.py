@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError, register, register_preset
+from ..runtime import Installer
 from .adapter import Adapter, AdapterConfig
 from .base import activation, matmul_input
 
@@ -87,12 +88,31 @@ class PHMLinear(nn.Module):
         rules = self.rules if self.rules is not None else shared_rules
         return kron_sum(rules, self.B if self.B is not None else self.s @ self.t)
 
+    def layout(self) -> tuple:
+        """PHM layers with equal layouts build their weights in one batch (:func:`batched_weights`)."""
+        factors = (self.B,) if self.B is not None else (self.s, self.t)
+        return (self.rules is not None, *(tuple(f.shape) for f in factors))
+
 
 def kron_sum(rules: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """``sum_i A_i (x) B_i`` for rules ``A`` (n, n, n) and factors ``B`` (n, p, q): an (n p, n q) matrix."""
-    n, p, q = factors.shape
-    # (A (x) B)[(a, c), (b, d)] = A[a, b] B[c, d], summed over the n pairs
-    return torch.einsum("iab,icd->acbd", rules.to(factors.dtype), factors).reshape(n * p, n * q)
+    """``sum_i A_i (x) B_i`` for rules ``A`` ([S,] n, n, n) and factors ``B`` ([S,] n, p, q): ([S,] n p, n q)."""
+    n, p, q = factors.shape[-3:]
+    # (A (x) B)[(a, c), (b, d)] = A[a, b] B[c, d], summed over the n pairs; S layers at once with a leading S
+    if factors.dim() == 3:
+        return torch.einsum("iab,icd->acbd", rules.to(factors.dtype), factors).reshape(n * p, n * q)
+    spec = "siab,sicd->sacbd" if rules.dim() == 4 else "iab,sicd->sacbd"
+    return torch.einsum(spec, rules.to(factors.dtype), factors).reshape(-1, n * p, n * q)
+
+
+def batched_weights(layers: list[PHMLinear], shared_rules: torch.Tensor | None) -> list[torch.Tensor]:
+    """Every layer's ``W`` (all of one :meth:`PHMLinear.layout`) from one stacked computation."""
+    first = layers[0]
+    if first.B is not None:
+        factors = torch.stack([layer.B for layer in layers])
+    else:
+        factors = torch.stack([layer.s for layer in layers]) @ torch.stack([layer.t for layer in layers])
+    rules = torch.stack([layer.rules for layer in layers]) if first.rules is not None else shared_rules
+    return list(kron_sum(rules, factors).unbind(0))
 
 
 class PHMBottleneck(nn.Module):
@@ -103,8 +123,11 @@ class PHMBottleneck(nn.Module):
         self.up = PHMLinear(m, d, config.n, config.phm_rank, own, zero=True)
         self.act = activation(config.activation)
 
-    def forward(self, x: torch.Tensor, shared_rules: torch.Tensor | None) -> torch.Tensor:
-        w_down, w_up = self.down.weight(shared_rules), self.up.weight(shared_rules)
+    def forward(self, x: torch.Tensor, shared_rules: torch.Tensor | None,
+                weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``weights``: this bottleneck's (W_down, W_up) built beforehand; else built here."""
+        w_down, w_up = weights if weights is not None else (self.down.weight(shared_rules),
+                                                            self.up.weight(shared_rules))
         h = self.act(F.linear(matmul_input(x, w_down), w_down, self.down.bias))
         return F.linear(h, w_up, self.up.bias)
 
@@ -121,8 +144,31 @@ class Compacter(Adapter):
             self.rules = nn.Parameter(torch.randn(config.n, config.n, config.n) / math.sqrt(config.n))
         return PHMBottleneck(d, config.bottleneck, config)
 
+    def install(self, installer: Installer) -> None:
+        self._values = installer.context.values  # the per-forward cache: weights built once per pass
+        super().install(installer)
+
+    def _all_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Every site's (W_down, W_up), the PHM layers of each layout built together."""
+        layers = [(key, part, getattr(b, part)) for key, b in self.adapters.items() for part in ("down", "up")]
+        groups: dict[tuple, list] = {}
+        for entry in layers:
+            groups.setdefault(entry[2].layout(), []).append(entry)
+        built: dict[tuple[str, str], torch.Tensor] = {}
+        for group in groups.values():
+            weights = batched_weights([layer for _, _, layer in group], getattr(self, "rules", None))
+            built.update({(key, part): w for (key, part, _), w in zip(group, weights, strict=True)})
+        return {key: (built[(key, "down")], built[(key, "up")]) for key in self.adapters}
+
     def _delta(self, site_key: str, x: torch.Tensor) -> torch.Tensor:
-        delta = self.adapters[site_key](x, getattr(self, "rules", None))
+        values = getattr(self, "_values", None)
+        weights = None
+        if values is not None:
+            slot = (id(self), "phm_weights")
+            if slot not in values:
+                values[slot] = self._all_weights()
+            weights = values[slot][site_key]
+        delta = self.adapters[site_key](x, getattr(self, "rules", None), weights)
         if site_key in self.gates:
             delta = delta * self.gates[site_key](x)
         return delta * self.config.scaling if self.config.scaling != 1.0 else delta
