@@ -8,6 +8,8 @@
 #   device run: bash benchmarks/speed_gpu.sh bert-base --compile reduce-overhead --prewarm 8   (every case compiled)
 #   device run: bash benchmarks/speed_gpu.sh bert-base --peers --methods krona krona_ffn kadaptation adapter_bias \
 #                    sparse_adapter rational poly poly_s compacter++ phm_adapter   (the methods no peer has)
+#   device run: bash benchmarks/speed_gpu.sh vit-base --peers peft --methods vpt vpt_deep kadaptation lora ln
+#                    (ViT-B/16, batch 32 x 197 tokens; ATTEMPT and poly_mu: add them on bert-base)
 # Extra arguments go to benchmarks/speed.py. Every finished case is also appended to
 # $OUT/speed_<shape>.cases.jsonl at once, so a run cut short by the call's time limit keeps its cases
 # (python benchmarks/speed.py --from-cases FILE --device-name NAME makes its table).
@@ -25,6 +27,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 # the methods the table has, UniPELT first (the slowest to reach its target)
 methods=(--methods unipelt mam lora prefix prefix_mlp prompt ia3 ln pfeiffer houlsby parallel compacter)
 if [ "$shape" = llama-1b ]; then methods=(--methods unipelt lora prefix prefix_mlp prompt ia3 ln pfeiffer); fi
+if [ "$shape" = vit-base ]; then methods=(--methods vpt vpt_deep kadaptation lora ia3 ln); fi
 python benchmarks/speed.py --shape "$shape" "${methods[@]}" --steps 20 --warmup 5 --device cuda --profile \
     --adapters-env /tmp/adapters-env --adapters-wheels .whl --out "$out/speed_${shape}.json" "$@" 2>&1 \
     | tee "$out/${shape}.log"

@@ -226,6 +226,33 @@ def test_floor_compiles_as_one_graph() -> None:
     assert explained.graph_break_count == 0
 
 
+def test_vision_shape_runs_the_vit_methods_and_skips_text_only_ones() -> None:
+    """vit-tiny: VPT (shallow, deep) and KAdaptation time on a ViT fed pixel values; ATTEMPT (text prompts)
+    is left out on a ViT and VPT on BERT, each named in the log."""
+    lines: list[str] = []
+    result = benchmark("vit-tiny", ["vpt", "vpt_deep", "kadaptation", "attempt"], peers=(), device="cpu", steps=1,
+                       warmup=1, threads=1, full=False, log=lines.append)
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"vpt", "vpt_deep", "kadaptation"} and any("attempt" in line for line in lines)
+    d, layers, length = 32, 2, 10
+    assert rows["vpt"]["ours_trainable"] == length * d and rows["vpt_deep"]["ours_trainable"] == layers * length * d
+    assert all(r["ours_ms"] > 0 and r["ours_error"] is None for r in rows.values())
+    assert result["floor"]["train_ms"] > 0
+    text = benchmark("bert-tiny", ["attempt", "poly_mu", "vpt"], peers=(), device="cpu", steps=1, warmup=1,
+                     threads=1, full=False, log=lambda line: None)
+    assert [r["method"] for r in text["rows"]] == ["attempt", "poly_mu"]
+    assert all(r["ours_ms"] > 0 and r["ours_error"] is None for r in text["rows"])
+
+
+def test_the_floor_takes_pixel_values_as_a_leaf_on_a_vit() -> None:
+    model = case.attach("floor", "-", case.build_base(case.SHAPES["vit-tiny"]), "vit")
+    pixels = torch.randn(2, 3, 32, 32)
+    inputs = case.step_inputs("floor", model, pixels)
+    case.hidden(model(**inputs)).square().mean().backward()
+    assert inputs["pixel_values"].grad.abs().sum() > 0 and not pixels.requires_grad
+    assert case.step_inputs("unipelt", model, pixels) == {"pixel_values": pixels}
+
+
 def test_benchmark_smoke_run_on_cpu(adapters_env: Path) -> None:
     """The whole benchmark on the tiny shape, a few steps per case, both peers (no timing claims)."""
     result = benchmark("bert-tiny", ["lora", "ln", "ia3"], peers=("peft", "adapters"), device="cpu", steps=2,

@@ -34,7 +34,7 @@ def _case_module():
 
 
 case = _case_module()
-METHODS, SHAPES = case.METHODS, case.SHAPES
+METHODS, SHAPES, applies = case.METHODS, case.SHAPES, case.applies
 
 
 def ensure_adapters_env(target: Path, wheels: Path | None = None, log=print) -> Path | None:
@@ -101,6 +101,11 @@ def benchmark(shape: str, methods: list[str], peers: tuple[str, ...] = PEERS, de
     (a run that extends an earlier one with its reference already measured). ``optimizer`` is AdamW's
     implementation for every case: ``foreach`` (multi-tensor) or ``fused`` (one kernel per dtype).
     """
+    family = SHAPES[shape]["family"]
+    skipped = [m for m in methods if not applies(m, family)]
+    if skipped:
+        log(f"  not on a {family} model: {', '.join(skipped)}")
+    methods = [m for m in methods if applies(m, family)]
     cases = [("floor", "-")]
     for method in methods:
         spec = METHODS[method]

@@ -47,6 +47,13 @@ SHAPES: dict[str, dict[str, Any]] = {
     "llama-tiny": {"family": "llama", "batch": 2, "seq": 16,
                    "config": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                               "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 1000}},
+    # ViT-B/16 at 224 x 224 (196 patches + [CLS]), batch 32: the shape of VPT's and KAdaptation's papers
+    "vit-base": {"family": "vit", "batch": 32, "seq": 197, "image": 224,
+                 "config": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                            "intermediate_size": 3072, "patch_size": 16}},
+    "vit-tiny": {"family": "vit", "batch": 2, "seq": 17, "image": 32,
+                 "config": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                            "intermediate_size": 64, "patch_size": 8}},
 }
 
 # Equal configurations across libraries (same rank, bottleneck, prefix length and placements), as
@@ -93,7 +100,17 @@ METHODS: dict[str, dict[str, Any]] = {
     "rational": {"unipelt": {"method": "rational"}},
     "poly": {"unipelt": {"method": "poly"}},
     "poly_s": {"unipelt": {"method": "poly_s"}},
+    "poly_mu": {"unipelt": {"method": "poly_mu"}},
+    # three frozen source prompts (zero here: their values do not change the cost) and a 20-token target
+    "attempt": {"unipelt": {"method": "attempt", "n_sources": 3, "length": 20}, "families": ("bert", "llama")},
+    "vpt": {"unipelt": {"method": "vpt", "length": 10}, "families": ("vit",)},
+    "vpt_deep": {"unipelt": {"method": "vpt_deep", "length": 10}, "families": ("vit",)},
 }
+
+
+def applies(method: str, family: str) -> bool:
+    """Whether the benchmark runs ``method`` on a model of ``family`` (VPT needs a ViT, ATTEMPT text)."""
+    return family in METHODS[method].get("families", (family,))
 
 # module names (regular expressions) of the attention projections, the FFN's output projection W_2 and the
 # norms per family, for peft's target_modules; BERT's "output.dense" alone would match the attention's too
@@ -101,6 +118,8 @@ PEFT_TARGETS = {
     "bert": {"q": "query", "k": "key", "v": "value", "f": r"\d+\.output\.dense", "ln": "LayerNorm"},
     "llama": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "f": "down_proj",
               "ln": "input_layernorm|post_attention_layernorm|norm"},
+    "vit": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "f": "fc2",
+            "ln": "layernorm_before|layernorm_after|layernorm"},
 }
 
 
@@ -113,6 +132,10 @@ def build_base(shape: dict[str, Any]) -> torch.nn.Module:
         config = transformers.BertConfig(**shape["config"], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                                          max_position_embeddings=max(512, shape["seq"] + 64))
         return transformers.BertModel(config, add_pooling_layer=False)
+    if shape["family"] == "vit":
+        config = transformers.ViTConfig(**shape["config"], image_size=shape["image"], hidden_dropout_prob=0.0,
+                                        attention_probs_dropout_prob=0.0)
+        return transformers.ViTModel(config, add_pooling_layer=False)
     config = transformers.LlamaConfig(**shape["config"], max_position_embeddings=max(2048, shape["seq"] + 64))
     return transformers.LlamaModel(config)
 
@@ -166,7 +189,11 @@ def step_inputs(peer: str, model: torch.nn.Module, ids: torch.Tensor) -> dict[st
     """The model call of a training step. The floor gets its word embeddings as a leaf that requires grad
     (``inputs_embeds``), so that gradients run back through every activation while no weight trains; a
     hook setting ``requires_grad`` on the embeddings' output would do the same eagerly but breaks
-    ``torch.compile``'s graph there. The floor then skips one embedding lookup, which only lowers it."""
+    ``torch.compile``'s graph there. The floor then skips one embedding lookup, which only lowers it.
+    Images (``ids`` of shape (batch, 3, h, w)) go in as ``pixel_values``; the floor's require grad, so its
+    backward also runs the patch embedding's input gradient (one small GEMM, which only raises it)."""
+    if ids.dim() == 4:
+        return {"pixel_values": ids.clone().requires_grad_(True) if peer == "floor" else ids}
     mask = torch.ones_like(ids)
     if peer != "floor":
         return {"input_ids": ids, "attention_mask": mask}
@@ -271,7 +298,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     kind = {"fused": True} if spec.get("optimizer") == "fused" else {"foreach": True}
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, **kind) if trainable else None
     generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(5, shape["config"]["vocab_size"], (shape["batch"], shape["seq"]), generator=generator)
+    if shape["family"] == "vit":
+        ids = torch.randn(shape["batch"], 3, shape["image"], shape["image"], generator=generator)
+    else:
+        ids = torch.randint(5, shape["config"]["vocab_size"], (shape["batch"], shape["seq"]), generator=generator)
     inputs = step_inputs(spec["peer"], model, ids.to(device))
     leaves = [t for t in inputs.values() if t.requires_grad]  # the floor's: its gradient is dropped every step
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
