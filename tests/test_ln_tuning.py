@@ -106,3 +106,27 @@ def test_only_gains_get_gradients_on_the_fused_path() -> None:
     grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert grads and all(".gains." in n or "lm_head" in n or "score" in n for n in grads), sorted(grads)[:5]
     assert any(".gains." in n for n in grads)
+
+
+def test_two_ln_tasks_serve_one_batch(tmp_path) -> None:
+    """Two LN-tuning deltas on one model (the second adds to the norm the first runs): each row equals its
+    task alone, on LayerNorm (BERT) and RMSNorm (LLaMA)."""
+    for family in ("bert", "llama"):
+        folders = {}
+        for i, name in enumerate(("a", "b")):
+            model = build(family)
+            unipelt.attach(model, "ln", train_head=False)
+            _perturb_gains(model, seed=10 + i)
+            folders[name] = tmp_path / f"{family}-{name}"
+            unipelt.save(model, folders[name])
+        served = build(family)
+        unipelt.load_tasks(served, folders)
+        batch = inputs(family)
+        task_ids = torch.arange(batch["input_ids"].shape[0]) % 2
+        with torch.no_grad():
+            mixed = served(**batch, task_ids=task_ids).logits
+        for t, name in enumerate(("a", "b")):
+            alone = build(family)
+            unipelt.load(alone, folders[name])
+            rows = task_ids == t
+            torch.testing.assert_close(mixed[rows], logits(alone, batch)[rows], rtol=1e-5, atol=1e-5)

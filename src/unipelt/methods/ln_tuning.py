@@ -88,7 +88,9 @@ class LNTuning(DeltaMethod):
 
     def install(self, installer: Installer) -> None:
         for k, module in self.norms.items():
-            if isinstance(module, nn.LayerNorm):
+            if "forward" in module.__dict__:  # another task's LN tuning runs this norm (serving): add ours to it
+                installer.on_output(module, self._hook(k, installer.own_rows))
+            elif isinstance(module, nn.LayerNorm):
                 installer.override_forward(module, self._tuned_layer_norm(k, module, installer.rows))
             elif is_plain_rms_norm(module):
                 installer.override_forward(module, self._tuned_rms_norm(k, module, installer.rows))
