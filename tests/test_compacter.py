@@ -47,10 +47,10 @@ def test_per_pass_weights_give_the_per_call_function_and_gradients(method: str) 
         return out.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
     batched_out, batched_grads = run()
-    values = compacter._values
-    compacter._values = None  # no per-pass cache: every call builds its own weights
+    context = compacter._context
+    compacter._context = None  # no per-pass cache: every call builds its own weights
     per_call_out, per_call_grads = run()
-    compacter._values = values
+    compacter._context = context
     torch.testing.assert_close(batched_out, per_call_out, rtol=1e-5, atol=1e-6)
     for a, b in zip(batched_grads, per_call_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -30,6 +30,12 @@ class ForwardContext:
     row_masks: dict[str, torch.Tensor] = field(default_factory=dict)
     task_ids: torch.Tensor | None = None  # the call's task_ids (one per row), for methods that route by task
 
+    def once(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """``compute()`` the first time ``key`` is asked for in this forward pass, the stored value after."""
+        if key not in self.values:
+            self.values[key] = compute()
+        return self.values[key]
+
     def reset(self, attention_mask: Any = None) -> None:
         """Start a new forward pass: clear the per-pass values; take the mask if it is a padding mask."""
         self.padding_mask = None
@@ -136,9 +142,14 @@ class Installer:
         self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
         self.hooked.append((module, "input"))
 
+    @staticmethod
+    def forward_replaced(module: nn.Module) -> bool:
+        """Whether some method runs ``module`` through :meth:`override_forward` already."""
+        return "forward" in module.__dict__
+
     def override_forward(self, module: nn.Module, fn: Callable[..., Any]) -> None:
         """Run ``fn`` instead of ``module.forward`` (hooks on the module still fire); undone by remove."""
-        if "forward" in module.__dict__:
+        if self.forward_replaced(module):
             raise RuntimeError(f"{type(module).__name__} already has its forward replaced")
         module.forward = fn
         self._overrides.append(module)

@@ -97,11 +97,9 @@ class PHMLinear(nn.Module):
 def kron_sum(rules: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """``sum_i A_i (x) B_i`` for rules ``A`` ([S,] n, n, n) and factors ``B`` ([S,] n, p, q): ([S,] n p, n q)."""
     n, p, q = factors.shape[-3:]
-    # (A (x) B)[(a, c), (b, d)] = A[a, b] B[c, d], summed over the n pairs; S layers at once with a leading S
-    if factors.dim() == 3:
-        return torch.einsum("iab,icd->acbd", rules.to(factors.dtype), factors).reshape(n * p, n * q)
-    spec = "siab,sicd->sacbd" if rules.dim() == 4 else "iab,sicd->sacbd"
-    return torch.einsum(spec, rules.to(factors.dtype), factors).reshape(-1, n * p, n * q)
+    # (A (x) B)[(a, c), (b, d)] = A[a, b] B[c, d], summed over the n pairs; a leading S broadcasts (shared rules)
+    kron = torch.einsum("...iab,...icd->...acbd", rules.to(factors.dtype), factors)
+    return kron.reshape(*kron.shape[:-4], n * p, n * q)
 
 
 def batched_weights(layers: list[PHMLinear], shared_rules: torch.Tensor | None) -> list[torch.Tensor]:
@@ -145,7 +143,7 @@ class Compacter(Adapter):
         return PHMBottleneck(d, config.bottleneck, config)
 
     def install(self, installer: Installer) -> None:
-        self._values = installer.context.values  # the per-forward cache: weights built once per pass
+        self._context = installer.context  # its per-pass cache: the weights are built once per forward pass
         super().install(installer)
 
     def _all_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -161,13 +159,8 @@ class Compacter(Adapter):
         return {key: (built[(key, "down")], built[(key, "up")]) for key in self.adapters}
 
     def _delta(self, site_key: str, x: torch.Tensor) -> torch.Tensor:
-        values = getattr(self, "_values", None)
-        weights = None
-        if values is not None:
-            slot = (id(self), "phm_weights")
-            if slot not in values:
-                values[slot] = self._all_weights()
-            weights = values[slot][site_key]
+        context = getattr(self, "_context", None)
+        weights = context.once((id(self), "phm_weights"), self._all_weights)[site_key] if context is not None else None
         delta = self.adapters[site_key](x, getattr(self, "rules", None), weights)
         if site_key in self.gates:
             delta = delta * self.gates[site_key](x)

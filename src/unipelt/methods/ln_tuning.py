@@ -64,7 +64,8 @@ def normalised(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The norm's output before its gain and bias."""
     if isinstance(module, nn.LayerNorm):
         return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
-    eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
+    eps = _eps(module)
+    eps = 1e-6 if eps is None else eps
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
@@ -88,7 +89,7 @@ class LNTuning(DeltaMethod):
 
     def install(self, installer: Installer) -> None:
         for k, module in self.norms.items():
-            if "forward" in module.__dict__:  # another task's LN tuning runs this norm (serving): add ours to it
+            if installer.forward_replaced(module):  # another served task's LN tuning runs it: add ours to it
                 installer.on_output(module, self._hook(k, installer.own_rows))
             elif isinstance(module, nn.LayerNorm):
                 installer.override_forward(module, self._tuned_layer_norm(k, module, installer.rows))

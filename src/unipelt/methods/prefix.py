@@ -125,9 +125,7 @@ class Prefix(DeltaMethod):
         context = installer.context
 
         def prefixes() -> dict[str, torch.Tensor]:
-            if cache_slot not in values:
-                values[cache_slot] = self._all_prefixes()
-            return values[cache_slot]
+            return context.once(cache_slot, self._all_prefixes)
 
         for site_key, att in self.sites.items():
             gate_slot = (id(self), site_key, "x")
