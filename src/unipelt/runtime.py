@@ -25,21 +25,34 @@ class ForwardContext:
 
     padding_mask: torch.Tensor | None = None  # (batch, seq) 1 = real token, of the main input
     values: dict[Any, Any] = field(default_factory=dict)  # per-forward cache (prefix reparametrisation)
+    reads: dict[Any, int] = field(default_factory=dict)  # how often each value of ``once`` was read
     # multi-task serving: method name -> (batch,) bool, the rows of the batch that method acts on; a method
     # absent here acts on every row
     row_masks: dict[str, torch.Tensor] = field(default_factory=dict)
     task_ids: torch.Tensor | None = None  # the call's task_ids (one per row), for methods that route by task
 
-    def once(self, key: Any, compute: Callable[[], Any]) -> Any:
-        """``compute()`` the first time ``key`` is asked for in this forward pass, the stored value after."""
+    def once(self, key: Any, compute: Callable[[], Any], uses: int | None = None) -> Any:
+        """``compute()`` the first time ``key`` is asked for in this forward pass, the stored value after.
+
+        With ``uses`` (how many reads a pass makes, e.g. one per layer) the value is dropped at its last
+        read, and a read after that computes it anew. Why: under ``torch.compile`` the model's forward is a
+        frame of its own, and a tensor still held here when it returns leaves the graph as an extra output,
+        for which the backward then builds and copies a zero gradient (per tensor, on the host).
+        """
         if key not in self.values:
             self.values[key] = compute()
-        return self.values[key]
+            self.reads[key] = 0
+        value = self.values[key]
+        self.reads[key] += 1
+        if uses is not None and self.reads[key] >= uses:
+            del self.values[key], self.reads[key]
+        return value
 
     def reset(self, attention_mask: Any = None) -> None:
         """Start a new forward pass: clear the per-pass values; take the mask if it is a padding mask."""
         self.padding_mask = None
         self.values.clear()
+        self.reads.clear()
         self.row_masks = {}
         self.task_ids = None
         self.use_mask(attention_mask)
@@ -70,23 +83,22 @@ class Gate(nn.Module):
         return torch.sigmoid(torch.nn.functional.linear(matmul_input(x, w), w, self.proj.bias))
 
 
-def pooled(x: torch.Tensor, padding_mask: torch.Tensor | None, cache: dict | None = None) -> torch.Tensor:
+def pooled(x: torch.Tensor, padding_mask: torch.Tensor | None, context: ForwardContext | None = None,
+           key: Any = "pool_weights", uses: int | None = None) -> torch.Tensor:
     """Mean over tokens of ``x`` (batch, seq, d), counting only real tokens when the mask fits.
 
-    The mask's per-token weights (1 / real tokens, or 0) are the same in every layer: with ``cache``
-    (the forward context's values) they are computed once per forward pass, and each layer pays a
+    The mask's per-token weights (1 / real tokens, or 0) are the same in every layer: with ``context``
+    they are computed once per forward pass (``context.once(key, ..., uses)``), and each layer pays a
     multiply and a sum.
     """
     if padding_mask is None or padding_mask.shape != x.shape[:2]:
         return x.mean(1)
-    slot = ("pool_weights", x.dtype)
-    weights = cache.get(slot) if cache is not None else None
-    if weights is None or weights.shape[:2] != x.shape[:2]:
+
+    def weights() -> torch.Tensor:
         m = padding_mask.to(x.dtype).unsqueeze(-1)
-        weights = m / m.sum(1, keepdim=True).clamp_min(1.0)
-        if cache is not None:
-            cache[slot] = weights
-    return (x * weights).sum(1)
+        return m / m.sum(1, keepdim=True).clamp_min(1.0)
+
+    return (x * (context.once((key, x.dtype), weights, uses) if context is not None else weights())).sum(1)
 
 
 ModelCallRewrite = Callable[[dict[str, Any]], dict[str, Any]]

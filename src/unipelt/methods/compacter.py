@@ -160,7 +160,8 @@ class Compacter(Adapter):
 
     def _delta(self, site_key: str, x: torch.Tensor) -> torch.Tensor:
         context = getattr(self, "_context", None)
-        weights = context.once((id(self), "phm_weights"), self._all_weights)[site_key] if context is not None else None
+        weights = context.once((id(self), "phm_weights"), self._all_weights, uses=len(self.adapters))[site_key] \
+            if context is not None else None
         delta = self.adapters[site_key](x, getattr(self, "rules", None), weights)
         if site_key in self.gates:
             delta = delta * self.gates[site_key](x)

@@ -125,8 +125,9 @@ class Prefix(DeltaMethod):
         context = installer.context
 
         def prefixes() -> dict[str, torch.Tensor]:
-            return context.once(cache_slot, self._all_prefixes)
+            return context.once(cache_slot, self._all_prefixes, uses=len(self.sites))
 
+        pooled_gates = sum(not self.causal[site_key] for site_key in self.gates)
         for site_key, att in self.sites.items():
             gate_slot = (id(self), site_key, "x")
             if site_key in self.gates:
@@ -149,7 +150,8 @@ class Prefix(DeltaMethod):
                 gate = self.gates[site_key]
                 if self.causal[site_key]:
                     return pk, pv, gate(x), rows  # (b, q, 1): per query token
-                g = gate(pooled(x, context.padding_mask, values))[:, :, None, None]  # (b, 1, 1, 1)
+                g = gate(pooled(x, context.padding_mask, context, (id(self), "pool_weights"),
+                                uses=pooled_gates))[:, :, None, None]  # (b, 1, 1, 1)
                 return pk * g, pv * g, None, rows
 
             installer.kv_provider(att.module, provide)
