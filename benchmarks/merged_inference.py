@@ -1,0 +1,113 @@
+"""Merged inference against the bare model, side by side in one process (issue 5: within 2%).
+
+For each mergeable method: attach it to a copy of the random base, move its delta away from zero,
+merge, then time the bare and the merged model in alternation (``--rounds`` rounds of ``--steps``
+calls each, CUDA events on a GPU, bf16 autocast), so that drift of the machine hits both alike. It
+also checks that the merged model computes the unmerged one's function.
+
+    python benchmarks/merged_inference.py --shape vit-base --methods lora ia3 ln kadaptation --out merged.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import statistics
+import time
+from typing import Any
+
+import torch
+
+import unipelt
+from unipelt.bench import case
+
+
+def _timer(model: torch.nn.Module, inputs: dict[str, torch.Tensor], cuda: bool):
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+
+    def one_call() -> float:
+        with torch.no_grad(), autocast():
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                model(**inputs)
+                end.record()
+                torch.cuda.synchronize()
+                return start.elapsed_time(end)
+            t0 = time.perf_counter()
+            model(**inputs)
+            return (time.perf_counter() - t0) * 1e3
+
+    return one_call
+
+
+def compare(shape_name: str, methods: list[str], device: str, steps: int, rounds: int) -> dict[str, Any]:
+    shape = case.SHAPES[shape_name]
+    cuda = device.startswith("cuda")
+    torch.manual_seed(0)
+    with torch.device(device):
+        # frozen like the merged model: autocast caches its casts of weights that require grad, and an
+        # unfrozen bare model measured 3-13% slower than its merged copies (results/speed/*_run1_unfrozen*)
+        bare = case.build_base(shape).eval().requires_grad_(False)
+    generator = torch.Generator().manual_seed(1)
+    if shape["family"] == "vit":
+        batch = torch.randn(shape["batch"], 3, shape["image"], shape["image"], generator=generator)
+    else:
+        batch = torch.randint(5, shape["config"]["vocab_size"], (shape["batch"], shape["seq"]), generator=generator)
+    inputs = case.step_inputs("unipelt", bare, batch.to(device))
+    rows = []
+    for method in methods:
+        model = case.attach("unipelt", method, copy.deepcopy(bare).requires_grad_(True), shape["family"]).to(device)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.02)
+            unmerged = case.hidden(model.eval()(**inputs)).float()
+        merged = unipelt.merge(model)
+        if unipelt.core.deltas(merged):
+            rows.append({"method": method, "error": "not mergeable"})
+            continue
+        with torch.no_grad():
+            error = (case.hidden(merged(**inputs)).float() - unmerged).abs().max().item()
+        time_bare, time_merged = _timer(bare, inputs, cuda), _timer(merged, inputs, cuda)
+        for _ in range(5):
+            time_bare(), time_merged()
+        bare_ms, merged_ms = [], []
+        for _ in range(rounds):
+            bare_ms += [time_bare() for _ in range(steps)]
+            merged_ms += [time_merged() for _ in range(steps)]
+        b, m = statistics.median(bare_ms), statistics.median(merged_ms)
+        rows.append({"method": method, "bare_ms": b, "merged_ms": m, "ratio": m / b, "max_abs_diff_vs_unmerged": error})
+        del model, merged
+    name = torch.cuda.get_device_name() if cuda else "CPU"
+    return {"shape": shape_name, "device": name, "steps": steps, "rounds": rounds, "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", default="bert-base")
+    parser.add_argument("--methods", nargs="+", default=["lora", "ia3", "ln", "kadaptation", "adapter_bias", "krona"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", default="merged_inference.json")
+    args = parser.parse_args()
+    result = compare(args.shape, args.methods, args.device, args.steps, args.rounds)
+    print(f"{result['shape']} on {result['device']}: inference, bare vs merged, alternating "
+          f"({args.rounds} rounds x {args.steps} calls), median ms")
+    print("| method | bare ms | merged ms | merged / bare | max abs diff vs unmerged |")
+    print("|---|---:|---:|---:|---:|")
+    for row in result["rows"]:
+        if "error" in row:
+            print(f"| {row['method']} | - | - | - | {row['error']} |")
+        else:
+            print(f"| {row['method']} | {row['bare_ms']:.2f} | {row['merged_ms']:.2f} | {row['ratio']:.3f} | "
+                  f"{row['max_abs_diff_vs_unmerged']:.2e} |")
+    with open(args.out, "w") as handle:
+        json.dump(result, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
