@@ -372,3 +372,18 @@ def test_a_fully_merged_model_runs_the_bare_models_code_and_can_take_new_deltas(
     assert model._forward_pre_hooks
     with torch.no_grad():
         assert case.hidden(model(input_ids=ids)).shape == before.shape
+
+
+def test_merged_inference_benchmark_times_bare_and_merged_and_checks_the_function() -> None:
+    """benchmarks/merged_inference.py on the CPU (smoke): merged rows compute the unmerged function."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "merged_inference", Path(__file__).parents[1] / "benchmarks" / "merged_inference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.compare("bert-tiny", ["lora", "prefix"], "cpu", steps=1, rounds=1)
+    rows = {row["method"]: row for row in result["rows"]}
+    assert rows["prefix"] == {"method": "prefix", "error": "not mergeable"}
+    assert rows["lora"]["bare_ms"] > 0 and rows["lora"]["merged_ms"] > 0
+    assert rows["lora"]["max_abs_diff_vs_unmerged"] < 1e-5
