@@ -43,6 +43,11 @@ METHODS = {
     "phm_adapter": ("phm_adapter", {}, 3e-3),
     "sparse_adapter": ("sparse_adapter", {}, 2e-3),
     "rational": ("rational", {}, 1e-3),
+    # Poly on one task: the inventory with that task's routing (its multi-task transfer: transfer.py);
+    # ATTEMPT needs source prompts, so it is measured there only, and VPT takes images
+    "poly": ("poly", {}, 2e-3),
+    "poly_s": ("poly_s", {}, 2e-3),
+    "poly_mu": ("poly_mu", {}, 2e-3),
 }
 SINGLE = ("adapter", "prefix", "lora", "prompt")
 TABLE = ("adapter", "prefix", "lora", "prompt", "unipelt", "unipelt+prompt", "full")  # the committed table's runs
