@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError, MethodConfig, register, register_preset
-from ..runtime import Gate, Installer
+from ..runtime import Gate, Installer, stacked_linear
 from ..sites import ModelMap, Projection
 from .base import DeltaMethod, activation, cast_like, matmul_input
 
@@ -115,9 +115,8 @@ class Adapter(DeltaMethod):
             return delta * self.config.scaling if self.config.scaling != 1.0 else delta
         # The gate reads the adapter's input: W_down and the gate's row run as one GEMM over x.
         bottleneck, gate = self.adapters[site_key], self.gates[site_key].proj
-        w = torch.cat([bottleneck.down.weight, gate.weight])
-        both = F.linear(matmul_input(x, w), w, torch.cat([bottleneck.down.bias, gate.bias]))
-        down, gate_logit = both.split([bottleneck.down.out_features, 1], dim=-1)  # backward: one cat
+        down, gate_logit = stacked_linear(x, [bottleneck.down.weight, gate.weight],
+                                          [bottleneck.down.bias, gate.bias], [bottleneck.down.out_features, 1])
         up = bottleneck.up
         delta = F.linear(bottleneck.act(down), up.weight, up.bias)
         scale = torch.sigmoid(gate_logit)  # scale the (tokens, 1) gate, not the (tokens, d) delta

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ConfigError, MethodConfig, register
-from ..runtime import Gate, Installer
+from ..runtime import Gate, Installer, stacked_linear
 from ..sites import ModelMap, Projection
 from .base import DeltaMethod, add_matmul, cast_like, matmul_input
 
@@ -106,16 +106,12 @@ class LoRA(DeltaMethod):
             hit = cache.get(slot)
             if hit is None or hit[0] is not x:
                 weights = [self.pairs[k].A.weight for k in group]
-                bias = None
+                biases = None
                 if gated:
                     weights += [self.gates[k].proj.weight for k in group]
-                    bias = torch.cat([x.new_zeros(n * r, dtype=weights[0].dtype),
-                                      *[self.gates[k].proj.bias for k in group]])
-                w = torch.cat(weights)
-                h_all = torch.nn.functional.linear(matmul_input(x, w), w, bias)
-                # split, not slices: its backward is one concatenation, where each slice's would be a
-                # zero-filled full-width gradient, a copy into it and an add
-                hit = [x, h_all.split([r] * n + [1] * (n if gated else 0), dim=-1), n]
+                    biases = [x.new_zeros(n * r, dtype=weights[0].dtype), *[self.gates[k].proj.bias for k in group]]
+                parts = stacked_linear(x, weights, biases, [r] * n + [1] * (n if gated else 0))
+                hit = [x, parts, n]
                 cache[slot] = hit
             hit[2] -= 1
             if hit[2] == 0:  # every site has its columns: do not keep this layer's input alive any longer

@@ -1,0 +1,55 @@
+"""GEMMs stacked over one input (an adapter's W_down with its gate's row, LoRA's A's with their gates) run
+on aligned rows: their output width is padded to a multiple of 8, same values and gradients."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import unipelt
+from conftest import build, inputs
+from unipelt.core import method_instances
+from unipelt.runtime import stacked_linear
+
+
+def test_stacked_linear_equals_separate_linears_and_pads_the_row_stride() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, 32, generator=g, requires_grad=True)
+    ws = [torch.randn(n, 32, generator=g, requires_grad=True) for n in (16, 1)]
+    bs = [torch.randn(n, generator=g, requires_grad=True) for n in (16, 1)]
+    parts = stacked_linear(x, ws, bs, [16, 1])
+    assert [p.shape[-1] for p in parts] == [16, 1]
+    assert parts[0].stride(-2) == 24  # 17 columns padded to 24: 16-byte rows in bf16
+    alone = [torch.nn.functional.linear(x, w, b) for w, b in zip(ws, bs, strict=True)]
+    for a, b in zip(parts, alone, strict=True):
+        torch.testing.assert_close(a, b)
+    grads = torch.autograd.grad(sum(p.square().sum() for p in parts), [x, *ws, *bs])
+    expected = torch.autograd.grad(sum(p.square().sum() for p in alone), [x, *ws, *bs])
+    for a, b in zip(grads, expected, strict=True):
+        torch.testing.assert_close(a, b)
+    assert stacked_linear(x, ws[:1], None, [16])[0].stride(-2) == 16  # aligned already: no padding
+
+
+class _GemmShapes(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dims: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in ("mm", "addmm"):
+            self.dims.update(d for a in args if isinstance(a, torch.Tensor) for d in a.shape)
+        return func(*args, **(kwargs or {}))
+
+
+def test_unipelt_runs_no_gemm_of_the_unpadded_stacked_widths() -> None:
+    model = build("bert")
+    unipelt.attach(model, {"method": "unipelt"})
+    methods = {type(m).__name__: m for m in method_instances(model).values()}
+    m = methods["Adapter"].config.bottleneck
+    r = methods["LoRA"].config.r
+    recorder = _GemmShapes()
+    with recorder:
+        model(**inputs("bert")).logits.square().sum().backward()
+    # the adapter's W_down + gate (m + 1) and LoRA's q, v A's + two gates (2 r + 2), unpadded
+    assert recorder.dims.isdisjoint({m + 1, 2 * r + 2}), sorted(recorder.dims)
+    assert {m + 1 + (-(m + 1) % 8), 2 * r + 2 + (-(2 * r + 2) % 8)} <= recorder.dims
