@@ -15,7 +15,6 @@ import contextlib
 import copy
 import json
 import statistics
-import time
 from typing import Any
 
 import torch
@@ -24,23 +23,14 @@ import unipelt
 from unipelt.bench import case
 
 
-def _timer(model: torch.nn.Module, inputs: dict[str, torch.Tensor], cuda: bool):
+def _runner(model: torch.nn.Module, inputs: dict[str, torch.Tensor], cuda: bool):
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
 
-    def one_call() -> float:
+    def run() -> None:
         with torch.no_grad(), autocast():
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                model(**inputs)
-                end.record()
-                torch.cuda.synchronize()
-                return start.elapsed_time(end)
-            t0 = time.perf_counter()
             model(**inputs)
-            return (time.perf_counter() - t0) * 1e3
 
-    return one_call
+    return run
 
 
 def compare(shape_name: str, methods: list[str], device: str, steps: int, rounds: int) -> dict[str, Any]:
@@ -51,12 +41,7 @@ def compare(shape_name: str, methods: list[str], device: str, steps: int, rounds
         # frozen like the merged model: autocast caches its casts of weights that require grad, and an
         # unfrozen bare model measured 3-13% slower than its merged copies (results/speed/*_run1_unfrozen*)
         bare = case.build_base(shape).eval().requires_grad_(False)
-    generator = torch.Generator().manual_seed(1)
-    if shape["family"] == "vit":
-        batch = torch.randn(shape["batch"], 3, shape["image"], shape["image"], generator=generator)
-    else:
-        batch = torch.randint(5, shape["config"]["vocab_size"], (shape["batch"], shape["seq"]), generator=generator)
-    inputs = case.step_inputs("unipelt", bare, batch.to(device))
+    inputs = case.step_inputs("unipelt", bare, case.random_batch(shape).to(device))
     rows = []
     for method in methods:
         model = case.attach("unipelt", method, copy.deepcopy(bare).requires_grad_(True), shape["family"]).to(device)
@@ -71,13 +56,12 @@ def compare(shape_name: str, methods: list[str], device: str, steps: int, rounds
             continue
         with torch.no_grad():
             error = (case.hidden(merged(**inputs)).float() - unmerged).abs().max().item()
-        time_bare, time_merged = _timer(bare, inputs, cuda), _timer(merged, inputs, cuda)
-        for _ in range(5):
-            time_bare(), time_merged()
+        run_bare, run_merged = _runner(bare, inputs, cuda), _runner(merged, inputs, cuda)
         bare_ms, merged_ms = [], []
-        for _ in range(rounds):
-            bare_ms += [time_bare() for _ in range(steps)]
-            merged_ms += [time_merged() for _ in range(steps)]
+        for r in range(rounds):
+            warmup = 5 if r == 0 else 0
+            bare_ms += case.timed(run_bare, steps, warmup, cuda)
+            merged_ms += case.timed(run_merged, steps, warmup, cuda)
         b, m = statistics.median(bare_ms), statistics.median(merged_ms)
         rows.append({"method": method, "bare_ms": b, "merged_ms": m, "ratio": m / b, "max_abs_diff_vs_unmerged": error})
         del model, merged

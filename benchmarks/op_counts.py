@@ -33,9 +33,7 @@ def kernels_per_step(peer: str, method: str, shape_name: str) -> collections.Cou
     model = case.attach(peer, method, case.build_base(shape), shape["family"])
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=True) if trainable else None
-    ids = torch.randint(5, shape["config"]["vocab_size"], (shape["batch"], shape["seq"]),
-                        generator=torch.Generator().manual_seed(1))
-    inputs = case.step_inputs(peer, model, ids)
+    inputs = case.step_inputs(peer, model, case.random_batch(shape))
     skip = case.virtual_tokens(peer, method)
 
     def step() -> None:

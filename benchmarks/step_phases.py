@@ -81,9 +81,7 @@ def measure(method: str, shape_name: str, steps: int, profile_host: bool = False
     model = case.attach(peer, method, model, shape["family"]).cuda()
     model = torch.compile(model, mode="reduce-overhead")
     trainable = [p for p in model.parameters() if p.requires_grad]
-    generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(5, shape["config"]["vocab_size"], (shape["batch"], shape["seq"]), generator=generator)
-    inputs = case.step_inputs(peer, model, ids.cuda())
+    inputs = case.step_inputs(peer, model, case.random_batch(shape).cuda())
     leaves = [t for t in inputs.values() if t.requires_grad]
     skip = case.virtual_tokens(peer, method)
 

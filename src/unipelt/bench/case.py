@@ -282,6 +282,35 @@ def kernel_profile(fn, steps: int = 3) -> dict[str, Any]:
             "top_kernels": [[name[:90], len(t) / steps, sum(t) / steps / 1e3] for name, t in top]}
 
 
+def random_batch(shape: dict[str, Any]) -> torch.Tensor:
+    """The benchmark's seeded input batch for ``shape``: token ids, or images (batch, 3, h, w) for a ViT."""
+    generator = torch.Generator().manual_seed(1)
+    if shape["family"] == "vit":
+        return torch.randn(shape["batch"], 3, shape["image"], shape["image"], generator=generator)
+    return torch.randint(5, shape["config"]["vocab_size"], (shape["batch"], shape["seq"]), generator=generator)
+
+
+def timed(fn, steps: int, warmup: int, cuda: bool) -> list[float]:
+    """Milliseconds of each of ``steps`` calls of ``fn`` after ``warmup`` untimed ones: CUDA events on a GPU
+    (the GPU's time from the first kernel launched to the last finished), the wall clock on the CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     shape = SHAPES[spec["shape"]]
     device = spec["device"]
@@ -297,12 +326,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     # devices); fused: one kernel for all tensors of a dtype, less host work per trainable tensor
     kind = {"fused": True} if spec.get("optimizer") == "fused" else {"foreach": True}
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, **kind) if trainable else None
-    generator = torch.Generator().manual_seed(1)
-    if shape["family"] == "vit":
-        ids = torch.randn(shape["batch"], 3, shape["image"], shape["image"], generator=generator)
-    else:
-        ids = torch.randint(5, shape["config"]["vocab_size"], (shape["batch"], shape["seq"]), generator=generator)
-    inputs = step_inputs(spec["peer"], model, ids.to(device))
+    inputs = step_inputs(spec["peer"], model, random_batch(shape).to(device))
     leaves = [t for t in inputs.values() if t.requires_grad]  # the floor's: its gradient is dropped every step
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     skip = virtual_tokens(spec["peer"], spec["method"])
@@ -318,24 +342,6 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             leaf.grad = None
         return loss
 
-    def timed(fn, steps: int, warmup: int) -> list[float]:
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(steps):
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return times
-
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -346,7 +352,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     first = time.perf_counter()
     train_step()  # compiles, under torch.compile: its time and the compile caches' hits are reported
     first_step_s = time.perf_counter() - first
-    train_ms = timed(train_step, spec["steps"], spec["warmup"])
+    train_ms = timed(train_step, spec["steps"], spec["warmup"], cuda)
     if cuda:
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -385,12 +391,12 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         return run
 
     model.eval()
-    result["infer_ms"] = statistics.median(timed(infer(model), spec["steps"], spec["warmup"]))
+    result["infer_ms"] = statistics.median(timed(infer(model), spec["steps"], spec["warmup"], cuda))
     result["ops_per_inference"] = count_ops(infer(model))
     if spec["peer"] not in ("floor", "full"):
         merged = merge(spec["peer"], spec["method"], model)
         if merged is not None:
-            result["merged_infer_ms"] = statistics.median(timed(infer(merged), spec["steps"], spec["warmup"]))
+            result["merged_infer_ms"] = statistics.median(timed(infer(merged), spec["steps"], spec["warmup"], cuda))
     return result
 
 
