@@ -387,3 +387,48 @@ def test_merged_inference_benchmark_times_bare_and_merged_and_checks_the_functio
     assert rows["prefix"] == {"method": "prefix", "error": "not mergeable"}
     assert rows["lora"]["bare_ms"] > 0 and rows["lora"]["merged_ms"] > 0
     assert rows["lora"]["max_abs_diff_vs_unmerged"] < 1e-5
+
+
+def test_back_to_back_timing_takes_one_event_between_calls_and_synchronises_only_at_the_ends(monkeypatch) -> None:
+    """On a GPU each case also times its steps back to back, as a training loop runs them: each step's time
+    is the stream's time between the events around it, with no synchronisation in between."""
+    clock = [0.0]
+    syncs = []
+
+    class FakeEvent:
+        def __init__(self, enable_timing: bool = False):
+            self.at = None
+
+        def record(self) -> None:
+            self.at = clock[0]
+
+        def elapsed_time(self, later: FakeEvent) -> float:
+            return later.at - self.at
+
+    monkeypatch.setattr(case.torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(case.torch.cuda, "synchronize", lambda: syncs.append(clock[0]))
+    durations = iter([1.0] * 2 + [3.0, 4.0, 5.0])  # two warm-up calls, then three timed ones
+
+    def step() -> None:
+        clock[0] += next(durations)
+
+    assert case.timed(step, 3, 2, cuda=True, back_to_back=True) == [3.0, 4.0, 5.0]
+    assert syncs == [2.0, 14.0]  # before the first timed step and after the last, never between
+
+
+def test_back_to_back_figures_reach_the_rows_and_the_table(tmp_path) -> None:
+    from unipelt.bench import from_cases
+
+    common = {"shape": "bert-tiny", "peak_mb": 1.0, "infer_ms": None, "trainable": 10}
+    cases = [{"peer": "floor", "method": "-", "train_ms": 10.0, "back_to_back_ms": 8.0, **common},
+             {"peer": "unipelt", "method": "lora", "train_ms": 12.0, "back_to_back_ms": 9.0, **common},
+             {"peer": "peft", "method": "lora", "train_ms": 13.0, "back_to_back_ms": 10.0, **common}]
+    path = tmp_path / "run.cases.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in cases))
+    result = from_cases(path, "test GPU")
+    (row,) = result["rows"]
+    assert row["ratio_vs_floor"] == pytest.approx(1.2)  # synchronised steps, as before
+    assert row["ratio_vs_floor_back_to_back"] == pytest.approx(9 / 8)
+    assert row["ratio_vs_peer_back_to_back"] == pytest.approx(0.9)
+    table = format_table(result)
+    assert "floor 8.00 ms/step" in table and "| lora | peft | 9.00 | 10.00 | 1.12 | 0.90 |" in table

@@ -35,6 +35,7 @@ PREFIX_HIDDEN = 512
 METHODS: dict[str, object] = {
     "lora": "lora",
     "lora_all": {"method": "lora", "targets": ["q", "k", "v", "o", "ffn_in", "ffn_out"]},
+    "lora_fold": {"method": "lora", "r": 4, "targets": ["q", "v", "ffn_out"], "fold": True},
     "houlsby": "houlsby",
     "pfeiffer": "pfeiffer",
     "parallel": "parallel",
@@ -69,13 +70,14 @@ METHODS: dict[str, object] = {
     "composition_catalogue": "composition_catalogue",
 }
 
-ZERO_INIT = {"lora", "lora_all", "houlsby", "pfeiffer", "parallel", "scaled_parallel", "bitfit", "ia3", "ln",
+ZERO_INIT = {"lora", "lora_all", "lora_fold", "houlsby", "pfeiffer", "parallel", "scaled_parallel", "bitfit", "ia3",
+             "ln",
              "unipelt_noprefix", "composition", "composition_two_lora", "composition_partial", "compacter",
              "compacter++", "phm_adapter", "adapter_bias", "krona", "composition_catalogue", "krona_ffn",
              "kadaptation", "sparse_adapter", "poly", "poly_s"}
 NOT_IDENTITY = {"prefix", "prefix_direct", "prompt", "mam", "unipelt", "unipelt_prompt", "krona_ffn_res", "vpt",
                 "vpt_deep"}
-MERGEABLE = {"lora", "lora_all", "bitfit", "ia3", "ln", "composition_two_lora", "krona", "adapter_bias",
+MERGEABLE = {"lora", "lora_all", "lora_fold", "bitfit", "ia3", "ln", "composition_two_lora", "krona", "adapter_bias",
              "kadaptation"}
 NO_FFN_BIAS = {"llama", "t5"}  # W_2 without a bias cannot hold AdapterBias' constant shift: it stays a delta
 PREFIX_STYLE = {"prefix", "prefix_direct", "mam", "unipelt", "unipelt_prompt"}
@@ -296,6 +298,7 @@ def expected_counts(family: str, key: str, model: nn.Module) -> dict[str, int]:
     table = {
         "lora": lambda: {"lora": lora_count(D, 8)},
         "lora_all": lambda: {"lora": lora_count(D, 8, ("q", "k", "v", "o", "ffn_in", "ffn_out"))},
+        "lora_fold": lambda: {"lora": lora_count(D, 4, ("q", "v", "ffn_out"))},
         "scaled_parallel": lambda: {"adapter": adapter_count(D, 16, False)},
         "bitfit": lambda: {"bitfit": bitfit_count(model)},
         "ia3": lambda: {"ia3": ia3_count(D)},

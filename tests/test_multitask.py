@@ -16,6 +16,9 @@ import unipelt
 from conftest import build, inputs, logits
 
 TASKS = {
+    # first: its delta folds into W_q's and W_v's GEMMs (Installer.add_weight_delta), which must step aside
+    # for the rows of other tasks
+    "krona": {"method": "krona", "a_out": 4, "a_in": 4},
     "lora": {"method": "lora", "r": 4},
     "houlsby": {"method": "houlsby", "bottleneck": 8},
     "parallel": {"method": "parallel", "bottleneck": 8, "scaling": 4.0},
@@ -24,6 +27,7 @@ TASKS = {
     "compacter": {"method": "compacter++", "bottleneck": 8},
     "ia3": {"method": "ia3"},
     "ln": {"method": "ln"},
+    "kadaptation": {"method": "kadaptation", "n": 4},
 }
 BIAS_TASKS = {"bitfit": {"method": "bitfit"}, "lora": {"method": "lora", "r": 4}}
 

@@ -167,3 +167,33 @@ def test_bad_calls_name_the_fix() -> None:
         unipelt.attach(build("bert"), {"method": "poly_s", "heads": 3})
     with pytest.raises(unipelt.ConfigError, match="routing must be one of"):
         unipelt.attach(build("bert"), {"method": "poly", "routing": "hard"})
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("key", ["poly", "poly_s"])
+def test_each_task_computes_its_routed_lora_as_defined(family: str, key: str) -> None:
+    """Task t's rows get W + (alpha / r) B_t A_t, with A_t and B_t the routed averages of the skills, head
+    block by head block (Poly-S: A's input columns, B's output rows): built here from the definition."""
+    import copy
+
+    model = _attached(family, key)
+    reference_base = copy.deepcopy(build(family))
+    _perturb(model)
+    (poly,) = deltas(model).values()
+    cfg = poly.config
+    batch = inputs(family)
+    for task in range(cfg.tasks):
+        ids = torch.full((batch["input_ids"].shape[0],), task)
+        reference = copy.deepcopy(reference_base).eval()
+        with torch.no_grad():
+            for site_key, proj in poly.sites.items():
+                w = poly.weights(poly.layer_of[site_key], ids[:1])[0]  # (heads, skills)
+                a, b = poly.A[site_key], poly.B[site_key]  # (k, r, d_in), (k, d_out, r)
+                blocks_in, blocks_out = a.shape[2] // cfg.heads, b.shape[1] // cfg.heads
+                a_t = torch.cat([torch.einsum("k,krd->rd", w[j], a[:, :, j * blocks_in:(j + 1) * blocks_in])
+                                 for j in range(cfg.heads)], dim=1)
+                b_t = torch.cat([torch.einsum("k,kor->or", w[j], b[:, j * blocks_out:(j + 1) * blocks_out])
+                                 for j in range(cfg.heads)], dim=0)
+                reference.get_submodule(proj.path).weight += cfg.alpha / cfg.r * b_t @ a_t
+        torch.testing.assert_close(logits(model, {**batch, "task_ids": ids}), logits(reference, batch),
+                                   atol=2e-5, rtol=1e-4)

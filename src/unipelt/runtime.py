@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from . import attention
+from .sites import Projection
 
 
 @dataclass
@@ -178,13 +179,39 @@ class Installer:
         """Whether some method runs ``module`` through :meth:`override_forward` already."""
         return "forward" in module.__dict__
 
-    def override_forward(self, module: nn.Module, fn: Callable[..., Any]) -> None:
-        """Run ``fn`` instead of ``module.forward`` (hooks on the module still fire); undone by remove."""
+    def override_forward(self, module: nn.Module, fn: Callable[..., Any], kind: str = "other") -> None:
+        """Run ``fn`` instead of ``module.forward`` (hooks on the module still fire); undone by remove.
+        ``kind="output"`` when ``fn`` only adds to the module's output (what merge may reorder)."""
         if self.forward_replaced(module):
             raise RuntimeError(f"{type(module).__name__} already has its forward replaced")
         module.forward = fn
         self._overrides.append(module)
-        self.hooked.append((module, "other"))
+        self.hooked.append((module, kind))
+
+    def add_weight_delta(self, proj: Projection, weight_delta: Callable[[], torch.Tensor],
+                         output_hook: Callable[[nn.Module, tuple, Any], Any]) -> None:
+        """A delta ``Delta W`` of ``proj``'s weight (``weight_delta()``, ``(out, in)``, scaled), trained inside
+        the projection's own GEMM: ``x (W + Delta W)^T + b``.
+
+        Beside the frozen model's step this costs one weight-gradient GEMM and a few d x d elementwise
+        kernels, where ``output + x Delta W^T`` (or its factored form) adds GEMMs over the activations in
+        both passes. ``output_hook`` (the same delta on the output) serves where folding would change the
+        function or cannot act per row: a module another method already hooks on its output or whose
+        forward it replaced (folding would move this delta in front of that one), a module that is not a
+        plain Linear/Conv1D, and calls that serve several tasks' rows.
+        """
+        module = proj.module
+        if not proj.foldable or self.forward_replaced(module) or module._forward_hooks:
+            self.on_output(module, output_hook)
+            return
+        plain_forward = type(module).forward.__get__(module)
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if self.row_mask() is not None:
+                return output_hook(module, (x,), plain_forward(x))
+            return proj.linear_with(x, weight_delta())
+
+        self.override_forward(module, forward, kind="output")
 
     def kv_provider(self, attention_module: nn.Module, provider: attention.KVProvider) -> None:
         attention.add_provider(attention_module, provider)

@@ -68,6 +68,27 @@ class Projection:
         left, right = self.out_slice.start, self.full_out_features - self.out_slice.stop
         return F.pad(delta, (left, right), value=fill)
 
+    @property
+    def foldable(self) -> bool:
+        """Whether a weight delta can run inside this projection's own GEMM (:meth:`linear_with`): a plain
+        ``nn.Linear`` or ``Conv1D``, nothing that computes its output another way."""
+        return type(self.module) is nn.Linear or _is_conv1d(self.module)
+
+    def linear_with(self, x: torch.Tensor, delta_out_in: torch.Tensor) -> torch.Tensor:
+        """The module's output with ``W + delta`` for ``W`` (``delta``: ``(out, in)`` for this slice): one GEMM.
+
+        Under autocast the sum stays in the weight's dtype and the GEMM casts it, as it casts ``W`` alone;
+        otherwise the delta takes the weight's dtype first.
+        """
+        w = self.module.weight
+        w = w.t() if self.transposed else w
+        if delta_out_in.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            delta_out_in = delta_out_in.to(w.dtype)
+        if self.out_slice is not None:
+            rows_after = self.full_out_features - self.out_slice.stop
+            delta_out_in = F.pad(delta_out_in, (0, 0, self.out_slice.start, rows_after))
+        return F.linear(x, w + delta_out_in, self.module.bias)
+
     @torch.no_grad()
     def add_to_weight(self, delta_out_in: torch.Tensor) -> None:
         """``W += delta`` in place, with ``delta`` shaped ``(out, in)`` for this slice."""

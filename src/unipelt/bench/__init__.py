@@ -194,11 +194,19 @@ def _median_of_rounds(found: list[dict[str, Any]]) -> dict[str, Any]:
     if not good:
         return found[0]
     merged = dict(good[0])
-    for key in ("train_ms", "tokens_per_s", "infer_ms", "merged_infer_ms", "peak_mb"):
+    for key in ("train_ms", "back_to_back_ms", "tokens_per_s", "infer_ms", "merged_infer_ms", "peak_mb"):
         values = [r[key] for r in good if r.get(key) is not None]
         merged[key] = statistics.median(values) if values else None
     merged["train_ms_rounds"] = [r["train_ms"] for r in good]
     return merged
+
+
+def _back_to_back(ours_ms: float | None, peer_ms: float | None, floor_ms: float | None) -> dict[str, Any]:
+    """The same figures for steps run back to back (GPU): a training loop's throughput, host work hidden
+    behind the GPU's where the GPU has work queued."""
+    return {"ours_ms_back_to_back": ours_ms, "peer_ms_back_to_back": peer_ms, "floor_ms_back_to_back": floor_ms,
+            "ratio_vs_floor_back_to_back": ours_ms / floor_ms if ours_ms and floor_ms else None,
+            "ratio_vs_peer_back_to_back": ours_ms / peer_ms if ours_ms and peer_ms else None}
 
 
 def _row(method: str, peer: str | None, ours: dict | None, theirs: dict | None, floor: dict, device: str) -> dict:
@@ -218,6 +226,7 @@ def _row(method: str, peer: str | None, ours: dict | None, theirs: dict | None, 
             "ours_trainable": get(ours, "trainable"), "peer_trainable": get(theirs, "trainable"),
             "ours_ops": get(ours, "ops_per_step"), "peer_ops": get(theirs, "ops_per_step"),
             "ours_ms_rounds": get(ours, "train_ms_rounds"), "peer_ms_rounds": get(theirs, "train_ms_rounds"),
+            **_back_to_back(get(ours, "back_to_back_ms"), get(theirs, "back_to_back_ms"), floor.get("back_to_back_ms")),
             "floor_ops": floor.get("ops_per_step"),
             "ours_kernels": get(ours, "kernels_per_step"), "peer_kernels": get(theirs, "kernels_per_step"),
             "ours_gpu_busy_ms": get(ours, "gpu_busy_ms"), "peer_gpu_busy_ms": get(theirs, "gpu_busy_ms"),
@@ -257,6 +266,14 @@ def format_table(result: dict[str, Any]) -> str:
             lines.append(f"| {r['method']} | {r['peer'] or '-'} | {f(r['ours_kernels'], '.0f')} / "
                          f"{f(r['peer_kernels'], '.0f')} | {f(r['ours_gpu_busy_ms'])} / {f(r['peer_gpu_busy_ms'])} | "
                          f"{f(r['ours_ms'])} / {f(r['peer_ms'])} |")
+    if floor.get("back_to_back_ms") is not None:
+        lines += ["", f"Steps back to back, no synchronisation between them (a training loop's throughput; floor "
+                      f"{floor['back_to_back_ms']:.2f} ms/step):", "",
+                  "| method | peer | ours ms | peer ms | x floor | x peer |", "|---|---|---:|---:|---:|---:|"]
+        for r in result["rows"]:
+            lines.append(f"| {r['method']} | {r['peer'] or '-'} | {f(r['ours_ms_back_to_back'])} | "
+                         f"{f(r['peer_ms_back_to_back'])} | {f(r['ratio_vs_floor_back_to_back'])} | "
+                         f"{f(r['ratio_vs_peer_back_to_back'])} |")
     errors = [(r["method"], who, r[f"{who}_error"]) for r in result["rows"] for who in ("ours", "peer")
               if r[f"{who}_error"]]
     if errors:

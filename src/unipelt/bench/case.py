@@ -62,6 +62,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "lora": {"unipelt": {"method": "lora", "r": 8, "alpha": 16, "targets": ["q", "v"]},
              "peft": ("LoraConfig", {"r": 8, "lora_alpha": 16, "target_modules": "qv"}),
              "adapters": ("LoRAConfig", {"r": 8, "alpha": 16, "attn_matrices": ["q", "v"]})},
+    # the same LoRA, trained inside W_q's and W_v's GEMMs (x (W + s B A)^T); its peers are lora's
+    "lora_fold": {"unipelt": {"method": "lora", "r": 8, "alpha": 16, "targets": ["q", "v"], "fold": True}},
     "prefix": {"unipelt": {"method": "prefix", "length": 10, "reparam": False},
                "peft": ("PrefixTuningConfig", {"num_virtual_tokens": 10, "prefix_projection": False}),
                "adapters": ("PrefixTuningConfig", {"prefix_length": 10, "flat": True})},
@@ -290,11 +292,26 @@ def random_batch(shape: dict[str, Any]) -> torch.Tensor:
     return torch.randint(5, shape["config"]["vocab_size"], (shape["batch"], shape["seq"]), generator=generator)
 
 
-def timed(fn, steps: int, warmup: int, cuda: bool) -> list[float]:
+def timed(fn, steps: int, warmup: int, cuda: bool, back_to_back: bool = False) -> list[float]:
     """Milliseconds of each of ``steps`` calls of ``fn`` after ``warmup`` untimed ones: CUDA events on a GPU
-    (the GPU's time from the first kernel launched to the last finished), the wall clock on the CPU."""
+    (the GPU's time from the first kernel launched to the last finished), the wall clock on the CPU.
+
+    Each call starts after the last one finished, so the GPU also waits out the host's work before its
+    first kernel. ``back_to_back`` (GPU): no synchronisation between calls, as in a training loop; one
+    event between consecutive calls, so each time is a call's share of the stream once the host runs
+    ahead (host work hides behind the GPU's as far as the GPU has work queued).
+    """
     for _ in range(warmup):
         fn()
+    if cuda and back_to_back:
+        torch.cuda.synchronize()
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+        events[0].record()
+        for event in events[1:]:
+            fn()
+            event.record()
+        torch.cuda.synchronize()
+        return [a.elapsed_time(b) for a, b in zip(events, events[1:], strict=False)]
     times = []
     for _ in range(steps):
         if cuda:
@@ -353,6 +370,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     train_step()  # compiles, under torch.compile: its time and the compile caches' hits are reported
     first_step_s = time.perf_counter() - first
     train_ms = timed(train_step, spec["steps"], spec["warmup"], cuda)
+    back_to_back_ms = timed(train_step, spec["steps"], 2, cuda, back_to_back=True) if cuda else None
     if cuda:
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -378,6 +396,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     result = {"peer": spec["peer"], "method": spec["method"], "shape": spec["shape"], "device_kind": device,
               "compile": spec.get("compile"), "optimizer": spec.get("optimizer", "foreach"),
               "train_ms": statistics.median(train_ms), "train_ms_all": train_ms,
+              "back_to_back_ms": statistics.median(back_to_back_ms) if back_to_back_ms else None,
               "tokens_per_s": shape["batch"] * shape["seq"] / (statistics.median(train_ms) / 1e3),
               "peak_mb": peak, "infer_ms": None, "ops_per_step": ops, "ops_per_inference": None,
               "merged_infer_ms": None, "trainable": counted, "loss": loss, **profiled, **compile_report}

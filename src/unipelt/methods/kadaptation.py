@@ -68,8 +68,12 @@ class KAdaptation(DeltaMethod):
         return kron_sum(self.rules, self.u[site_key] @ self.v[site_key])
 
     def install(self, installer: Installer) -> None:
+        scale = self.config.scale
         for site_key, proj in self.sites.items():
-            installer.on_output(proj.module, self._hook(site_key, proj, installer.own_rows))
+            # in the projection's own GEMM (see Installer.add_weight_delta): no GEMM of the activations with
+            # Delta W in either pass, only its weight gradient
+            installer.add_weight_delta(proj, lambda site_key=site_key: self.delta_weight(site_key) * scale,
+                                       self._hook(site_key, proj, installer.own_rows))
 
     def _hook(self, site_key: str, proj: Projection, own_rows):
         scale = self.config.scale

@@ -32,10 +32,16 @@ class LoRAConfig(MethodConfig):
     alpha: float = 16.0
     targets: tuple[str, ...] = ("q", "v")
     dropout: float = 0.0
+    # train the update inside the projection's own GEMM, x (W + s B A)^T: one weight-gradient GEMM per
+    # projection instead of the rank-r path's four skinny GEMMs over the activations (not with gate or dropout)
+    fold: bool = False
 
     def validate(self) -> None:
         super().validate()
         self.require_positive_ints("r")
+        if self.fold and (self.gate or self.dropout):
+            raise ConfigError("lora fold=True computes x (W + s B A)^T, which cannot hold a gate or dropout on x; "
+                              "drop fold, or the gate and dropout")
         if not self.targets:
             raise ConfigError("lora needs at least one target, e.g. targets=('q', 'v')")
         if not 0.0 <= self.dropout < 1.0:
@@ -82,6 +88,12 @@ class LoRA(DeltaMethod):
         for site_key in self.sites:
             stem, target = site_key.rsplit("_", 1)
             groups.setdefault(stem if target in ("q", "k", "v") else site_key, []).append(site_key)
+        if self.config.fold:
+            for site_key, proj in self.sites.items():
+                pair = self.pairs[site_key]
+                installer.add_weight_delta(proj, lambda pair=pair: pair.delta_weight() * self.scaling,
+                                           self._hook(site_key, proj, installer.own_rows))
+            return
         for group in groups.values():
             same_width = len({self.sites[k].in_features for k in group}) == 1
             fused = self._fused_reader(group, installer.context.values) \

@@ -163,11 +163,16 @@ class Poly(DeltaMethod):
             w = self.weights(layer, task_ids_of(x)).to(a.dtype)  # (batch, heads, skills)
             k, r, d_in = a.shape
             d_out = b.shape[1]
-            # each row's A_t and B_t, head block by head block: (batch, r, d_in) and (batch, d_out, r)
-            a_rows = torch.einsum("bjk,krjd->brjd", w, a.view(k, r, heads, d_in // heads)).reshape(-1, r, d_in)
-            b_rows = torch.einsum("bjk,kjor->bjor", w, b.view(k, heads, d_out // heads, r)).reshape(-1, d_out, r)
-            h = torch.einsum("b...d,brd->b...r", matmul_input(x, a_rows), a_rows)
-            delta = torch.einsum("b...r,bor->b...o", h, b_rows) * scaling
+            # Not each row's A_t = sum_k w_k A_k and B_t formed first (per-row GEMMs of width r, 2 by default,
+            # on kernels for unaligned rows): every skill's A_k x in one GEMM of k r columns, per head block,
+            # then h = sum_k w_k A_k x and B_t h = [w_1 h; ...; w_k h] [B_1 ... B_k]^T, the same sums.
+            lead = x.shape[:-1]
+            row_w = w.view(w.shape[0], *([1] * (len(lead) - 1)), heads, k, 1)  # broadcasts over the row's tokens
+            x_heads = matmul_input(x, a).view(*lead, heads, d_in // heads)
+            per_skill = torch.einsum("...jd,krjd->...jkr", x_heads, a.view(k, r, heads, d_in // heads))
+            h = (per_skill * row_w).sum((-3, -2), keepdim=True)  # (..., 1, 1, r)
+            delta = torch.einsum("...jkr,kjor->...jo", h * row_w, b.view(k, heads, d_out // heads, r))
+            delta = delta.reshape(*lead, d_out) * scaling
             return output + proj.place(cast_like(delta, output))
 
         return add_routed

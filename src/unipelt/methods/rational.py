@@ -25,7 +25,9 @@ scales, so that is five times the error on ``[-1, 1]``); degrees (7, 6) bring it
 
 The unit computes in float32 (float64 for a float64 model) whatever the input's dtype, autocast
 included, and returns the input's dtype. Its backward recomputes P and Q from the saved input, so
-training keeps one tensor per call, as the activation it replaces did.
+training keeps one tensor per call, as the activation it replaces did. Eager, the backward stacks the
+powers of x (few kernels); under ``torch.compile`` it is elementwise work and one sum per coefficient,
+which the compiler fuses into a few kernels.
 
 ``shared=True`` uses one unit for every layer instead of one per layer. Parameters: ``L (m + 1 + n)``
 for L layers (all stacks of an encoder-decoder), or ``m + 1 + n`` when shared. Not mergeable: no
@@ -114,6 +116,20 @@ def _compute_dtype(x: torch.Tensor, coefficients: torch.Tensor) -> torch.dtype:
     return torch.promote_types(torch.promote_types(x.dtype, coefficients.dtype), torch.float32)
 
 
+def _evaluate(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor,
+              tails: tuple[float, float, float, float] | None) -> torch.Tensor:
+    """The unit's value (see :func:`rational`), as plain differentiable tensor operations."""
+    dtype = _compute_dtype(x, numerator)
+    xc = x.to(dtype)
+    inner = _clamped(xc, tails)
+    p = _horner(inner, numerator.to(dtype))
+    s = _horner(inner, denominator.to(dtype)) * inner
+    out = p / (1 + s.abs())
+    if tails is not None:
+        out = out + (xc - inner) * torch.where(xc > tails[1], tails[3], tails[2])
+    return out.to(x.dtype)
+
+
 class _Rational(torch.autograd.Function):
     """``P(x) / (1 + |x T(x)|)`` with ``T(x) = sum_k b_k x^(k-1)`` on ``[lo, hi]``, continued by straight
     lines of fixed slopes beyond it (``tails``; None: the rational everywhere). Saves only its inputs."""
@@ -123,62 +139,104 @@ class _Rational(torch.autograd.Function):
                 tails: tuple[float, float, float, float] | None = None) -> torch.Tensor:
         ctx.save_for_backward(x, numerator, denominator)
         ctx.tails = tails
-        dtype = _compute_dtype(x, numerator)
-        xc = x.to(dtype)
-        inner = xc if tails is None else xc.clamp(tails[0], tails[1])
-        p = _horner(inner, numerator.to(dtype))
-        s = _horner(inner, denominator.to(dtype)) * inner
-        out = p / (1 + s.abs())
-        if tails is not None:
-            out = out + (xc - inner) * torch.where(xc > tails[1], tails[3], tails[2])
-        return out.to(x.dtype)
+        return _evaluate(x, numerator, denominator, tails)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, numerator, denominator = ctx.saved_tensors
-        tails = ctx.tails
-        dtype = _compute_dtype(x, numerator)
-        a, b = numerator.to(dtype), denominator.to(dtype)
-        xc, g = x.to(dtype).reshape(-1), grad.to(dtype).reshape(-1)
-        inner = xc if tails is None else xc.clamp(tails[0], tails[1])
-        m, n = a.shape[0] - 1, b.shape[0]
-        # powers x^1 .. x^K as the rows of one (K, N) tensor, each row one multiplication of the last:
-        # every polynomial below (values, slopes) is then one matrix-vector product over it, where Horner's
-        # rule took a full-tensor kernel per degree (benchmarks/op_counts.py). Not a cumulative product
-        # along a width-K axis: CUDA's scan over such short rows took 73 ms a layer on an H100 at BERT-base
-        # (h100_bert_base_catalogue_run3).
-        rows = [inner]
-        for _ in range(max(m, n) - 1):
-            rows.append(rows[-1] * inner)
-        powers = torch.stack(rows)
+        needs = ctx.needs_input_grad[:3]
+        if torch.compiler.is_compiling():
+            return (*_backward_elementwise(x, numerator, denominator, ctx.tails, grad, needs), None)
+        return (*_backward_stacked(x, numerator, denominator, ctx.tails, grad, needs), None)
 
-        def poly(c0: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:  # c0 + sum_j c_j x^j
-            k = coefficients.shape[0]
-            return c0.expand_as(inner) if k == 0 else torch.addmv(c0, powers[:k].t(), coefficients)
 
-        p = poly(a[0], a[1:])
-        s = poly(b.new_zeros(()), b)
-        dp = poly(a[1], a[2:] * torch.arange(2, m + 1, dtype=dtype, device=a.device)) if m else torch.zeros_like(p)
-        ds = poly(b[0], b[1:] * torch.arange(2, n + 1, dtype=dtype, device=b.device))
-        sign = torch.sign(s)
-        q = s.abs().add_(1)
-        r = p / q
-        gq = g / q
-        grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            slope = (dp - r * sign * ds) / q
-            if tails is not None:  # beyond the range the unit is a line: its slope, whatever the coefficients
-                slope = torch.where(xc > tails[1], tails[3], torch.where(xc < tails[0], tails[2], slope))
-            grad_x = (g * slope).to(x.dtype).reshape(x.shape)
-        # the coefficients act through R(clamped x) alone (the tails' slopes are fixed). Their gradients
-        # are row sums of the powers times a weight: an elementwise product and a reduction over N, which
-        # the GPU splits over many blocks; as ``powers @ g``, cuBLAS' matrix-vector product would give
-        # each of the K outputs (a sum over N = 12.6M at BERT-base) to few blocks.
-        if ctx.needs_input_grad[1]:  # dR/da_j = x^j / Q
-            grad_a = torch.cat([gq.sum().reshape(1), (powers[:m] * gq).sum(1)]).to(numerator.dtype)
-        if ctx.needs_input_grad[2]:  # dR/db_k = -R sign(S) x^k / Q
-            grad_b = (powers[:n] * (gq * r * sign)).sum(1).neg_().to(denominator.dtype)
-        return grad_x, grad_a, grad_b, None
+def _clamped(xc: torch.Tensor, tails: tuple[float, float, float, float] | None) -> torch.Tensor:
+    # by ``where``, not ``clamp``: clamp's gradient is 0 on the bounds themselves (bfloat16 holds +-5
+    # exactly), where the unit's slope is the rational's
+    return xc if tails is None else torch.where(xc > tails[1], tails[1], torch.where(xc < tails[0], tails[0], xc))
+
+
+def _backward_elementwise(x, numerator, denominator, tails, grad, needs):
+    """The gradients as elementwise work and one sum per coefficient, for the compiler: it fuses them into a
+    few kernels that recompute every power from the saved input (nothing of size N is written but the
+    input's gradient). Eager, each of these would be a kernel of its own (see :func:`_backward_stacked`)."""
+    dtype = _compute_dtype(x, numerator)
+    a, b = numerator.to(dtype), denominator.to(dtype)
+    xc, g = x.to(dtype), grad.to(dtype)
+    inner = _clamped(xc, tails)
+    m, n = a.shape[0] - 1, b.shape[0]
+    s = _horner(inner, b) * inner
+    sign = torch.sign(s)
+    q = s.abs() + 1
+    r = _horner(inner, a) / q
+    gq = g / q
+    grad_x = grad_a = grad_b = None
+    if needs[0]:
+        dp = _horner(inner, a[1:] * torch.arange(1, m + 1, dtype=dtype, device=a.device)) if m else torch.zeros_like(r)
+        ds = _horner(inner, b * torch.arange(1, n + 1, dtype=dtype, device=b.device))
+        slope = (dp - r * sign * ds) / q
+        if tails is not None:
+            slope = torch.where(xc > tails[1], tails[3], torch.where(xc < tails[0], tails[2], slope))
+        grad_x = (g * slope).to(x.dtype)
+    if needs[1] or needs[2]:
+        power, sums_a, sums_b = torch.ones_like(inner), [], []
+        weight_b = gq * r * sign
+        for j in range(max(m, n) + 1):
+            if j <= m:
+                sums_a.append((gq * power).sum())
+            if 1 <= j <= n:
+                sums_b.append((weight_b * power).sum())
+            power = power * inner
+        grad_a = torch.stack(sums_a).to(numerator.dtype) if needs[1] else None
+        grad_b = torch.stack(sums_b).neg().to(denominator.dtype) if needs[2] else None
+    return grad_x, grad_a, grad_b
+
+
+def _backward_stacked(x, numerator, denominator, tails, grad, needs):
+    """The gradients with few kernels for eager runs: the powers as one (K, N) tensor, every polynomial a
+    matrix-vector product over it."""
+    dtype = _compute_dtype(x, numerator)
+    a, b = numerator.to(dtype), denominator.to(dtype)
+    xc, g = x.to(dtype).reshape(-1), grad.to(dtype).reshape(-1)
+    inner = _clamped(xc, tails)
+    m, n = a.shape[0] - 1, b.shape[0]
+    # powers x^1 .. x^K as the rows of one (K, N) tensor, each row one multiplication of the last:
+    # every polynomial below (values, slopes) is then one matrix-vector product over it, where Horner's
+    # rule took a full-tensor kernel per degree (benchmarks/op_counts.py). Not a cumulative product
+    # along a width-K axis: CUDA's scan over such short rows took 73 ms a layer on an H100 at BERT-base
+    # (h100_bert_base_catalogue_run3).
+    rows = [inner]
+    for _ in range(max(m, n) - 1):
+        rows.append(rows[-1] * inner)
+    powers = torch.stack(rows)
+
+    def poly(c0: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:  # c0 + sum_j c_j x^j
+        k = coefficients.shape[0]
+        return c0.expand_as(inner) if k == 0 else torch.addmv(c0, powers[:k].t(), coefficients)
+
+    p = poly(a[0], a[1:])
+    s = poly(b.new_zeros(()), b)
+    dp = poly(a[1], a[2:] * torch.arange(2, m + 1, dtype=dtype, device=a.device)) if m else torch.zeros_like(p)
+    ds = poly(b[0], b[1:] * torch.arange(2, n + 1, dtype=dtype, device=b.device))
+    sign = torch.sign(s)
+    q = s.abs().add_(1)
+    r = p / q
+    gq = g / q
+    grad_x = grad_a = grad_b = None
+    if needs[0]:
+        slope = (dp - r * sign * ds) / q
+        if tails is not None:  # beyond the range the unit is a line: its slope, whatever the coefficients
+            slope = torch.where(xc > tails[1], tails[3], torch.where(xc < tails[0], tails[2], slope))
+        grad_x = (g * slope).to(x.dtype).reshape(x.shape)
+    # the coefficients act through R(clamped x) alone (the tails' slopes are fixed). Their gradients
+    # are row sums of the powers times a weight: an elementwise product and a reduction over N, which
+    # the GPU splits over many blocks; as ``powers @ g``, cuBLAS' matrix-vector product would give
+    # each of the K outputs (a sum over N = 12.6M at BERT-base) to few blocks.
+    if needs[1]:  # dR/da_j = x^j / Q
+        grad_a = torch.cat([gq.sum().reshape(1), (powers[:m] * gq).sum(1)]).to(numerator.dtype)
+    if needs[2]:  # dR/db_k = -R sign(S) x^k / Q
+        grad_b = (powers[:n] * (gq * r * sign)).sum(1).neg_().to(denominator.dtype)
+    return grad_x, grad_a, grad_b
 
 
 def rational(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor,
