@@ -432,3 +432,18 @@ def test_back_to_back_figures_reach_the_rows_and_the_table(tmp_path) -> None:
     assert row["ratio_vs_peer_back_to_back"] == pytest.approx(0.9)
     table = format_table(result)
     assert "floor 8.00 ms/step" in table and "| lora | peft | 9.00 | 10.00 | 1.12 | 0.90 |" in table
+
+
+def test_a_case_can_compile_its_whole_training_step() -> None:
+    """--compile-scope step: forward, backward (compiled autograd) and the optimizer run compiled; the same
+    training as the eager case."""
+    spec = {"peer": "unipelt", "method": "lora", "shape": "bert-tiny", "device": "cpu", "steps": 1, "warmup": 1}
+    eager = case.measure(spec)
+    try:
+        whole = case.measure({**spec, "compile": "default", "compile_scope": "step"})
+    finally:  # a case runs in a process of its own, which keeps compiled autograd on; this test's does not
+        torch._dynamo.config.compiled_autograd = False
+        torch._dynamo.reset()
+    assert whole["compile_scope"] == "step" and whole["train_ms"] > 0
+    assert abs(whole["loss"] - eager["loss"]) < 1e-4
+    assert sum(whole["compile_cache"].values()) > 0  # it went through the compiler

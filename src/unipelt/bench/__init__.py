@@ -86,7 +86,7 @@ def benchmark(shape: str, methods: list[str], peers: tuple[str, ...] = PEERS, de
               steps: int = 20, warmup: int = 5, adapters_env: Path | None = None, threads: int | None = None,
               rounds: int = 1, profile: bool = False, compile_mode: str | None = None,
               partial: Path | None = None, prewarm: int = 0, full: bool = True, optimizer: str = "foreach",
-              log=print) -> dict[str, Any]:
+              compile_scope: str = "model", log=print) -> dict[str, Any]:
     """Every method of ours and of each peer that has it, the floor and full fine-tuning, in one run.
 
     With ``rounds > 1`` every case runs that many times, round-robin over all cases, and the times
@@ -100,6 +100,8 @@ def benchmark(shape: str, methods: list[str], peers: tuple[str, ...] = PEERS, de
     (tracing and CUDA-graph capture they still do themselves). ``full=False`` leaves full fine-tuning out
     (a run that extends an earlier one with its reference already measured). ``optimizer`` is AdamW's
     implementation for every case: ``foreach`` (multi-tensor) or ``fused`` (one kernel per dtype).
+    ``compile_scope="step"`` compiles each case's whole training step instead of its model: forward,
+    backward through compiled autograd, and the optimizer.
     """
     family = SHAPES[shape]["family"]
     skipped = [m for m in methods if not applies(m, family)]
@@ -116,12 +118,12 @@ def benchmark(shape: str, methods: list[str], peers: tuple[str, ...] = PEERS, de
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {c: [] for c in cases}
     if compile_mode and prewarm > 0:
         _prewarm(cases, prewarm, shape=shape, device=device, compile_mode=compile_mode, adapters_env=adapters_env,
-                 optimizer=optimizer, log=log)
+                 optimizer=optimizer, compile_scope=compile_scope, log=log)
     for r in range(rounds):
         for peer, method in cases:
             spec = {"peer": peer, "method": method, "shape": shape, "device": device, "steps": steps,
                     "warmup": warmup, "threads": threads, "profile": profile, "compile": compile_mode,
-                    "optimizer": optimizer}
+                    "optimizer": optimizer, "compile_scope": compile_scope}
             result = run_case(spec, adapters_env if peer == "adapters" else None)
             runs[(peer, method)].append(result)
             if partial is not None:
@@ -132,7 +134,7 @@ def benchmark(shape: str, methods: list[str], peers: tuple[str, ...] = PEERS, de
                 shown += f", {result['kernels_per_step']:.0f} kernels, GPU busy {result['gpu_busy_ms']:.2f} ms"
             log(f"  {f'round {r + 1} ' if rounds > 1 else ''}{peer:<9} {method:<11} {shown}")
     return summarise(runs, shape, methods, peers, device_name(device), steps=steps, warmup=warmup, rounds=rounds,
-                     compile_mode=compile_mode, optimizer=optimizer)
+                     compile_mode=compile_mode, optimizer=optimizer, compile_scope=compile_scope)
 
 
 def summarise(runs: dict[tuple[str, str], list[dict[str, Any]]], shape: str, methods: list[str],
@@ -164,11 +166,12 @@ def from_cases(path: Path, device: str) -> dict[str, Any]:
     peers = tuple(p for p in PEERS if any(c["peer"] == p for c in cases))
     first = cases[0]
     return summarise(runs, first["shape"], methods, peers, device, compile_mode=first.get("compile"),
-                     optimizer=first.get("optimizer", "foreach"), partial=True)
+                     optimizer=first.get("optimizer", "foreach"), compile_scope=first.get("compile_scope", "model"),
+                     partial=True)
 
 
 def _prewarm(cases: list[tuple[str, str]], workers: int, *, shape: str, device: str, compile_mode: str,
-             adapters_env: Path | None, optimizer: str = "foreach", log=print) -> None:
+             adapters_env: Path | None, optimizer: str = "foreach", compile_scope: str = "model", log=print) -> None:
     """One untimed compiled step of every case, ``workers`` processes at a time (fills the compile caches)."""
     import time
     from concurrent.futures import ThreadPoolExecutor
@@ -176,7 +179,7 @@ def _prewarm(cases: list[tuple[str, str]], workers: int, *, shape: str, device: 
     def warm(peer_method: tuple[str, str]) -> str:
         peer, method = peer_method
         spec = {"peer": peer, "method": method, "shape": shape, "device": device, "steps": 1, "warmup": 1,
-                "compile": compile_mode, "optimizer": optimizer, "untimed": True}
+                "compile": compile_mode, "optimizer": optimizer, "compile_scope": compile_scope, "untimed": True}
         result = run_case(spec, adapters_env if peer == "adapters" else None)
         return f"{peer} {method}: {result.get('error', 'compiled')}"
 
@@ -243,7 +246,9 @@ def format_table(result: dict[str, Any]) -> str:
              f"{f(floor.get('ops_per_step'), 'd')} ops "
              f"(peak {floor['peak_mb']:.0f} MB, inference {f(floor['infer_ms'])} ms), full fine-tuning "
              f"{f(full.get('train_ms'))} ms ({f(full.get('train_ms') and full['train_ms'] / floor['train_ms'])}x)"
-             + (f"; compiled ({result['compile_mode']})" if result.get("compile_mode") else "")
+             + (f"; compiled ({result['compile_mode']}"
+                + (", whole step" if result.get("compile_scope") == "step" else "") + ")"
+                if result.get("compile_mode") else "")
              + f"; AdamW {result.get('optimizer', 'foreach')}",
              "",
              "| method | peer | ours ms | peer ms | x floor | x peer | ours MB | peer MB | infer ms (merged) | "
@@ -301,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="on a GPU: each case's kernels per step, GPU busy time and top kernels (torch profiler)")
     parser.add_argument("--compile", default=None, choices=COMPILE_MODES,
                         help="run every case, the floor too, through torch.compile in this mode")
+    parser.add_argument("--compile-scope", default="model", choices=["model", "step"],
+                        help="with --compile: the model (default), or the whole training step (forward, backward "
+                             "through compiled autograd, optimizer)")
     parser.add_argument("--prewarm", type=int, default=0, metavar="N",
                         help="with --compile: compile every case first, N processes at a time, untimed (fills the "
                              "on-disk compile caches the timed cases then load from)")
@@ -332,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     partial.unlink(missing_ok=True)
     result = benchmark(shape, opts.methods, tuple(opts.peers), device, opts.steps, opts.warmup, env, opts.threads,
                        opts.rounds, opts.profile, opts.compile, partial, opts.prewarm, not opts.no_full,
-                       opts.optimizer)
+                       opts.optimizer, opts.compile_scope)
     _write(result, opts.out)
     return 0
 
