@@ -170,13 +170,20 @@ def test_bad_calls_name_the_fix() -> None:
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
-@pytest.mark.parametrize("key", ["poly", "poly_s"])
+@pytest.mark.parametrize("key", ["poly", "poly_s", "poly_mu", "poly_one_task", "poly_s_one_task"])
 def test_each_task_computes_its_routed_lora_as_defined(family: str, key: str) -> None:
     """Task t's rows get W + (alpha / r) B_t A_t, with A_t and B_t the routed averages of the skills, head
     block by head block (Poly-S: A's input columns, B's output rows): built here from the definition."""
     import copy
 
-    model = _attached(family, key)
+    # one task, or Poly-mu's uniform routing: every row routes alike, and A_t, B_t are formed once a call
+    one_task = {"poly_one_task": {"method": "poly", "tasks": 1}, "poly_s_one_task": {"method": "poly_s", "tasks": 1}}
+    if key in one_task:
+        model = build(family)
+        torch.manual_seed(0)
+        unipelt.attach(model, one_task[key])
+    else:
+        model = _attached(family, key)
     reference_base = copy.deepcopy(build(family))
     _perturb(model)
     (poly,) = deltas(model).values()
