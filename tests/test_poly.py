@@ -176,7 +176,7 @@ def test_each_task_computes_its_routed_lora_as_defined(family: str, key: str) ->
     block by head block (Poly-S: A's input columns, B's output rows): built here from the definition."""
     import copy
 
-    # one task, or Poly-mu's uniform routing: every row routes alike, and A_t, B_t are formed once a call
+    # one task, or Poly-mu's uniform routing: every row routes alike
     one_task = {"poly_one_task": {"method": "poly", "tasks": 1}, "poly_s_one_task": {"method": "poly_s", "tasks": 1}}
     if key in one_task:
         model = build(family)

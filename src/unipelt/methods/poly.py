@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ConfigError, MethodConfig, register, register_preset
-from ..runtime import Installer, stacked_linear
+from ..runtime import Installer
 from ..sites import ModelMap, Projection
 from .base import DeltaMethod, cast_like, matmul_input
 
@@ -160,17 +160,9 @@ class Poly(DeltaMethod):
 
         def add_routed(module, inputs, output):
             x = inputs[0]
+            w = self.weights(layer, task_ids_of(x)).to(a.dtype)  # (batch, heads, skills)
             k, r, d_in = a.shape
             d_out = b.shape[1]
-            if self.config.routing == "uniform" or self.config.tasks == 1:
-                # every row routes alike (Poly-mu; a single task): one LoRA, A_t and B_t formed once
-                w = self.weights(layer, torch.zeros(1, dtype=torch.long, device=x.device))[0].to(a.dtype)
-                a_t = torch.einsum("jk,krjd->rjd", w, a.view(k, r, heads, d_in // heads)).reshape(r, d_in)
-                b_t = torch.einsum("jk,kjor->jor", w, b.view(k, heads, d_out // heads, r)).reshape(d_out, r)
-                (h,) = stacked_linear(x, [a_t], None, [r])  # rank padded to 8 columns: aligned GEMMs
-                delta = torch.nn.functional.linear(h, b_t) * scaling
-                return output + proj.place(cast_like(delta, output))
-            w = self.weights(layer, task_ids_of(x)).to(a.dtype)  # (batch, heads, skills)
             # Not each row's A_t = sum_k w_k A_k and B_t formed first (per-row GEMMs of width r, 2 by default,
             # on kernels for unaligned rows): every skill's A_k x in one GEMM of k r columns, per head block,
             # then h = sum_k w_k A_k x and B_t h = [w_1 h; ...; w_k h] [B_1 ... B_k]^T, the same sums.
