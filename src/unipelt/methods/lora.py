@@ -2,6 +2,9 @@
 
 A is Kaiming-uniform (a = sqrt(5), as ``nn.Linear``), B zeros, so the model starts as the base.
 Mergeable as ``W' = W + (alpha / r) B A`` unless gated (the gate depends on the input).
+``fold=True`` trains the update inside the projection's own GEMM, ``x (W + (alpha / r) B A)^T``
+(``Installer.add_weight_delta``): less GPU work per step at BERT-base (H100: 5.80 against 5.92 ms), more
+host work before it; off by default.
 With ``gate=True`` (UniPELT), each adapted projection gets ``G_L = sigmoid(W_GL x)`` from its own
 input; q and v of a self-attention read the same input, so this equals one gate per layer with
 the option of different weights for q and v.
@@ -82,18 +85,18 @@ class LoRA(DeltaMethod):
                 self.gates[site_key] = Gate(proj.in_features)
 
     def install(self, installer: Installer) -> None:
-        # Sites of one attention (q, v, ...) usually read the same input tensor: their A's and gates then
-        # run as one GEMM over it (one read of x, one gradient back into x instead of one per site).
-        groups: dict[str, list[str]] = {}
-        for site_key in self.sites:
-            stem, target = site_key.rsplit("_", 1)
-            groups.setdefault(stem if target in ("q", "k", "v") else site_key, []).append(site_key)
         if self.config.fold:
             for site_key, proj in self.sites.items():
                 pair = self.pairs[site_key]
                 installer.add_weight_delta(proj, lambda pair=pair: pair.delta_weight() * self.scaling,
                                            self._hook(site_key, proj, installer.own_rows))
             return
+        # Sites of one attention (q, v, ...) usually read the same input tensor: their A's and gates then
+        # run as one GEMM over it (one read of x, one gradient back into x instead of one per site).
+        groups: dict[str, list[str]] = {}
+        for site_key in self.sites:
+            stem, target = site_key.rsplit("_", 1)
+            groups.setdefault(stem if target in ("q", "k", "v") else site_key, []).append(site_key)
         for group in groups.values():
             same_width = len({self.sites[k].in_features for k in group}) == 1
             fused = self._fused_reader(group, installer.context.values) \
