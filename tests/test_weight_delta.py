@@ -19,8 +19,8 @@ CONFIGS = {"krona": {"method": "krona", "a_out": 4, "a_in": 4}, "kadaptation": {
            "lora_fold": {"method": "lora", "r": 4, "fold": True}}
 
 
-def _attached(family: str, config: dict, unfolded: bool) -> torch.nn.Module:
-    model = build(family)
+def _attached(family: str, config: dict, unfolded: bool, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    model = build(family).to(dtype)
     if unfolded:  # a no-op hook on every linear map: nothing may fold in front of it
         for module in model.modules():
             if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
@@ -94,3 +94,21 @@ def test_lora_fold_refuses_what_a_weight_cannot_hold() -> None:
     for extra in ({"gate": True}, {"dropout": 0.1}):
         with pytest.raises(unipelt.ConfigError, match="fold=True"):
             unipelt.attach(build("bert"), {"method": "lora", "fold": True, **extra})
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_a_bfloat16_model_trains_its_float32_delta_through_the_fold(family: str) -> None:
+    """Without autocast the delta takes the weight's dtype for the GEMM; its own parameters stay float32 and
+    get float32 gradients; the outputs match the output form's within bfloat16 rounding."""
+    models = [_attached(family, CONFIGS["krona"], unfolded, torch.bfloat16) for unfolded in (False, True)]
+    batch = inputs(family)
+    outs = []
+    for model in models:
+        (method,) = deltas(model).values()
+        assert all(p.dtype == torch.float32 for p in method.parameters())  # the core's choice on a bf16 model
+        out = model(**batch).logits
+        out.float().square().mean().backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.isfinite().all()
+                   for p in method.parameters())
+        outs.append(out.float())
+    torch.testing.assert_close(outs[0], outs[1], atol=3e-2, rtol=3e-2)
