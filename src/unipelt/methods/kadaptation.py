@@ -67,12 +67,16 @@ class KAdaptation(DeltaMethod):
         """``sum_i A_i (x) u_i v_i^T`` as (d_out, d_in)."""
         return kron_sum(self.rules, self.u[site_key] @ self.v[site_key])
 
+    def scaled_delta(self, site_key: str) -> torch.Tensor:
+        """``scale Delta W``: what merge adds to W, and what the forward adds to it per call."""
+        w = self.delta_weight(site_key)
+        return w * self.config.scale if self.config.scale != 1.0 else w
+
     def install(self, installer: Installer) -> None:
-        scale = self.config.scale
         for site_key, proj in self.sites.items():
             # in the projection's own GEMM (see Installer.add_weight_delta): no GEMM of the activations with
             # Delta W in either pass, only its weight gradient
-            installer.add_weight_delta(proj, lambda site_key=site_key: self.delta_weight(site_key) * scale,
+            installer.add_weight_delta(proj, lambda site_key=site_key: self.scaled_delta(site_key),
                                        self._hook(site_key, proj, installer.own_rows))
 
     def _hook(self, site_key: str, proj: Projection, own_rows):
@@ -92,4 +96,4 @@ class KAdaptation(DeltaMethod):
     @torch.no_grad()
     def merge(self) -> None:
         for site_key, proj in self.sites.items():
-            proj.add_to_weight(self.delta_weight(site_key) * self.config.scale)
+            proj.add_to_weight(self.scaled_delta(site_key))
