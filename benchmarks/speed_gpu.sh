@@ -2,7 +2,10 @@
 # Issue 5's GPU figures. Measured durations on an H100 (plan the 10-minute calls by them): BERT-base eager
 # with --profile ~12-20 s a case (all methods and peers ~9.5 min); LLaMA-1B eager ~30 s a case (all ~11 min:
 # split with --methods); compiled BERT-base ~60 s a case cold, ~50 s after --prewarm (each case reports
-# first_step_s and its compile-cache hits, to find where that time goes).
+# first_step_s and its compile-cache hits, to find where that time goes). Fifth session: with --optimizer fused
+# and --prewarm N (N = the case count), about 35 s a compiled case plus 70-120 s of prewarm: 10-11 cases a call.
+# Every GPU case also times its steps back to back (a third table); --compile-scope step compiles the whole
+# training step instead of the model.
 #   device run: bash benchmarks/speed_gpu.sh bert-base                 (carry .whl: the adapters wheels, see below)
 #   device run: bash benchmarks/speed_gpu.sh llama-1b
 #   device run: bash benchmarks/speed_gpu.sh bert-base --compile reduce-overhead --prewarm 8   (every case compiled)
