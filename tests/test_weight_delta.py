@@ -27,11 +27,15 @@ def _attached(family: str, config: dict, unfolded: bool, dtype: torch.dtype = to
                 module.register_forward_hook(lambda module, args, output: None)
     torch.manual_seed(0)
     unipelt.attach(model, dict(config))
-    g = torch.Generator().manual_seed(3)
+    _perturb(model, seed=3)  # A and v start at zero: away from the identity
+    return model
+
+
+def _perturb(model: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in deltas(model).parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)  # A and v start at zero: away from the identity
-    return model
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
 
 
 def _sites(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -64,10 +68,7 @@ def test_no_fold_in_front_of_a_method_that_hooked_the_output_first() -> None:
     unipelt.attach(model, {"method": "ia3"})
     unipelt.attach(model, dict(CONFIGS["krona"]))
     krona = deltas(model)["krona"]
-    g = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for p in deltas(model).parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    _perturb(model, seed=4)
     folded = {key: "forward" in proj.module.__dict__ for key, proj in krona.sites.items()}
     assert folded == {key: key.endswith("_q") for key in krona.sites}
     batch = inputs("bert")

@@ -80,12 +80,9 @@ class KAdaptation(DeltaMethod):
                                        self._hook(site_key, proj, installer.own_rows))
 
     def _hook(self, site_key: str, proj: Projection, own_rows):
-        scale = self.config.scale
-
         def add_update(module, inputs, output):
-            w = self.delta_weight(site_key)  # n d_out d_in / n multiply-adds: small beside the layer's GEMM
+            w = self.scaled_delta(site_key)  # n d_out d_in / n multiply-adds: small beside the layer's GEMM
             delta = F.linear(matmul_input(inputs[0], w), w)
-            delta = delta * scale if scale != 1.0 else delta
             return output + proj.place(cast_like(own_rows(delta), output))
 
         return add_update

@@ -156,6 +156,16 @@ def _clamped(xc: torch.Tensor, tails: tuple[float, float, float, float] | None) 
     return xc if tails is None else torch.where(xc > tails[1], tails[1], torch.where(xc < tails[0], tails[0], xc))
 
 
+def _slope(dp: torch.Tensor, ds: torch.Tensor, r: torch.Tensor, sign: torch.Tensor, q: torch.Tensor,
+           xc: torch.Tensor, tails: tuple[float, float, float, float] | None) -> torch.Tensor:
+    """dR/dx = (P' - R sign(S) S') / Q from the polynomials' values and slopes; beyond the range the unit is
+    a line, of its fixed slope whatever the coefficients."""
+    slope = (dp - r * sign * ds) / q
+    if tails is None:
+        return slope
+    return torch.where(xc > tails[1], tails[3], torch.where(xc < tails[0], tails[2], slope))
+
+
 def _backward_elementwise(x, numerator, denominator, tails, grad, needs):
     """The gradients as elementwise work and one sum per coefficient, for the compiler: it fuses them into a
     few kernels that recompute every power from the saved input (nothing of size N is written but the
@@ -174,17 +184,14 @@ def _backward_elementwise(x, numerator, denominator, tails, grad, needs):
     if needs[0]:
         dp = _horner(inner, a[1:] * torch.arange(1, m + 1, dtype=dtype, device=a.device)) if m else torch.zeros_like(r)
         ds = _horner(inner, b * torch.arange(1, n + 1, dtype=dtype, device=b.device))
-        slope = (dp - r * sign * ds) / q
-        if tails is not None:
-            slope = torch.where(xc > tails[1], tails[3], torch.where(xc < tails[0], tails[2], slope))
-        grad_x = (g * slope).to(x.dtype)
+        grad_x = (g * _slope(dp, ds, r, sign, q, xc, tails)).to(x.dtype)
     if needs[1] or needs[2]:
         power, sums_a, sums_b = torch.ones_like(inner), [], []
-        weight_b = gq * r * sign
+        weight_b = gq * r * sign if needs[2] else None
         for j in range(max(m, n) + 1):
-            if j <= m:
+            if j <= m and needs[1]:
                 sums_a.append((gq * power).sum())
-            if 1 <= j <= n:
+            if 1 <= j <= n and needs[2]:
                 sums_b.append((weight_b * power).sum())
             power = power * inner
         grad_a = torch.stack(sums_a).to(numerator.dtype) if needs[1] else None
@@ -224,10 +231,7 @@ def _backward_stacked(x, numerator, denominator, tails, grad, needs):
     gq = g / q
     grad_x = grad_a = grad_b = None
     if needs[0]:
-        slope = (dp - r * sign * ds) / q
-        if tails is not None:  # beyond the range the unit is a line: its slope, whatever the coefficients
-            slope = torch.where(xc > tails[1], tails[3], torch.where(xc < tails[0], tails[2], slope))
-        grad_x = (g * slope).to(x.dtype).reshape(x.shape)
+        grad_x = (g * _slope(dp, ds, r, sign, q, xc, tails)).to(x.dtype).reshape(x.shape)
     # the coefficients act through R(clamped x) alone (the tails' slopes are fixed). Their gradients
     # are row sums of the powers times a weight: an elementwise product and a reduction over N, which
     # the GPU splits over many blocks; as ``powers @ g``, cuBLAS' matrix-vector product would give
