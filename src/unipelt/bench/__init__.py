@@ -86,7 +86,8 @@ def benchmark(shape: str, methods: list[str], peers: tuple[str, ...] = PEERS, de
               steps: int = 20, warmup: int = 5, adapters_env: Path | None = None, threads: int | None = None,
               rounds: int = 1, profile: bool = False, compile_mode: str | None = None,
               partial: Path | None = None, prewarm: int = 0, full: bool = True, optimizer: str = "foreach",
-              compile_scope: str = "model", log=print) -> dict[str, Any]:
+              compile_scope: str = "model", inductor: dict[str, Any] | None = None,
+              log=print) -> dict[str, Any]:
     """Every method of ours and of each peer that has it, the floor and full fine-tuning, in one run.
 
     With ``rounds > 1`` every case runs that many times, round-robin over all cases, and the times
@@ -101,8 +102,10 @@ def benchmark(shape: str, methods: list[str], peers: tuple[str, ...] = PEERS, de
     (a run that extends an earlier one with its reference already measured). ``optimizer`` is AdamW's
     implementation for every case: ``foreach`` (multi-tensor) or ``fused`` (one kernel per dtype).
     ``compile_scope="step"`` compiles each case's whole training step instead of its model: forward,
-    backward through compiled autograd, and the optimizer.
+    backward through compiled autograd, and the optimizer. ``inductor`` sets ``torch._inductor.config``
+    options (dotted names) in every case, the floor's too.
     """
+    inductor = inductor or {}
     family = SHAPES[shape]["family"]
     skipped = [m for m in methods if not applies(m, family)]
     if skipped:
@@ -118,12 +121,12 @@ def benchmark(shape: str, methods: list[str], peers: tuple[str, ...] = PEERS, de
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {c: [] for c in cases}
     if compile_mode and prewarm > 0:
         _prewarm(cases, prewarm, shape=shape, device=device, compile_mode=compile_mode, adapters_env=adapters_env,
-                 optimizer=optimizer, compile_scope=compile_scope, log=log)
+                 optimizer=optimizer, compile_scope=compile_scope, inductor=inductor, log=log)
     for r in range(rounds):
         for peer, method in cases:
             spec = {"peer": peer, "method": method, "shape": shape, "device": device, "steps": steps,
                     "warmup": warmup, "threads": threads, "profile": profile, "compile": compile_mode,
-                    "optimizer": optimizer, "compile_scope": compile_scope}
+                    "optimizer": optimizer, "compile_scope": compile_scope, "inductor": inductor}
             result = run_case(spec, adapters_env if peer == "adapters" else None)
             runs[(peer, method)].append(result)
             if partial is not None:
@@ -134,7 +137,7 @@ def benchmark(shape: str, methods: list[str], peers: tuple[str, ...] = PEERS, de
                 shown += f", {result['kernels_per_step']:.0f} kernels, GPU busy {result['gpu_busy_ms']:.2f} ms"
             log(f"  {f'round {r + 1} ' if rounds > 1 else ''}{peer:<9} {method:<11} {shown}")
     return summarise(runs, shape, methods, peers, device_name(device), steps=steps, warmup=warmup, rounds=rounds,
-                     compile_mode=compile_mode, optimizer=optimizer, compile_scope=compile_scope)
+                     compile_mode=compile_mode, optimizer=optimizer, compile_scope=compile_scope, inductor=inductor)
 
 
 def summarise(runs: dict[tuple[str, str], list[dict[str, Any]]], shape: str, methods: list[str],
@@ -167,11 +170,12 @@ def from_cases(path: Path, device: str) -> dict[str, Any]:
     first = cases[0]
     return summarise(runs, first["shape"], methods, peers, device, compile_mode=first.get("compile"),
                      optimizer=first.get("optimizer", "foreach"), compile_scope=first.get("compile_scope", "model"),
-                     partial=True)
+                     inductor=first.get("inductor") or {}, partial=True)
 
 
 def _prewarm(cases: list[tuple[str, str]], workers: int, *, shape: str, device: str, compile_mode: str,
-             adapters_env: Path | None, optimizer: str = "foreach", compile_scope: str = "model", log=print) -> None:
+             adapters_env: Path | None, optimizer: str = "foreach", compile_scope: str = "model",
+             inductor: dict[str, Any] | None = None, log=print) -> None:
     """One untimed compiled step of every case, ``workers`` processes at a time (fills the compile caches)."""
     import time
     from concurrent.futures import ThreadPoolExecutor
@@ -179,7 +183,8 @@ def _prewarm(cases: list[tuple[str, str]], workers: int, *, shape: str, device: 
     def warm(peer_method: tuple[str, str]) -> str:
         peer, method = peer_method
         spec = {"peer": peer, "method": method, "shape": shape, "device": device, "steps": 1, "warmup": 1,
-                "compile": compile_mode, "optimizer": optimizer, "compile_scope": compile_scope, "untimed": True}
+                "compile": compile_mode, "optimizer": optimizer, "compile_scope": compile_scope,
+                "inductor": inductor or {}, "untimed": True}
         result = run_case(spec, adapters_env if peer == "adapters" else None)
         return f"{peer} {method}: {result.get('error', 'compiled')}"
 
@@ -249,7 +254,8 @@ def format_table(result: dict[str, Any]) -> str:
              + (f"; compiled ({result['compile_mode']}"
                 + (", whole step" if result.get("compile_scope") == "step" else "") + ")"
                 if result.get("compile_mode") else "")
-             + f"; AdamW {result.get('optimizer', 'foreach')}",
+             + f"; AdamW {result.get('optimizer', 'foreach')}"
+             + "".join(f"; inductor {k}={v}" for k, v in (result.get("inductor") or {}).items()),
              "",
              "| method | peer | ours ms | peer ms | x floor | x peer | ours MB | peer MB | infer ms (merged) | "
              "peer infer ms (merged) | ops/step ours / peer | trainable ours / peer |",
@@ -314,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
                              "on-disk compile caches the timed cases then load from)")
     parser.add_argument("--optimizer", default="foreach", choices=["foreach", "fused"],
                         help="AdamW's implementation in every case (default foreach, the multi-tensor update)")
+    parser.add_argument("--inductor", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="torch._inductor.config options for every case, e.g. combo_kernels=true "
+                             "triton.cudagraph_trees=false (values read as JSON, else as text)")
     parser.add_argument("--no-full", action="store_true",
                         help="leave full fine-tuning out (measured in an earlier run of the same shape)")
     parser.add_argument("--adapters-env", type=Path, default=Path(".bench/adapters-env"),
@@ -340,9 +349,23 @@ def main(argv: list[str] | None = None) -> int:
     partial.unlink(missing_ok=True)
     result = benchmark(shape, opts.methods, tuple(opts.peers), device, opts.steps, opts.warmup, env, opts.threads,
                        opts.rounds, opts.profile, opts.compile, partial, opts.prewarm, not opts.no_full,
-                       opts.optimizer, opts.compile_scope)
+                       opts.optimizer, opts.compile_scope, parse_options(opts.inductor))
     _write(result, opts.out)
     return 0
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """``["a.b=true", "n=8", "s=text"]`` -> ``{"a.b": True, "n": 8, "s": "text"}``."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not name:
+            raise ValueError(f"inductor option {pair!r} is not NAME=VALUE (e.g. combo_kernels=true)")
+        try:
+            options[name] = json.loads(text)
+        except json.JSONDecodeError:
+            options[name] = text
+    return options
 
 
 def _write(result: dict[str, Any], out: Path) -> None:

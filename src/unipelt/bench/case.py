@@ -328,8 +328,24 @@ def timed(fn, steps: int, warmup: int, cuda: bool, back_to_back: bool = False) -
     return times
 
 
+def set_inductor_options(options: dict[str, Any]) -> None:
+    """Set ``torch._inductor.config`` entries by dotted name (``{"triton.cudagraph_trees": False}``)."""
+    import torch._inductor.config as inductor_config
+
+    for name, value in options.items():
+        *path, leaf = name.split(".")
+        owner = inductor_config
+        for part in path:
+            owner = getattr(owner, part)
+        if not hasattr(owner, leaf):
+            raise KeyError(f"torch._inductor.config has no option {name!r}")
+        setattr(owner, leaf, value)
+
+
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     shape = SHAPES[spec["shape"]]
+    if spec.get("inductor"):
+        set_inductor_options(spec["inductor"])
     device = spec["device"]
     cuda = device.startswith("cuda")
     with torch.device(device):  # random init where the model runs: seconds less per case on a GPU
@@ -402,6 +418,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             profiled = {"profile_error": str(error)[:200]}
     result = {"peer": spec["peer"], "method": spec["method"], "shape": spec["shape"], "device_kind": device,
               "compile": spec.get("compile"), "compile_scope": "step" if whole_step else "model",
+              "inductor": spec.get("inductor") or {},
               "optimizer": spec.get("optimizer", "foreach"),
               "train_ms": statistics.median(train_ms), "train_ms_all": train_ms,
               "back_to_back_ms": statistics.median(back_to_back_ms) if back_to_back_ms else None,
