@@ -6,9 +6,7 @@ each attention implementation a model uses (``eager``, ``sdpa``, ...), a wrapper
 ``unipelt_<impl>``. The wrapper asks the providers registered for the calling module for their
 keys and values, prepends them, widens the mask (and T5's position bias) by ``l`` visible columns,
 and calls the original implementation. Prefixes never enter the key/value cache, so generation with
-a cache works unchanged: every step sees the prefix in front of the cached keys. With SDPA the prefix
-is, where the call allows, a score block of its own beside the fused kernel's
-(:mod:`unipelt.prefix_attention`), which spares the kernel a partly filled tile of keys.
+a cache works unchanged: every step sees the prefix in front of the cached keys.
 """
 
 from __future__ import annotations
@@ -21,8 +19,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import prefix_attention
-
 # provider(module, query, key, value) -> (prefix_key, prefix_value, query_gate[, rows]): keys and values shaped
 # (batch, kv_heads, l, head_dim); query_gate None or (batch, q_len, 1) scaling what they add per query; rows
 # (multi-task serving) None or (batch,) bool: the rows that see these keys (masked out for the others).
@@ -31,9 +27,6 @@ KVProvider = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor],
 
 _PROVIDERS: weakref.WeakKeyDictionary[nn.Module, list[KVProvider]] = weakref.WeakKeyDictionary()
 PREFIX = "unipelt_"
-# SDPA with prefixes: run the model's keys through the fused kernel and the prefix as a separate score block
-# (see unipelt.prefix_attention) where the call allows; False always concatenates
-SCORE_BLOCKS = True
 
 
 def add_provider(module: nn.Module, provider: KVProvider) -> None:
@@ -108,12 +101,6 @@ def _wrapper(impl: str) -> Callable:
             if rows and rows[0] is not None:
                 hidden.append((start, pk.shape[2], rows[0]))
             start += pk.shape[2]
-        if impl == "sdpa" and SCORE_BLOCKS and not hidden and all(g is None for g in query_gates) \
-                and prefix_attention.applies(query, key, attention_mask, kwargs.get("dropout", 0.0), causal,
-                                             kwargs.get("position_bias")):
-            pk, pv = (torch.cat(keys, 2), torch.cat(values, 2)) if len(keys) > 1 else (keys[0], values[0])
-            out = prefix_attention.prefix_attention(query, key, value, pk, pv, attention_mask, kwargs.get("scaling"))
-            return out.transpose(1, 2).contiguous(), None  # (batch, seq, heads, head_dim), as sdpa returns it
         n = sum(k.shape[2] for k in keys)
         attention_mask = _widen_mask(attention_mask, n, query, key, causal)
         if hidden:
