@@ -447,3 +447,38 @@ def test_a_case_can_compile_its_whole_training_step() -> None:
     assert whole["compile_scope"] == "step" and whole["train_ms"] > 0
     assert abs(whole["loss"] - eager["loss"]) < 1e-4
     assert sum(whole["compile_cache"].values()) > 0  # it went through the compiler
+
+
+def test_inductor_options_reach_every_case_and_the_result(monkeypatch) -> None:
+    """--inductor NAME=VALUE: every case (the floor and the prewarm's untimed ones too) gets the options,
+    and the result and its table say which were set."""
+    import unipelt.bench as bench
+
+    seen = []
+
+    def fake_run_case(spec, pythonpath=None, timeout=1800):
+        seen.append(spec)
+        return {"train_ms": 1.0, "peak_mb": 1.0, "infer_ms": None, "trainable": 0}
+
+    monkeypatch.setattr(bench, "run_case", fake_run_case)
+    options = bench.parse_options(["combo_kernels=true", "triton.cudagraph_trees=false"])
+    assert options == {"combo_kernels": True, "triton.cudagraph_trees": False}
+    result = benchmark("bert-tiny", ["lora"], (), "cpu", steps=1, warmup=1, compile_mode="default", prewarm=2,
+                       full=False, inductor=options, log=lambda line: None)
+    assert len(seen) == 4 and sum(bool(s.get("untimed")) for s in seen) == 2  # floor and lora, warmed and timed
+    assert all(s["inductor"] == options for s in seen)
+    assert result["inductor"] == options
+    assert "inductor combo_kernels=True; inductor triton.cudagraph_trees=False" in format_table(result)
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        bench.parse_options(["combo_kernels"])
+
+
+def test_a_case_sets_inductor_options_by_dotted_name(monkeypatch) -> None:
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "combo_kernels", False)
+    monkeypatch.setattr(inductor_config.triton, "cudagraph_trees", True)
+    case.set_inductor_options({"combo_kernels": True, "triton.cudagraph_trees": False})
+    assert inductor_config.combo_kernels is True and inductor_config.triton.cudagraph_trees is False
+    with pytest.raises(KeyError, match="combo_kernelz"):
+        case.set_inductor_options({"combo_kernelz": True})
