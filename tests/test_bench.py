@@ -451,7 +451,7 @@ def test_a_case_can_compile_its_whole_training_step() -> None:
 
 def test_inductor_options_reach_every_case_and_the_result(monkeypatch) -> None:
     """--inductor NAME=VALUE: every case (the floor and the prewarm's untimed ones too) gets the options,
-    and the result and its table say which were set."""
+    and the result and its table say which were set; --top-kernels N reaches every timed case."""
     import unipelt.bench as bench
 
     seen = []
@@ -464,7 +464,8 @@ def test_inductor_options_reach_every_case_and_the_result(monkeypatch) -> None:
     options = bench.parse_options(["combo_kernels=true", "triton.cudagraph_trees=false"])
     assert options == {"combo_kernels": True, "triton.cudagraph_trees": False}
     result = benchmark("bert-tiny", ["lora"], (), "cpu", steps=1, warmup=1, compile_mode="default", prewarm=2,
-                       full=False, inductor=options, log=lambda line: None)
+                       full=False, inductor=options, top_kernels=50, log=lambda line: None)
+    assert all(s["top_kernels"] == 50 for s in seen if not s.get("untimed"))
     assert len(seen) == 4 and sum(bool(s.get("untimed")) for s in seen) == 2  # floor and lora, warmed and timed
     assert all(s["inductor"] == options for s in seen)
     assert result["inductor"] == options

@@ -86,7 +86,7 @@ def benchmark(shape: str, methods: list[str], peers: tuple[str, ...] = PEERS, de
               steps: int = 20, warmup: int = 5, adapters_env: Path | None = None, threads: int | None = None,
               rounds: int = 1, profile: bool = False, compile_mode: str | None = None,
               partial: Path | None = None, prewarm: int = 0, full: bool = True, optimizer: str = "foreach",
-              compile_scope: str = "model", inductor: dict[str, Any] | None = None,
+              compile_scope: str = "model", inductor: dict[str, Any] | None = None, top_kernels: int = 12,
               log=print) -> dict[str, Any]:
     """Every method of ours and of each peer that has it, the floor and full fine-tuning, in one run.
 
@@ -103,7 +103,8 @@ def benchmark(shape: str, methods: list[str], peers: tuple[str, ...] = PEERS, de
     implementation for every case: ``foreach`` (multi-tensor) or ``fused`` (one kernel per dtype).
     ``compile_scope="step"`` compiles each case's whole training step instead of its model: forward,
     backward through compiled autograd, and the optimizer. ``inductor`` sets ``torch._inductor.config``
-    options (dotted names) in every case, the floor's too.
+    options (dotted names) in every case, the floor's too. ``top_kernels``: how many kernels (by GPU time)
+    each profiled case lists.
     """
     inductor = inductor or {}
     family = SHAPES[shape]["family"]
@@ -126,7 +127,8 @@ def benchmark(shape: str, methods: list[str], peers: tuple[str, ...] = PEERS, de
         for peer, method in cases:
             spec = {"peer": peer, "method": method, "shape": shape, "device": device, "steps": steps,
                     "warmup": warmup, "threads": threads, "profile": profile, "compile": compile_mode,
-                    "optimizer": optimizer, "compile_scope": compile_scope, "inductor": inductor}
+                    "optimizer": optimizer, "compile_scope": compile_scope, "inductor": inductor,
+                    "top_kernels": top_kernels}
             result = run_case(spec, adapters_env if peer == "adapters" else None)
             runs[(peer, method)].append(result)
             if partial is not None:
@@ -310,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                                                               "and report medians (for noisy machines)")
     parser.add_argument("--profile", action="store_true",
                         help="on a GPU: each case's kernels per step, GPU busy time and top kernels (torch profiler)")
+    parser.add_argument("--top-kernels", type=int, default=12, metavar="N",
+                        help="with --profile: list each case's N kernels that take the most GPU time")
     parser.add_argument("--compile", default=None, choices=COMPILE_MODES,
                         help="run every case, the floor too, through torch.compile in this mode")
     parser.add_argument("--compile-scope", default="model", choices=["model", "step"],
@@ -349,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     partial.unlink(missing_ok=True)
     result = benchmark(shape, opts.methods, tuple(opts.peers), device, opts.steps, opts.warmup, env, opts.threads,
                        opts.rounds, opts.profile, opts.compile, partial, opts.prewarm, not opts.no_full,
-                       opts.optimizer, opts.compile_scope, parse_options(opts.inductor))
+                       opts.optimizer, opts.compile_scope, parse_options(opts.inductor), opts.top_kernels)
     _write(result, opts.out)
     return 0
 

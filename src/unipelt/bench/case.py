@@ -261,7 +261,7 @@ def count_ops(fn) -> int:
     return Count.n
 
 
-def kernel_profile(fn, steps: int = 3) -> dict[str, Any]:
+def kernel_profile(fn, steps: int = 3, top: int = 12) -> dict[str, Any]:
     """GPU kernels of ``steps`` calls of ``fn`` under the torch profiler: launches and busy time per call,
     and the kernels that take the most time. A step much longer than its busy time waits on the CPU
     (launch-bound): fewer ops help it; a busy GPU needs fewer FLOPs or bytes instead."""
@@ -278,10 +278,10 @@ def kernel_profile(fn, steps: int = 3) -> dict[str, Any]:
                 and "#" not in event.name:
             kernels.setdefault(event.name, []).append(event.time_range.elapsed_us())
     busy = sum(sum(t) for t in kernels.values())
-    top = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:12]
+    ranked = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:top]
     return {"kernels_per_step": sum(len(t) for t in kernels.values()) / steps,
             "gpu_busy_ms": busy / steps / 1e3,
-            "top_kernels": [[name[:90], len(t) / steps, sum(t) / steps / 1e3] for name, t in top]}
+            "top_kernels": [[name[:90], len(t) / steps, sum(t) / steps / 1e3] for name, t in ranked]}
 
 
 def random_batch(shape: dict[str, Any]) -> torch.Tensor:
@@ -413,7 +413,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     profiled = {}
     if cuda and spec.get("profile"):
         try:
-            profiled = kernel_profile(train_step)
+            profiled = kernel_profile(train_step, top=spec.get("top_kernels", 12))
         except Exception as error:  # noqa: BLE001 (a profiler failure must not lose the case's timings)
             profiled = {"profile_error": str(error)[:200]}
     result = {"peer": spec["peer"], "method": spec["method"], "shape": spec["shape"], "device_kind": device,
