@@ -483,3 +483,14 @@ def test_a_case_sets_inductor_options_by_dotted_name(monkeypatch) -> None:
     assert inductor_config.combo_kernels is True and inductor_config.triton.cudagraph_trees is False
     with pytest.raises(KeyError, match="combo_kernelz"):
         case.set_inductor_options({"combo_kernelz": True})
+
+
+def test_a_failed_case_reports_the_line_that_names_its_exception() -> None:
+    from unipelt.bench import error_line
+
+    dynamo_tail = ("Traceback (most recent call last):\n  File \"case.py\", line 3, in <module>\n"
+                   "torch._dynamo.exc.Unsupported: Attempted to call function marked as skipped\n"
+                   "  Explanation: ...\n\nSet TORCHDYNAMO_VERBOSE=1 for the internal stack trace.\n")
+    assert error_line(dynamo_tail).startswith("torch._dynamo.exc.Unsupported: Attempted to call")
+    assert error_line("Traceback ...\nKeyError: 'nope'\n") == "KeyError: 'nope'"
+    assert error_line("killed\n") == "killed" and error_line("") == "no output"

@@ -69,9 +69,18 @@ def run_case(spec: dict[str, Any], pythonpath: Path | None = None, timeout: floa
         return {"error": f"timed out after {timeout:.0f} s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": tail[:300]}
+        return {"error": error_line(done.stderr)[:300]}
     return json.loads(lines[-1])
+
+
+def error_line(stderr: str) -> str:
+    """The line of a failed case's stderr that names its exception (``torch._dynamo`` follows it with
+    hints about verbose logging), else the last line."""
+    import re
+
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()] or ["no output"]
+    named = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Unsupported)\b", line)]
+    return named[-1] if named else lines[-1]
 
 
 def device_name(device: str) -> str:
