@@ -377,3 +377,38 @@ def test_prompt_vit_inserts_after_cls():
     assert torch.equal(emb[:, :1], base_emb[:, :1])
     assert torch.equal(emb[:, 1:1 + N_PROMPT], prompt_of(model).detach().expand(BATCH, -1, -1))
     assert torch.equal(emb[:, 1 + N_PROMPT:], base_emb[:, 1:])
+
+
+# --------------------------------------------------------------------------------------------------
+# a gated prefix in bidirectional attention: G_P = sigmoid(W_GP mean(x) + b), x averaged over real tokens
+
+
+def test_bidirectional_prefix_gate_pools_the_attention_input_over_real_tokens(monkeypatch):
+    from unipelt import attention
+
+    model = build("bert")
+    unipelt.attach(model, PREFIX_CONFIGS["gated_prefix"])
+    perturb(model, scale=1.0)
+    method = next(m for m in deltas(model).children() if hasattr(m, "gates") and len(m.gates))
+    layer = model.bert.encoder.layer[0].attention.self
+    seen = {}
+    layer.query.register_forward_hook(lambda mod, args, out: seen.setdefault("x", args[0].detach()))
+    (provider,) = attention._PROVIDERS[layer]
+
+    def recording(module, query, key, value):
+        pk, pv, query_gate, *rest = provider(module, query, key, value)
+        seen["pk"] = pk.detach()
+        return (pk, pv, query_gate, *rest)
+
+    monkeypatch.setitem(attention._PROVIDERS, layer, [recording])
+    batch = inputs("bert")  # the last row ends in two padding tokens
+    with torch.no_grad():
+        model(**batch)
+        prefix = method._all_prefixes()[next(iter(method.sites))][0]  # (l, d_kv) keys of layer 0
+        mask = batch["attention_mask"].float().unsqueeze(-1)
+        mean = (seen["x"] * mask).sum(1) / mask.sum(1)  # (b, d) over real tokens only
+        gate = method.gates[next(iter(method.sites))].proj
+        expected = torch.sigmoid(mean @ gate.weight.t() + gate.bias)  # (b, 1)
+        got = seen["pk"].transpose(1, 2).reshape(BATCH, prefix.shape[0], -1) / prefix  # (b, l, d_kv): g everywhere
+    assert torch.allclose(got, expected[:, :, None].expand_as(got), atol=1e-5)
+    assert (expected.max() - expected.min()) > 1e-3  # rows differ: the gate depends on each row's tokens
