@@ -139,6 +139,18 @@ def copy_adapters_weights(method: str, delta: dict[str, torch.Tensor], ours: tor
                 bottleneck.down.bias.copy_(take(f"{where}.adapter_down.0.bias"))
                 bottleneck.up.weight.copy_(take(f"{where}.adapter_up.weight"))
                 bottleneck.up.bias.copy_(take(f"{where}.adapter_up.bias"))
+        elif method == "compacter":
+            # adapters: y = x H + b, H = sum_i rule_i (x) (W_left_i W_right_i), (in, out); ours: y = x W^T + b,
+            # W = sum_i A_i (x) (s_i t_i), (out, in). W^T = sum_i A_i^T (x) (s_i t_i)^T, so A_i = rule_i^T,
+            # s_i = W_right_i^T and t_i = W_left_i^T
+            mine.rules.copy_(take("shared_parameters.bench.phm_rule").transpose(-1, -2))
+            for key, site in mine.sites.items():
+                where = site.write.path.rsplit(".", 1)[0] + ".adapters.bench"
+                for part, theirs in (("down", "adapter_down.0"), ("up", "adapter_up")):
+                    layer = getattr(mine.adapters[key], part)
+                    layer.s.copy_(take(f"{where}.{theirs}.W_right").transpose(-1, -2))
+                    layer.t.copy_(take(f"{where}.{theirs}.W_left").transpose(-1, -2))
+                    layer.bias.copy_(take(f"{where}.{theirs}.b"))
         elif method in ("prefix", "prefix_mlp"):
             (pool,) = {n.split(".self_prefix.")[0] for n in delta}
             stem = f"{pool}.self_prefix"
@@ -162,7 +174,9 @@ def copy_adapters_weights(method: str, delta: dict[str, torch.Tensor], ours: tor
 # gates average over the sequence, its prompt joins the embedding layer's output (after position
 # embeddings and LayerNorm; ours and peft's join the input embeddings); MAM is prefix + parallel adapter,
 # both checked here.
-ADAPTERS_SAME_FUNCTION = ["lora", "houlsby", "parallel", "prefix", "prefix_mlp"]
+ADAPTERS_SAME_FUNCTION = ["lora", "houlsby", "parallel", "prefix", "prefix_mlp", "compacter"]
+# Compacter's PHM layers need sizes divisible by n = 4: bert-tiny's bottleneck (32 / 32) is 1
+ADAPTERS_SHAPE = {"compacter": "bert-small"}
 
 
 @pytest.fixture(scope="module")
@@ -178,13 +192,14 @@ def adapters_env() -> Path:
 @pytest.mark.parametrize("method", ADAPTERS_SAME_FUNCTION)
 def test_unipelt_case_computes_the_adapters_case_function(method: str, adapters_env: Path, tmp_path) -> None:
     file = tmp_path / f"{method}.pt"
-    spec = {"peer": "adapters", "method": method, "shape": "bert-tiny", "dump": str(file)}
+    shape_name = ADAPTERS_SHAPE.get(method, "bert-tiny")
+    spec = {"peer": "adapters", "method": method, "shape": shape_name, "dump": str(file)}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(adapters_env), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, str(CASE_FILE), json.dumps(spec)], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     dumped = torch.load(file, weights_only=True)
-    shape = case.SHAPES["bert-tiny"]
+    shape = case.SHAPES[shape_name]
     base = case.build_base(shape)
     base.load_state_dict(dumped["base"])  # the peer's base weights, whatever its transformers initialised
     ours = case.attach("unipelt", method, base, "bert")
