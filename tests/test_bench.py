@@ -119,7 +119,6 @@ def _copy_prefix(mine, flat: torch.Tensor) -> None:
 
 def copy_adapters_weights(method: str, delta: dict[str, torch.Tensor], ours: torch.nn.Module) -> None:
     """Put the ``adapters`` library's delta (by parameter name) into our method of the same configuration."""
-    mine = _method(ours)
     used = set()
 
     def take(name: str) -> torch.Tensor:
@@ -127,54 +126,62 @@ def copy_adapters_weights(method: str, delta: dict[str, torch.Tensor], ours: tor
         return delta[name]
 
     with torch.no_grad():
-        if method == "lora":
-            for key, proj in mine.sites.items():
-                mine.pairs[key].A.weight.copy_(take(f"{proj.path}.loras.bench.lora_A"))
-                mine.pairs[key].B.weight.copy_(take(f"{proj.path}.loras.bench.lora_B"))
-        elif method in ("houlsby", "parallel"):
-            for key, site in mine.sites.items():
-                where = site.write.path.rsplit(".", 1)[0] + ".adapters.bench"  # the sub-layer's output module
-                bottleneck = mine.adapters[key]
-                bottleneck.down.weight.copy_(take(f"{where}.adapter_down.0.weight"))
-                bottleneck.down.bias.copy_(take(f"{where}.adapter_down.0.bias"))
-                bottleneck.up.weight.copy_(take(f"{where}.adapter_up.weight"))
-                bottleneck.up.bias.copy_(take(f"{where}.adapter_up.bias"))
-        elif method == "compacter":
-            # adapters: y = x H + b, H = sum_i rule_i (x) (W_left_i W_right_i), (in, out); ours: y = x W^T + b,
-            # W = sum_i A_i (x) (s_i t_i), (out, in). W^T = sum_i A_i^T (x) (s_i t_i)^T, so A_i = rule_i^T,
-            # s_i = W_right_i^T and t_i = W_left_i^T
-            mine.rules.copy_(take("shared_parameters.bench.phm_rule").transpose(-1, -2))
-            for key, site in mine.sites.items():
-                where = site.write.path.rsplit(".", 1)[0] + ".adapters.bench"
-                for part, theirs in (("down", "adapter_down.0"), ("up", "adapter_up")):
-                    layer = getattr(mine.adapters[key], part)
-                    layer.s.copy_(take(f"{where}.{theirs}.W_right").transpose(-1, -2))
-                    layer.t.copy_(take(f"{where}.{theirs}.W_left").transpose(-1, -2))
-                    layer.bias.copy_(take(f"{where}.{theirs}.b"))
-        elif method in ("prefix", "prefix_mlp"):
-            (pool,) = {n.split(".self_prefix.")[0] for n in delta}
-            stem = f"{pool}.self_prefix"
-            if method == "prefix":
-                flat = take(f"{stem}.control_trans")
-                _copy_prefix(mine, flat.reshape(mine.config.length, -1))  # adapters keeps it as one vector
-            else:
-                mine.embedding.copy_(take(f"{stem}.wte.weight"))
-                for i in (0, 2):
-                    mine.mlp[i].weight.copy_(take(f"{stem}.control_trans.{i}.weight"))
-                    mine.mlp[i].bias.copy_(take(f"{stem}.control_trans.{i}.bias"))
-                mine.start.zero_()
+        if method == "mam":  # prefix (with its MLP) + scaled parallel adapter: each part as alone
+            parts = core.deltas(ours)
+            _copy_adapters_part("prefix_mlp", parts["prefix"], delta, take)
+            _copy_adapters_part("parallel", parts["adapter"], delta, take)
         else:
-            raise AssertionError(method)
+            _copy_adapters_part(method, _method(ours), delta, take)
     assert used == set(delta), f"adapters parameters left unmapped: {sorted(set(delta) - used)[:4]}"
+
+
+def _copy_adapters_part(method: str, mine, delta: dict[str, torch.Tensor], take) -> None:
+    if method == "lora":
+        for key, proj in mine.sites.items():
+            mine.pairs[key].A.weight.copy_(take(f"{proj.path}.loras.bench.lora_A"))
+            mine.pairs[key].B.weight.copy_(take(f"{proj.path}.loras.bench.lora_B"))
+    elif method in ("houlsby", "parallel"):
+        for key, site in mine.sites.items():
+            where = site.write.path.rsplit(".", 1)[0] + ".adapters.bench"  # the sub-layer's output module
+            bottleneck = mine.adapters[key]
+            bottleneck.down.weight.copy_(take(f"{where}.adapter_down.0.weight"))
+            bottleneck.down.bias.copy_(take(f"{where}.adapter_down.0.bias"))
+            bottleneck.up.weight.copy_(take(f"{where}.adapter_up.weight"))
+            bottleneck.up.bias.copy_(take(f"{where}.adapter_up.bias"))
+    elif method == "compacter":
+        # adapters: y = x H + b, H = sum_i rule_i (x) (W_left_i W_right_i), (in, out); ours: y = x W^T + b,
+        # W = sum_i A_i (x) (s_i t_i), (out, in). W^T = sum_i A_i^T (x) (s_i t_i)^T, so A_i = rule_i^T,
+        # s_i = W_right_i^T and t_i = W_left_i^T
+        mine.rules.copy_(take("shared_parameters.bench.phm_rule").transpose(-1, -2))
+        for key, site in mine.sites.items():
+            where = site.write.path.rsplit(".", 1)[0] + ".adapters.bench"
+            for part, theirs in (("down", "adapter_down.0"), ("up", "adapter_up")):
+                layer = getattr(mine.adapters[key], part)
+                layer.s.copy_(take(f"{where}.{theirs}.W_right").transpose(-1, -2))
+                layer.t.copy_(take(f"{where}.{theirs}.W_left").transpose(-1, -2))
+                layer.bias.copy_(take(f"{where}.{theirs}.b"))
+    elif method in ("prefix", "prefix_mlp"):
+        (pool,) = {n.split(".self_prefix.")[0] for n in delta if ".self_prefix." in n}
+        stem = f"{pool}.self_prefix"
+        if method == "prefix":
+            flat = take(f"{stem}.control_trans")
+            _copy_prefix(mine, flat.reshape(mine.config.length, -1))  # adapters keeps it as one vector
+        else:
+            mine.embedding.copy_(take(f"{stem}.wte.weight"))
+            for i in (0, 2):
+                mine.mlp[i].weight.copy_(take(f"{stem}.control_trans.{i}.weight"))
+                mine.mlp[i].bias.copy_(take(f"{stem}.control_trans.{i}.bias"))
+            mine.start.zero_()
+    else:
+        raise AssertionError(method)
 
 
 # Methods whose adapters configuration computes the same function as ours; the others differ by design:
 # its Pfeiffer adapter reads the FFN output after the layer's LayerNorm (ours, as METHODS.md, before
 # it), its IA3 scales W_1's output before the activation (ours, as the paper, after it), its UniPELT
 # gates average over the sequence, its prompt joins the embedding layer's output (after position
-# embeddings and LayerNorm; ours and peft's join the input embeddings); MAM is prefix + parallel adapter,
-# both checked here.
-ADAPTERS_SAME_FUNCTION = ["lora", "houlsby", "parallel", "prefix", "prefix_mlp", "compacter"]
+# embeddings and LayerNorm; ours and peft's join the input embeddings).
+ADAPTERS_SAME_FUNCTION = ["lora", "houlsby", "parallel", "prefix", "prefix_mlp", "compacter", "mam"]
 # Compacter's PHM layers need sizes divisible by n = 4: bert-tiny's bottleneck (32 / 32) is 1
 ADAPTERS_SHAPE = {"compacter": "bert-small"}
 
