@@ -336,8 +336,8 @@ def set_inductor_options(options: dict[str, Any]) -> None:
         *path, leaf = name.split(".")
         owner = inductor_config
         for part in path:
-            owner = getattr(owner, part)
-        if not hasattr(owner, leaf):
+            owner = getattr(owner, part, None)
+        if owner is None or not hasattr(owner, leaf):
             raise KeyError(f"torch._inductor.config has no option {name!r}")
         setattr(owner, leaf, value)
 
