@@ -517,3 +517,21 @@ def test_a_failed_case_reports_the_line_that_names_its_exception() -> None:
     assert error_line(dynamo_tail).startswith("torch._dynamo.exc.Unsupported: Attempted to call")
     assert error_line("Traceback ...\nKeyError: 'nope'\n") == "KeyError: 'nope'"
     assert error_line("killed\n") == "killed" and error_line("") == "no output"
+
+
+def test_peak_trace_finds_the_blocks_alive_at_the_peak() -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "peak_trace.py"
+    spec = importlib.util.spec_from_file_location("peak_trace", path)
+    trace = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trace)
+    events = [{"action": "alloc", "addr": 1, "size": 100}, {"action": "alloc", "addr": 2, "size": 50},
+              {"action": "free_requested", "addr": 1, "size": 100},  # still allocated until completed
+              {"action": "alloc", "addr": 3, "size": 20},
+              {"action": "free_completed", "addr": 1, "size": 100}, {"action": "alloc", "addr": 4, "size": 60}]
+    peak, alive = trace.live_at_peak(events)
+    assert peak == 170 and sorted(e["addr"] for e in alive) == [1, 2, 3]
+    frames = [{"filename": "/x/torch/nn/functional.py", "line": 5, "name": "linear"},
+              {"filename": "/w/src/unipelt/methods/adapter.py", "line": 9, "name": "forward"}]
+    assert trace.frames({"frames": frames}) == ["adapter.py:9:forward"]
