@@ -5,7 +5,9 @@
 # first_step_s and its compile-cache hits, to find where that time goes). Fifth session: with --optimizer fused
 # and --prewarm N (N = the case count), about 35 s a compiled case plus 70-120 s of prewarm: 10-11 cases a call.
 # Every GPU case also times its steps back to back (a third table); --compile-scope step compiles the whole
-# training step instead of the model.
+# training step instead of the model. Sixth session: --inductor NAME=VALUE sets torch._inductor.config options
+# in every case; --profile --top-kernels 10000 keeps each case's full kernel list; --compile max-autotune
+# compiles for about 70 s a case (four at a time); benchmarks/peak_trace.py lists what is alive at a case's peak.
 #   device run: bash benchmarks/speed_gpu.sh bert-base                 (carry .whl: the adapters wheels, see below)
 #   device run: bash benchmarks/speed_gpu.sh llama-1b
 #   device run: bash benchmarks/speed_gpu.sh bert-base --compile reduce-overhead --prewarm 8   (every case compiled)
