@@ -492,6 +492,7 @@ def test_inductor_options_reach_every_case_and_the_result(monkeypatch) -> None:
     assert all(s["inductor"] == options for s in seen)
     assert result["inductor"] == options
     assert "inductor combo_kernels=True; inductor triton.cudagraph_trees=False" in format_table(result)
+    assert bench.parse_options(["a=True", "b=FALSE", "c=8", "d=text"]) == {"a": True, "b": False, "c": 8, "d": "text"}
     with pytest.raises(ValueError, match="NAME=VALUE"):
         bench.parse_options(["combo_kernels"])
 

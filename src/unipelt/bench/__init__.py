@@ -374,6 +374,9 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
         name, sep, text = pair.partition("=")
         if not sep or not name:
             raise ValueError(f"inductor option {pair!r} is not NAME=VALUE (e.g. combo_kernels=true)")
+        if text.lower() in ("true", "false"):  # Python's spelling too
+            options[name] = text.lower() == "true"
+            continue
         try:
             options[name] = json.loads(text)
         except json.JSONDecodeError:
