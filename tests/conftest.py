@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import pytest
@@ -66,6 +66,15 @@ FAMILIES: dict[str, Family] = {
                                num_attention_heads=4, intermediate_size=64, image_size=16, patch_size=8,
                                num_channels=3), "vision"),
 }
+
+
+@torch.no_grad()
+def perturb_(params: Iterable[torch.Tensor], seed: int, scale: float, draw_in_dtype: bool = False) -> None:
+    """Add seeded N(0, scale^2) noise to each tensor in place: deltas leave their zero start, so every part
+    of a delta shapes the output. The noise is drawn in float32, or in each tensor's dtype."""
+    g = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype if draw_in_dtype else torch.float32) * scale)
 
 
 def build(name: str, seed: int = 0) -> torch.nn.Module:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import transformers
 
 import unipelt
-from conftest import _BERT, BATCH, FAMILIES, HIDDEN, SEQ, VOCAB, _text, build, inputs, logits
+from conftest import _BERT, BATCH, FAMILIES, HIDDEN, SEQ, VOCAB, _text, build, inputs, logits, perturb_
 from unipelt.core import deltas
 
 N_PROMPT = 4
@@ -43,10 +43,7 @@ def lm(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn
 
 def perturb(model: torch.nn.Module, seed: int = 5, scale: float = 0.5) -> None:
     """Random delta weights (LoRA's B and the adapters start at zero, gates at 0.5 everywhere)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in deltas(model).parameters():
-            p.add_((torch.randn(p.shape, generator=g) * scale).to(p.dtype))
+    perturb_(deltas(model).parameters(), seed, scale)
 
 
 def attached(name: str, config, dtype: torch.dtype = torch.float32) -> torch.nn.Module:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import unipelt
-from conftest import build, inputs
+from conftest import build, inputs, perturb_
 from unipelt.core import method_instances
 from unipelt.methods.compacter import Compacter, batched_weights
 
@@ -14,11 +14,7 @@ from unipelt.methods.compacter import Compacter, batched_weights
 def _attached(method: str, seed: int = 0):
     model = build("bert")
     unipelt.attach(model, {"method": method, "bottleneck": 8})
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # away from the zero start, so that the up projections matter
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    perturb_([p for p in model.parameters() if p.requires_grad], seed, 0.1)  # so the up projections matter
     (method_object,) = [m for m in method_instances(model).values() if isinstance(m, Compacter)]
     return model, method_object
 

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from transformers.pytorch_utils import Conv1D
 
 import unipelt
-from conftest import FAMILIES, build, inputs, logits, step
+from conftest import FAMILIES, build, inputs, logits, perturb_, step
 from unipelt.runtime import Gate
 
 # Top-level modules of a task model trained with the delta (the list in unipelt/families.py).
@@ -158,12 +158,10 @@ def delta_param_ids(model: nn.Module) -> set[int]:
 @torch.no_grad()
 def perturb(model: nn.Module, seed: int = 7, heads: bool = True) -> None:
     """Random values in every delta parameter (and the head), so that outputs depend on all of them."""
-    g = torch.Generator().manual_seed(seed)
     params = list(store(model).parameters())
     if heads:
         params += [p for n, m in model.named_children() if n in HEADS for p in m.parameters()]
-    for p in params:
-        p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
+    perturb_(params, seed, 0.1, draw_in_dtype=True)
 
 
 def head_prefixes(model: nn.Module) -> tuple[str, ...]:

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import unipelt
-from conftest import build, inputs, logits
+from conftest import build, inputs, logits, perturb_
 from unipelt.methods.ln_tuning import is_plain_rms_norm
 
 
@@ -28,11 +28,7 @@ def _norms(model: nn.Module) -> list[nn.Module]:
 
 
 def _perturb_gains(model: nn.Module, seed: int = 3) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad and ".gains." in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    perturb_([p for name, p in model.named_parameters() if p.requires_grad and ".gains." in name], seed, 0.2)
 
 
 def test_llama_and_t5_norms_are_recognised_and_run_fused() -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import unipelt
-from conftest import build, inputs, logits
+from conftest import build, inputs, logits, perturb_
 
 TASKS = {
     # first: its delta folds into W_q's and W_v's GEMMs (Installer.add_weight_delta), which must step aside
@@ -37,10 +37,7 @@ def _saved_task(family: str, config: dict, folder: Path, seed: int) -> Path:
     model = build(family)
     torch.manual_seed(seed)
     unipelt.attach(model, config, train_head=False)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.unipelt_deltas.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    perturb_(model.unipelt_deltas.parameters(), seed, 0.2)
     return unipelt.save(model, folder)
 
 

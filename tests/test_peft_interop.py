@@ -18,7 +18,7 @@ import torch
 peft = pytest.importorskip("peft")
 
 import unipelt  # noqa: E402
-from conftest import build, inputs, logits  # noqa: E402
+from conftest import build, inputs, logits, perturb_  # noqa: E402
 from unipelt.core import attachment, deltas  # noqa: E402
 
 ATOL = 1e-5
@@ -32,10 +32,7 @@ PEFT_CASES = {
 
 
 def randomize(params, seed: int = 0, scale: float = 0.3) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in params:
-            p.add_(torch.randn(p.shape, generator=g) * scale)
+    perturb_(params, seed, scale)
 
 
 def peft_model(name: str, use_rslora: bool = False):

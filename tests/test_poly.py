@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import unipelt
-from conftest import VOCAB, build, inputs, logits
+from conftest import VOCAB, build, inputs, logits, perturb_
 from unipelt.core import deltas
 
 CONFIGS = {"poly": {"method": "poly", "tasks": 3}, "poly_s": {"method": "poly_s", "tasks": 3, "heads": 2},
@@ -24,10 +24,7 @@ def _attached(family: str, key: str, seed: int = 0):
 
 
 def _perturb(model, seed: int = 5) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in deltas(model).parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    perturb_(deltas(model).parameters(), seed, 0.3)
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "t5"])

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from transformers.activations import QuickGELUActivation
 
 import unipelt
-from conftest import build, inputs, logits, step
+from conftest import build, inputs, logits, perturb_, step
 from unipelt.methods.rational import (
     TARGETS,
     RationalConfig,
@@ -53,11 +53,9 @@ def fit_error(name: str, m: int = 5, n: int = 4) -> float:
 
 @torch.no_grad()
 def perturb(model: nn.Module, seed: int = 7) -> None:
-    g = torch.Generator().manual_seed(seed)
     params = list(store(model).parameters())
     params += [p for n, m in model.named_children() if n in HEADS for p in m.parameters()]
-    for p in params:
-        p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
+    perturb_(params, seed, 0.05, draw_in_dtype=True)
 
 
 def layer_count(model: nn.Module) -> int:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import unipelt
-from conftest import FAMILIES, build, inputs, logits
+from conftest import FAMILIES, build, inputs, logits, perturb_
 from unipelt.core import attachment
 from unipelt.methods.sparse_adapter import MaskedLinear, SparseAdapter, snip_prune
 
@@ -65,9 +65,7 @@ def width(model: nn.Module) -> int:
 
 @torch.no_grad()
 def perturb(model: nn.Module, seed: int = 7) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for p in model.unipelt_deltas.parameters():
-        p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
+    perturb_(model.unipelt_deltas.parameters(), seed, 0.1, draw_in_dtype=True)
 
 
 def batches(family: str, seeds=(1, 2)) -> list[dict[str, torch.Tensor]]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import unipelt
-from conftest import build, inputs
+from conftest import build, inputs, perturb_
 from unipelt.core import deltas
 
 CONFIGS = {"krona": {"method": "krona", "a_out": 4, "a_in": 4}, "kadaptation": {"method": "kadaptation", "n": 4},
@@ -32,10 +32,7 @@ def _attached(family: str, config: dict, unfolded: bool, dtype: torch.dtype = to
 
 
 def _perturb(model: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in deltas(model).parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    perturb_(deltas(model).parameters(), seed, 0.2)
 
 
 def _sites(model: torch.nn.Module) -> list[torch.nn.Module]:
