@@ -358,8 +358,8 @@ def test_prewarm_runs_every_case_once_untimed_before_the_timed_ones(monkeypatch)
         return {"untimed": True}
 
     monkeypatch.setattr(bench, "run_case", fake_run_case)
-    bench._prewarm([("floor", "-"), ("unipelt", "lora"), ("full", "-")], 2, shape="bert-tiny", device="cpu",
-                   compile_mode="default", adapters_env=None, log=lambda line: None)
+    bench._prewarm([("floor", "-"), ("unipelt", "lora"), ("full", "-")], 2,
+                   {"shape": "bert-tiny", "device": "cpu", "compile": "default"}, None, log=lambda line: None)
     assert sorted((s["peer"], s["method"]) for s in seen) == [("floor", "-"), ("full", "-"), ("unipelt", "lora")]
     assert all(s["untimed"] and s["compile"] == "default" and s["steps"] == 1 for s in seen)
     out = case.measure({"peer": "unipelt", "method": "lora", "shape": "bert-tiny", "device": "cpu", "steps": 1,

@@ -129,15 +129,15 @@ def benchmark(shape: str, methods: list[str], peers: tuple[str, ...] = PEERS, de
     if full:
         cases.append(("full", "-"))  # last: the reference a run cut short can best do without
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {c: [] for c in cases}
+    # what every case of the run shares, the prewarm's untimed ones too
+    run_spec = {"shape": shape, "device": device, "compile": compile_mode, "optimizer": optimizer,
+                "compile_scope": compile_scope, "inductor": inductor}
     if compile_mode and prewarm > 0:
-        _prewarm(cases, prewarm, shape=shape, device=device, compile_mode=compile_mode, adapters_env=adapters_env,
-                 optimizer=optimizer, compile_scope=compile_scope, inductor=inductor, log=log)
+        _prewarm(cases, prewarm, run_spec, adapters_env, log=log)
     for r in range(rounds):
         for peer, method in cases:
-            spec = {"peer": peer, "method": method, "shape": shape, "device": device, "steps": steps,
-                    "warmup": warmup, "threads": threads, "profile": profile, "compile": compile_mode,
-                    "optimizer": optimizer, "compile_scope": compile_scope, "inductor": inductor,
-                    "top_kernels": top_kernels}
+            spec = {"peer": peer, "method": method, **run_spec, "steps": steps, "warmup": warmup, "threads": threads,
+                    "profile": profile, "top_kernels": top_kernels}
             result = run_case(spec, adapters_env if peer == "adapters" else None)
             runs[(peer, method)].append(result)
             if partial is not None:
@@ -184,18 +184,16 @@ def from_cases(path: Path, device: str) -> dict[str, Any]:
                      inductor=first.get("inductor") or {}, partial=True)
 
 
-def _prewarm(cases: list[tuple[str, str]], workers: int, *, shape: str, device: str, compile_mode: str,
-             adapters_env: Path | None, optimizer: str = "foreach", compile_scope: str = "model",
-             inductor: dict[str, Any] | None = None, log=print) -> None:
-    """One untimed compiled step of every case, ``workers`` processes at a time (fills the compile caches)."""
+def _prewarm(cases: list[tuple[str, str]], workers: int, run_spec: dict[str, Any], adapters_env: Path | None,
+             log=print) -> None:
+    """One untimed compiled step of every case, ``workers`` processes at a time (fills the compile caches).
+    ``run_spec``: what the run's cases share (shape, device, compile mode and scope, optimizer, inductor options)."""
     import time
     from concurrent.futures import ThreadPoolExecutor
 
     def warm(peer_method: tuple[str, str]) -> str:
         peer, method = peer_method
-        spec = {"peer": peer, "method": method, "shape": shape, "device": device, "steps": 1, "warmup": 1,
-                "compile": compile_mode, "optimizer": optimizer, "compile_scope": compile_scope,
-                "inductor": inductor or {}, "untimed": True}
+        spec = {"peer": peer, "method": method, **run_spec, "steps": 1, "warmup": 1, "untimed": True}
         result = run_case(spec, adapters_env if peer == "adapters" else None)
         return f"{peer} {method}: {result.get('error', 'compiled')}"
 
