@@ -84,11 +84,14 @@ class LoRA(DeltaMethod):
             if config.gate:
                 self.gates[site_key] = Gate(proj.in_features)
 
+    def scaled_delta(self, site_key: str) -> torch.Tensor:
+        """``(alpha / r) B A``: what merge adds to W, and what ``fold=True`` adds to it per call."""
+        return self.pairs[site_key].delta_weight() * self.scaling
+
     def install(self, installer: Installer) -> None:
         if self.config.fold:
             for site_key, proj in self.sites.items():
-                pair = self.pairs[site_key]
-                installer.add_weight_delta(proj, lambda pair=pair: pair.delta_weight() * self.scaling,
+                installer.add_weight_delta(proj, lambda site_key=site_key: self.scaled_delta(site_key),
                                            self._hook(site_key, proj, installer.own_rows))
             return
         # Sites of one attention (q, v, ...) usually read the same input tensor: their A's and gates then
@@ -175,4 +178,4 @@ class LoRA(DeltaMethod):
     @torch.no_grad()
     def merge(self) -> None:
         for site_key, proj in self.sites.items():
-            proj.add_to_weight(self.pairs[site_key].delta_weight() * self.scaling)
+            proj.add_to_weight(self.scaled_delta(site_key))
