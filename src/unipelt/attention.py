@@ -84,51 +84,6 @@ def _hide_from_rows(mask: torch.Tensor | None, spans: list[tuple[int, int, torch
     return mask
 
 
-# implementations whose output is softmax(scores) V for any width of V (queries and keys zero-padded to it):
-# a gated provider's share then comes out of the one call (see _gated_in_one_call)
-_ONE_CALL = ("sdpa", "eager")
-
-
-def _gated_in_one_call(fn: Callable, module: nn.Module, query: torch.Tensor, keys: list[torch.Tensor],
-                       all_keys: torch.Tensor, all_values: torch.Tensor, gated: list[tuple[int, torch.Tensor]],
-                       attention_mask: torch.Tensor | None, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Attention with per-query gates on some providers' values, in one attention call.
-
-    What provider ``i`` adds to query ``t`` is ``m_ti softmax(q_t K_i^T s) V_i``, where ``m_ti`` is the
-    probability mass ``t`` puts on the provider's keys in the softmax over all keys. Gated, the output is
-    ``out + (g_t - 1)`` times that. The masses come out of the one call as extra value channels (1 on the
-    provider's keys, 0 elsewhere; queries and keys get zero channels of the same width, so the scores do
-    not change, and the scale is passed explicitly); the provider's own softmax over its ``l`` keys is a
-    small matmul. A second attention call per provider (the values of that provider only) would cost
-    as much as the first. Under attention dropout the masses share the call's dropout draw.
-    """
-    b, h, q_len, hd = query.shape
-    h_kv, kv_len = all_keys.shape[1], all_keys.shape[2]
-    width = -(-(hd + len(gated)) // 8) * 8  # kernels want head sizes in multiples of 8
-    starts = [0]
-    for k in keys:
-        starts.append(starts[-1] + k.shape[2])
-    marks = all_values.new_zeros(kv_len, width - hd)
-    for channel, (i, _) in enumerate(gated):
-        marks[starts[i]:starts[i + 1], channel] = 1.0
-    values = torch.cat([all_values, marks.expand(all_values.shape[0], h_kv, kv_len, width - hd)], dim=-1)
-    scaling = kwargs.get("scaling")
-    kwargs = {**kwargs, "scaling": hd ** -0.5 if scaling is None else scaling}
-    pad = (0, width - hd)
-    out, weights = fn(module, F.pad(query, pad), F.pad(all_keys, pad), values, attention_mask, **kwargs)
-    result = out[..., :hd]  # (b, q, heads, head_dim), as the implementations return it
-    grouped = query.view(b, h_kv, h // h_kv, q_len, hd)  # query heads that share a key/value head
-    for channel, (i, query_gate) in enumerate(gated):
-        provider_keys = all_keys[:, :, starts[i]:starts[i + 1]].unsqueeze(2)  # (b, h_kv, 1, l, head_dim)
-        provider_values = all_values[:, :, starts[i]:starts[i + 1]].unsqueeze(2)
-        scores = grouped @ provider_keys.transpose(-1, -2) * kwargs["scaling"]
-        own = scores.float().softmax(-1).to(provider_values.dtype) @ provider_values  # (b, h_kv, g, q, head_dim)
-        own = own.reshape(b, h, q_len, hd).transpose(1, 2)
-        mass = out[..., hd + channel].unsqueeze(-1)  # (b, q, heads, 1)
-        result = result + (query_gate.to(result.dtype).unsqueeze(-1) - 1.0) * mass * own
-    return result, weights
-
-
 def _wrapper(impl: str) -> Callable:
     def attention_with_prefix(module, query, key, value, attention_mask, **kwargs):
         providers = _PROVIDERS.get(module)
@@ -155,16 +110,13 @@ def _wrapper(impl: str) -> Callable:
         bias = kwargs.get("position_bias")
         if isinstance(bias, torch.Tensor) and bias.shape[-1] == key.shape[2]:
             kwargs["position_bias"] = F.pad(bias, (n, 0), value=0.0)
-        all_keys, all_values = torch.cat([*keys, key], dim=2), torch.cat([*values, value], dim=2)
-        gated = [(i, g) for i, g in enumerate(query_gates) if g is not None]
-        if not gated:
-            return fn(module, query, all_keys, all_values, attention_mask, **kwargs)
-        if impl in _ONE_CALL and kwargs.get("softcap") is None:
-            return _gated_in_one_call(fn, module, query, keys, all_keys, all_values, gated, attention_mask, kwargs)
+        all_keys = torch.cat([*keys, key], dim=2)
+        out, weights = fn(module, query, all_keys, torch.cat([*values, value], dim=2), attention_mask, **kwargs)
         # A per-query gate g scales what one provider's values add to each query's output. Attention
         # is linear in the values, so that is out + (g - 1) * attention(values of that provider only).
-        out, weights = fn(module, query, all_keys, all_values, attention_mask, **kwargs)
-        for i, query_gate in gated:
+        for i, query_gate in enumerate(query_gates):
+            if query_gate is None:
+                continue
             only = [v if j == i else torch.zeros_like(v) for j, v in enumerate(values)]
             part, _ = fn(module, query, all_keys, torch.cat([*only, torch.zeros_like(value)], dim=2),
                          attention_mask, **kwargs)
