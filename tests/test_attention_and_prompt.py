@@ -194,6 +194,57 @@ def test_gated_prefix_is_causal(name, config, impl):
             assert (out[:, i + 1:] - ref[:, i + 1:]).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_per_query_prefix_gate_scales_what_the_prefix_values_add(name, impl):
+    """In a decoder the gate g scales what the prefix's values add to each query's attention output, while
+    the prefix keys keep their share of the softmax: g = 1 is the ungated prefix, g = 0 the prefix with
+    zero values, and the attention output moves linearly in between."""
+    from unipelt import attention
+
+    model = lm(name)
+    model.set_attn_implementation(impl)
+    unipelt.attach(model, PREFIX_CONFIGS["gated_prefix"])
+    perturb(model, scale=1.0)
+    (method,) = deltas(model).values()
+    first = model.transformer.h[0].attn if name == "gpt2" else model.model.layers[0].self_attn
+    seen = []
+    first.register_forward_hook(lambda module, args, out: seen.append(out[0].detach()))
+    ids = token_ids(2, 8)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+
+    def run(gate_bias: float | None = None, value_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits and the first attention's output, with every gate at ``sigmoid(gate_bias)``, or
+        ungated with the prefix values scaled by ``value_scale``."""
+        saved = dict(attention._PROVIDERS)
+        with torch.no_grad():
+            for gate in method.gates.values():
+                gate.proj.weight.zero_()
+                gate.proj.bias.fill_(gate_bias or 0.0)
+            if value_scale is not None:
+                for module, providers in saved.items():
+                    attention._PROVIDERS[module] = [
+                        lambda *a, provide=provide: (lambda k, v, g, *rest: (k, v * value_scale, None, *rest))(
+                            *provide(*a)) for provide in providers]
+            try:
+                logits = model(input_ids=ids, attention_mask=mask).logits
+            finally:
+                attention._PROVIDERS.update(saved)
+        return logits, seen.pop()
+
+    open_logits, open_attention = run(gate_bias=40.0)  # sigmoid(40) is 1 in float32
+    closed_logits, closed_attention = run(gate_bias=-40.0)
+    ungated_logits, ungated_attention = run(value_scale=1.0)
+    zero_logits, zero_attention = run(value_scale=0.0)
+    half_logits, half_attention = run(gate_bias=0.0)
+    assert torch.allclose(open_logits, ungated_logits, atol=1e-5)
+    assert torch.allclose(closed_logits, zero_logits, atol=1e-5)
+    assert (ungated_logits - zero_logits).abs().max() > 1e-3  # the prefix values matter
+    assert torch.allclose(half_attention, (ungated_attention + zero_attention) / 2, atol=1e-5)
+    assert not torch.allclose(half_logits, ungated_logits, atol=1e-3)
+
+
 # --------------------------------------------------------------------------------------------------
 # prompt tuning
 
