@@ -245,6 +245,45 @@ def test_per_query_prefix_gate_scales_what_the_prefix_values_add(name, impl):
     assert not torch.allclose(half_logits, ungated_logits, atol=1e-3)
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama"])  # llama: grouped keys/values (4 query heads on 2)
+def test_eager_per_query_gates_take_the_share_from_the_weights(name, monkeypatch):
+    """Eager attention returns its weights: each gated provider's share is those weights on its keys
+    times its values, with no second attention call. It equals the second call's result (the definition),
+    in values and gradients, with two gated prefixes, a padding mask and training-mode dropout off."""
+    from unipelt import attention
+
+    def run(from_weights: bool):
+        if not from_weights:
+            monkeypatch.setattr(attention, "_share_from_weights", lambda *args: None)
+        model = lm(name)
+        model.set_attn_implementation("eager")
+        unipelt.attach(model, PREFIX_CONFIGS["gated_prefix"])
+        unipelt.attach(model, {"method": "prefix", "length": 2, "gate": True})
+        perturb(model, scale=1.0)
+        calls = []
+        inner = attention._original_function
+        monkeypatch.setattr(attention, "_original_function",
+                            lambda module, kind: (lambda *a, **k: calls.append(1) or inner(module, kind)(*a, **k)))
+        ids = token_ids(2, 8)
+        mask = torch.ones_like(ids)
+        mask[1, 6:] = 0
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        (logits * torch.randn(logits.shape, generator=torch.Generator().manual_seed(3))).sum().backward()
+        grads = {n: p.grad.clone() for n, p in deltas(model).named_parameters() if p.grad is not None}
+        monkeypatch.undo()
+        return logits.detach(), grads, len(calls)
+
+    reference, reference_grads, reference_calls = run(from_weights=False)
+    shared, shared_grads, shared_calls = run(from_weights=True)
+    layers = 2
+    assert reference_calls == 3 * layers and shared_calls == layers
+    assert torch.allclose(shared, reference, atol=1e-5, rtol=1e-5)
+    assert reference_grads.keys() == shared_grads.keys()
+    assert sum("gates" in n for n in shared_grads) == 2 * 2 * layers  # W and b of two prefixes' gates
+    for n, g in reference_grads.items():
+        assert torch.allclose(shared_grads[n], g, atol=1e-5, rtol=1e-4), n
+
+
 # --------------------------------------------------------------------------------------------------
 # prompt tuning
 

@@ -84,6 +84,24 @@ def _hide_from_rows(mask: torch.Tensor | None, spans: list[tuple[int, int, torch
     return mask
 
 
+def _share_from_weights(weights: torch.Tensor | None, start: int, provider_values: torch.Tensor,
+                        out_shape: torch.Size) -> torch.Tensor | None:
+    """What one provider's values add to the attention output, ``weights[..., its keys] @ its values``, laid
+    out as the output (batch, queries, heads, head_dim); None when the weights are not at hand.
+
+    The weights are the ones the output was computed with (after dropout, if any), so the part is
+    exactly what the provider added to it.
+    """
+    b, q_len, heads, hd = out_shape
+    if weights is None or weights.dim() != 4 or weights.shape[1] != heads or weights.shape[2] != q_len:
+        return None
+    kv_heads, length = provider_values.shape[1], provider_values.shape[2]
+    mine = weights[..., start:start + length].to(provider_values.dtype)  # (b, heads, q, l)
+    grouped = mine.reshape(b, kv_heads, heads // kv_heads, q_len, length)  # query heads that share a kv head
+    part = grouped @ provider_values.unsqueeze(2)  # (b, kv_heads, group, q, head_dim)
+    return part.reshape(b, heads, q_len, hd).transpose(1, 2)
+
+
 def _wrapper(impl: str) -> Callable:
     def attention_with_prefix(module, query, key, value, attention_mask, **kwargs):
         providers = _PROVIDERS.get(module)
@@ -114,12 +132,19 @@ def _wrapper(impl: str) -> Callable:
         out, weights = fn(module, query, all_keys, torch.cat([*values, value], dim=2), attention_mask, **kwargs)
         # A per-query gate g scales what one provider's values add to each query's output. Attention
         # is linear in the values, so that is out + (g - 1) * attention(values of that provider only).
+        # Where the implementation returns its attention weights (eager), that part is those weights on the
+        # provider's keys times its values; otherwise (SDPA) it takes a second call.
+        starts = [0]
+        for k in keys:
+            starts.append(starts[-1] + k.shape[2])
         for i, query_gate in enumerate(query_gates):
             if query_gate is None:
                 continue
-            only = [v if j == i else torch.zeros_like(v) for j, v in enumerate(values)]
-            part, _ = fn(module, query, all_keys, torch.cat([*only, torch.zeros_like(value)], dim=2),
-                         attention_mask, **kwargs)
+            part = _share_from_weights(weights, starts[i], values[i], out.shape)
+            if part is None:
+                only = [v if j == i else torch.zeros_like(v) for j, v in enumerate(values)]
+                part, _ = fn(module, query, all_keys, torch.cat([*only, torch.zeros_like(value)], dim=2),
+                             attention_mask, **kwargs)
             out = out + (query_gate.to(out.dtype).unsqueeze(-1) - 1.0) * part
         return out, weights
 
