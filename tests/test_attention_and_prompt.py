@@ -171,6 +171,59 @@ def test_prefix_eager_equals_sdpa(name, config, padded):
 
 
 # --------------------------------------------------------------------------------------------------
+# FlexAttention (its block mask widened by the prefix columns) and implementations that cannot take a prefix
+
+
+def flex_or_sdpa(impl: str, config, seed: int = 5):
+    model = lm("llama").eval()
+    model.set_attn_implementation(impl)
+    unipelt.attach(model, config)
+    perturb(model, seed=seed)
+    return model
+
+
+@pytest.mark.parametrize("padding", ["right", "left", "none"])  # left: the first key hidden from a row
+@pytest.mark.parametrize("config", ["prefix", "gated_prefix", "unipelt"])
+def test_prefix_flex_attention_equals_sdpa(config, padding):
+    """Forward only: FlexAttention has no backward on the CPU."""
+    batch = inputs("llama", padded=padding == "right")
+    if padding == "left":
+        batch["attention_mask"][-1, :2] = 0
+    outs = {impl: logits(flex_or_sdpa(impl, PREFIX_CONFIGS[config]), batch) for impl in ("sdpa", "flex_attention")}
+    assert torch.allclose(outs["flex_attention"], outs["sdpa"], atol=1e-5, rtol=0)
+    assert (logits(lm("llama").eval(), batch) - outs["sdpa"]).abs().max() > 1e-4
+
+
+def test_flex_attention_serves_prefix_tasks_row_by_row(tmp_path):
+    """Each task's prefix is hidden from the other tasks' rows inside the widened block mask."""
+    folders = {}
+    for i, length in enumerate((3, 2)):
+        folders[f"t{i}"] = unipelt.save(flex_or_sdpa("sdpa", {"method": "prefix", "length": length}, seed=i),
+                                        tmp_path / f"t{i}")
+    batch = inputs("llama")
+    served = lm("llama").eval()
+    served.set_attn_implementation("flex_attention")
+    unipelt.load_tasks(served, folders)
+    task_ids = torch.tensor([1, 0, 1])
+    out = logits(served, {**batch, "task_ids": task_ids})
+    for row, task in enumerate(task_ids.tolist()):
+        alone = logits(unipelt.load(lm("llama").eval(), folders[f"t{task}"]), batch)
+        torch.testing.assert_close(out[row], alone[row], atol=1e-5, rtol=0)
+
+
+def test_an_attention_that_reads_only_padding_masks_refuses_a_prefix():
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    AttentionInterface.register("padding_only_test", sdpa_attention_forward)
+    model = lm("llama")
+    model.set_attn_implementation("padding_only_test")
+    unipelt.attach(model, "prefix")
+    with pytest.raises(unipelt.ConfigError, match=r"'padding_only_test' cannot take a prefix.*set_attn_implementation"):
+        model(input_ids=token_ids(2, 8))
+
+
+# --------------------------------------------------------------------------------------------------
 # a gated prefix in a causal decoder does not read future tokens
 
 

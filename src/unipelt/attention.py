@@ -2,11 +2,13 @@
 
 Prefix-style methods give an attention module ``l`` extra key/value vectors. Rather than touching
 ``past_key_values`` (whose layout differs between families and versions), unipelt registers, for
-each attention implementation a model uses (``eager``, ``sdpa``, ...), a wrapper under the name
-``unipelt_<impl>``. The wrapper asks the providers registered for the calling module for their
-keys and values, prepends them, widens the mask (and T5's position bias) by ``l`` visible columns,
-and calls the original implementation. Prefixes never enter the key/value cache, so generation with
-a cache works unchanged: every step sees the prefix in front of the cached keys.
+each attention implementation a model uses (``eager``, ``sdpa``, ``flex_attention``), a wrapper under
+the name ``unipelt_<impl>``. The wrapper asks the providers registered for the calling module for
+their keys and values, prepends them, widens the mask (FlexAttention's block mask, T5's position bias)
+by ``l`` visible columns, and calls the original implementation. Implementations that read only a
+padding mask (FlashAttention's) are refused with the fix named. Prefixes never enter the key/value
+cache, so generation with a cache works unchanged: every step sees the prefix in front of the cached
+keys.
 """
 
 from __future__ import annotations
@@ -14,16 +16,22 @@ from __future__ import annotations
 import sys
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .config import ConfigError
 
 # provider(module, query, key, value) -> (prefix_key, prefix_value, query_gate[, rows]): keys and values shaped
 # (batch, kv_heads, l, head_dim); query_gate None or (batch, q_len, 1) scaling what they add per query; rows
 # (multi-task serving) None or (batch,) bool: the rows that see these keys (masked out for the others).
 KVProvider = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor],
                       tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+
+# implementations whose mask can be widened by the prefix's columns (a full mask, or FlexAttention's block mask)
+WIDENABLE = ("eager", "sdpa", "flex_attention")
 
 _PROVIDERS: weakref.WeakKeyDictionary[nn.Module, list[KVProvider]] = weakref.WeakKeyDictionary()
 PREFIX = "unipelt_"
@@ -70,6 +78,46 @@ def _widen_mask(mask: torch.Tensor | None, n: int, query: torch.Tensor, key: tor
     return F.pad(mask, (n, 0), value=0.0)
 
 
+def _widen_block_mask(mask: Any, n: int, spans: list[tuple[int, int, torch.Tensor]], query: torch.Tensor,
+                      key: torch.Tensor, causal: bool) -> Any:
+    """FlexAttention's block mask with ``n`` key columns in front, visible to every query (to the rows of
+    ``spans`` only, for a served task's prefix). Built once per mask: the layers of a forward pass share it.
+
+    The model's mask is evaluated once into a dense (batch, 1, queries, keys) table, padded by the prefix
+    columns, and the new mask reads that table: a mask function that calls the old one at shifted key
+    indices trips Inductor's CPU code generation under ``torch.compile``.
+    """
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask
+
+    if mask is not None and not isinstance(mask, BlockMask):
+        raise TypeError(f"flex_attention with extra keys needs a BlockMask or no mask, got {type(mask).__name__}")
+    if mask is None and not causal and not spans:
+        return None  # every key visible, the prefix too
+    # kept on the mask object, which lives for one forward pass (a module-level cache would be guarded on
+    # by torch.compile, and recompile every pass)
+    cache_key = (n, tuple((start, length, id(rows)) for start, length, rows in spans))
+    cached = getattr(mask, "_unipelt_widened", None)
+    if cached is not None and cached[0] == cache_key:
+        return cached[1]
+    b, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
+    if mask is not None:
+        table = create_mask(mask.mask_mod, b, 1, q_len, kv_len, device=query.device)
+    else:
+        table = _widen_mask(None, 0, query, key, causal=True).expand(b, 1, q_len, kv_len)
+    table = F.pad(table, (n, 0), value=True)
+    for start, length, rows in spans:
+        table[..., start:start + length] &= rows.view(b, 1, 1, 1).to(table.device)
+
+    def with_prefix(batch, head, q, kv):
+        return table[batch, 0, q, kv]
+
+    widened = create_block_mask(with_prefix, b, None, q_len, kv_len + n, device=query.device,
+                                BLOCK_SIZE=mask.BLOCK_SIZE if mask is not None else 128)
+    if mask is not None:
+        mask._unipelt_widened = (cache_key, widened)
+    return widened
+
+
 def _hide_from_rows(mask: torch.Tensor | None, spans: list[tuple[int, int, torch.Tensor]], query: torch.Tensor,
                     kv_len: int) -> torch.Tensor:
     """Mask key columns ``[start, start + length)`` for the rows not in ``rows``: another task's prefix."""
@@ -108,6 +156,10 @@ def _wrapper(impl: str) -> Callable:
         fn = _original_function(module, impl)
         if not providers:
             return fn(module, query, key, value, attention_mask, **kwargs)
+        if impl not in WIDENABLE:
+            raise ConfigError(f"attention implementation {impl!r} cannot take a prefix's extra keys (it reads a "
+                              f"padding mask, not a full one); call model.set_attn_implementation('sdpa') "
+                              f"(or one of {WIDENABLE}) before attaching")
         causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
         keys, values, query_gates, hidden = [], [], [], []
         start = 0
@@ -120,9 +172,12 @@ def _wrapper(impl: str) -> Callable:
                 hidden.append((start, pk.shape[2], rows[0]))
             start += pk.shape[2]
         n = sum(k.shape[2] for k in keys)
-        attention_mask = _widen_mask(attention_mask, n, query, key, causal)
-        if hidden:
-            attention_mask = _hide_from_rows(attention_mask, hidden, query, n + key.shape[2])
+        if impl == "flex_attention":
+            attention_mask = _widen_block_mask(attention_mask, n, hidden, query, key, causal)
+        else:
+            attention_mask = _widen_mask(attention_mask, n, query, key, causal)
+            if hidden:
+                attention_mask = _hide_from_rows(attention_mask, hidden, query, n + key.shape[2])
         if attention_mask is not None:
             kwargs["is_causal"] = False
         bias = kwargs.get("position_bias")
