@@ -486,15 +486,32 @@ def test_inductor_options_reach_every_case_and_the_result(monkeypatch) -> None:
     options = bench.parse_options(["combo_kernels=true", "triton.cudagraph_trees=false"])
     assert options == {"combo_kernels": True, "triton.cudagraph_trees": False}
     result = benchmark("bert-tiny", ["lora"], (), "cpu", steps=1, warmup=1, compile_mode="default", prewarm=2,
-                       full=False, inductor=options, top_kernels=50, log=lambda line: None)
+                       full=False, inductor=options, top_kernels=50, attention="eager", log=lambda line: None)
     assert all(s["top_kernels"] == 50 for s in seen if not s.get("untimed"))
     assert len(seen) == 4 and sum(bool(s.get("untimed")) for s in seen) == 2  # floor and lora, warmed and timed
-    assert all(s["inductor"] == options for s in seen)
-    assert result["inductor"] == options
-    assert "inductor combo_kernels=True; inductor triton.cudagraph_trees=False" in format_table(result)
+    assert all(s["inductor"] == options and s["attention"] == "eager" for s in seen)
+    assert result["inductor"] == options and result["attention"] == "eager"
+    assert "inductor combo_kernels=True; inductor triton.cudagraph_trees=False; attention eager" in format_table(result)
     assert bench.parse_options(["a=True", "b=FALSE", "c=8", "d=text"]) == {"a": True, "b": False, "c": 8, "d": "text"}
     with pytest.raises(ValueError, match="NAME=VALUE"):
         bench.parse_options(["combo_kernels"])
+
+
+def test_a_case_runs_the_attention_implementation_it_is_given(monkeypatch) -> None:
+    """--attention IMPL: the case's model runs that implementation (routed through unipelt's wrapper
+    when a prefix is attached), and the case's result says which."""
+    from unipelt import attention as routing
+
+    shape = case.SHAPES["bert-tiny"]
+    assert case.build_base(shape, "eager").config._attn_implementation == "eager"
+    assert case.build_base(shape).config._attn_implementation == "sdpa"
+    calls = []
+    original = routing._original_function
+    monkeypatch.setattr(routing, "_original_function",
+                        lambda module, impl: calls.append(impl) or original(module, impl))
+    result = case.measure({"peer": "unipelt", "method": "prefix", "shape": "bert-tiny", "device": "cpu",
+                           "steps": 1, "warmup": 0, "attention": "eager"})
+    assert result["attention"] == "eager" and set(calls) == {"eager"}
 
 
 def test_a_case_sets_inductor_options_by_dotted_name(monkeypatch) -> None:

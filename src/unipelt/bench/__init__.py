@@ -96,7 +96,7 @@ def benchmark(shape: str, methods: list[str], peers: tuple[str, ...] = PEERS, de
               rounds: int = 1, profile: bool = False, compile_mode: str | None = None,
               partial: Path | None = None, prewarm: int = 0, full: bool = True, optimizer: str = "foreach",
               compile_scope: str = "model", inductor: dict[str, Any] | None = None, top_kernels: int = 12,
-              log=print) -> dict[str, Any]:
+              attention: str | None = None, log=print) -> dict[str, Any]:
     """Every method of ours and of each peer that has it, the floor and full fine-tuning, in one run.
 
     With ``rounds > 1`` every case runs that many times, round-robin over all cases, and the times
@@ -113,7 +113,8 @@ def benchmark(shape: str, methods: list[str], peers: tuple[str, ...] = PEERS, de
     ``compile_scope="step"`` compiles each case's whole training step instead of its model: forward,
     backward through compiled autograd, and the optimizer. ``inductor`` sets ``torch._inductor.config``
     options (dotted names) in every case, the floor's too. ``top_kernels``: how many kernels (by GPU time)
-    each profiled case lists.
+    each profiled case lists. ``attention``: the models' attention implementation in every case (``sdpa``,
+    ``eager``, ``flex_attention``; default: the model's own choice, SDPA).
     """
     inductor = inductor or {}
     family = SHAPES[shape]["family"]
@@ -131,7 +132,7 @@ def benchmark(shape: str, methods: list[str], peers: tuple[str, ...] = PEERS, de
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {c: [] for c in cases}
     # what every case of the run shares, the prewarm's untimed ones too
     run_spec = {"shape": shape, "device": device, "compile": compile_mode, "optimizer": optimizer,
-                "compile_scope": compile_scope, "inductor": inductor}
+                "compile_scope": compile_scope, "inductor": inductor, "attention": attention}
     if compile_mode and prewarm > 0:
         _prewarm(cases, prewarm, run_spec, adapters_env, log=log)
     for r in range(rounds):
@@ -148,7 +149,8 @@ def benchmark(shape: str, methods: list[str], peers: tuple[str, ...] = PEERS, de
                 shown += f", {result['kernels_per_step']:.0f} kernels, GPU busy {result['gpu_busy_ms']:.2f} ms"
             log(f"  {f'round {r + 1} ' if rounds > 1 else ''}{peer:<9} {method:<11} {shown}")
     return summarise(runs, shape, methods, peers, device_name(device), steps=steps, warmup=warmup, rounds=rounds,
-                     compile_mode=compile_mode, optimizer=optimizer, compile_scope=compile_scope, inductor=inductor)
+                     compile_mode=compile_mode, optimizer=optimizer, compile_scope=compile_scope, inductor=inductor,
+                     attention=attention)
 
 
 def summarise(runs: dict[tuple[str, str], list[dict[str, Any]]], shape: str, methods: list[str],
@@ -181,13 +183,14 @@ def from_cases(path: Path, device: str) -> dict[str, Any]:
     first = cases[0]
     return summarise(runs, first["shape"], methods, peers, device, compile_mode=first.get("compile"),
                      optimizer=first.get("optimizer", "foreach"), compile_scope=first.get("compile_scope", "model"),
-                     inductor=first.get("inductor") or {}, partial=True)
+                     inductor=first.get("inductor") or {}, attention=first.get("attention"), partial=True)
 
 
 def _prewarm(cases: list[tuple[str, str]], workers: int, run_spec: dict[str, Any], adapters_env: Path | None,
              log=print) -> None:
     """One untimed compiled step of every case, ``workers`` processes at a time (fills the compile caches).
-    ``run_spec``: what the run's cases share (shape, device, compile mode and scope, optimizer, inductor options)."""
+    ``run_spec``: what the run's cases share (shape, device, compile mode and scope, optimizer, inductor options,
+    attention implementation)."""
     import time
     from concurrent.futures import ThreadPoolExecutor
 
@@ -264,7 +267,8 @@ def format_table(result: dict[str, Any]) -> str:
                 + (", whole step" if result.get("compile_scope") == "step" else "") + ")"
                 if result.get("compile_mode") else "")
              + f"; AdamW {result.get('optimizer', 'foreach')}"
-             + "".join(f"; inductor {k}={v}" for k, v in (result.get("inductor") or {}).items()),
+             + "".join(f"; inductor {k}={v}" for k, v in (result.get("inductor") or {}).items())
+             + (f"; attention {result['attention']}" if result.get("attention") else ""),
              "",
              "| method | peer | ours ms | peer ms | x floor | x peer | ours MB | peer MB | infer ms (merged) | "
              "peer infer ms (merged) | ops/step ours / peer | trainable ours / peer |",
@@ -334,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inductor", nargs="*", default=[], metavar="NAME=VALUE",
                         help="torch._inductor.config options for every case, e.g. combo_kernels=true "
                              "triton.cudagraph_trees=false (values read as JSON, else as text)")
+    parser.add_argument("--attention", default=None, choices=["sdpa", "eager", "flex_attention"],
+                        help="the models' attention implementation in every case (default: the model's own, SDPA)")
     parser.add_argument("--no-full", action="store_true",
                         help="leave full fine-tuning out (measured in an earlier run of the same shape)")
     parser.add_argument("--adapters-env", type=Path, default=Path(".bench/adapters-env"),
@@ -360,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     partial.unlink(missing_ok=True)
     result = benchmark(shape, opts.methods, tuple(opts.peers), device, opts.steps, opts.warmup, env, opts.threads,
                        opts.rounds, opts.profile, opts.compile, partial, opts.prewarm, not opts.no_full,
-                       opts.optimizer, opts.compile_scope, parse_options(opts.inductor), opts.top_kernels)
+                       opts.optimizer, opts.compile_scope, parse_options(opts.inductor), opts.top_kernels,
+                       opts.attention)
     _write(result, opts.out)
     return 0
 

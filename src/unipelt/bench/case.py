@@ -125,8 +125,16 @@ PEFT_TARGETS = {
 }
 
 
-def build_base(shape: dict[str, Any]) -> torch.nn.Module:
-    """The randomly initialised base model (no head, no pooler) for a shape."""
+def build_base(shape: dict[str, Any], attention: str | None = None) -> torch.nn.Module:
+    """The randomly initialised base model (no head, no pooler) for a shape, with the attention
+    implementation ``attention`` when given (else the model's own choice)."""
+    model = _random_base(shape)
+    if attention:
+        model.set_attn_implementation(attention)
+    return model
+
+
+def _random_base(shape: dict[str, Any]) -> torch.nn.Module:
     import transformers
 
     torch.manual_seed(0)
@@ -349,7 +357,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     device = spec["device"]
     cuda = device.startswith("cuda")
     with torch.device(device):  # random init where the model runs: seconds less per case on a GPU
-        model = build_base(shape)
+        model = build_base(shape, spec.get("attention"))
     model = attach(spec["peer"], spec["method"], model, shape["family"]).to(device)
     compile_mode = None if spec.get("compile") in (None, "default") else spec["compile"]
     whole_step = spec.get("compile") and spec.get("compile_scope", "model") == "step"
@@ -418,7 +426,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             profiled = {"profile_error": str(error)[:200]}
     result = {"peer": spec["peer"], "method": spec["method"], "shape": spec["shape"], "device_kind": device,
               "compile": spec.get("compile"), "compile_scope": "step" if whole_step else "model",
-              "inductor": spec.get("inductor") or {},
+              "inductor": spec.get("inductor") or {}, "attention": spec.get("attention"),
               "optimizer": spec.get("optimizer", "foreach"),
               "train_ms": statistics.median(train_ms), "train_ms_all": train_ms,
               "back_to_back_ms": statistics.median(back_to_back_ms) if back_to_back_ms else None,
