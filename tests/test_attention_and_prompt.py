@@ -211,6 +211,27 @@ def test_flex_attention_serves_prefix_tasks_row_by_row(tmp_path):
         torch.testing.assert_close(out[row], alone[row], atol=1e-5, rtol=0)
 
 
+def test_widened_block_mask_without_a_mask_of_the_models():
+    """No model mask: causal prefill (prefix columns, then the causal triangle), a decoding step (every
+    key), and served tasks in bidirectional attention (a task's prefix hidden from other tasks' rows)."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    from unipelt.attention import _widen_block_mask
+
+    def table(mask, q_len, kv_len):
+        return create_mask(mask.mask_mod, 2, 1, q_len, kv_len, device="cpu")[:, 0]
+
+    query, key = torch.zeros(2, 4, 5, 8), torch.zeros(2, 2, 5, 8)
+    prefill = table(_widen_block_mask(None, 3, [], query, key, causal=True), 5, 8)
+    expected = torch.cat([torch.ones(5, 3, dtype=torch.bool), torch.ones(5, 5, dtype=torch.bool).tril()], 1)
+    assert torch.equal(prefill, expected.expand(2, 5, 8))
+    step = table(_widen_block_mask(None, 3, [], torch.zeros(2, 4, 1, 8), torch.zeros(2, 2, 6, 8), causal=True), 1, 9)
+    assert step.all()
+    served = table(_widen_block_mask(None, 3, [(0, 3, torch.tensor([True, False]))], query, key, causal=False), 5, 8)
+    assert served[0].all() and not served[1, :, :3].any() and served[1, :, 3:].all()
+    assert _widen_block_mask(None, 3, [], query, key, causal=False) is None
+
+
 def test_an_attention_that_reads_only_padding_masks_refuses_a_prefix():
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
