@@ -62,6 +62,12 @@ def _original_function(module: nn.Module, impl: str) -> Callable:
     return ALL_ATTENTION_FUNCTIONS[impl]
 
 
+def _causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    """(1, 1, q_len, kv_len) bool: the queries are the last ``q_len`` positions and see the keys up to theirs."""
+    position = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
+    return (torch.arange(kv_len, device=device)[None, :] <= position)[None, None]
+
+
 def _widen_mask(mask: torch.Tensor | None, n: int, query: torch.Tensor, key: torch.Tensor,
                 causal: bool) -> torch.Tensor | None:
     """Add ``n`` always-visible key columns in front of ``mask``."""
@@ -69,10 +75,7 @@ def _widen_mask(mask: torch.Tensor | None, n: int, query: torch.Tensor, key: tor
         if not causal or query.shape[2] == 1:
             return None  # no mask: every key is visible, the prefix too
         # sdpa dropped the mask to use is_causal; with a prefix the causal pattern must be explicit.
-        q_len, kv_len = query.shape[2], key.shape[2]
-        rows = torch.arange(q_len, device=query.device)[:, None] + (kv_len - q_len)
-        mask = torch.arange(kv_len, device=query.device)[None, :] <= rows
-        mask = mask[None, None]
+        mask = _causal_mask(query.shape[2], key.shape[2], query.device)
     if mask.dtype == torch.bool:
         return F.pad(mask, (n, 0), value=True)
     return F.pad(mask, (n, 0), value=0.0)
@@ -103,14 +106,13 @@ def _widen_block_mask(mask: Any, n: int, spans: list[tuple[int, int, torch.Tenso
     b, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
     if mask is not None:
         table = create_mask(mask.mask_mod, b, 1, q_len, kv_len, device=query.device)
-    else:  # no mask of the model's: causal (queries are the last q_len positions), or all keys visible
-        position = torch.arange(q_len, device=query.device)[:, None] + (kv_len - q_len)
-        table = torch.arange(kv_len, device=query.device)[None, :] <= position if causal else \
-            torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device)
-        table = table.expand(b, 1, q_len, kv_len)
+    elif causal:  # no mask of the model's (a decoding step's single query sees every key)
+        table = _causal_mask(q_len, kv_len, query.device).expand(b, 1, q_len, kv_len)
+    else:
+        table = torch.ones(b, 1, q_len, kv_len, dtype=torch.bool, device=query.device)
     table = F.pad(table, (n, 0), value=True)
-    for start, length, rows in spans:
-        table[..., start:start + length] &= rows.view(b, 1, 1, 1).to(table.device)
+    if spans:
+        table = _hide_from_rows(table, spans, query, kv_len + n)
 
     def with_prefix(batch, head, q, kv):
         return table[batch, 0, q, kv]
@@ -166,16 +168,16 @@ def _wrapper(impl: str) -> Callable:
                               f"(or one of {WIDENABLE}) before attaching")
         causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
         keys, values, query_gates, hidden = [], [], [], []
-        start = 0
+        starts = [0]  # each provider's first key column; the last entry is all providers' length
         for provider in providers:
             pk, pv, query_gate, *rows = provider(module, query, key, value)
             keys.append(pk.to(key.dtype))
             values.append(pv.to(value.dtype))
             query_gates.append(query_gate)
             if rows and rows[0] is not None:
-                hidden.append((start, pk.shape[2], rows[0]))
-            start += pk.shape[2]
-        n = sum(k.shape[2] for k in keys)
+                hidden.append((starts[-1], pk.shape[2], rows[0]))
+            starts.append(starts[-1] + pk.shape[2])
+        n = starts[-1]
         if impl == "flex_attention":
             attention_mask = _widen_block_mask(attention_mask, n, hidden, query, key, causal)
         else:
@@ -193,9 +195,6 @@ def _wrapper(impl: str) -> Callable:
         # is linear in the values, so that is out + (g - 1) * attention(values of that provider only).
         # Where the implementation returns its attention weights (eager), that part is those weights on the
         # provider's keys times its values; otherwise (SDPA) it takes a second call.
-        starts = [0]
-        for k in keys:
-            starts.append(starts[-1] + k.shape[2])
         for i, query_gate in enumerate(query_gates):
             if query_gate is None:
                 continue
