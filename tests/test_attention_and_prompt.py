@@ -174,8 +174,8 @@ def test_prefix_eager_equals_sdpa(name, config, padded):
 # FlexAttention (its block mask widened by the prefix columns) and implementations that cannot take a prefix
 
 
-def flex_or_sdpa(impl: str, config, seed: int = 5):
-    model = lm("llama").eval()
+def flex_or_sdpa(impl: str, config, seed: int = 5, dtype: torch.dtype = torch.float32):
+    model = lm("llama", dtype).eval()
     model.set_attn_implementation(impl)
     unipelt.attach(model, config)
     perturb(model, seed=seed)
@@ -185,21 +185,29 @@ def flex_or_sdpa(impl: str, config, seed: int = 5):
 @pytest.mark.parametrize("padding", ["right", "left", "none"])  # left: the first key hidden from a row
 @pytest.mark.parametrize("config", ["prefix", "gated_prefix", "unipelt"])
 def test_prefix_flex_attention_equals_sdpa(config, padding):
-    """Forward only: FlexAttention has no backward on the CPU."""
+    """Forward only: FlexAttention has no backward on the CPU. The gated configurations run in float64: their
+    gated share comes from FlexAttention's log-sum-exp, which on the CPU only its unfused form returns (and it
+    takes float64); in float32, UniPELT's perturbed scores (|s| ~ 300) leave exp(s - lse) ~1e-5 apart from the
+    softmax that SDPA normalises itself. The ungated prefix runs through transformers' compiled FlexAttention,
+    which on the CPU takes float32 at most."""
+    dtype = torch.float32 if config == "prefix" else torch.float64
     batch = inputs("llama", padded=padding == "right")
     if padding == "left":
         batch["attention_mask"][-1, :2] = 0
-    outs = {impl: logits(flex_or_sdpa(impl, PREFIX_CONFIGS[config]), batch) for impl in ("sdpa", "flex_attention")}
-    assert torch.allclose(outs["flex_attention"], outs["sdpa"], atol=1e-5, rtol=0)
-    assert (logits(lm("llama").eval(), batch) - outs["sdpa"]).abs().max() > 1e-4
+    outs = {impl: logits(flex_or_sdpa(impl, PREFIX_CONFIGS[config], dtype=dtype), batch)
+            for impl in ("sdpa", "flex_attention")}
+    assert torch.allclose(outs["flex_attention"], outs["sdpa"], atol=1e-5 if config == "prefix" else 1e-10, rtol=0)
+    assert (logits(lm("llama", dtype).eval(), batch) - outs["sdpa"]).abs().max() > 1e-4
 
 
-def test_flex_attention_serves_prefix_tasks_row_by_row(tmp_path):
-    """Each task's prefix is hidden from the other tasks' rows inside the widened block mask."""
+@pytest.mark.parametrize("gate", [False, True])
+def test_flex_attention_serves_prefix_tasks_row_by_row(tmp_path, gate):
+    """Each task's prefix is hidden from the other tasks' rows inside the widened block mask; a gated one's
+    share (from the log-sum-exp) is zero on the other tasks' rows too."""
     folders = {}
     for i, length in enumerate((3, 2)):
-        folders[f"t{i}"] = unipelt.save(flex_or_sdpa("sdpa", {"method": "prefix", "length": length}, seed=i),
-                                        tmp_path / f"t{i}")
+        config = {"method": "prefix", "length": length, "gate": gate}
+        folders[f"t{i}"] = unipelt.save(flex_or_sdpa("sdpa", config, seed=i), tmp_path / f"t{i}")
     batch = inputs("llama")
     served = lm("llama").eval()
     served.set_attn_implementation("flex_attention")
@@ -230,6 +238,42 @@ def test_widened_block_mask_without_a_mask_of_the_models():
     served = table(_widen_block_mask(None, 3, [(0, 3, torch.tensor([True, False]))], query, key, causal=False), 5, 8)
     assert served[0].all() and not served[1, :, :3].any() and served[1, :, 3:].all()
     assert _widen_block_mask(None, 3, [], query, key, causal=False) is None
+
+
+@pytest.mark.parametrize("served", [False, True])
+def test_share_from_the_log_sum_exp_equals_a_second_attention_call(served):
+    """What FlexAttention's gated prefix adds, exp(q k^T s - lse) v over the prefix's keys, against attention
+    over all keys with every other value zeroed (SDPA's second call): values and gradients, the gradient
+    through the log-sum-exp included (here a differentiable math one), with GQA (4 query heads on 2 kv heads),
+    a causal mask after 3 prefix columns, and in ``served`` the prefix hidden from the second row."""
+    from unipelt.attention import _share_from_lse
+
+    g = torch.Generator().manual_seed(0)
+    b, heads, kv_heads, q_len, length, hd = 2, 4, 2, 5, 3, 8
+    query = torch.randn(b, heads, q_len, hd, generator=g, dtype=torch.float64, requires_grad=True)
+    keys = torch.randn(b, kv_heads, length + q_len, hd, generator=g, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(b, kv_heads, length + q_len, hd, generator=g, dtype=torch.float64, requires_grad=True)
+    rows = torch.tensor([True, False]) if served else None
+    visible = torch.cat([torch.ones(q_len, length, dtype=torch.bool), torch.ones(q_len, q_len).tril().bool()], 1)
+    visible = visible.expand(b, 1, q_len, length + q_len).clone()
+    if served:
+        visible[1, :, :, :length] = False
+    scale = 0.3
+    wide_keys, wide_values = (t.repeat_interleave(heads // kv_heads, 1) for t in (keys, values))
+    scores = (query @ wide_keys.transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    ours = _share_from_lse(query, keys[:, :, :length], values[:, :, :length], lse, scale, rows)
+    only = torch.cat([wide_values[:, :, :length], torch.zeros_like(wide_values[:, :, length:])], 2)
+    second = F.scaled_dot_product_attention(query, wide_keys, only, attn_mask=visible, scale=scale).transpose(1, 2)
+    assert ours.shape == (b, q_len, heads, hd)
+    torch.testing.assert_close(ours, second, atol=1e-12, rtol=0)
+    if served:
+        assert ours[1].abs().max() == 0 and ours[0].abs().max() > 0.1
+    weight = torch.randn(ours.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((ours * weight).sum(), (query, keys, values))
+    expected = torch.autograd.grad((second * weight).sum(), (query, keys, values))
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
 
 
 def test_an_attention_that_reads_only_padding_masks_refuses_a_prefix():

@@ -411,6 +411,30 @@ def test_merged_inference_benchmark_times_bare_and_merged_and_checks_the_functio
     assert rows["lora"]["max_abs_diff_vs_unmerged"] < 1e-5
 
 
+def test_attention_check_compares_implementations_and_catches_one_that_differs(monkeypatch) -> None:
+    """benchmarks/attention_check.py on the CPU (smoke): UniPELT on a tiny LLaMA trains the same function with
+    the same gradients under SDPA and eager attention; an eager gated share made 1% too large shows."""
+    import importlib.util
+
+    import unipelt.attention
+
+    spec = importlib.util.spec_from_file_location(
+        "attention_check", Path(__file__).parents[1] / "benchmarks" / "attention_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.check("llama-tiny", ["unipelt"], ["sdpa", "eager"], "cpu", False, torch.float64)
+    eager = rows[1]
+    assert (eager["attention"], eager["tensors"]) == ("eager", rows[0]["tensors"]) and eager["tensors"] > 10
+    # LLaMA's eager attention takes its softmax in float32: differences of float32's size, not float64's
+    assert eager["hidden_max_diff"] < 1e-5 and eager["gradient_rel_norm_diff"] < 1e-3
+    share = unipelt.attention._share_from_weights
+    monkeypatch.setattr(unipelt.attention, "_share_from_weights",
+                        lambda *a: None if share(*a) is None else share(*a) * 1.01)  # None: SDPA's second call
+    broken = module.check("llama-tiny", ["unipelt"], ["sdpa", "eager"], "cpu", False, torch.float64)[1]
+    assert broken["hidden_max_diff"] > 1e-4 and broken["gradient_rel_norm_diff"] > 1e-3
+    assert "| unipelt | eager | eager |" in module.table(rows, "sdpa")
+
+
 def test_back_to_back_timing_takes_one_event_between_calls_and_synchronises_only_at_the_ends(monkeypatch) -> None:
     """On a GPU each case also times its steps back to back, as a training loop runs them: each step's time
     is the stream's time between the events around it, with no synchronisation in between."""

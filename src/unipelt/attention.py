@@ -86,12 +86,12 @@ def _widen_block_mask(mask: Any, n: int, spans: list[tuple[int, int, torch.Tenso
     """FlexAttention's block mask with ``n`` key columns in front, visible to every query (to the rows of
     ``spans`` only, for a served task's prefix). Built once per mask: the layers of a forward pass share it.
 
-    The model's mask is evaluated once into a dense (batch, 1, queries, keys) boolean table, padded by the
-    prefix columns, and the new mask reads that table: a mask function that calls the old one at shifted
-    key indices trips Inductor's CPU code generation under ``torch.compile``. The table costs batch x
-    queries x keys bytes (2 MB at 8 x 512 tokens, 512 MB at 8 x 8192).
+    The new mask function asks the model's own at the key index shifted past the prefix (clamped, so the
+    prefix columns never index the model's padding tensors out of range). An earlier form evaluated the
+    model's mask into a dense table and read that: Inductor's GPU code generation rejects it under
+    ``torch.compile`` ("'function' object has no attribute 'graph'"), and it cost batch x queries x keys bytes.
     """
-    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
     if mask is not None and not isinstance(mask, BlockMask):
         raise TypeError(f"flex_attention with extra keys needs a BlockMask or no mask, got {type(mask).__name__}")
@@ -103,21 +103,25 @@ def _widen_block_mask(mask: Any, n: int, spans: list[tuple[int, int, torch.Tenso
     cached = getattr(mask, "_unipelt_widened", None)
     if cached is not None and cached[0] == cache_key:
         return cached[1]
-    b, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
-    if mask is not None:
-        table = create_mask(mask.mask_mod, b, 1, q_len, kv_len, device=query.device)
-    elif causal:  # no mask of the model's (a decoding step's single query sees every key)
-        table = _causal_mask(q_len, kv_len, query.device).expand(b, 1, q_len, kv_len)
-    else:
-        table = torch.ones(b, 1, q_len, kv_len, dtype=torch.bool, device=query.device)
-    table = F.pad(table, (n, 0), value=True)
-    if spans:
-        table = _hide_from_rows(table, spans, query, kv_len + n)
+    spans = [(start, length, rows.to(query.device)) for start, length, rows in spans]
+    q_len, kv_len = query.shape[2], key.shape[2]
+    models = mask.mask_mod if mask is not None else None
+    offset = kv_len - q_len  # without a mask of the model's: the queries are the last q_len positions
 
     def with_prefix(batch, head, q, kv):
-        return table[batch, 0, q, kv]
+        shifted = kv - n
+        if models is not None:
+            seen = models(batch, head, q, shifted.clamp(min=0))
+        elif causal:  # a decoding step's single query sees every key
+            seen = shifted <= q + offset
+        else:
+            seen = shifted >= 0
+        visible = (kv < n) | seen
+        for start, length, rows in spans:  # another task's prefix: hidden from this row
+            visible = visible & ((kv < start) | (kv >= start + length) | rows[batch])
+        return visible
 
-    widened = create_block_mask(with_prefix, b, None, q_len, kv_len + n, device=query.device,
+    widened = create_block_mask(with_prefix, query.shape[0], None, q_len, kv_len + n, device=query.device,
                                 BLOCK_SIZE=mask.BLOCK_SIZE if mask is not None else 128)
     if mask is not None:
         mask._unipelt_widened = (cache_key, widened)
@@ -156,6 +160,57 @@ def _share_from_weights(weights: torch.Tensor | None, start: int, provider_value
     return part.reshape(b, heads, q_len, hd).transpose(1, 2)
 
 
+def _flex_attention_with_lse(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             block_mask: Any, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """FlexAttention's output, laid out (batch, queries, heads, head_dim), and its log-sum-exp (float32 or wider)
+    (batch, heads, queries); None where the call needs what only ``transformers``' own wrapper does (a
+    score modification, attention sinks) or the log-sum-exp is not available (Inductor's CPU FlexAttention
+    is inference-only and returns none). ``transformers`` hands the log-sum-exp back in the values'
+    dtype, which in bf16 is too coarse to take ``exp(score - lse)`` from: hence this call of our own."""
+    from torch.nn.attention import flex_attention as flex
+
+    if any(kwargs.get(name) is not None for name in ("softcap", "s_aux", "position_bias", "score_mod")):
+        return None
+    if kwargs.get("dropout", 0.0) > 0:
+        return None  # transformers' call refuses it with its own message
+    if query.device.type == "cpu":
+        if torch.compiler.is_compiling():
+            return None
+        call = flex.flex_attention  # unfused: the CPU's only FlexAttention with a log-sum-exp
+    else:
+        from transformers.integrations.flex_attention import compile_friendly_flex_attention
+
+        # compiled once outside a compiled graph (unfused FlexAttention materialises every score)
+        def call(*args, **kw):
+            return compile_friendly_flex_attention(*args, training=module.training, **kw)
+
+    aux = {"return_aux": flex.AuxRequest(lse=True)} if hasattr(flex, "AuxRequest") else {"return_lse": True}
+    out, lse = call(query, key, value, block_mask=block_mask, scale=kwargs.get("scaling"),
+                    enable_gqa=query.shape[1] != key.shape[1], kernel_options=kwargs.get("kernel_options"), **aux)
+    lse = getattr(lse, "lse", lse)
+    return out.transpose(1, 2).contiguous(), lse
+
+
+def _share_from_lse(query: torch.Tensor, provider_keys: torch.Tensor, provider_values: torch.Tensor,
+                    lse: torch.Tensor, scale: float | None, rows: torch.Tensor | None) -> torch.Tensor:
+    """What one provider's values add to the attention output, laid out (batch, queries, heads, head_dim):
+    its keys' softmax weights ``exp(q k^T s - lse)`` (``lse`` the full call's log-sum-exp, so the weights
+    are those of the full softmax) times its values. ``rows``: the rows that see these keys (the others
+    get nothing). In float32 (or wider) outside autocast: the weights are exponentials of score differences."""
+    b, heads, q_len, hd = query.shape
+    kv_heads = provider_keys.shape[1]
+    scale = hd ** -0.5 if scale is None else scale
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    with torch.autocast(query.device.type, enabled=False):
+        grouped = query.to(dtype).reshape(b, kv_heads, heads // kv_heads, q_len, hd)  # query heads sharing a kv head
+        scores = grouped @ provider_keys.to(dtype).unsqueeze(2).transpose(-1, -2) * scale  # (b, kv_heads, g, q, l)
+        weights = torch.exp(scores - lse.to(dtype).reshape(b, kv_heads, heads // kv_heads, q_len, 1))
+        if rows is not None:
+            weights = weights * rows.view(b, 1, 1, 1, 1).to(dtype)
+        part = weights @ provider_values.to(dtype).unsqueeze(2)  # (b, kv_heads, g, q, head_dim)
+    return part.reshape(b, heads, q_len, hd).transpose(1, 2).to(provider_values.dtype)
+
+
 def _wrapper(impl: str) -> Callable:
     def attention_with_prefix(module, query, key, value, attention_mask, **kwargs):
         providers = _PROVIDERS.get(module)
@@ -167,15 +222,16 @@ def _wrapper(impl: str) -> Callable:
                               f"padding mask, not a full one); call model.set_attn_implementation('sdpa') "
                               f"(or one of {WIDENABLE}) before attaching")
         causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
-        keys, values, query_gates, hidden = [], [], [], []
+        keys, values, query_gates, seen_by, hidden = [], [], [], [], []
         starts = [0]  # each provider's first key column; the last entry is all providers' length
         for provider in providers:
             pk, pv, query_gate, *rows = provider(module, query, key, value)
             keys.append(pk.to(key.dtype))
             values.append(pv.to(value.dtype))
             query_gates.append(query_gate)
-            if rows and rows[0] is not None:
-                hidden.append((starts[-1], pk.shape[2], rows[0]))
+            seen_by.append(rows[0] if rows else None)
+            if seen_by[-1] is not None:
+                hidden.append((starts[-1], pk.shape[2], seen_by[-1]))
             starts.append(starts[-1] + pk.shape[2])
         n = starts[-1]
         if impl == "flex_attention":
@@ -189,16 +245,27 @@ def _wrapper(impl: str) -> Callable:
         bias = kwargs.get("position_bias")
         if isinstance(bias, torch.Tensor) and bias.shape[-1] == key.shape[2]:
             kwargs["position_bias"] = F.pad(bias, (n, 0), value=0.0)
-        all_keys = torch.cat([*keys, key], dim=2)
-        out, weights = fn(module, query, all_keys, torch.cat([*values, value], dim=2), attention_mask, **kwargs)
+        all_keys, all_values = torch.cat([*keys, key], dim=2), torch.cat([*values, value], dim=2)
+        gated = any(g is not None for g in query_gates)
+        flex_lse = None
+        if gated and impl == "flex_attention":
+            flex_lse = _flex_attention_with_lse(module, query, all_keys, all_values, attention_mask, kwargs)
+        if flex_lse is not None:
+            out, lse = flex_lse
+            weights = lse.to(value.dtype)  # what transformers' FlexAttention returns in this slot
+        else:
+            out, weights = fn(module, query, all_keys, all_values, attention_mask, **kwargs)
         # A per-query gate g scales what one provider's values add to each query's output. Attention
         # is linear in the values, so that is out + (g - 1) * attention(values of that provider only).
-        # Where the implementation returns its attention weights (eager), that part is those weights on the
-        # provider's keys times its values; otherwise (SDPA) it takes a second call.
+        # That part is the provider's keys' softmax weights times its values: eager returns the weights,
+        # FlexAttention the log-sum-exp they follow from; SDPA neither, so it takes a second call.
         for i, query_gate in enumerate(query_gates):
             if query_gate is None:
                 continue
-            part = _share_from_weights(weights, starts[i], values[i], out.shape)
+            if flex_lse is not None:
+                part = _share_from_lse(query, keys[i], values[i], flex_lse[1], kwargs.get("scaling"), seen_by[i])
+            else:
+                part = _share_from_weights(weights, starts[i], values[i], out.shape)
             if part is None:
                 only = [v if j == i else torch.zeros_like(v) for j, v in enumerate(values)]
                 part, _ = fn(module, query, all_keys, torch.cat([*only, torch.zeros_like(value)], dim=2),
