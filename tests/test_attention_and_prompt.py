@@ -200,6 +200,22 @@ def test_prefix_flex_attention_equals_sdpa(config, padding):
     assert (logits(lm("llama", dtype).eval(), batch) - outs["sdpa"]).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("name", ["bert", "bart", "vit"])
+def test_unipelt_under_flex_attention_equals_sdpa_in_encoders(name):
+    """Bidirectional attention (encoder-decoder cross attention too, in BART): the model's own mask function,
+    a padding mask (none for ViT), asked at the shifted key index. Forward only (see above)."""
+    batch = inputs(name)
+    outs = {}
+    for impl in ("sdpa", "flex_attention"):
+        model = build(name).eval()
+        model.set_attn_implementation(impl)
+        unipelt.attach(model, PREFIX_CONFIGS["unipelt"])
+        perturb(model)
+        outs[impl] = logits(model, batch)
+    assert torch.allclose(outs["flex_attention"], outs["sdpa"], atol=1e-5, rtol=0)
+    assert (logits(build(name).eval(), batch) - outs["sdpa"]).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize("gate", [False, True])
 def test_flex_attention_serves_prefix_tasks_row_by_row(tmp_path, gate):
     """Each task's prefix is hidden from the other tasks' rows inside the widened block mask; a gated one's
