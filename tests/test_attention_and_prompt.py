@@ -200,6 +200,15 @@ def test_prefix_flex_attention_equals_sdpa(config, padding):
     assert (logits(lm("llama", dtype).eval(), batch) - outs["sdpa"]).abs().max() > 1e-4
 
 
+def test_gated_prefix_under_compiled_flex_attention_on_the_cpu():
+    """Compiled on the CPU, FlexAttention returns no log-sum-exp (Inductor's CPU form is inference-only), so
+    the gated share falls back to the second call: the same function as eager SDPA."""
+    batch = inputs("llama")
+    sdpa = logits(flex_or_sdpa("sdpa", PREFIX_CONFIGS["unipelt"]), batch)
+    compiled = torch.compile(flex_or_sdpa("flex_attention", PREFIX_CONFIGS["unipelt"]))
+    assert torch.allclose(logits(compiled, batch), sdpa, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("name", ["bert", "bart", "vit"])
 def test_unipelt_under_flex_attention_equals_sdpa_in_encoders(name):
     """Bidirectional attention (encoder-decoder cross attention too, in BART): the model's own mask function,
@@ -235,25 +244,52 @@ def test_flex_attention_serves_prefix_tasks_row_by_row(tmp_path, gate):
         torch.testing.assert_close(out[row], alone[row], atol=1e-5, rtol=0)
 
 
-def test_widened_block_mask_without_a_mask_of_the_models():
+@pytest.mark.parametrize("form", ["shifted", "table"])
+def test_widened_block_mask_without_a_mask_of_the_models(form):
     """No model mask: causal prefill (prefix columns, then the causal triangle), a decoding step (every
-    key), and served tasks in bidirectional attention (a task's prefix hidden from other tasks' rows)."""
+    key), and served tasks in bidirectional attention (a task's prefix hidden from other tasks' rows). Both
+    forms of the mask function: shifted (eager, and compiled on a GPU) and the table (compiled on the CPU)."""
     from torch.nn.attention.flex_attention import create_mask
 
-    from unipelt.attention import _widen_block_mask
+    from unipelt.attention import _prefix_mask_from_table, _prefix_mask_shifted, _widen_block_mask
 
-    def table(mask, q_len, kv_len):
-        return create_mask(mask.mask_mod, 2, 1, q_len, kv_len, device="cpu")[:, 0]
+    make = {"shifted": _prefix_mask_shifted, "table": _prefix_mask_from_table}[form]
+
+    def table(mask, query, key, n, spans=(), causal=True):
+        return create_mask(make(mask, n, list(spans), query, key, causal), 2, 1, query.shape[2], key.shape[2] + n,
+                           device="cpu")[:, 0]
 
     query, key = torch.zeros(2, 4, 5, 8), torch.zeros(2, 2, 5, 8)
-    prefill = table(_widen_block_mask(None, 3, [], query, key, causal=True), 5, 8)
+    prefill = table(None, query, key, 3)
     expected = torch.cat([torch.ones(5, 3, dtype=torch.bool), torch.ones(5, 5, dtype=torch.bool).tril()], 1)
     assert torch.equal(prefill, expected.expand(2, 5, 8))
-    step = table(_widen_block_mask(None, 3, [], torch.zeros(2, 4, 1, 8), torch.zeros(2, 2, 6, 8), causal=True), 1, 9)
-    assert step.all()
-    served = table(_widen_block_mask(None, 3, [(0, 3, torch.tensor([True, False]))], query, key, causal=False), 5, 8)
+    assert table(None, torch.zeros(2, 4, 1, 8), torch.zeros(2, 2, 6, 8), 3).all()  # a decoding step
+    served = table(None, query, key, 3, [(0, 3, torch.tensor([True, False]))], causal=False)
     assert served[0].all() and not served[1, :, :3].any() and served[1, :, 3:].all()
     assert _widen_block_mask(None, 3, [], query, key, causal=False) is None
+
+
+def test_both_forms_of_the_widened_mask_agree_on_a_models_padded_causal_mask():
+    """The model's own block mask (LLaMA, left padding in one row) widened by 3 prefix columns, one of them
+    a served task's span: the shifted form and the table give the same visibility."""
+    from torch.nn.attention.flex_attention import create_block_mask, create_mask
+
+    from unipelt.attention import _prefix_mask_from_table, _prefix_mask_shifted
+
+    padding = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]], dtype=torch.bool)
+
+    def models(batch, head, q, kv):
+        return (kv <= q) & padding[batch, kv]
+
+    mask = create_block_mask(models, 2, None, 6, 6, device="cpu")
+    query, key = torch.zeros(2, 4, 6, 8), torch.zeros(2, 2, 6, 8)
+    spans = [(1, 2, torch.tensor([False, True]))]
+    tables = [create_mask(make(mask, 3, spans, query, key, True), 2, 1, 6, 9, device="cpu")
+              for make in (_prefix_mask_shifted, _prefix_mask_from_table)]
+    assert torch.equal(tables[0], tables[1])
+    expected = torch.cat([torch.ones(2, 1, 6, 3, dtype=torch.bool), create_mask(models, 2, 1, 6, 6, device="cpu")], -1)
+    expected[0, :, :, 1:3] = False
+    assert torch.equal(tables[0], expected)
 
 
 @pytest.mark.parametrize("served", [False, True])

@@ -86,10 +86,11 @@ def _widen_block_mask(mask: Any, n: int, spans: list[tuple[int, int, torch.Tenso
     """FlexAttention's block mask with ``n`` key columns in front, visible to every query (to the rows of
     ``spans`` only, for a served task's prefix). Built once per mask: the layers of a forward pass share it.
 
-    The new mask function asks the model's own at the key index shifted past the prefix (clamped, so the
-    prefix columns never index the model's padding tensors out of range). An earlier form evaluated the
-    model's mask into a dense table and read that: Inductor's GPU code generation rejects it under
-    ``torch.compile`` ("'function' object has no attribute 'graph'"), and it cost batch x queries x keys bytes.
+    Two forms of the new mask function, because Inductor's GPU and CPU code generation each reject one
+    under ``torch.compile``: the GPU rejects a function reading a dense table of the model's mask
+    ("'function' object has no attribute 'graph'"), the CPU one asking the model's mask function at
+    shifted key indices, with a padding mask (a C++ type clash). Compiled on the CPU, the table; everywhere
+    else, the shifted form, which also needs no table of batch x queries x keys bytes.
     """
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
@@ -104,9 +105,23 @@ def _widen_block_mask(mask: Any, n: int, spans: list[tuple[int, int, torch.Tenso
     if cached is not None and cached[0] == cache_key:
         return cached[1]
     spans = [(start, length, rows.to(query.device)) for start, length, rows in spans]
-    q_len, kv_len = query.shape[2], key.shape[2]
+    if query.device.type == "cpu" and torch.compiler.is_compiling():
+        with_prefix = _prefix_mask_from_table(mask, n, spans, query, key, causal)
+    else:
+        with_prefix = _prefix_mask_shifted(mask, n, spans, query, key, causal)
+    widened = create_block_mask(with_prefix, query.shape[0], None, query.shape[2], key.shape[2] + n,
+                                device=query.device, BLOCK_SIZE=mask.BLOCK_SIZE if mask is not None else 128)
+    if mask is not None:
+        mask._unipelt_widened = (cache_key, widened)
+    return widened
+
+
+def _prefix_mask_shifted(mask: Any, n: int, spans: list[tuple[int, int, torch.Tensor]], query: torch.Tensor,
+                         key: torch.Tensor, causal: bool) -> Callable:
+    """The model's mask function asked at the key index shifted past the prefix (clamped, so that the prefix
+    columns never index the model's padding tensors out of range), the prefix columns visible."""
     models = mask.mask_mod if mask is not None else None
-    offset = kv_len - q_len  # without a mask of the model's: the queries are the last q_len positions
+    offset = key.shape[2] - query.shape[2]  # without a mask of the model's: the queries are the last ones
 
     def with_prefix(batch, head, q, kv):
         shifted = kv - n
@@ -121,11 +136,29 @@ def _widen_block_mask(mask: Any, n: int, spans: list[tuple[int, int, torch.Tenso
             visible = visible & ((kv < start) | (kv >= start + length) | rows[batch])
         return visible
 
-    widened = create_block_mask(with_prefix, query.shape[0], None, q_len, kv_len + n, device=query.device,
-                                BLOCK_SIZE=mask.BLOCK_SIZE if mask is not None else 128)
+    return with_prefix
+
+
+def _prefix_mask_from_table(mask: Any, n: int, spans: list[tuple[int, int, torch.Tensor]], query: torch.Tensor,
+                            key: torch.Tensor, causal: bool) -> Callable:
+    """The same mask, read from a (batch, 1, queries, prefix + keys) boolean table of it."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    b, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
     if mask is not None:
-        mask._unipelt_widened = (cache_key, widened)
-    return widened
+        table = create_mask(mask.mask_mod, b, 1, q_len, kv_len, device=query.device)
+    elif causal:
+        table = _causal_mask(q_len, kv_len, query.device).expand(b, 1, q_len, kv_len)
+    else:
+        table = torch.ones(b, 1, q_len, kv_len, dtype=torch.bool, device=query.device)
+    table = F.pad(table, (n, 0), value=True)
+    if spans:
+        table = _hide_from_rows(table, spans, query, kv_len + n)
+
+    def with_prefix(batch, head, q, kv):
+        return table[batch, 0, q, kv]
+
+    return with_prefix
 
 
 def _hide_from_rows(mask: torch.Tensor | None, spans: list[tuple[int, int, torch.Tensor]], query: torch.Tensor,
