@@ -49,8 +49,8 @@ def _run(shape: dict[str, Any], method: str, attention: str, device: str, compil
 
 
 def check(shape_name: str, methods: list[str], attentions: list[str], device: str, compiled: bool,
-          dtype: torch.dtype | str = torch.float32) -> list[dict]:
-    shape = case.SHAPES[shape_name]
+          dtype: torch.dtype | str = torch.float32, seq: int | None = None) -> list[dict]:
+    shape = {**case.SHAPES[shape_name], **({"seq": seq} if seq else {})}
     rows = []
     for method in methods:
         backward = not (device == "cpu" and "flex_attention" in attentions)
@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=["prefix", "unipelt"])
     parser.add_argument("--attention", nargs="+", default=["sdpa", "eager"],
                         choices=["sdpa", "eager", "flex_attention"], help="the first is the reference")
+    parser.add_argument("--seq", type=int, help="tokens per row instead of the shape's (compiled FlexAttention in "
+                        "torch 2.11 computes wrong outputs below its 128-token block even without a prefix)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="also run each implementation through torch.compile")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bf16-autocast"],
@@ -99,13 +101,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="JSON of the rows")
     args = parser.parse_args(argv)
     dtype = args.dtype if args.dtype == "bf16-autocast" else getattr(torch, args.dtype)
-    rows = check(args.shape, args.methods, args.attention, args.device, args.compile, dtype)
+    rows = check(args.shape, args.methods, args.attention, args.device, args.compile, dtype, args.seq)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    print(f"{args.shape} on {device}, {args.dtype}, torch {torch.__version__}")
+    print(f"{args.shape} ({args.seq or case.SHAPES[args.shape]['seq']} tokens) on {device}, {args.dtype}, "
+          f"torch {torch.__version__}")
     print(table(rows, args.attention[0]))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"shape": args.shape, "device": device, "torch": torch.__version__, "rows": rows}, f, indent=1)
+            json.dump({"shape": args.shape, "seq": args.seq, "device": device, "torch": torch.__version__,
+                       "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -185,19 +185,15 @@ def flex_or_sdpa(impl: str, config, seed: int = 5, dtype: torch.dtype = torch.fl
 @pytest.mark.parametrize("padding", ["right", "left", "none"])  # left: the first key hidden from a row
 @pytest.mark.parametrize("config", ["prefix", "gated_prefix", "unipelt"])
 def test_prefix_flex_attention_equals_sdpa(config, padding):
-    """Forward only: FlexAttention has no backward on the CPU. The gated configurations run in float64: their
-    gated share comes from FlexAttention's log-sum-exp, which on the CPU only its unfused form returns (and it
-    takes float64); in float32, UniPELT's perturbed scores (|s| ~ 300) leave exp(s - lse) ~1e-5 apart from the
-    softmax that SDPA normalises itself. The ungated prefix runs through transformers' compiled FlexAttention,
-    which on the CPU takes float32 at most."""
-    dtype = torch.float32 if config == "prefix" else torch.float64
+    """Forward only: FlexAttention has no backward on the CPU. In float64: outside torch.compile the prefix
+    goes through FlexAttention's unfused form (the CPU's only one with a log-sum-exp), which takes it."""
     batch = inputs("llama", padded=padding == "right")
     if padding == "left":
         batch["attention_mask"][-1, :2] = 0
-    outs = {impl: logits(flex_or_sdpa(impl, PREFIX_CONFIGS[config], dtype=dtype), batch)
+    outs = {impl: logits(flex_or_sdpa(impl, PREFIX_CONFIGS[config], dtype=torch.float64), batch)
             for impl in ("sdpa", "flex_attention")}
-    assert torch.allclose(outs["flex_attention"], outs["sdpa"], atol=1e-5 if config == "prefix" else 1e-10, rtol=0)
-    assert (logits(lm("llama", dtype).eval(), batch) - outs["sdpa"]).abs().max() > 1e-4
+    assert torch.allclose(outs["flex_attention"], outs["sdpa"], atol=1e-10, rtol=0)
+    assert (logits(lm("llama", torch.float64).eval(), batch) - outs["sdpa"]).abs().max() > 1e-4
 
 
 def test_gated_prefix_under_compiled_flex_attention_on_the_cpu():
@@ -292,39 +288,55 @@ def test_both_forms_of_the_widened_mask_agree_on_a_models_padded_causal_mask():
     assert torch.equal(tables[0], expected)
 
 
-@pytest.mark.parametrize("served", [False, True])
-def test_share_from_the_log_sum_exp_equals_a_second_attention_call(served):
-    """What FlexAttention's gated prefix adds, exp(q k^T s - lse) v over the prefix's keys, against attention
-    over all keys with every other value zeroed (SDPA's second call): values and gradients, the gradient
-    through the log-sum-exp included (here a differentiable math one), with GQA (4 query heads on 2 kv heads),
-    a causal mask after 3 prefix columns, and in ``served`` the prefix hidden from the second row."""
-    from unipelt.attention import _share_from_lse
+def test_prefix_merged_by_the_log_sum_exp_equals_one_call_over_the_concatenated_keys():
+    """FlexAttention runs the model's keys under the model's own mask and merges the prefixes in by its
+    log-sum-exp (``_merge_prefix``). Against SDPA over the concatenated keys (and its second call for a
+    per-query gate), values and gradients in float64, the gradient through the log-sum-exp included (here a
+    differentiable math one): GQA (4 query heads on 2 kv heads), a causal mask, two providers (one with a
+    per-query gate, one a served task's prefix hidden from the second row), and a query that sees none of
+    the model's keys (left padding: its log-sum-exp is -inf, as FlexAttention returns it)."""
+    from unipelt.attention import _merge_prefix
 
     g = torch.Generator().manual_seed(0)
-    b, heads, kv_heads, q_len, length, hd = 2, 4, 2, 5, 3, 8
-    query = torch.randn(b, heads, q_len, hd, generator=g, dtype=torch.float64, requires_grad=True)
-    keys = torch.randn(b, kv_heads, length + q_len, hd, generator=g, dtype=torch.float64, requires_grad=True)
-    values = torch.randn(b, kv_heads, length + q_len, hd, generator=g, dtype=torch.float64, requires_grad=True)
-    rows = torch.tensor([True, False]) if served else None
-    visible = torch.cat([torch.ones(q_len, length, dtype=torch.bool), torch.ones(q_len, q_len).tril().bool()], 1)
-    visible = visible.expand(b, 1, q_len, length + q_len).clone()
-    if served:
-        visible[1, :, :, :length] = False
+    b, heads, kv_heads, q_len, hd, lengths = 2, 4, 2, 5, 8, (3, 2)
+    n = sum(lengths)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(True)
+
+    query, key, value = leaf(b, heads, q_len, hd), leaf(b, kv_heads, q_len, hd), leaf(b, kv_heads, q_len, hd)
+    keys, values = [leaf(b, kv_heads, l, hd) for l in lengths], [leaf(b, kv_heads, l, hd) for l in lengths]
+    gate = torch.sigmoid(leaf(b, q_len, 1))
+    rows = torch.tensor([True, False])
+    tokens = torch.ones(q_len, q_len, dtype=torch.bool).tril().expand(b, 1, q_len, q_len).clone()
+    tokens[1, :, :, :2] = False  # the second row's first two keys are padding: its first query sees none
     scale = 0.3
-    wide_keys, wide_values = (t.repeat_interleave(heads // kv_heads, 1) for t in (keys, values))
-    scores = (query @ wide_keys.transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))
+
+    def wide(t):
+        return t.repeat_interleave(heads // kv_heads, 1)
+
+    scores = (query @ wide(key).transpose(-1, -2) * scale).masked_fill(~tokens, float("-inf"))
     lse = torch.logsumexp(scores, -1)
-    ours = _share_from_lse(query, keys[:, :, :length], values[:, :, :length], lse, scale, rows)
-    only = torch.cat([wide_values[:, :, :length], torch.zeros_like(wide_values[:, :, length:])], 2)
-    second = F.scaled_dot_product_attention(query, wide_keys, only, attn_mask=visible, scale=scale).transpose(1, 2)
-    assert ours.shape == (b, q_len, heads, hd)
-    torch.testing.assert_close(ours, second, atol=1e-12, rtol=0)
-    if served:
-        assert ours[1].abs().max() == 0 and ours[0].abs().max() > 0.1
+    probs = torch.where(tokens, torch.softmax(scores, -1).nan_to_num(), 0.0)
+    out = (probs @ wide(value)).transpose(1, 2)
+    ours, total = _merge_prefix(query, out, lse, keys, values, [gate, None], [None, rows], scale)
+
+    visible = torch.cat([torch.ones(b, 1, q_len, lengths[0], dtype=torch.bool),
+                         rows.view(b, 1, 1, 1).expand(b, 1, q_len, lengths[1]), tokens], -1)
+    all_keys = wide(torch.cat([*keys, key], 2))
+    all_values = wide(torch.cat([*values, value], 2))
+    one = F.scaled_dot_product_attention(query, all_keys, all_values, attn_mask=visible, scale=scale)
+    first = F.scaled_dot_product_attention(query, all_keys, torch.cat(
+        [wide(values[0]), torch.zeros_like(all_values[:, :, lengths[0]:])], 2), attn_mask=visible, scale=scale)
+    expected = (one + (gate.unsqueeze(1) - 1) * first).transpose(1, 2)
+    torch.testing.assert_close(ours, expected, atol=1e-12, rtol=0)
+    all_scores = (query @ all_keys.transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))
+    torch.testing.assert_close(total, torch.logsumexp(all_scores, -1), atol=1e-12, rtol=0)
+    assert (lse[1, :, 0] == float("-inf")).all() and n == 5
     weight = torch.randn(ours.shape, generator=g, dtype=torch.float64)
-    grads = torch.autograd.grad((ours * weight).sum(), (query, keys, values))
-    expected = torch.autograd.grad((second * weight).sum(), (query, keys, values))
-    for got, want in zip(grads, expected, strict=True):
+    leaves = (query, key, value, *keys, *values)
+    grads = torch.autograd.grad((ours * weight).sum(), leaves, retain_graph=True)
+    for got, want in zip(grads, torch.autograd.grad((expected * weight).sum(), leaves), strict=True):
         torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
 
 

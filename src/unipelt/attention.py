@@ -224,24 +224,60 @@ def _flex_attention_with_lse(module: nn.Module, query: torch.Tensor, key: torch.
     return out.transpose(1, 2).contiguous(), lse
 
 
-def _share_from_lse(query: torch.Tensor, provider_keys: torch.Tensor, provider_values: torch.Tensor,
-                    lse: torch.Tensor, scale: float | None, rows: torch.Tensor | None) -> torch.Tensor:
-    """What one provider's values add to the attention output, laid out (batch, queries, heads, head_dim):
-    its keys' softmax weights ``exp(q k^T s - lse)`` (``lse`` the full call's log-sum-exp, so the weights
-    are those of the full softmax) times its values. ``rows``: the rows that see these keys (the others
-    get nothing). In float32 (or wider) outside autocast: the weights are exponentials of score differences."""
+def _merge_prefix(query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, keys: list[torch.Tensor],
+                  values: list[torch.Tensor], gates: list[torch.Tensor | None], rows: list[torch.Tensor | None],
+                  scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the providers' keys in front of the model's, from the model's keys alone.
+
+    ``out`` (batch, queries, heads, head_dim) and ``lse`` (batch, heads, queries) are attention over the
+    model's keys under its own mask, and its log-sum-exp. The softmax over all keys weights that output by
+    the model's keys' share of the total mass, ``exp(lse - lse_all)``, and each prefix key by
+    ``exp(q k^T s - lse_all)``: the same function as one call over the concatenated keys, with no
+    concatenation and the model's own (causal, block-aligned) mask. A per-query gate ``g`` (batch, queries, 1)
+    scales what its provider's values add; ``rows`` (batch,) hides a provider from the other rows.
+    Returns the output, laid out as ``out``, and the log-sum-exp over all keys. In float32 (or wider),
+    outside autocast: the weights are exponentials of score differences.
+    """
     b, heads, q_len, hd = query.shape
-    kv_heads = provider_keys.shape[1]
+    kv_heads = keys[0].shape[1]
+    group = heads // kv_heads
     scale = hd ** -0.5 if scale is None else scale
     dtype = torch.promote_types(query.dtype, torch.float32)
     with torch.autocast(query.device.type, enabled=False):
-        grouped = query.to(dtype).reshape(b, kv_heads, heads // kv_heads, q_len, hd)  # query heads sharing a kv head
-        scores = grouped @ provider_keys.to(dtype).unsqueeze(2).transpose(-1, -2) * scale  # (b, kv_heads, g, q, l)
-        weights = torch.exp(scores - lse.to(dtype).reshape(b, kv_heads, heads // kv_heads, q_len, 1))
-        if rows is not None:
-            weights = weights * rows.view(b, 1, 1, 1, 1).to(dtype)
-        part = weights @ provider_values.to(dtype).unsqueeze(2)  # (b, kv_heads, g, q, head_dim)
-    return part.reshape(b, heads, q_len, hd).transpose(1, 2).to(provider_values.dtype)
+        grouped = query.to(dtype).reshape(b, kv_heads, group, q_len, hd)  # query heads sharing a kv head
+        scores = []
+        for k, seen in zip(keys, rows, strict=True):
+            s = grouped @ k.to(dtype).unsqueeze(2).transpose(-1, -2) * scale  # (b, kv_heads, group, q, l)
+            if seen is not None:
+                s = s.masked_fill(~seen.to(s.device).view(b, 1, 1, 1, 1), float("-inf"))
+            scores.append(s)
+        own = lse.to(dtype).reshape(b, kv_heads, group, q_len, 1)
+        total = torch.logsumexp(torch.cat([own, *scores], dim=-1), dim=-1, keepdim=True)
+        total = total.clamp(min=torch.finfo(dtype).min)  # a row that sees no key at all: weights 0, not NaN
+        merged = out.transpose(1, 2).to(dtype).reshape(b, kv_heads, group, q_len, hd) * torch.exp(own - total)
+        for s, v, gate in zip(scores, values, gates, strict=True):
+            part = torch.exp(s - total) @ v.to(dtype).unsqueeze(2)  # (b, kv_heads, group, q, head_dim)
+            if gate is not None:
+                part = part * gate.to(dtype).view(b, 1, 1, q_len, 1)
+            merged = merged + part
+    merged = merged.reshape(b, heads, q_len, hd).transpose(1, 2).to(out.dtype)
+    return merged, total.reshape(b, heads, q_len)
+
+
+def _flex_with_prefix_apart(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            mask: Any, keys: list[torch.Tensor], values: list[torch.Tensor],
+                            gates: list[torch.Tensor | None], rows: list[torch.Tensor | None], causal: bool,
+                            kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """FlexAttention over the model's keys under its own block mask, and the prefixes merged in by the
+    log-sum-exp (``_merge_prefix``); None where that cannot run (no log-sum-exp at hand, or no mask of the
+    model's for a causal prefill, which the widened mask then spells out)."""
+    if mask is None and causal and query.shape[2] > 1:
+        return None
+    own = _flex_attention_with_lse(module, query, key, value, mask, kwargs)
+    if own is None:
+        return None
+    out, total = _merge_prefix(query, own[0], own[1], keys, values, gates, rows, kwargs.get("scaling"))
+    return out, total.to(value.dtype)  # transformers' FlexAttention returns its log-sum-exp in this slot
 
 
 def _wrapper(impl: str) -> Callable:
@@ -268,6 +304,10 @@ def _wrapper(impl: str) -> Callable:
             starts.append(starts[-1] + pk.shape[2])
         n = starts[-1]
         if impl == "flex_attention":
+            apart = _flex_with_prefix_apart(module, query, key, value, attention_mask, keys, values, query_gates,
+                                            seen_by, causal, kwargs)
+            if apart is not None:
+                return apart
             attention_mask = _widen_block_mask(attention_mask, n, hidden, query, key, causal)
         else:
             attention_mask = _widen_mask(attention_mask, n, query, key, causal)
@@ -278,27 +318,17 @@ def _wrapper(impl: str) -> Callable:
         bias = kwargs.get("position_bias")
         if isinstance(bias, torch.Tensor) and bias.shape[-1] == key.shape[2]:
             kwargs["position_bias"] = F.pad(bias, (n, 0), value=0.0)
-        all_keys, all_values = torch.cat([*keys, key], dim=2), torch.cat([*values, value], dim=2)
-        gated = any(g is not None for g in query_gates)
-        flex_lse = None
-        if gated and impl == "flex_attention":
-            flex_lse = _flex_attention_with_lse(module, query, all_keys, all_values, attention_mask, kwargs)
-        if flex_lse is not None:
-            out, lse = flex_lse
-            weights = lse.to(value.dtype)  # what transformers' FlexAttention returns in this slot
-        else:
-            out, weights = fn(module, query, all_keys, all_values, attention_mask, **kwargs)
+        all_keys = torch.cat([*keys, key], dim=2)
+        out, weights = fn(module, query, all_keys, torch.cat([*values, value], dim=2), attention_mask, **kwargs)
         # A per-query gate g scales what one provider's values add to each query's output. Attention
         # is linear in the values, so that is out + (g - 1) * attention(values of that provider only).
-        # That part is the provider's keys' softmax weights times its values: eager returns the weights,
-        # FlexAttention the log-sum-exp they follow from; SDPA neither, so it takes a second call.
+        # Where the implementation returns its attention weights (eager), that part is those weights on the
+        # provider's keys times its values; otherwise (SDPA, FlexAttention where its log-sum-exp is not at
+        # hand) it takes a second call.
         for i, query_gate in enumerate(query_gates):
             if query_gate is None:
                 continue
-            if flex_lse is not None:
-                part = _share_from_lse(query, keys[i], values[i], flex_lse[1], kwargs.get("scaling"), seen_by[i])
-            else:
-                part = _share_from_weights(weights, starts[i], values[i], out.shape)
+            part = _share_from_weights(weights, starts[i], values[i], out.shape)
             if part is None:
                 only = [v if j == i else torch.zeros_like(v) for j, v in enumerate(values)]
                 part, _ = fn(module, query, all_keys, torch.cat([*only, torch.zeros_like(value)], dim=2),
