@@ -265,6 +265,18 @@ def test_widened_block_mask_without_a_mask_of_the_models(form):
     assert _widen_block_mask(None, 3, [], query, key, causal=False) is None
 
 
+def test_flex_attention_with_a_dense_mask_is_refused_by_name():
+    """A dense mask under FlexAttention: the merge steps aside and the widened path says what it needs."""
+    from unipelt.attention import _flex_with_prefix_apart, _widen_block_mask
+
+    query, key = torch.zeros(2, 4, 5, 8), torch.zeros(2, 2, 5, 8)
+    dense = torch.ones(2, 1, 5, 5, dtype=torch.bool)
+    prefix = [torch.zeros(2, 2, 3, 8)]
+    assert _flex_with_prefix_apart(None, query, key, key, dense, prefix, prefix, [None], [None], True, {}) is None
+    with pytest.raises(TypeError, match="needs a BlockMask or no mask, got Tensor"):
+        _widen_block_mask(dense, 3, [], query, key, causal=True)
+
+
 def test_both_forms_of_the_widened_mask_agree_on_a_models_padded_causal_mask():
     """The model's own block mask (LLaMA, left padding in one row) widened by 3 prefix columns, one of them
     a served task's span: the shifted form and the table give the same visibility."""

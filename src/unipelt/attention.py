@@ -271,8 +271,12 @@ def _flex_with_prefix_apart(module: nn.Module, query: torch.Tensor, key: torch.T
     """FlexAttention over the model's keys under its own block mask, and the prefixes merged in by the
     log-sum-exp (``_merge_prefix``); None where that cannot run (no log-sum-exp at hand, or no mask of the
     model's for a causal prefill, which the widened mask then spells out)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
     if mask is None and causal and query.shape[2] > 1:
         return None
+    if mask is not None and not isinstance(mask, BlockMask):
+        return None  # a dense mask: the widened path names the problem
     own = _flex_attention_with_lse(module, query, key, value, mask, kwargs)
     if own is None:
         return None
