@@ -4,9 +4,11 @@ Prefix-style methods give an attention module ``l`` extra key/value vectors. Rat
 ``past_key_values`` (whose layout differs between families and versions), unipelt registers, for
 each attention implementation a model uses (``eager``, ``sdpa``, ``flex_attention``), a wrapper under
 the name ``unipelt_<impl>``. The wrapper asks the providers registered for the calling module for
-their keys and values, prepends them, widens the mask (FlexAttention's block mask, T5's position bias)
-by ``l`` visible columns, and calls the original implementation. Implementations that read only a
-padding mask (FlashAttention's) are refused with the fix named. Prefixes never enter the key/value
+their keys and values, prepends them, widens the mask (and T5's position bias) by ``l`` visible
+columns, and calls the original implementation. FlexAttention instead runs over the model's keys alone,
+under the model's own block mask, and the prefixes are merged in by its log-sum-exp (the widened block
+mask is its fallback). Implementations that read only a padding mask (FlashAttention's) are refused
+with the fix named. Prefixes never enter the key/value
 cache, so generation with a cache works unchanged: every step sees the prefix in front of the cached
 keys.
 """
