@@ -435,6 +435,22 @@ def test_attention_check_compares_implementations_and_catches_one_that_differs(m
     assert "| unipelt | eager | eager |" in module.table(rows, "sdpa")
 
 
+def test_attention_check_gradients_are_not_rounding_noise_on_a_layernorm_model() -> None:
+    """BERT's states leave a LayerNorm (gain 1, bias 0, eps 1e-12): their mean square is constant, so a check
+    with that loss compared rounding noise (8e-4 apart in float64 between SDPA and eager attention). The
+    check's loss is a fixed random direction: the same two implementations agree to float64's precision."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "attention_check", Path(__file__).parents[1] / "benchmarks" / "attention_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.check("bert-tiny", ["prefix", "unipelt"], ["sdpa", "eager"], "cpu", False, torch.float64)
+    for row in rows[1::2]:
+        assert row["attention"] == "eager" and row["tensors"] > 0
+        assert row["gradient_rel_norm_diff"] < 1e-12 and row["gradient_max_rel_diff"] < 1e-12, row
+
+
 def test_back_to_back_timing_takes_one_event_between_calls_and_synchronises_only_at_the_ends(monkeypatch) -> None:
     """On a GPU each case also times its steps back to back, as a training loop runs them: each step's time
     is the stream's time between the events around it, with no synchronisation in between."""
