@@ -35,10 +35,11 @@ def kernels_per_step(peer: str, method: str, shape_name: str) -> collections.Cou
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=True) if trainable else None
     inputs = case.step_inputs(peer, model, case.random_batch(shape))
     skip = case.virtual_tokens(peer, method)
+    direction = case.loss_direction(model, inputs, skip)
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = case.hidden(model(**inputs), skip).float().square().mean()
+            loss = (case.hidden(model(**inputs), skip).float() * direction).mean()
         loss.backward()
         if optimizer is not None:
             optimizer.step()

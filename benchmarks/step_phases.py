@@ -79,15 +79,16 @@ def measure(method: str, shape_name: str, steps: int, profile_host: bool = False
     with torch.device("cuda"):
         model = case.build_base(shape)
     model = case.attach(peer, method, model, shape["family"]).cuda()
+    inputs = case.step_inputs(peer, model, case.random_batch(shape).cuda())
+    skip = case.virtual_tokens(peer, method)
+    direction = case.loss_direction(model, inputs, skip)
     model = torch.compile(model, mode="reduce-overhead")
     trainable = [p for p in model.parameters() if p.requires_grad]
-    inputs = case.step_inputs(peer, model, case.random_batch(shape).cuda())
     leaves = [t for t in inputs.values() if t.requires_grad]
-    skip = case.virtual_tokens(peer, method)
 
     def forward_backward() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = case.hidden(model(**inputs), skip).float().square().mean()
+            loss = (case.hidden(model(**inputs), skip).float() * direction).mean()
         loss.backward()
         for leaf in leaves:
             leaf.grad = None

@@ -240,6 +240,23 @@ def test_floor_case_has_no_trainable_weights_but_gradients_reach_the_embeddings(
     assert case.step_inputs("unipelt", model, ids).keys() == {"input_ids", "attention_mask"}
 
 
+def test_the_step_loss_has_real_gradients_on_a_layernorm_model() -> None:
+    """BERT's final states leave a LayerNorm with gain 1 and bias 0: their mean square, the benchmark's
+    first loss, is constant there (gradients of order 1e-12 in float64). The loss along a fixed random
+    direction is not, and the direction is the same for every case of a shape."""
+    shape = case.SHAPES["bert-tiny"]
+    model = case.attach("unipelt", "lora", case.build_base(shape), "bert").double()
+    inputs = case.step_inputs("unipelt", model, case.random_batch(shape))
+    direction = case.loss_direction(model, inputs)
+    assert torch.equal(direction, case.loss_direction(case.build_base(shape), inputs))
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)  # LoRA's B starts at zero
+    (case.hidden(model(**inputs)) * direction).mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and min(g.norm().item() for g in grads) > 1e-6
+
+
 def test_floor_compiles_as_one_graph() -> None:
     """A graph break in the floor would make the compiled floor slower than the model it stands for."""
     shape = case.SHAPES["bert-tiny"]

@@ -252,6 +252,16 @@ def hidden(output: Any, skip: int = 0) -> torch.Tensor:
     return states[:, skip:] if skip else states
 
 
+def loss_direction(model: torch.nn.Module, inputs: dict[str, torch.Tensor], skip: int = 0) -> torch.Tensor:
+    """A fixed random direction of the final states (one eager forward without gradients finds their shape;
+    call it before ``torch.compile``). Every case's loss is ``(states * direction).mean()``: not the states'
+    mean square, which after a LayerNorm (gain 1, bias 0, as in a random model) is a constant, so its
+    gradients would be rounding noise."""
+    with torch.no_grad():
+        states = hidden(model(**inputs), skip)
+    return torch.randn(states.shape, generator=torch.Generator().manual_seed(11)).to(states.device)
+
+
 def count_ops(fn) -> int:
     """ATen operations one call of ``fn`` dispatches (views included): each costs the CPU a dispatch and
     most a kernel launch, so at small batches this count is what a step's overhead scales with."""
@@ -359,6 +369,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     with torch.device(device):  # random init where the model runs: seconds less per case on a GPU
         model = build_base(shape, spec.get("attention"))
     model = attach(spec["peer"], spec["method"], model, shape["family"]).to(device)
+    inputs = step_inputs(spec["peer"], model, random_batch(shape).to(device))
+    skip = virtual_tokens(spec["peer"], spec["method"])
+    direction = loss_direction(model, inputs, skip)
     compile_mode = None if spec.get("compile") in (None, "default") else spec["compile"]
     whole_step = spec.get("compile") and spec.get("compile_scope", "model") == "step"
     if spec.get("compile") and not whole_step:
@@ -369,14 +382,12 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     # devices); fused: one kernel for all tensors of a dtype, less host work per trainable tensor
     kind = {"fused": True} if spec.get("optimizer") == "fused" else {"foreach": True}
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, **kind) if trainable else None
-    inputs = step_inputs(spec["peer"], model, random_batch(shape).to(device))
     leaves = [t for t in inputs.values() if t.requires_grad]  # the floor's: its gradient is dropped every step
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
-    skip = virtual_tokens(spec["peer"], spec["method"])
 
     def train_step() -> float:
         with autocast():
-            loss = hidden(model(**inputs), skip).float().square().mean()
+            loss = (hidden(model(**inputs), skip).float() * direction).mean()
         loss.backward()
         if optimizer is not None:
             optimizer.step()
