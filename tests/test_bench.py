@@ -511,6 +511,25 @@ def test_back_to_back_figures_reach_the_rows_and_the_table(tmp_path) -> None:
     assert row["ratio_vs_peer_back_to_back"] == pytest.approx(0.9)
     table = format_table(result)
     assert "floor 8.00 ms/step" in table and "| lora | peft | 9.00 | 10.00 | 1.12 | 0.90 |" in table
+    assert "requested" not in table  # no requested-bytes peak (CPU cases): no such table
+
+
+def test_the_requested_bytes_peak_reaches_the_rows_and_the_table(tmp_path) -> None:
+    """On a GPU each case also reports the peak of the tensors' own bytes beside max_memory_allocated,
+    which counts the allocator's rounded blocks (the two differ by a few MB between equal programs)."""
+    from unipelt.bench import from_cases
+
+    common = {"shape": "bert-tiny", "infer_ms": None, "trainable": 10, "train_ms": 10.0}
+    cases = [{"peer": "floor", "method": "-", "peak_mb": 100.0, "peak_requested_mb": 90.5, **common},
+             {"peer": "unipelt", "method": "lora", "peak_mb": 112.0, "peak_requested_mb": 101.25, **common},
+             {"peer": "adapters", "method": "lora", "peak_mb": 110.0, "peak_requested_mb": 101.5, **common}]
+    path = tmp_path / "run.cases.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in cases))
+    result = from_cases(path, "test GPU")
+    (row,) = result["rows"]
+    assert (row["ours_peak_requested_mb"], row["peer_peak_requested_mb"]) == (101.25, 101.5)
+    table = format_table(result)
+    assert "floor 100.00 / 90.50" in table and "| lora | adapters | 112.00 / 110.00 | 101.25 / 101.50 |" in table
 
 
 def test_a_case_can_compile_its_whole_training_step() -> None:

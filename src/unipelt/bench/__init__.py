@@ -214,7 +214,8 @@ def _median_of_rounds(found: list[dict[str, Any]]) -> dict[str, Any]:
     if not good:
         return found[0]
     merged = dict(good[0])
-    for key in ("train_ms", "back_to_back_ms", "tokens_per_s", "infer_ms", "merged_infer_ms", "peak_mb"):
+    for key in ("train_ms", "back_to_back_ms", "tokens_per_s", "infer_ms", "merged_infer_ms", "peak_mb",
+                "peak_requested_mb"):
         values = [r[key] for r in good if r.get(key) is not None]
         merged[key] = statistics.median(values) if values else None
     merged["train_ms_rounds"] = [r["train_ms"] for r in good]
@@ -240,6 +241,8 @@ def _row(method: str, peer: str | None, ours: dict | None, theirs: dict | None, 
             "ratio_vs_peer": ours_ms / peer_ms if ours_ms and peer_ms else None,
             "ratio_vs_floor": ours_ms / floor_ms if ours_ms else None,
             "ours_peak_mb": get(ours, "peak_mb"), "peer_peak_mb": get(theirs, "peak_mb"),
+            "ours_peak_requested_mb": get(ours, "peak_requested_mb"),
+            "peer_peak_requested_mb": get(theirs, "peak_requested_mb"),
             "ours_infer_ms": get(ours, "infer_ms"), "ours_merged_infer_ms": get(ours, "merged_infer_ms"),
             "peer_infer_ms": get(theirs, "infer_ms"), "peer_merged_infer_ms": get(theirs, "merged_infer_ms"),
             "bare_infer_ms": floor["infer_ms"],
@@ -290,6 +293,14 @@ def format_table(result: dict[str, Any]) -> str:
             lines.append(f"| {r['method']} | {r['peer'] or '-'} | {f(r['ours_kernels'], '.0f')} / "
                          f"{f(r['peer_kernels'], '.0f')} | {f(r['ours_gpu_busy_ms'])} / {f(r['peer_gpu_busy_ms'])} | "
                          f"{f(r['ours_ms'])} / {f(r['peer_ms'])} |")
+    if floor.get("peak_requested_mb") is not None:
+        lines += ["", "Peak GPU memory, MB: as the allocator's blocks count it (max_memory_allocated, the table "
+                      f"above) and the tensors' own bytes (peak of requested bytes; floor "
+                      f"{floor['peak_mb']:.2f} / {floor['peak_requested_mb']:.2f}):", "",
+                  "| method | peer | allocated ours / peer | requested ours / peer |", "|---|---|---:|---:|"]
+        for r in result["rows"]:
+            lines.append(f"| {r['method']} | {r['peer'] or '-'} | {f(r['ours_peak_mb'])} / {f(r['peer_peak_mb'])} | "
+                         f"{f(r.get('ours_peak_requested_mb'))} / {f(r.get('peer_peak_requested_mb'))} |")
     if floor.get("back_to_back_ms") is not None:
         lines += ["", f"Steps back to back, no synchronisation between them (a training loop's throughput; floor "
                       f"{floor['back_to_back_ms']:.2f} ms/step):", "",
