@@ -495,16 +495,21 @@ def test_back_to_back_timing_takes_one_event_between_calls_and_synchronises_only
     assert syncs == [2.0, 14.0]  # before the first timed step and after the last, never between
 
 
-def test_back_to_back_figures_reach_the_rows_and_the_table(tmp_path) -> None:
+def _from_written_cases(tmp_path: Path, cases: list[dict]) -> dict:
+    """The benchmark's result rebuilt from these cases, written as a run's cases file."""
     from unipelt.bench import from_cases
 
-    common = {"shape": "bert-tiny", "peak_mb": 1.0, "infer_ms": None, "trainable": 10}
-    cases = [{"peer": "floor", "method": "-", "train_ms": 10.0, "back_to_back_ms": 8.0, **common},
-             {"peer": "unipelt", "method": "lora", "train_ms": 12.0, "back_to_back_ms": 9.0, **common},
-             {"peer": "peft", "method": "lora", "train_ms": 13.0, "back_to_back_ms": 10.0, **common}]
     path = tmp_path / "run.cases.jsonl"
     path.write_text("".join(json.dumps(c) + "\n" for c in cases))
-    result = from_cases(path, "test GPU")
+    return from_cases(path, "test GPU")
+
+
+def test_back_to_back_figures_reach_the_rows_and_the_table(tmp_path) -> None:
+    common = {"shape": "bert-tiny", "peak_mb": 1.0, "infer_ms": None, "trainable": 10}
+    result = _from_written_cases(tmp_path, [
+        {"peer": "floor", "method": "-", "train_ms": 10.0, "back_to_back_ms": 8.0, **common},
+        {"peer": "unipelt", "method": "lora", "train_ms": 12.0, "back_to_back_ms": 9.0, **common},
+        {"peer": "peft", "method": "lora", "train_ms": 13.0, "back_to_back_ms": 10.0, **common}])
     (row,) = result["rows"]
     assert row["ratio_vs_floor"] == pytest.approx(1.2)  # synchronised steps, as before
     assert row["ratio_vs_floor_back_to_back"] == pytest.approx(9 / 8)
@@ -517,15 +522,11 @@ def test_back_to_back_figures_reach_the_rows_and_the_table(tmp_path) -> None:
 def test_the_requested_bytes_peak_reaches_the_rows_and_the_table(tmp_path) -> None:
     """On a GPU each case also reports the peak of the tensors' own bytes beside max_memory_allocated,
     which counts the allocator's rounded blocks (the two differ by a few MB between equal programs)."""
-    from unipelt.bench import from_cases
-
     common = {"shape": "bert-tiny", "infer_ms": None, "trainable": 10, "train_ms": 10.0}
-    cases = [{"peer": "floor", "method": "-", "peak_mb": 100.0, "peak_requested_mb": 90.5, **common},
-             {"peer": "unipelt", "method": "lora", "peak_mb": 112.0, "peak_requested_mb": 101.25, **common},
-             {"peer": "adapters", "method": "lora", "peak_mb": 110.0, "peak_requested_mb": 101.5, **common}]
-    path = tmp_path / "run.cases.jsonl"
-    path.write_text("".join(json.dumps(c) + "\n" for c in cases))
-    result = from_cases(path, "test GPU")
+    result = _from_written_cases(tmp_path, [
+        {"peer": "floor", "method": "-", "peak_mb": 100.0, "peak_requested_mb": 90.5, **common},
+        {"peer": "unipelt", "method": "lora", "peak_mb": 112.0, "peak_requested_mb": 101.25, **common},
+        {"peer": "adapters", "method": "lora", "peak_mb": 110.0, "peak_requested_mb": 101.5, **common}])
     (row,) = result["rows"]
     assert (row["ours_peak_requested_mb"], row["peer_peak_requested_mb"]) == (101.25, 101.5)
     table = format_table(result)
