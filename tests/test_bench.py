@@ -533,6 +533,21 @@ def test_the_requested_bytes_peak_reaches_the_rows_and_the_table(tmp_path) -> No
     assert "floor 100.00 / 90.50" in table and "| lora | adapters | 112.00 / 110.00 | 101.25 / 101.50 |" in table
 
 
+def test_a_case_records_the_allocator_settings_it_ran_under(tmp_path, monkeypatch) -> None:
+    """PYTORCH_CUDA_ALLOC_CONF changes how max_memory_allocated counts (expandable segments split every
+    cached block): each case records the value it inherited, and the table's first line names it."""
+    spec = {"peer": "floor", "method": "-", "shape": "bert-tiny", "device": "cpu", "steps": 1, "warmup": 0}
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    floor = case.measure(spec)
+    assert floor["alloc_conf"] == "expandable_segments:True"
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    lora = case.measure({**spec, "peer": "unipelt", "method": "lora"})
+    assert lora["alloc_conf"] is None
+    result = _from_written_cases(tmp_path, [floor, lora])
+    assert "; PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in format_table(result).splitlines()[0]
+    assert "ALLOC_CONF" not in format_table(_from_written_cases(tmp_path, [lora | {"peer": "floor", "method": "-"}]))
+
+
 def test_a_case_can_compile_its_whole_training_step() -> None:
     """--compile-scope step: forward, backward (compiled autograd) and the optimizer run compiled; the same
     training as the eager case."""

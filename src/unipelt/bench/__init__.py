@@ -271,7 +271,8 @@ def format_table(result: dict[str, Any]) -> str:
                 if result.get("compile_mode") else "")
              + f"; AdamW {result.get('optimizer', 'foreach')}"
              + "".join(f"; inductor {k}={v}" for k, v in (result.get("inductor") or {}).items())
-             + (f"; attention {result['attention']}" if result.get("attention") else ""),
+             + (f"; attention {result['attention']}" if result.get("attention") else "")
+             + (f"; PYTORCH_CUDA_ALLOC_CONF={floor['alloc_conf']}" if floor.get("alloc_conf") else ""),
              "",
              "| method | peer | ours ms | peer ms | x floor | x peer | ours MB | peer MB | infer ms (merged) | "
              "peer infer ms (merged) | ops/step ours / peer | trainable ours / peer |",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import resource
 import statistics
 import sys
@@ -454,6 +455,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
               "compile": spec.get("compile"), "compile_scope": "step" if whole_step else "model",
               "inductor": spec.get("inductor") or {}, "attention": spec.get("attention"),
               "optimizer": spec.get("optimizer", "foreach"),
+              # the CUDA allocator's settings (inherited from the benchmark's environment): they change how
+              # max_memory_allocated counts, e.g. expandable_segments:True splits every cached block
+              "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
               "train_ms": statistics.median(train_ms), "train_ms_all": train_ms,
               "back_to_back_ms": statistics.median(back_to_back_ms) if back_to_back_ms else None,
               "tokens_per_s": shape["batch"] * shape["seq"] / (statistics.median(train_ms) / 1e3),
