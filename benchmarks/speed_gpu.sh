@@ -8,6 +8,11 @@
 # training step instead of the model. Sixth session: --inductor NAME=VALUE sets torch._inductor.config options
 # in every case; --profile --top-kernels 10000 keeps each case's full kernel list; --compile max-autotune
 # compiles for about 70 s a case (four at a time); benchmarks/peak_trace.py lists what is alive at a case's peak.
+# Ninth session: every case also reports its peak of requested bytes (the tensors' own size) beside
+# max_memory_allocated, and records the PYTORCH_CUDA_ALLOC_CONF it inherited. The memory rows, about 6 min
+# cold (8 cases, prewarm 75 s):
+#   device run: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bash benchmarks/speed_gpu.sh bert-base \
+#                    --methods lora parallel mam --compile reduce-overhead --optimizer fused --prewarm 8 --no-full
 #   device run: bash benchmarks/speed_gpu.sh bert-base                 (carry .whl: the adapters wheels, see below)
 #   device run: bash benchmarks/speed_gpu.sh llama-1b
 #   device run: bash benchmarks/speed_gpu.sh bert-base --compile reduce-overhead --prewarm 8   (every case compiled)
