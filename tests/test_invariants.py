@@ -173,7 +173,8 @@ def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def hook_count(model: nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    """Module hooks plus instance-level ``forward`` wrappers (the core wraps the model's own)."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + ("forward" in vars(m)) for m in model.modules())
 
 
 # ------------------------------------------------------- independent parameter counts (METHODS.md formulas)
@@ -607,6 +608,29 @@ def test_detach_restores_base_exactly(family: str, key: str) -> None:
     assert hook_count(model) == hooks
     assert model.config._attn_implementation == impl
     assert unipelt.trainable_parameters(model)["head"] == 0
+
+
+def test_a_forward_wrapped_before_attach_is_called_and_restored_by_detach() -> None:
+    """accelerate wraps a model's ``forward`` on the instance (autocast, fp32 outputs); the core's call
+    wrapper goes around it, and detach puts that wrapper back, not the class's forward."""
+    model = build("bert")
+    batch = inputs("bert")
+    calls: list[int] = []
+    inner = model.forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return inner(*args, **kwargs)
+
+    model.forward = counted
+    base = logits(model, batch)
+    unipelt.attach(model, {"method": "prompt", "length": 3})
+    assert model.forward is not counted
+    logits(model, batch)
+    assert len(calls) == 2
+    unipelt.detach(model)
+    assert model.forward is counted
+    assert torch.equal(logits(model, batch), base) and len(calls) == 3
 
 
 # ---------------------------------------------------------------------- not applicable: clear errors

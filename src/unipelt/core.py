@@ -7,6 +7,7 @@ model's sites, builds each method, freezes the base, installs the hooks, routes 
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,7 +81,8 @@ def _start(model: nn.Module, train_head: bool) -> Attachment:
 
 
 def _hook_model_calls(model: nn.Module, state: Attachment) -> None:
-    """The model-level hooks: a fresh forward context per call, call and output rewrites (prompts)."""
+    """The model-level call handling, around the model's ``forward`` (:class:`_CallWrapper`): a fresh forward
+    context per call, and the call and output rewrites (prompts)."""
     in_call = [False]  # True while the whole model runs
 
     def before_call(module, args, kwargs):
@@ -99,15 +101,15 @@ def _hook_model_calls(model: nn.Module, state: Attachment) -> None:
             for rewrite in installer.call_rewrites:
                 call = rewrite(call)
         state.context.use_mask(call.get("attention_mask"))  # widened by a prompt, if any
-        return (), call
+        return call
 
-    def after_call(module, args, kwargs, output):
+    def after_call(module, kwargs, output):
         for installer in state.installers.values():
             for rewrite in installer.output_rewrites:
                 output = rewrite(kwargs, output)
         return output
 
-    def end_call(module, args, output):
+    def end_call():
         in_call[0] = False
 
     def before_encoder(module, args, kwargs):
@@ -116,13 +118,47 @@ def _hook_model_calls(model: nn.Module, state: Attachment) -> None:
         if not in_call[0]:
             state.context.reset(call_arguments(module, args, kwargs).get("attention_mask"))
 
-    state.handles.append(model.register_forward_pre_hook(before_call, with_kwargs=True))
-    state.handles.append(model.register_forward_hook(after_call, with_kwargs=True))
-    state.handles.append(model.register_forward_hook(end_call, always_call=True))
+    state.handles.append(_CallWrapper(model, before_call, after_call, end_call))
     get_encoder = getattr(model, "get_encoder", None) if getattr(model.config, "is_encoder_decoder", False) else None
     encoder = get_encoder() if callable(get_encoder) else None
     if isinstance(encoder, nn.Module) and encoder is not model:
         state.handles.append(encoder.register_forward_pre_hook(before_encoder, with_kwargs=True))
+
+
+class _CallWrapper:
+    """The model-level rewrites as a wrapper of the model's own ``forward``, not as module hooks.
+
+    ``torch.compile(model)`` runs a module's hooks outside the traced frame, so each hook's tensor work
+    (a prompt widening ``input_ids`` and the mask) became a graph of its own: under CUDA graphs one more
+    graph replay per step, with its outputs kept in the graph pool. Called from ``forward``, the rewrites
+    are traced into the model's one graph. ``remove()`` restores the model's ``forward``.
+    """
+
+    def __init__(self, model: nn.Module, before: Any, after: Any, end: Any):
+        self.model = model
+        self.active = True
+        inner = model.forward  # the class's bound forward, or an earlier instance-level wrapper
+
+        @functools.wraps(inner)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if not self.active:  # removed while another wrapper (accelerate's) still holds this one
+                return inner(*args, **kwargs)
+            try:
+                call = before(model, args, kwargs)
+                return after(model, call, inner(**call))
+            finally:
+                end()
+
+        self.forward = forward
+        model.forward = forward
+
+    def remove(self) -> None:
+        self.active = False
+        if self.model.__dict__.get("forward") is self.forward:
+            del self.model.__dict__["forward"]
+            inner = self.forward.__wrapped__
+            if getattr(inner, "__self__", None) is not self.model or inner.__func__ is not type(self.model).forward:
+                self.model.forward = inner  # an instance-level forward that was there before
 
 
 def _row_masks(state: Attachment, task_ids: torch.Tensor | None) -> dict[str, torch.Tensor]:
