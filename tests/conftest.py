@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -11,6 +12,11 @@ import torch
 import transformers
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Every session compiles afresh: a cache left by an earlier run would skip Inductor's code generation and
+# hide a failure there (a fresh clone's CI found one that the warm cache here had masked)
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _INDUCTOR_CACHE = tempfile.TemporaryDirectory(prefix="unipelt-tests-inductor-")  # removed at exit
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _INDUCTOR_CACHE.name
 transformers.logging.set_verbosity_error()
 
 VOCAB = 96

@@ -602,13 +602,16 @@ def test_a_case_runs_the_attention_implementation_it_is_given(monkeypatch) -> No
     assert result["attention"] == "eager" and set(calls) == {"eager"}
 
 
-def test_a_case_sets_inductor_options_by_dotted_name(monkeypatch) -> None:
+def test_a_case_sets_inductor_options_by_dotted_name() -> None:
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "combo_kernels", False)
-    monkeypatch.setattr(inductor_config.triton, "cudagraph_trees", True)
-    case.set_inductor_options({"combo_kernels": True, "triton.cudagraph_trees": False})
-    assert inductor_config.combo_kernels is True and inductor_config.triton.cudagraph_trees is False
+    # the config's own patch restores the options; pytest's monkeypatch undo deletes them from torch's config
+    # module instead (it hides them), and every later Inductor compile in the session then failed
+    before = (inductor_config.combo_kernels, inductor_config.triton.cudagraph_trees)
+    with inductor_config.patch({"combo_kernels": False, "triton.cudagraph_trees": True}):
+        case.set_inductor_options({"combo_kernels": True, "triton.cudagraph_trees": False})
+        assert inductor_config.combo_kernels is True and inductor_config.triton.cudagraph_trees is False
+    assert (inductor_config.combo_kernels, inductor_config.triton.cudagraph_trees) == before
     for wrong in ("combo_kernelz", "tritonz.cudagraph_trees"):
         with pytest.raises(KeyError, match=wrong):
             case.set_inductor_options({wrong: True})
