@@ -9,7 +9,9 @@
 # in every case; --profile --top-kernels 10000 keeps each case's full kernel list; --compile max-autotune
 # compiles for about 70 s a case (four at a time); benchmarks/peak_trace.py lists what is alive at a case's peak.
 # Ninth session: every case also reports its peak of requested bytes (the tensors' own size) beside
-# max_memory_allocated, and records the PYTORCH_CUDA_ALLOC_CONF it inherited. The memory rows, about 6 min
+# max_memory_allocated, and records the PYTORCH_CUDA_ALLOC_CONF it inherited. Tenth session: under
+# expandable_segments:True max_memory_allocated follows the requested bytes and CUDA graphs run; every
+# method with a peer took three calls of about 8 min (runs 42-44). The memory rows, about 6 min
 # cold (8 cases, prewarm 75 s):
 #   device run: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bash benchmarks/speed_gpu.sh bert-base \
 #                    --methods lora parallel mam --compile reduce-overhead --optimizer fused --prewarm 8 --no-full
