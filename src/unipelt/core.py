@@ -103,7 +103,7 @@ def _hook_model_calls(model: nn.Module, state: Attachment) -> None:
         state.context.use_mask(call.get("attention_mask"))  # widened by a prompt, if any
         return call
 
-    def after_call(module, kwargs, output):
+    def after_call(kwargs, output):
         for installer in state.installers.values():
             for rewrite in installer.output_rewrites:
                 output = rewrite(kwargs, output)
@@ -137,7 +137,8 @@ class _CallWrapper:
     def __init__(self, model: nn.Module, before: Any, after: Any, end: Any):
         self.model = model
         self.active = True
-        inner = model.forward  # the class's bound forward, or an earlier instance-level wrapper
+        self.previous = vars(model).get("forward")  # an instance-level wrapper already there (accelerate's)
+        inner = model.forward
 
         @functools.wraps(inner)
         def forward(*args: Any, **kwargs: Any) -> Any:
@@ -145,7 +146,7 @@ class _CallWrapper:
                 return inner(*args, **kwargs)
             try:
                 call = before(model, args, kwargs)
-                return after(model, call, inner(**call))
+                return after(call, inner(**call))
             finally:
                 end()
 
@@ -154,11 +155,10 @@ class _CallWrapper:
 
     def remove(self) -> None:
         self.active = False
-        if self.model.__dict__.get("forward") is self.forward:
-            del self.model.__dict__["forward"]
-            inner = self.forward.__wrapped__
-            if getattr(inner, "__self__", None) is not self.model or inner.__func__ is not type(self.model).forward:
-                self.model.forward = inner  # an instance-level forward that was there before
+        if vars(self.model).get("forward") is self.forward:
+            del self.model.forward
+            if self.previous is not None:
+                self.model.forward = self.previous
 
 
 def _row_masks(state: Attachment, task_ids: torch.Tensor | None) -> dict[str, torch.Tensor]:
