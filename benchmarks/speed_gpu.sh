@@ -15,6 +15,14 @@
 # cold (8 cases, prewarm 75 s):
 #   device run: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bash benchmarks/speed_gpu.sh bert-base \
 #                    --methods lora parallel mam --compile reduce-overhead --optimizer fused --prewarm 8 --no-full
+# Eleventh session: the fused bottleneck kernels against the unfused adapters, one speed run each in the same
+# call (UNIPELT_FUSED=0 turns them off; about 140 s a run of three compiled cases, cold), then the kernel
+# benchmark and the model check (about 45 s and 70 s a method):
+#   device run: for v in 1 0; do UNIPELT_FUSED=$v OUT=$OUT/fused$v PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+#                    bash benchmarks/speed_gpu.sh bert-base --peers --methods houlsby pfeiffer \
+#                    --compile reduce-overhead --optimizer fused --prewarm 3 --no-full; done
+#   device run: PYTHONPATH=src python benchmarks/fused_bottleneck.py --bottlenecks 48 128 --activations silu relu
+#   device run: PYTHONPATH=src python benchmarks/fused_model_check.py houlsby compacter
 #   device run: bash benchmarks/speed_gpu.sh bert-base                 (carry .whl: the adapters wheels, see below)
 #   device run: bash benchmarks/speed_gpu.sh llama-1b
 #   device run: bash benchmarks/speed_gpu.sh bert-base --compile reduce-overhead --prewarm 8   (every case compiled)

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError, MethodConfig, register, register_preset
+from ..kernels import bottleneck as fused
 from ..runtime import Gate, Installer, stacked_linear
 from ..sites import ModelMap, Projection
 from .base import DeltaMethod, activation, cast_like, matmul_input
@@ -122,16 +123,38 @@ class Adapter(DeltaMethod):
         scale = torch.sigmoid(gate_logit)  # scale the (tokens, 1) gate, not the (tokens, d) delta
         return delta * (scale * self.config.scaling if self.config.scaling != 1.0 else scale)
 
+    def _fusable(self, site_key: str) -> bool:
+        """Whether the site computes what :mod:`~unipelt.kernels.bottleneck` fuses: an ungated plain bottleneck
+        (subclasses with bottlenecks of their own say whether theirs is one)."""
+        return site_key not in self.gates and type(self.adapters[site_key]) is Bottleneck
+
+    def _fused_weights(self, site_key: str) -> tuple[torch.Tensor, ...]:
+        """``(W_down, b_down, W_up, b_up)`` of a :meth:`_fusable` site."""
+        bottleneck = self.adapters[site_key]
+        return bottleneck.down.weight, bottleneck.down.bias, bottleneck.up.weight, bottleneck.up.bias
+
+    def _add_delta(self, installer: Installer, site_key: str, x: torch.Tensor, output: torch.Tensor,
+                   serial: bool) -> torch.Tensor:
+        """``output`` plus the site's (gated, scaled) delta of ``x``; by the fused kernels where they compute it."""
+        config = self.config
+        down_bias = self.adapters[site_key].down.bias  # (m,) in the weights' dtype, for every bottleneck type
+        if x.shape == output.shape and installer.row_mask() is None and self._fusable(site_key) and \
+                fused.available(output, down_bias.dtype, down_bias.shape[0], config.activation):
+            # a parallel adapter's input may be a LayerNorm's float32 output: autocast's GEMM would cast it too
+            return fused.bottleneck_add(cast_like(x, output), None if serial else output,
+                                        *self._fused_weights(site_key), config.activation, config.scaling)
+        return output + cast_like(installer.own_rows(self._delta(site_key, x)), output)
+
     def install(self, installer: Installer) -> None:
         for site_key, site in self.sites.items():
             if self.config.parallel:
                 self._install_parallel(installer, site_key, site)
             else:
-                installer.on_output(site.write.module, self._serial_hook(site_key, installer.own_rows))
+                installer.on_output(site.write.module, self._serial_hook(site_key, installer))
 
-    def _serial_hook(self, site_key: str, own_rows):
+    def _serial_hook(self, site_key: str, installer: Installer):
         def serial(module, inputs, output):
-            return output + cast_like(own_rows(self._delta(site_key, output)), output)
+            return self._add_delta(installer, site_key, output, output, serial=True)
 
         return serial
 
@@ -146,7 +169,7 @@ class Adapter(DeltaMethod):
             x = stash.pop(slot, None)
             if x is None:
                 raise RuntimeError(f"parallel adapter {site_key}: sub-layer input was not seen before its output")
-            return output + cast_like(installer.own_rows(self._delta(site_key, x)), output)
+            return self._add_delta(installer, site_key, x, output, serial=False)
 
         installer.on_input(site.read, read_input)
         installer.on_output(site.write.module, add_parallel)

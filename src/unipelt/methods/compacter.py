@@ -158,10 +158,24 @@ class Compacter(Adapter):
             built.update({(key, part): w for (key, part, _), w in zip(group, weights, strict=True)})
         return {key: (built[(key, "down")], built[(key, "up")]) for key in self.adapters}
 
-    def _delta(self, site_key: str, x: torch.Tensor) -> torch.Tensor:
+    def _built_weights(self, site_key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The site's (W_down, W_up) from this pass's one batched build; None outside an installed model."""
         context = getattr(self, "_context", None)
-        weights = context.once((id(self), "phm_weights"), self._all_weights, uses=len(self.adapters))[site_key] \
-            if context is not None else None
+        if context is None:
+            return None
+        return context.once((id(self), "phm_weights"), self._all_weights, uses=len(self.adapters))[site_key]
+
+    def _fusable(self, site_key: str) -> bool:
+        return site_key not in self.gates
+
+    def _fused_weights(self, site_key: str) -> tuple[torch.Tensor, ...]:
+        bottleneck = self.adapters[site_key]
+        rules = getattr(self, "rules", None)
+        w_down, w_up = self._built_weights(site_key) or (bottleneck.down.weight(rules), bottleneck.up.weight(rules))
+        return w_down, bottleneck.down.bias, w_up, bottleneck.up.bias
+
+    def _delta(self, site_key: str, x: torch.Tensor) -> torch.Tensor:
+        weights = self._built_weights(site_key)
         delta = self.adapters[site_key](x, getattr(self, "rules", None), weights)
         if site_key in self.gates:
             delta = delta * self.gates[site_key](x)

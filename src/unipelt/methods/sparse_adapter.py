@@ -202,6 +202,13 @@ class SparseAdapter(Adapter):
         config: SparseAdapterConfig = self.config
         return SparseBottleneck(d, config.effective_bottleneck, config.activation)
 
+    def _fusable(self, site_key: str) -> bool:
+        return site_key not in self.gates
+
+    def _fused_weights(self, site_key: str) -> tuple[torch.Tensor, ...]:
+        bottleneck = self.adapters[site_key]
+        return bottleneck.down.masked_weight(), bottleneck.down.bias, bottleneck.up.masked_weight(), bottleneck.up.bias
+
     def _delta(self, site_key: str, x: torch.Tensor) -> torch.Tensor:
         bottleneck = self.adapters[site_key]
         scaling = self.config.scaling

@@ -1,0 +1,117 @@
+"""The fused bottleneck adapter (``unipelt.kernels.bottleneck``) against the unfused one, side by side.
+
+For each bottleneck width and activation: one adapter with its residual add, on ``--tokens`` x
+``--width`` bf16 activations under autocast (float32 weights, as in training), forward and backward:
+the GPU time of its kernels and their number (torch profiler, per pass) for
+
+- ``unfused``: the PyTorch function, eager;
+- ``compiled``: the same through ``torch.compile`` (what a compiled model runs without the kernels);
+- ``fused``: the Triton kernels, eager; and ``fused+compiled``: inside ``torch.compile``.
+
+Every variant's output and gradients are compared with a float32 computation of the same inputs: the
+fused kernels must be at least as close to it as autocast's unfused path (columns ``err_*``).
+
+    python benchmarks/fused_bottleneck.py --out fused.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import torch
+
+from unipelt.bench import case
+from unipelt.kernels import bottleneck as fused
+
+
+def _inputs(tokens: int, width: int, m: int, device: str) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    with torch.device(device):
+        return {"x": torch.randn(tokens, width, dtype=torch.bfloat16),
+                "w_down": torch.randn(m, width) / width ** 0.5, "b_down": torch.randn(m) * 0.1,
+                "w_up": torch.randn(width, m) / m ** 0.5 * 0.1, "b_up": torch.randn(width) * 0.01,
+                "grad": torch.randn(tokens, width, dtype=torch.bfloat16)}
+
+
+def _unfused(x, w_down, b_down, w_up, b_up, act: str, scale: float) -> torch.Tensor:
+    return fused.reference(x, None, w_down, b_down, w_up, b_up, act, scale)
+
+
+def _fused(x, w_down, b_down, w_up, b_up, act: str, scale: float) -> torch.Tensor:
+    return fused.bottleneck_add(x, None, w_down, b_down, w_up, b_up, act, scale)
+
+
+def _pass(fn, tensors: dict[str, torch.Tensor], act: str, autocast: bool) -> list[torch.Tensor]:
+    """Forward and backward; the output and the gradients of x and the four weights."""
+    leaves = {k: v.detach().requires_grad_() for k, v in tensors.items() if k != "grad"}
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        out = fn(**leaves, act=act, scale=1.0)
+    out.backward(tensors["grad"].to(out.dtype))
+    return [out.detach()] + [leaves[k].grad for k in ("x", "w_down", "b_down", "w_up", "b_up")]
+
+
+def _relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    return max(((g.float() - w).abs().max() / w.abs().max().clamp_min(1e-30)).item()
+               for g, w in zip(got, want, strict=True))
+
+
+def compare(tokens: int, width: int, bottlenecks: list[int], activations: list[str],
+            steps: int) -> list[dict[str, Any]]:
+    rows = []
+    torch._dynamo.config.cache_size_limit = 64  # a recompile per width and activation
+    variants = {"unfused": _unfused, "compiled": torch.compile(_unfused, dynamic=False), "fused": _fused,
+                "fused+compiled": torch.compile(_fused, dynamic=False)}
+    for m in bottlenecks:
+        for act in activations:
+            tensors = _inputs(tokens, width, m, "cuda")
+            exact = _pass(_unfused, {k: v.float() if k == "x" else v for k, v in tensors.items()}, act, False)
+            row: dict[str, Any] = {"tokens": tokens, "width": width, "bottleneck": m, "activation": act}
+            for name, fn in variants.items():
+                row[f"err_{name}"] = _relative_error(_pass(fn, tensors, act, True), exact)
+                for _ in range(3):
+                    _pass(fn, tensors, act, True)
+                # GPU time, not wall time: one adapter's pass is far shorter than the host's work to launch it
+                profile = case.kernel_profile(lambda fn=fn, t=tensors, a=act: _pass(fn, t, a, True), steps)
+                row[f"us_{name}"] = profile["gpu_busy_ms"] * 1000
+                row[f"kernels_{name}"] = profile["kernels_per_step"]
+            row["fused_vs_compiled"] = row["us_fused+compiled"] / row["us_compiled"]  # both compiled
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| m | act | GPU us (kernels): unfused | compiled | fused | fused, compiled | fused / unfused, compiled | "
+             "error vs float32: compiled | fused |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        cells = [f"{r[f'us_{v}']:.1f} ({r[f'kernels_{v}']:.0f})" for v in ("unfused", "compiled", "fused",
+                                                                        "fused+compiled")]
+        lines.append(f"| {r['bottleneck']} | {r['activation']} | {' | '.join(cells)} | {r['fused_vs_compiled']:.2f} | "
+                     f"{r['err_compiled']:.1e} | {r['err_fused']:.1e} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=32 * 128)
+    parser.add_argument("--width", type=int, default=768)
+    parser.add_argument("--bottlenecks", type=int, nargs="+", default=[24, 48, 64, 128])
+    parser.add_argument("--activations", nargs="+", default=["silu", "relu", "gelu"])
+    parser.add_argument("--steps", type=int, default=10, help="profiled passes per variant")
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available() or not fused.available(
+            torch.empty(1, dtype=torch.bfloat16, device="cuda"), torch.bfloat16, 1, "relu"):
+        raise SystemExit("needs a GPU with Triton (the fused kernels run there only)")
+    rows = compare(args.tokens, args.width, args.bottlenecks, args.activations, args.steps)
+    text = f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n\n{table(rows)}"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,356 @@
+"""A bottleneck adapter and its residual add as Triton kernels, forward and backward.
+
+``out = residual + s * (f(x W_d^T + b_d) W_u^T + b_u)``, with ``residual = x`` for a serial adapter.
+
+Unfused and compiled, a 768-wide adapter with m = 48 at BERT-base's 4096 tokens is 23 kernels and about
+58 us of GPU time per training step on an H200: small GEMMs with split-K reductions, bias sums, the
+activation and its gradient, casts of the float32 weights and their gradients, and the adds, most of them
+a pass over the 4096 x 768 activation. Here it is six kernels and a memset (about 37 us;
+benchmarks/fused_bottleneck.py):
+
+- forward: ``z = x W_d^T + b_d`` (one program per block of tokens, looping over the width), then
+  ``out = residual + s (f(z) W_u^T + b_u)`` (a program per output tile, inner dimension m, the
+  activation, biases, scale and residual in the epilogue);
+- backward: ``grad_z = s (g W_u) * f'(z)`` with ``s f(z)`` for the next step, ``grad_x = grad_z W_d``
+  (plus ``g`` for a serial adapter), and the two weight gradients with their bias sums, each split over
+  the tokens into about one program per SM that adds its share with float32 atomics (so the bias and
+  weight gradients' summation order varies between runs, as with other atomic reductions in torch).
+
+The kernels read the weights in their own dtype (float32 under autocast) and cast tiles in registers, so
+no cast kernels run and the gradients come back in the weights' dtype. Precision follows autocast's:
+GEMMs take ``x``'s dtype with float32 accumulation, ``z`` is stored in that dtype. Saved for the
+backward: ``x`` and ``z``. The ops are opaque to ``torch.compile`` (``torch.library.custom_op``): a
+compiled model runs them as they are, inside its one graph.
+
+Used where they compute the unfused path's function: a half-precision ``x`` on a GPU (or in Triton's
+interpreter, for the tests) whose matmul would run in that dtype (autocast to it, or weights of it), a
+bottleneck of at most :data:`MAX_BOTTLENECK` (wider ones are GEMMs cuBLAS runs well), and an activation
+of :data:`ACTIVATIONS`. ``UNIPELT_FUSED=0`` in the environment (read at import) or ``enabled = False``
+here turns them off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = {"relu": 0, "silu": 1, "swish": 1, "gelu": 2, "tanh": 3}
+MAX_BOTTLENECK = 128
+_HALF = (torch.bfloat16, torch.float16)
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: tests run the kernels on the CPU
+
+
+def _load_triton():
+    if not hasattr(torch.library, "custom_op"):
+        return None
+    if not (_INTERPRET or torch.cuda.is_available()):
+        return None  # importing Triton costs a CPU-only process time and buys nothing
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+    return triton, tl
+
+
+_TRITON = _load_triton()
+enabled = os.environ.get("UNIPELT_FUSED", "1") != "0"  # a switch for comparisons; the kernels stay registered
+
+
+def reference(x: torch.Tensor, residual: torch.Tensor | None, w_down: torch.Tensor, b_down: torch.Tensor,
+              w_up: torch.Tensor, b_up: torch.Tensor, act: str, scale: float) -> torch.Tensor:
+    """The function the kernels compute, in plain PyTorch (``residual=None``: serial, the residual is ``x``)."""
+    z = F.linear(x, w_down.to(x.dtype), b_down.to(x.dtype))
+    delta = F.linear(_ACT_FNS[act](z), w_up.to(x.dtype), b_up.to(x.dtype))
+    return (x if residual is None else residual) + delta * scale
+
+
+_ACT_FNS = {"relu": F.relu, "silu": F.silu, "swish": F.silu, "gelu": F.gelu, "tanh": torch.tanh}
+
+
+def available(x: torch.Tensor, weight_dtype: torch.dtype, bottleneck: int, act: str) -> bool:
+    """Whether :func:`bottleneck_add` runs the fused kernels for this input, weights' dtype, width and activation."""
+    if not enabled or _TRITON is None or x.dtype not in _HALF or bottleneck > MAX_BOTTLENECK or act not in ACTIVATIONS:
+        return False
+    if not (x.is_cuda or (_INTERPRET and x.device.type == "cpu")):
+        return False
+    # the unfused matmul runs in x's dtype only under autocast to it, or with weights of that dtype
+    autocast = torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) == x.dtype
+    return autocast or weight_dtype == x.dtype
+
+
+def bottleneck_add(x: torch.Tensor, residual: torch.Tensor | None, w_down: torch.Tensor, b_down: torch.Tensor,
+                   w_up: torch.Tensor, b_up: torch.Tensor, act: str, scale: float) -> torch.Tensor:
+    """``residual + scale * (f(x W_d^T + b_d) W_u^T + b_u)`` by the fused kernels; check :func:`available` first.
+
+    ``x`` (..., d); ``residual`` like it, or None for a serial adapter (the residual is ``x``);
+    ``w_down`` (m, d), ``w_up`` (d, m).
+    """
+    shape = x.shape
+    flat = x.reshape(-1, shape[-1])
+    res = residual.reshape(-1, shape[-1]).to(x.dtype) if residual is not None else None
+    out, _ = torch.ops.unipelt.bottleneck_forward(flat, res, w_down, b_down, w_up, b_up, ACTIVATIONS[act],
+                                                  float(scale))
+    return out.view(shape)
+
+
+if _TRITON is not None:
+    triton, tl = _TRITON
+
+    # Block sizes: the fastest of a sweep on an H200 at BERT-base's shape (4096 tokens, d = 768, m = 48;
+    # results/speed/README.md, runs 51-53), fixed rather than autotuned (the autotuner's timing runs cost the
+    # first step a 256 MB buffer and seconds), then shrunk until the pipelined tiles fit the GPU's shared
+    # memory (wide bottlenecks, smaller GPUs). Triton's interpreter (the CPU tests) runs the smallest blocks.
+    def _fit(blocks: dict, tile_bytes, device: torch.device) -> dict:
+        """``blocks`` with fewer stages, then half the ``BLOCK_K``/``BLOCK_M``, until the ``stages - 1`` buffers
+        of ``tile_bytes(blocks)`` that Triton's pipelined loop keeps fit the device's shared memory per block
+        (with room for its other uses)."""
+        props = torch.cuda.get_device_properties(device)
+        limit = getattr(props, "shared_memory_per_block_optin", 99 * 1024) - 16 * 1024
+        blocks = dict(blocks)
+        while max(1, blocks["num_stages"] - 1) * tile_bytes(blocks) > limit:
+            if blocks["num_stages"] > 2:
+                blocks["num_stages"] -= 1
+            elif blocks.get("BLOCK_K", 0) > 32:
+                blocks["BLOCK_K"] //= 2
+            elif blocks["BLOCK_M"] > 16:
+                blocks["BLOCK_M"] //= 2
+            else:
+                break
+        return blocks
+
+    def _skinny_blocks(d: int, r: int, weight_bytes: int, backward: bool, device: torch.device) -> dict:
+        if _INTERPRET:
+            return dict(BLOCK_M=16, BLOCK_K=16, num_warps=1)
+        block_k = min(64 if backward else 256, max(16, triton.next_power_of_2(d)))
+        return _fit(dict(BLOCK_M=32, BLOCK_K=block_k, num_warps=4, num_stages=3),
+                    lambda b: b["BLOCK_M"] * b["BLOCK_K"] * 2 + b["BLOCK_K"] * _block_r(r) * weight_bytes, device)
+
+    def _tiled_blocks(d: int) -> dict:
+        if _INTERPRET:
+            return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1)
+        return dict(BLOCK_M=64, BLOCK_N=min(128, max(16, triton.next_power_of_2(d))), num_warps=4, num_stages=2)
+
+    def _weight_grad_blocks(d: int, r: int, device: torch.device) -> dict:
+        if _INTERPRET:
+            return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1)
+        return _fit(dict(BLOCK_M=128, BLOCK_N=min(64, max(16, triton.next_power_of_2(d))), num_warps=4, num_stages=3),
+                    lambda b: b["BLOCK_M"] * (b["BLOCK_N"] + _block_r(r)) * 2, device)
+
+    @triton.jit
+    def _activation(z, ACT: tl.constexpr):
+        if ACT == 0:
+            return tl.maximum(z, 0.0)
+        if ACT == 1:
+            return z * tl.sigmoid(z)
+        if ACT == 2:
+            return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        return 2.0 * tl.sigmoid(2.0 * z) - 1.0  # tanh
+
+    @triton.jit
+    def _activation_grad(z, ACT: tl.constexpr):
+        if ACT == 0:
+            return tl.where(z > 0.0, 1.0, 0.0)
+        if ACT == 1:
+            sig = tl.sigmoid(z)
+            return sig * (1.0 + z * (1.0 - sig))
+        if ACT == 2:
+            cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+            return cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+        t = 2.0 * tl.sigmoid(2.0 * z) - 1.0
+        return 1.0 - t * t
+
+    @triton.jit
+    def _skinny_kernel(a_ptr, w_ptr, bias_ptr, z_ptr, out_ptr, act_ptr, M, D, R, scale, W_STRIDE_R, W_STRIDE_D,
+                       BACKWARD: tl.constexpr, ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+        """Forward: ``out = a W^T + bias`` (z). Backward: ``out = s (a W) * f'(z)`` (grad_z) and ``act = s f(z)``.
+
+        ``a`` (M, D); the weight's element (rank r, column d) at ``r * W_STRIDE_R + d * W_STRIDE_D``.
+        """
+        dtype = a_ptr.dtype.element_ty
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        ranks = tl.arange(0, BLOCK_R)
+        rank_ok = ranks < R
+        cols = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            k = k0 + cols
+            k_ok = k < D
+            a = tl.load(a_ptr + rows[:, None] * D + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + k[:, None] * W_STRIDE_D + ranks[None, :] * W_STRIDE_R,
+                        mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
+            acc = tl.dot(a, w.to(dtype), acc)
+        small = rows[:, None] * R + ranks[None, :]
+        small_ok = row_ok[:, None] & rank_ok[None, :]
+        if BACKWARD:
+            z = tl.load(z_ptr + small, mask=small_ok, other=0.0).to(tl.float32)
+            tl.store(out_ptr + small, (scale * acc * _activation_grad(z, ACT)).to(dtype), mask=small_ok)
+            tl.store(act_ptr + small, (scale * _activation(z, ACT)).to(dtype), mask=small_ok)
+        else:
+            acc = acc + tl.load(bias_ptr + ranks, mask=rank_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + small, acc.to(dtype), mask=small_ok)
+
+    @triton.jit
+    def _tiled_kernel(z_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, M, D, R, scale, W_STRIDE_R, W_STRIDE_D,
+                      ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """``out = res + s (f(z) W^T + bias)`` on one (BLOCK_M, BLOCK_N) tile; ACT < 0: ``z`` as it is.
+
+        Forward: z, W_u, b_u, the residual. Backward: grad_z, W_d (as its transpose), no bias, ``g`` when serial.
+        """
+        dtype = z_ptr.dtype.element_ty
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < D
+        ranks = tl.arange(0, BLOCK_R)
+        rank_ok = ranks < R
+        z = tl.load(z_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+        if ACT >= 0:
+            z = _activation(z.to(tl.float32), ACT).to(dtype)  # padded ranks: f(0) = 0 for every activation here
+        w = tl.load(w_ptr + ranks[:, None] * W_STRIDE_R + n[None, :] * W_STRIDE_D,
+                    mask=rank_ok[:, None] & n_ok[None, :], other=0.0)
+        y = tl.dot(z, w.to(dtype))
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        y = scale * y
+        at = rows[:, None] * D + n[None, :]
+        tile_ok = row_ok[:, None] & n_ok[None, :]
+        if HAS_RES:
+            y = y + tl.load(res_ptr + at, mask=tile_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + at, y.to(dtype), mask=tile_ok)
+
+    @triton.jit
+    def _weight_grad_kernel(big_ptr, small_ptr, dw_ptr, dbig_ptr, dsmall_ptr, M, D, R, big_sum_scale,
+                            DW_STRIDE_R, DW_STRIDE_D, SUM_BIG: tl.constexpr, SUM_SMALL: tl.constexpr,
+                            BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """``dw += big^T small`` over this program's share of the tokens (split-K, float32 atomics), and the
+        column sums of ``big`` (times ``big_sum_scale``) and of ``small`` when asked: the biases' gradients."""
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < D
+        ranks = tl.arange(0, BLOCK_R)
+        rank_ok = ranks < R
+        blocks = tl.cdiv(M, BLOCK_M)
+        per_split = tl.cdiv(blocks, tl.num_programs(1))
+        first = tl.program_id(1) * per_split
+        acc = tl.zeros((BLOCK_N, BLOCK_R), tl.float32)
+        big_sum = tl.zeros((BLOCK_N,), tl.float32)
+        small_sum = tl.zeros((BLOCK_R,), tl.float32)
+        for b in range(first, tl.minimum(first + per_split, blocks)):
+            rows = (b * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+            row_ok = rows < M
+            big = tl.load(big_ptr + rows[:, None] * D + n[None, :], mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+            small = tl.load(small_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :],
+                            other=0.0)
+            acc = tl.dot(tl.trans(big), small, acc)
+            if SUM_BIG:
+                big_sum += tl.sum(big.to(tl.float32), axis=0)
+            if SUM_SMALL:
+                small_sum += tl.sum(small.to(tl.float32), axis=0)
+        tl.atomic_add(dw_ptr + n[:, None] * DW_STRIDE_D + ranks[None, :] * DW_STRIDE_R, acc,
+                      mask=n_ok[:, None] & rank_ok[None, :], sem="relaxed")
+        if SUM_BIG:
+            tl.atomic_add(dbig_ptr + n, big_sum * big_sum_scale, mask=n_ok, sem="relaxed")
+        if SUM_SMALL:  # once: every column block summed the same rows of small
+            tl.atomic_add(dsmall_ptr + ranks, small_sum, mask=rank_ok & (tl.program_id(0) == 0), sem="relaxed")
+
+    def _block_r(r: int) -> int:
+        return max(16, triton.next_power_of_2(r))
+
+    def _rows_grid(m_rows: int, blocks: dict) -> tuple[int]:
+        return (triton.cdiv(m_rows, blocks["BLOCK_M"]),)
+
+    def _tiles_grid(m_rows: int, d: int, blocks: dict) -> tuple[int, int]:
+        return triton.cdiv(m_rows, blocks["BLOCK_M"]), triton.cdiv(d, blocks["BLOCK_N"])
+
+    def _splits_grid(m_rows: int, d: int, blocks: dict, device: torch.device) -> tuple[int, int]:
+        # about one program per SM, splitting the tokens; each split adds its share atomically
+        programs = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        columns = triton.cdiv(d, blocks["BLOCK_N"])
+        return columns, max(1, min(triton.cdiv(m_rows, blocks["BLOCK_M"]), triton.cdiv(programs, columns)))
+
+    # Opaque custom ops, not ``triton_op``: Inductor then calls them as they are, where it would otherwise
+    # functionalise the kernels' writes into fresh outputs and could add copies of them.
+    @torch.library.custom_op("unipelt::bottleneck_forward", mutates_args=())
+    def _forward(x: torch.Tensor, residual: torch.Tensor | None, w_down: torch.Tensor, b_down: torch.Tensor,
+                 w_up: torch.Tensor, b_up: torch.Tensor, act: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        m_rows, d = x.shape
+        r = w_down.shape[0]
+        z = x.new_empty((m_rows, r))
+        out = torch.empty_like(x)
+        skinny = _skinny_blocks(d, r, w_down.element_size(), backward=False, device=x.device)
+        tiled = _tiled_blocks(d)
+        # z = x W_d^T + b_d; W_d (r, d): rank stride d, column stride 1
+        _skinny_kernel[_rows_grid(m_rows, skinny)](
+            x, w_down, b_down, z, z, z, m_rows, d, r, 1.0, d, 1, BACKWARD=False, ACT=act, BLOCK_R=_block_r(r),
+            **skinny)
+        # out = residual + s (f(z) W_u^T + b_u); W_u (d, r): rank stride 1, column stride r
+        _tiled_kernel[_tiles_grid(m_rows, d, tiled)](
+            z, w_up, b_up, x if residual is None else residual, out, m_rows, d, r, scale, 1, r,
+            ACT=act, HAS_BIAS=True, HAS_RES=True, BLOCK_R=_block_r(r), **tiled)
+        return out, z
+
+    @torch.library.custom_op("unipelt::bottleneck_backward", mutates_args=())
+    def _backward(grad_out: torch.Tensor, x: torch.Tensor, z: torch.Tensor, w_down: torch.Tensor,
+                  w_up: torch.Tensor, act: int, scale: float, serial: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``grad_x`` and one float32 vector holding the gradients of W_down, b_down, W_up and b_up, in order."""
+        m_rows, d = grad_out.shape
+        r = w_down.shape[0]
+        grad_z = z.new_empty((m_rows, r))
+        act_scaled = z.new_empty((m_rows, r))
+        grad_x = torch.empty_like(grad_out)
+        grads = grad_out.new_zeros((2 * r * d + r + d,), dtype=torch.float32)
+        grad_w_down, grad_b_down = grads[:r * d], grads[r * d:r * d + r]
+        grad_w_up, grad_b_up = grads[r * d + r:2 * r * d + r], grads[2 * r * d + r:]
+        skinny = _skinny_blocks(d, r, w_up.element_size(), backward=True, device=grad_out.device)
+        tiled, wgrad = _tiled_blocks(d), _weight_grad_blocks(d, r, grad_out.device)
+        splits = _splits_grid(m_rows, d, wgrad, grad_out.device)
+        # grad_z = s (g W_u) * f'(z), with s f(z) for W_u's gradient; W_u as (r, d): rank stride 1, column stride r
+        _skinny_kernel[_rows_grid(m_rows, skinny)](
+            grad_out, w_up, w_up, z, grad_z, act_scaled, m_rows, d, r, scale, 1, r,
+            BACKWARD=True, ACT=act, BLOCK_R=_block_r(r), **skinny)
+        # grad_x = grad_z W_d (+ g for a serial adapter, whose residual is x)
+        _tiled_kernel[_tiles_grid(m_rows, d, tiled)](
+            grad_z, w_down, w_down, grad_out, grad_x, m_rows, d, r, 1.0, d, 1,
+            ACT=-1, HAS_BIAS=False, HAS_RES=serial, BLOCK_R=_block_r(r), **tiled)
+        # W_u (d, r) += g^T s f(z), b_u += s sum(g); W_d (r, d) += (x^T grad_z)^T, b_d += sum(grad_z)
+        _weight_grad_kernel[splits](
+            grad_out, act_scaled, grad_w_up, grad_b_up, grad_b_up, m_rows, d, r, scale, 1, r,
+            SUM_BIG=True, SUM_SMALL=False, BLOCK_R=_block_r(r), **wgrad)
+        _weight_grad_kernel[splits](
+            x, grad_z, grad_w_down, grad_b_down, grad_b_down, m_rows, d, r, 1.0, d, 1,
+            SUM_BIG=False, SUM_SMALL=True, BLOCK_R=_block_r(r), **wgrad)
+        return grad_x, grads
+
+    @_forward.register_fake
+    def _forward_shapes(x, residual, w_down, b_down, w_up, b_up, act, scale):
+        return torch.empty_like(x), x.new_empty((x.shape[0], w_down.shape[0]))
+
+    @_backward.register_fake
+    def _backward_shapes(grad_out, x, z, w_down, w_up, act, scale, serial):
+        r, d = w_down.shape
+        return torch.empty_like(grad_out), grad_out.new_empty((2 * r * d + r + d,), dtype=torch.float32)
+
+    def _setup_context(ctx, inputs, output):
+        x, residual, w_down, b_down, w_up, b_up, act, scale = inputs
+        ctx.save_for_backward(x, output[1], w_down, w_up)
+        ctx.act, ctx.scale, ctx.serial = act, scale, residual is None
+        ctx.dtypes = (w_down.dtype, b_down.dtype, w_up.dtype, b_up.dtype)
+
+    def _autograd_backward(ctx, grad_out, _grad_z):
+        x, z, w_down, w_up = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_x, grads = torch.ops.unipelt.bottleneck_backward(grad_out, x, z, w_down, w_up, ctx.act, ctx.scale,
+                                                              ctx.serial)
+        r, d = w_down.shape
+        pieces = grads.split([r * d, r, r * d, d])
+        shapes = ((r, d), (r,), (d, r), (d,))
+        grad_w_down, grad_b_down, grad_w_up, grad_b_up = (
+            p.view(shape).to(dtype) for p, shape, dtype in zip(pieces, shapes, ctx.dtypes, strict=True))
+        return grad_x, None if ctx.serial else grad_out, grad_w_down, grad_b_down, grad_w_up, grad_b_up, None, None
+
+    torch.library.register_autograd("unipelt::bottleneck_forward", _autograd_backward, setup_context=_setup_context)

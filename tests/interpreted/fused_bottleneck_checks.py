@@ -1,0 +1,195 @@
+"""The fused bottleneck kernels, run on the CPU by Triton's interpreter in float16.
+
+Not collected by the main test run (the interpreter must be switched on before Triton is imported):
+``tests/test_fused_bottleneck.py`` runs this file in a pytest process of its own, with ``TRITON_INTERPRET=1``.
+The interpreter computes bfloat16 dots wrongly (Triton 3.8), so these checks use float16; the GPU runs of
+``benchmarks/fused_bottleneck.py`` check bfloat16.
+
+The kernels must compute the unfused path's function at least as precisely: every comparison measures the
+fused result's and the unfused half-precision result's distance to a float32 computation of the same inputs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import unipelt
+from unipelt.kernels import bottleneck as kb
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_fused_bottleneck.py"
+assert kb._TRITON is not None, "Triton's interpreter did not load"
+
+HALF = torch.float16
+
+
+def distance(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    """The largest error over the tensors, each relative to its float32 counterpart's largest value."""
+    return max(((g.float() - w).abs().max() / w.abs().max().clamp_min(1e-12)).item()
+               for g, w in zip(got, want, strict=True))
+
+
+def adapter_pass(fn, tensors: dict[str, torch.Tensor], act: str, scale: float, serial: bool,
+                 grad: torch.Tensor) -> list[torch.Tensor]:
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in tensors.items()}
+    out = fn(leaves["x"], None if serial else leaves["residual"], leaves["w_down"], leaves["b_down"],
+             leaves["w_up"], leaves["b_up"], act, scale)
+    names = ["x", "w_down", "b_down", "w_up", "b_up"] + ([] if serial else ["residual"])
+    return [out.detach(), *torch.autograd.grad(out, [leaves[n] for n in names], grad.to(out.dtype))]
+
+
+@pytest.mark.parametrize("serial", [True, False], ids=["serial", "parallel"])
+@pytest.mark.parametrize("act", ["relu", "silu", "gelu", "tanh"])
+def test_the_kernels_compute_the_adapter_and_its_gradients(act: str, serial: bool) -> None:
+    # sizes that fill no block: 2 x 21 tokens, width 40, bottleneck 12; several token splits in the weight gradients
+    torch.manual_seed(0)
+    rows, d, m, scale = 42, 40, 12, 2.0
+    tensors = {"x": torch.randn(rows, d), "residual": torch.randn(rows, d), "w_down": torch.randn(m, d) * 0.3,
+               "b_down": torch.randn(m) * 0.1, "w_up": torch.randn(d, m) * 0.3, "b_up": torch.randn(d) * 0.1}
+    grad = torch.randn(rows, d)
+    exact = adapter_pass(kb.reference, tensors, act, scale, serial, grad)
+    halves = {k: v.to(HALF) if k in ("x", "residual") else v for k, v in tensors.items()}
+    assert kb.available(halves["x"], torch.float32, m, act) is False  # float32 weights, no autocast: not the same
+    with torch.autocast("cpu", dtype=HALF):
+        assert kb.available(halves["x"], torch.float32, m, act)
+        fused = adapter_pass(kb.bottleneck_add, {k: v.view(2, 21, d) if v.shape[0] == rows else v
+                                                 for k, v in halves.items()}, act, scale, serial,
+                             grad.view(2, 21, d))
+        unfused = adapter_pass(kb.reference, halves, act, scale, serial, grad)
+    fused = [t.reshape(e.shape) for t, e in zip(fused, exact, strict=True)]
+    assert [t.dtype for t in fused[2:6]] == [torch.float32] * 4  # the weights' own dtype, no cast kernels
+    assert distance(fused, exact) <= 1.5 * distance(unfused, exact) + 1e-3
+    assert distance(fused, exact) < 5e-3
+
+
+def test_weights_in_half_precision_need_no_autocast_and_get_half_gradients() -> None:
+    torch.manual_seed(1)
+    x, wd, bd, wu, bu = (torch.randn(33, 24), torch.randn(8, 24) * 0.3, torch.randn(8) * 0.1,
+                         torch.randn(24, 8) * 0.3, torch.randn(24) * 0.1)
+    tensors = {"x": x.to(HALF), "w_down": wd.to(HALF), "b_down": bd.to(HALF), "w_up": wu.to(HALF), "b_up": bu.to(HALF)}
+    assert kb.available(tensors["x"], HALF, 8, "silu")
+    grad = torch.randn(33, 24)
+    fused = adapter_pass(kb.bottleneck_add, tensors, "silu", 1.0, True, grad)
+    exact = adapter_pass(kb.reference, {k: v.float() for k, v in tensors.items()}, "silu", 1.0, True, grad)
+    assert all(t.dtype == HALF for t in fused)
+    assert distance(fused, exact) < 5e-3
+
+
+def tiny_bert() -> torch.nn.Module:
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        vocab_size=96, max_position_embeddings=32)
+    torch.manual_seed(1234)  # one base model for every test
+    return BertModel(config).eval()
+
+
+def perturbed(spec: dict, seed: int = 0, train_head: bool = True) -> torch.nn.Module:
+    model = tiny_bert()
+    torch.manual_seed(seed)
+    unipelt.attach(model, spec, train_head=train_head)
+    with torch.no_grad():
+        for p in unipelt.core.deltas(model).parameters():
+            p.normal_(0.0, 0.2)
+    return model
+
+
+class CountingCalls:
+    """Counts the fused calls the adapters make (the kernels' entry point, patched for the duration)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.calls = 0
+        original = kb.bottleneck_add
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(kb, "bottleneck_add", counted)
+
+
+def model_pass(model: torch.nn.Module, ids: torch.Tensor, autocast: bool, **kwargs) -> list[torch.Tensor]:
+    params = [p for n, p in model.named_parameters() if p.requires_grad and "pooler" not in n]
+    with torch.autocast("cpu", dtype=HALF, enabled=autocast):
+        out = model(input_ids=ids, **kwargs).last_hidden_state.float()
+    direction = torch.linspace(-1.0, 1.0, out.numel()).view_as(out).sin()  # not a sum of squares: LN makes that flat
+    return [out.detach(), *(g.float() for g in torch.autograd.grad((out * direction).sum(), params))]
+
+
+SITES = {"houlsby": 4, "parallel": 2, "compacter": 4, "phm_adapter": 4, "sparse_adapter": 2, "pfeiffer": 2}
+
+
+@pytest.mark.parametrize("spec", [
+    {"method": "houlsby", "bottleneck": 8, "activation": "silu"},
+    {"method": "parallel", "bottleneck": 16, "scaling": 4.0},  # reads a LayerNorm's float32 output
+    {"method": "compacter"},
+    {"method": "phm_adapter", "bottleneck": 8},
+    {"method": "sparse_adapter", "bottleneck": 8},
+], ids=lambda s: s["method"])
+def test_adapters_of_a_model_run_fused_under_autocast_as_precisely_as_unfused(spec: dict, monkeypatch) -> None:
+    model = perturbed(spec)
+    ids = torch.randint(1, 96, (2, 7))
+    exact = model_pass(model, ids, autocast=False)
+    counter = CountingCalls(monkeypatch)
+    monkeypatch.setattr(kb, "enabled", False)
+    unfused = model_pass(model, ids, autocast=True)
+    assert counter.calls == 0
+    monkeypatch.setattr(kb, "enabled", True)
+    fused = model_pass(model, ids, autocast=True)
+    assert counter.calls == SITES[spec["method"]]
+    assert distance(fused, exact) <= 1.5 * distance(unfused, exact) + 1e-3
+
+
+def test_a_fresh_adapter_leaves_the_base_output_exactly(monkeypatch) -> None:
+    base = tiny_bert()
+    ids = torch.randint(1, 96, (2, 7))
+    with torch.no_grad(), torch.autocast("cpu", dtype=HALF):
+        before = base(input_ids=ids).last_hidden_state
+    counter = CountingCalls(monkeypatch)
+    model = unipelt.attach(base, {"method": "houlsby", "bottleneck": 8})
+    with torch.no_grad(), torch.autocast("cpu", dtype=HALF):
+        after = model(input_ids=ids).last_hidden_state
+    assert counter.calls == 4
+    assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("case", ["gated", "float32", "too wide", "switched off", "serving rows"])
+def test_the_unfused_path_runs_where_the_kernels_would_compute_another_function(case: str, monkeypatch,
+                                                                                  tmp_path) -> None:
+    spec = {"method": "pfeiffer", "bottleneck": 8}
+    if case == "gated":
+        spec["gate"] = True  # UniPELT's gate: not fused
+    if case == "too wide":
+        spec["bottleneck"] = kb.MAX_BOTTLENECK + 8
+    model, kwargs = perturbed(spec), {}
+    if case == "serving rows":  # each row's task: the delta is masked per row
+        folders = {name: unipelt.save(perturbed(task, seed, train_head=False), tmp_path / name)
+                   for seed, (name, task) in enumerate((("a", spec), ("b", {"method": "lora", "r": 2})))}
+        model = tiny_bert()
+        unipelt.load_tasks(model, folders)
+        kwargs = {"task_ids": torch.tensor([0, 1])}
+    if case == "switched off":
+        monkeypatch.setattr(kb, "enabled", False)
+    counter = CountingCalls(monkeypatch)
+    with torch.no_grad(), torch.autocast("cpu", dtype=HALF, enabled=case != "float32"):
+        model(input_ids=torch.randint(1, 96, (2, 7)), **kwargs)
+    assert counter.calls == 0
+    if case != "serving rows":  # the same model fuses once the reason is gone
+        monkeypatch.setattr(kb, "enabled", True)
+        if case in ("switched off", "float32"):
+            with torch.no_grad(), torch.autocast("cpu", dtype=HALF):
+                model(input_ids=torch.randint(1, 96, (2, 7)))
+            assert counter.calls == 2
+
+
+def test_a_compiled_model_runs_the_kernels_in_one_graph_with_eager_results() -> None:
+    model = perturbed({"method": "houlsby", "bottleneck": 8, "activation": "gelu"})
+    ids = torch.randint(1, 96, (2, 7))
+    eager = model_pass(model, ids, autocast=True)
+    compiled = model_pass(torch.compile(model), ids, autocast=True)
+    assert distance(compiled, eager) < 1e-3
+    with torch.autocast("cpu", dtype=HALF):
+        explained = torch._dynamo.explain(model)(input_ids=ids)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
