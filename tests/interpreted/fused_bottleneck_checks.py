@@ -77,6 +77,30 @@ def test_weights_in_half_precision_need_no_autocast_and_get_half_gradients() -> 
     assert distance(fused, exact) < 5e-3
 
 
+@pytest.mark.parametrize("serial", [True, False], ids=["serial", "parallel"])
+def test_inputs_of_any_layout_are_read_right(serial: bool) -> None:
+    # x and the residual as slices of one wider tensor (a fused projection's output): rows 3 d apart
+    torch.manual_seed(2)
+    weights = [torch.randn(8, 24) * 0.3, torch.randn(8) * 0.1, torch.randn(24, 8) * 0.3, torch.randn(24) * 0.1]
+    wide_values, grad = torch.randn(2, 9, 3 * 24), torch.randn(2, 9, 24)
+
+    def run(fn, dtype):
+        wide = wide_values.to(dtype).requires_grad_()
+        x, residual = wide[..., 24:48], wide[..., 48:]
+        out = fn(x, None if serial else residual, *weights, "gelu", 1.0)
+        return [out.detach(), torch.autograd.grad(out, wide, grad.to(out.dtype))[0]]
+
+    assert not wide_values[..., 24:48].reshape(-1, 24).is_contiguous()
+    with torch.autocast("cpu", dtype=HALF):
+        fused = run(kb.bottleneck_add, HALF)
+    assert distance(fused, run(kb.reference, torch.float32)) < 5e-3
+
+
+def test_an_empty_batch_takes_the_unfused_path() -> None:
+    with torch.autocast("cpu", dtype=HALF):
+        assert not kb.available(torch.empty(0, 5, 24, dtype=HALF), torch.float32, 8, "relu")
+
+
 def tiny_bert() -> torch.nn.Module:
     from transformers import BertConfig, BertModel
 

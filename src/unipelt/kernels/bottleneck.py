@@ -74,6 +74,8 @@ def available(x: torch.Tensor, weight_dtype: torch.dtype, bottleneck: int, act: 
     """Whether :func:`bottleneck_add` runs the fused kernels for this input, weights' dtype, width and activation."""
     if not enabled or _TRITON is None or x.dtype not in _HALF or bottleneck > MAX_BOTTLENECK or act not in ACTIVATIONS:
         return False
+    if x.numel() == 0:  # an empty grid is no launch
+        return False
     if not (x.is_cuda or (_INTERPRET and x.device.type == "cpu")):
         return False
     # the unfused matmul runs in x's dtype only under autocast to it, or with weights of that dtype
@@ -89,10 +91,11 @@ def bottleneck_add(x: torch.Tensor, residual: torch.Tensor | None, w_down: torch
     ``w_down`` (m, d), ``w_up`` (d, m).
     """
     shape = x.shape
-    flat = x.reshape(-1, shape[-1])
-    res = residual.reshape(-1, shape[-1]).to(x.dtype) if residual is not None else None
-    out, _ = torch.ops.unipelt.bottleneck_forward(flat, res, w_down, b_down, w_up, b_up, ACTIVATIONS[act],
-                                                  float(scale))
+    # the kernels index rows by the width: any other layout (a slice of a fused projection) is copied first
+    flat = x.reshape(-1, shape[-1]).contiguous()
+    res = residual.reshape(-1, shape[-1]).to(x.dtype).contiguous() if residual is not None else None
+    weights = (w.contiguous() for w in (w_down, b_down, w_up, b_up))
+    out, _ = torch.ops.unipelt.bottleneck_forward(flat, res, *weights, ACTIVATIONS[act], float(scale))
     return out.view(shape)
 
 
@@ -261,6 +264,14 @@ if _TRITON is not None:
     def _block_r(r: int) -> int:
         return max(16, triton.next_power_of_2(r))
 
+    def _require_rows(*tensors: torch.Tensor | None) -> None:
+        """The kernels index a row by its width: a strided view would be read wrong (Triton's interpreter,
+        which the tests use, copies its inputs and would not notice)."""
+        for t in tensors:
+            if t is not None and not t.is_contiguous():
+                raise ValueError(f"fused bottleneck kernels need contiguous tensors, got strides {t.stride()} "
+                                 f"for shape {tuple(t.shape)}; call bottleneck_add, which copies them")
+
     def _rows_grid(m_rows: int, blocks: dict) -> tuple[int]:
         return (triton.cdiv(m_rows, blocks["BLOCK_M"]),)
 
@@ -278,6 +289,7 @@ if _TRITON is not None:
     @torch.library.custom_op("unipelt::bottleneck_forward", mutates_args=())
     def _forward(x: torch.Tensor, residual: torch.Tensor | None, w_down: torch.Tensor, b_down: torch.Tensor,
                  w_up: torch.Tensor, b_up: torch.Tensor, act: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        _require_rows(x, residual, w_down, b_down, w_up, b_up)
         m_rows, d = x.shape
         r = w_down.shape[0]
         z = x.new_empty((m_rows, r))
@@ -298,6 +310,7 @@ if _TRITON is not None:
     def _backward(grad_out: torch.Tensor, x: torch.Tensor, z: torch.Tensor, w_down: torch.Tensor,
                   w_up: torch.Tensor, act: int, scale: float, serial: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """``grad_x`` and one float32 vector holding the gradients of W_down, b_down, W_up and b_up, in order."""
+        _require_rows(grad_out, x, z, w_down, w_up)
         m_rows, d = grad_out.shape
         r = w_down.shape[0]
         grad_z = z.new_empty((m_rows, r))
