@@ -31,6 +31,7 @@ here turns them off.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -272,6 +273,9 @@ if _TRITON is not None:
                 raise ValueError(f"fused bottleneck kernels need contiguous tensors, got strides {t.stride()} "
                                  f"for shape {tuple(t.shape)}; call bottleneck_add, which copies them")
 
+    def _on_device(t: torch.Tensor):
+        return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
     def _rows_grid(m_rows: int, blocks: dict) -> tuple[int]:
         return (triton.cdiv(m_rows, blocks["BLOCK_M"]),)
 
@@ -296,14 +300,15 @@ if _TRITON is not None:
         out = torch.empty_like(x)
         skinny = _skinny_blocks(d, r, w_down.element_size(), backward=False, device=x.device)
         tiled = _tiled_blocks(d)
-        # z = x W_d^T + b_d; W_d (r, d): rank stride d, column stride 1
-        _skinny_kernel[_rows_grid(m_rows, skinny)](
-            x, w_down, b_down, z, z, z, m_rows, d, r, 1.0, d, 1, BACKWARD=False, ACT=act, BLOCK_R=_block_r(r),
-            **skinny)
-        # out = residual + s (f(z) W_u^T + b_u); W_u (d, r): rank stride 1, column stride r
-        _tiled_kernel[_tiles_grid(m_rows, d, tiled)](
-            z, w_up, b_up, x if residual is None else residual, out, m_rows, d, r, scale, 1, r,
-            ACT=act, HAS_BIAS=True, HAS_RES=True, BLOCK_R=_block_r(r), **tiled)
+        with _on_device(x):  # Triton launches on the current device: a model split over GPUs needs x's
+            # z = x W_d^T + b_d; W_d (r, d): rank stride d, column stride 1
+            _skinny_kernel[_rows_grid(m_rows, skinny)](
+                x, w_down, b_down, z, z, z, m_rows, d, r, 1.0, d, 1, BACKWARD=False, ACT=act, BLOCK_R=_block_r(r),
+                **skinny)
+            # out = residual + s (f(z) W_u^T + b_u); W_u (d, r): rank stride 1, column stride r
+            _tiled_kernel[_tiles_grid(m_rows, d, tiled)](
+                z, w_up, b_up, x if residual is None else residual, out, m_rows, d, r, scale, 1, r,
+                ACT=act, HAS_BIAS=True, HAS_RES=True, BLOCK_R=_block_r(r), **tiled)
         return out, z
 
     @torch.library.custom_op("unipelt::bottleneck_backward", mutates_args=())
@@ -322,21 +327,22 @@ if _TRITON is not None:
         skinny = _skinny_blocks(d, r, w_up.element_size(), backward=True, device=grad_out.device)
         tiled, wgrad = _tiled_blocks(d), _weight_grad_blocks(d, r, grad_out.device)
         splits = _splits_grid(m_rows, d, wgrad, grad_out.device)
-        # grad_z = s (g W_u) * f'(z), with s f(z) for W_u's gradient; W_u as (r, d): rank stride 1, column stride r
-        _skinny_kernel[_rows_grid(m_rows, skinny)](
-            grad_out, w_up, w_up, z, grad_z, act_scaled, m_rows, d, r, scale, 1, r,
-            BACKWARD=True, ACT=act, BLOCK_R=_block_r(r), **skinny)
-        # grad_x = grad_z W_d (+ g for a serial adapter, whose residual is x)
-        _tiled_kernel[_tiles_grid(m_rows, d, tiled)](
-            grad_z, w_down, w_down, grad_out, grad_x, m_rows, d, r, 1.0, d, 1,
-            ACT=-1, HAS_BIAS=False, HAS_RES=serial, BLOCK_R=_block_r(r), **tiled)
-        # W_u (d, r) += g^T s f(z), b_u += s sum(g); W_d (r, d) += (x^T grad_z)^T, b_d += sum(grad_z)
-        _weight_grad_kernel[splits](
-            grad_out, act_scaled, grad_w_up, grad_b_up, grad_b_up, m_rows, d, r, scale, 1, r,
-            SUM_BIG=True, SUM_SMALL=False, BLOCK_R=_block_r(r), **wgrad)
-        _weight_grad_kernel[splits](
-            x, grad_z, grad_w_down, grad_b_down, grad_b_down, m_rows, d, r, 1.0, d, 1,
-            SUM_BIG=False, SUM_SMALL=True, BLOCK_R=_block_r(r), **wgrad)
+        with _on_device(grad_out):
+            # grad_z = s (g W_u) * f'(z), with s f(z) for W_u's gradient; W_u as (r, d): rank stride 1, column stride r
+            _skinny_kernel[_rows_grid(m_rows, skinny)](
+                grad_out, w_up, w_up, z, grad_z, act_scaled, m_rows, d, r, scale, 1, r,
+                BACKWARD=True, ACT=act, BLOCK_R=_block_r(r), **skinny)
+            # grad_x = grad_z W_d (+ g for a serial adapter, whose residual is x)
+            _tiled_kernel[_tiles_grid(m_rows, d, tiled)](
+                grad_z, w_down, w_down, grad_out, grad_x, m_rows, d, r, 1.0, d, 1,
+                ACT=-1, HAS_BIAS=False, HAS_RES=serial, BLOCK_R=_block_r(r), **tiled)
+            # W_u (d, r) += g^T s f(z), b_u += s sum(g); W_d (r, d) += (x^T grad_z)^T, b_d += sum(grad_z)
+            _weight_grad_kernel[splits](
+                grad_out, act_scaled, grad_w_up, grad_b_up, grad_b_up, m_rows, d, r, scale, 1, r,
+                SUM_BIG=True, SUM_SMALL=False, BLOCK_R=_block_r(r), **wgrad)
+            _weight_grad_kernel[splits](
+                x, grad_z, grad_w_down, grad_b_down, grad_b_down, m_rows, d, r, 1.0, d, 1,
+                SUM_BIG=False, SUM_SMALL=True, BLOCK_R=_block_r(r), **wgrad)
         return grad_x, grads
 
     @_forward.register_fake
