@@ -259,8 +259,10 @@ if _TRITON is not None:
                       mask=n_ok[:, None] & rank_ok[None, :], sem="relaxed")
         if SUM_BIG:
             tl.atomic_add(dbig_ptr + n, big_sum * big_sum_scale, mask=n_ok, sem="relaxed")
-        if SUM_SMALL:  # once: every column block summed the same rows of small
-            tl.atomic_add(dsmall_ptr + ranks, small_sum, mask=rank_ok & (tl.program_id(0) == 0), sem="relaxed")
+        if SUM_SMALL:  # once: every column block summed the same rows of small (zeros from all but the first;
+            # a mask built from program_id is refused by Triton 3.9's interpreter)
+            first_column = (tl.program_id(0) == 0).to(tl.float32)
+            tl.atomic_add(dsmall_ptr + ranks, small_sum * first_column, mask=rank_ok, sem="relaxed")
 
     def _block_r(r: int) -> int:
         return max(16, triton.next_power_of_2(r))
