@@ -12,6 +12,9 @@ Every variant's output and gradients are compared with a float32 computation of 
 fused kernels must be at least as close to it as autocast's unfused path (columns ``err_*``).
 
     python benchmarks/fused_bottleneck.py --out fused.json
+
+``compare(..., device="cpu")`` runs the same variants in Triton's interpreter (float16) without timing
+them: the tests' smoke run of this file.
 """
 
 from __future__ import annotations
@@ -26,13 +29,18 @@ from unipelt.bench import case
 from unipelt.kernels import bottleneck as fused
 
 
+def _half(device: str) -> torch.dtype:
+    # bf16 as in training; on the CPU (Triton's interpreter, the tests' smoke run) float16, whose dots it gets right
+    return torch.bfloat16 if device.startswith("cuda") else torch.float16
+
+
 def _inputs(tokens: int, width: int, m: int, device: str) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     with torch.device(device):
-        return {"x": torch.randn(tokens, width, dtype=torch.bfloat16),
+        return {"x": torch.randn(tokens, width, dtype=_half(device)),
                 "w_down": torch.randn(m, width) / width ** 0.5, "b_down": torch.randn(m) * 0.1,
                 "w_up": torch.randn(width, m) / m ** 0.5 * 0.1, "b_up": torch.randn(width) * 0.01,
-                "grad": torch.randn(tokens, width, dtype=torch.bfloat16)}
+                "grad": torch.randn(tokens, width, dtype=_half(device))}
 
 
 def _unfused(x, w_down, b_down, w_up, b_up, act: str, scale: float) -> torch.Tensor:
@@ -46,7 +54,8 @@ def _fused(x, w_down, b_down, w_up, b_up, act: str, scale: float) -> torch.Tenso
 def _pass(fn, tensors: dict[str, torch.Tensor], act: str, autocast: bool) -> list[torch.Tensor]:
     """Forward and backward; the output and the gradients of x and the four weights."""
     leaves = {k: v.detach().requires_grad_() for k, v in tensors.items() if k != "grad"}
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+    device = tensors["x"].device.type
+    with torch.autocast(device, dtype=_half(device), enabled=autocast):
         out = fn(**leaves, act=act, scale=1.0)
     out.backward(tensors["grad"].to(out.dtype))
     return [out.detach()] + [leaves[k].grad for k in ("x", "w_down", "b_down", "w_up", "b_up")]
@@ -58,25 +67,28 @@ def _relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
 
 
 def compare(tokens: int, width: int, bottlenecks: list[int], activations: list[str],
-            steps: int) -> list[dict[str, Any]]:
+            steps: int, device: str = "cuda") -> list[dict[str, Any]]:
+    """One row per (bottleneck, activation). On the CPU (Triton's interpreter) the errors only: no GPU time."""
     rows = []
     torch._dynamo.config.cache_size_limit = 64  # a recompile per width and activation
     variants = {"unfused": _unfused, "compiled": torch.compile(_unfused, dynamic=False), "fused": _fused,
                 "fused+compiled": torch.compile(_fused, dynamic=False)}
     for m in bottlenecks:
         for act in activations:
-            tensors = _inputs(tokens, width, m, "cuda")
+            tensors = _inputs(tokens, width, m, device)
             exact = _pass(_unfused, {k: v.float() if k == "x" else v for k, v in tensors.items()}, act, False)
             row: dict[str, Any] = {"tokens": tokens, "width": width, "bottleneck": m, "activation": act}
             for name, fn in variants.items():
                 row[f"err_{name}"] = _relative_error(_pass(fn, tensors, act, True), exact)
-                for _ in range(3):
-                    _pass(fn, tensors, act, True)
-                # GPU time, not wall time: one adapter's pass is far shorter than the host's work to launch it
-                profile = case.kernel_profile(lambda fn=fn, t=tensors, a=act: _pass(fn, t, a, True), steps)
-                row[f"us_{name}"] = profile["gpu_busy_ms"] * 1000
-                row[f"kernels_{name}"] = profile["kernels_per_step"]
-            row["fused_vs_compiled"] = row["us_fused+compiled"] / row["us_compiled"]  # both compiled
+                if device.startswith("cuda"):
+                    for _ in range(3):
+                        _pass(fn, tensors, act, True)
+                    # GPU time, not wall time: one adapter's pass is far shorter than the host's work to launch it
+                    profile = case.kernel_profile(lambda fn=fn, t=tensors, a=act: _pass(fn, t, a, True), steps)
+                    row[f"us_{name}"] = profile["gpu_busy_ms"] * 1000
+                    row[f"kernels_{name}"] = profile["kernels_per_step"]
+            if device.startswith("cuda"):
+                row["fused_vs_compiled"] = row["us_fused+compiled"] / row["us_compiled"]  # both compiled
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
@@ -86,9 +98,10 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| m | act | GPU us (kernels): unfused | compiled | fused | fused, compiled | fused / unfused, compiled | "
              "error vs float32: compiled | fused |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        cells = [f"{r[f'us_{v}']:.1f} ({r[f'kernels_{v}']:.0f})" for v in ("unfused", "compiled", "fused",
-                                                                        "fused+compiled")]
-        lines.append(f"| {r['bottleneck']} | {r['activation']} | {' | '.join(cells)} | {r['fused_vs_compiled']:.2f} | "
+        cells = [f"{r[f'us_{v}']:.1f} ({r[f'kernels_{v}']:.0f})" if f"us_{v}" in r else "-"
+                 for v in ("unfused", "compiled", "fused", "fused+compiled")]
+        ratio = f"{r['fused_vs_compiled']:.2f}" if "fused_vs_compiled" in r else "-"
+        lines.append(f"| {r['bottleneck']} | {r['activation']} | {' | '.join(cells)} | {ratio} | "
                      f"{r['err_compiled']:.1e} | {r['err_fused']:.1e} |")
     return "\n".join(lines)
 

@@ -217,3 +217,20 @@ def test_a_compiled_model_runs_the_kernels_in_one_graph_with_eager_results() -> 
     with torch.autocast("cpu", dtype=HALF):
         explained = torch._dynamo.explain(model)(input_ids=ids)
     assert explained.graph_count == 1 and explained.graph_break_count == 0
+
+
+def test_the_kernel_benchmark_runs_on_the_cpu_and_finds_the_fused_path_as_precise() -> None:
+    # the benchmark's own code path (variants, errors, table) as a smoke run; its GPU timing needs a GPU
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+    try:
+        import fused_bottleneck
+    finally:
+        sys.path.pop(0)
+    rows = fused_bottleneck.compare(tokens=40, width=24, bottlenecks=[8], activations=["silu"], steps=1, device="cpu")
+    assert len(rows) == 1 and "us_fused" not in rows[0]
+    assert rows[0]["err_fused"] <= 1.5 * rows[0]["err_unfused"] + 1e-3
+    assert rows[0]["err_fused+compiled"] <= 1.5 * rows[0]["err_compiled"] + 1e-3
+    assert "| 8 | silu | - | - | - | - | - |" in fused_bottleneck.table(rows)
