@@ -11,7 +11,7 @@ benchmarks/fused_bottleneck.py):
 - forward: ``z = x W_d^T + b_d`` (one program per block of tokens, looping over the width), then
   ``out = residual + s (f(z) W_u^T + b_u)`` (a program per output tile, inner dimension m, the
   activation, biases, scale and residual in the epilogue);
-- backward: ``grad_z = s (g W_u) * f'(z)`` with ``s f(z)`` for the next step, ``grad_x = grad_z W_d``
+- backward: ``grad_z = s (g W_u) * f'(z)`` with ``s f(z)`` for W_u's gradient, ``grad_x = grad_z W_d``
   (plus ``g`` for a serial adapter), and the two weight gradients with their bias sums, each split over
   the tokens into about one program per SM that adds its share with float32 atomics (so the bias and
   weight gradients' summation order varies between runs, as with other atomic reductions in torch).
