@@ -61,7 +61,8 @@ def _pass(fn, tensors: dict[str, torch.Tensor], act: str, autocast: bool) -> lis
     return [out.detach()] + [leaves[k].grad for k in ("x", "w_down", "b_down", "w_up", "b_up")]
 
 
-def _relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+def relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    """The largest error over the tensors, each relative to the largest value of its counterpart in ``want``."""
     return max(((g.float() - w).abs().max() / w.abs().max().clamp_min(1e-30)).item()
                for g, w in zip(got, want, strict=True))
 
@@ -79,7 +80,7 @@ def compare(tokens: int, width: int, bottlenecks: list[int], activations: list[s
             exact = _pass(_unfused, {k: v.float() if k == "x" else v for k, v in tensors.items()}, act, False)
             row: dict[str, Any] = {"tokens": tokens, "width": width, "bottleneck": m, "activation": act}
             for name, fn in variants.items():
-                row[f"err_{name}"] = _relative_error(_pass(fn, tensors, act, True), exact)
+                row[f"err_{name}"] = relative_error(_pass(fn, tensors, act, True), exact)
                 if device.startswith("cuda"):
                     for _ in range(3):
                         _pass(fn, tensors, act, True)

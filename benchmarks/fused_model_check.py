@@ -15,6 +15,7 @@ import json
 import sys
 
 import torch
+from fused_bottleneck import relative_error  # beside this file
 
 from unipelt.bench import case
 from unipelt.kernels import bottleneck as fused
@@ -60,13 +61,10 @@ def check(method: str) -> dict:
     with torch.autocast("cuda", dtype=torch.bfloat16):
         explained = torch._dynamo.explain(model)(**inputs)
 
-    def distance(a, b):
-        return max(((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item() for x, y in zip(a, b, strict=True))
-
     return {"method": method, "fused_calls": fused_calls, "unfused_calls": unfused_calls,
-            "err_fused_vs_unfused": distance(eager_fused, eager_unfused),
-            "err_compiled_fused_vs_compiled_unfused": distance(compiled_fused, compiled_unfused),
-            "err_compiled_unfused_vs_eager_unfused": distance(compiled_unfused, eager_unfused),
+            "err_fused_vs_unfused": relative_error(eager_fused, eager_unfused),
+            "err_compiled_fused_vs_compiled_unfused": relative_error(compiled_fused, compiled_unfused),
+            "err_compiled_unfused_vs_eager_unfused": relative_error(compiled_unfused, eager_unfused),
             "graphs": explained.graph_count, "breaks": explained.graph_break_count}
 
 

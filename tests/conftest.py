@@ -83,6 +83,18 @@ def perturb_(params: Iterable[torch.Tensor], seed: int, scale: float, draw_in_dt
         p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype if draw_in_dtype else torch.float32) * scale)
 
 
+def benchmark_script(name: str):
+    """One of benchmarks/*.py, imported as a module."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def build(name: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return FAMILIES[name].build()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import benchmark_script
 from unipelt import core
 from unipelt.bench import CASE_FILE, benchmark, case, ensure_adapters_env, format_table
 
@@ -413,20 +414,9 @@ def test_a_fully_merged_model_runs_the_bare_models_code_and_can_take_new_deltas(
         assert case.hidden(model(input_ids=ids)).shape == before.shape
 
 
-def _benchmark_script(name: str):
-    """One of benchmarks/*.py, imported as a module."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_merged_inference_benchmark_times_bare_and_merged_and_checks_the_function() -> None:
     """benchmarks/merged_inference.py on the CPU (smoke): merged rows compute the unmerged function."""
-    module = _benchmark_script("merged_inference")
+    module = benchmark_script("merged_inference")
     result = module.compare("bert-tiny", ["lora", "prefix"], "cpu", steps=1, rounds=1)
     rows = {row["method"]: row for row in result["rows"]}
     assert rows["prefix"] == {"method": "prefix", "error": "not mergeable"}
@@ -439,7 +429,7 @@ def test_attention_check_compares_implementations_and_catches_one_that_differs(m
     the same gradients under SDPA and eager attention; an eager gated share made 1% too large shows."""
     import unipelt.attention
 
-    module = _benchmark_script("attention_check")
+    module = benchmark_script("attention_check")
     rows = module.check("llama-tiny", ["unipelt"], ["sdpa", "eager"], "cpu", False, torch.float64)
     eager = rows[1]
     assert (eager["attention"], eager["tensors"]) == ("eager", rows[0]["tensors"]) and eager["tensors"] > 10
@@ -457,7 +447,7 @@ def test_attention_check_gradients_are_not_rounding_noise_on_a_layernorm_model()
     """BERT's states leave a LayerNorm (gain 1, bias 0, eps 1e-12): their mean square is constant, so a check
     with that loss compared rounding noise (8e-4 apart in float64 between SDPA and eager attention). The
     check's loss is a fixed random direction: the same two implementations agree to float64's precision."""
-    module = _benchmark_script("attention_check")
+    module = benchmark_script("attention_check")
     rows = module.check("bert-tiny", ["prefix", "unipelt"], ["sdpa", "eager"], "cpu", False, torch.float64)
     for row in rows[1::2]:
         assert row["attention"] == "eager" and row["tensors"] > 0
@@ -629,7 +619,7 @@ def test_a_failed_case_reports_the_line_that_names_its_exception() -> None:
 
 
 def test_peak_trace_finds_the_blocks_alive_at_the_peak() -> None:
-    trace = _benchmark_script("peak_trace")
+    trace = benchmark_script("peak_trace")
     events = [{"action": "alloc", "addr": 1, "size": 100}, {"action": "alloc", "addr": 2, "size": 50},
               {"action": "free_requested", "addr": 1, "size": 100},  # still allocated until completed
               {"action": "alloc", "addr": 3, "size": 20},

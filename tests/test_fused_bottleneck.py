@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import unipelt
-from conftest import build, inputs, logits
+from conftest import benchmark_script, build, inputs, logits
 from unipelt.kernels import bottleneck as kb
 
 CHECKS = Path(__file__).parent / "interpreted" / "fused_bottleneck_checks.py"
@@ -49,14 +49,8 @@ def test_without_a_gpu_or_the_interpreter_the_adapters_run_unfused(monkeypatch) 
 
 
 def test_the_kernel_benchmarks_say_they_need_a_gpu() -> None:
-    benchmarks = Path(__file__).parent.parent / "benchmarks"
-    sys.path.insert(0, str(benchmarks))
-    try:
-        import fused_bottleneck
-    finally:
-        sys.path.pop(0)
     with pytest.raises(SystemExit, match="needs a GPU with Triton"):
-        fused_bottleneck.main(["--bottlenecks", "8"])
-    run = subprocess.run([sys.executable, str(benchmarks / "fused_model_check.py"), "houlsby"], capture_output=True,
-                         text=True, timeout=300)
+        benchmark_script("fused_bottleneck").main(["--bottlenecks", "8"])
+    script = Path(__file__).parent.parent / "benchmarks" / "fused_model_check.py"
+    run = subprocess.run([sys.executable, str(script), "houlsby"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 1 and "needs a GPU" in run.stderr

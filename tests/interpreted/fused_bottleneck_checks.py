@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import unipelt
+from conftest import benchmark_script, perturb_  # tests/conftest.py, which pytest loads for this file too
 from unipelt.kernels import bottleneck as kb
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_fused_bottleneck.py"
@@ -115,8 +116,7 @@ def perturbed(spec: dict, seed: int = 0, train_head: bool = True) -> torch.nn.Mo
     torch.manual_seed(seed)
     unipelt.attach(model, spec, train_head=train_head)
     with torch.no_grad():
-        for p in unipelt.core.deltas(model).parameters():
-            p.normal_(0.0, 0.2)
+        perturb_(unipelt.core.deltas(model).parameters(), seed, 0.2)
     return model
 
 
@@ -221,14 +221,7 @@ def test_a_compiled_model_runs_the_kernels_in_one_graph_with_eager_results() -> 
 
 def test_the_kernel_benchmark_runs_on_the_cpu_and_finds_the_fused_path_as_precise() -> None:
     # the benchmark's own code path (variants, errors, table) as a smoke run; its GPU timing needs a GPU
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
-    try:
-        import fused_bottleneck
-    finally:
-        sys.path.pop(0)
+    fused_bottleneck = benchmark_script("fused_bottleneck")
     rows = fused_bottleneck.compare(tokens=40, width=24, bottlenecks=[8], activations=["silu"], steps=1, device="cpu")
     assert len(rows) == 1 and "us_fused" not in rows[0]
     assert rows[0]["err_fused"] <= 1.5 * rows[0]["err_unfused"] + 1e-3

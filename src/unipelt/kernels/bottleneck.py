@@ -32,6 +32,7 @@ here turns them off.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -44,8 +45,6 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpret
 
 
 def _load_triton():
-    if not hasattr(torch.library, "custom_op"):
-        return None
     if not (_INTERPRET or torch.cuda.is_available()):
         return None  # importing Triton costs a CPU-only process time and buys nothing
     try:
@@ -125,6 +124,7 @@ if _TRITON is not None:
                 break
         return blocks
 
+    @functools.cache  # the same few shapes every step: chosen once, not on each call
     def _skinny_blocks(d: int, r: int, weight_bytes: int, backward: bool, device: torch.device) -> dict:
         if _INTERPRET:
             return dict(BLOCK_M=16, BLOCK_K=16, num_warps=1)
@@ -132,11 +132,13 @@ if _TRITON is not None:
         return _fit(dict(BLOCK_M=32, BLOCK_K=block_k, num_warps=4, num_stages=3),
                     lambda b: b["BLOCK_M"] * b["BLOCK_K"] * 2 + b["BLOCK_K"] * _block_r(r) * weight_bytes, device)
 
+    @functools.cache
     def _tiled_blocks(d: int) -> dict:
         if _INTERPRET:
             return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1)
         return dict(BLOCK_M=64, BLOCK_N=min(128, max(16, triton.next_power_of_2(d))), num_warps=4, num_stages=2)
 
+    @functools.cache
     def _weight_grad_blocks(d: int, r: int, device: torch.device) -> dict:
         if _INTERPRET:
             return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1)

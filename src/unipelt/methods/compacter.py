@@ -170,8 +170,7 @@ class Compacter(Adapter):
 
     def _fused_weights(self, site_key: str) -> tuple[torch.Tensor, ...]:
         bottleneck = self.adapters[site_key]
-        rules = getattr(self, "rules", None)
-        w_down, w_up = self._built_weights(site_key) or (bottleneck.down.weight(rules), bottleneck.up.weight(rules))
+        w_down, w_up = self._built_weights(site_key)  # called from install's hooks: the context is there
         return w_down, bottleneck.down.bias, w_up, bottleneck.up.bias
 
     def _delta(self, site_key: str, x: torch.Tensor) -> torch.Tensor:
