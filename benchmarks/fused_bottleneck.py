@@ -1,7 +1,8 @@
 """The fused bottleneck adapter (``unipelt.kernels.bottleneck``) against the unfused one, side by side.
 
-For each bottleneck width and activation: one adapter with its residual add, on ``--tokens`` x
-``--width`` bf16 activations under autocast (float32 weights, as in training), forward and backward:
+For each bottleneck width, activation and gate (``--gates on``: UniPELT's per-token gate): one adapter with
+its residual add, on ``--tokens`` x ``--width`` bf16 activations under autocast (float32 weights, as in
+training), forward and backward:
 the GPU time of its kernels and their number (torch profiler, per pass) for
 
 - ``unfused``: the PyTorch function, eager;
@@ -20,6 +21,7 @@ them: the tests' smoke run of this file.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from typing import Any
 
@@ -34,31 +36,34 @@ def _half(device: str) -> torch.dtype:
     return torch.bfloat16 if device.startswith("cuda") else torch.float16
 
 
-def _inputs(tokens: int, width: int, m: int, device: str) -> dict[str, torch.Tensor]:
+def _inputs(tokens: int, width: int, m: int, gated: bool, device: str) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     with torch.device(device):
-        return {"x": torch.randn(tokens, width, dtype=_half(device)),
-                "w_down": torch.randn(m, width) / width ** 0.5, "b_down": torch.randn(m) * 0.1,
-                "w_up": torch.randn(width, m) / m ** 0.5 * 0.1, "b_up": torch.randn(width) * 0.01,
-                "grad": torch.randn(tokens, width, dtype=_half(device))}
+        tensors = {"x": torch.randn(tokens, width, dtype=_half(device)),
+                   "w_down": torch.randn(m, width) / width ** 0.5, "b_down": torch.randn(m) * 0.1,
+                   "w_up": torch.randn(width, m) / m ** 0.5 * 0.1, "b_up": torch.randn(width) * 0.01,
+                   "grad": torch.randn(tokens, width, dtype=_half(device))}
+        if gated:
+            tensors |= {"w_gate": torch.randn(1, width) / width ** 0.5, "b_gate": torch.randn(1) * 0.1}
+        return tensors
 
 
-def _unfused(x, w_down, b_down, w_up, b_up, act: str, scale: float) -> torch.Tensor:
-    return fused.reference(x, None, w_down, b_down, w_up, b_up, act, scale)
+def _unfused(x, w_down, b_down, w_up, b_up, act: str, scale: float, w_gate=None, b_gate=None) -> torch.Tensor:
+    return fused.reference(x, None, w_down, b_down, w_up, b_up, act, scale, w_gate, b_gate)
 
 
-def _fused(x, w_down, b_down, w_up, b_up, act: str, scale: float) -> torch.Tensor:
-    return fused.bottleneck_add(x, None, w_down, b_down, w_up, b_up, act, scale)
+def _fused(x, w_down, b_down, w_up, b_up, act: str, scale: float, w_gate=None, b_gate=None) -> torch.Tensor:
+    return fused.bottleneck_add(x, None, w_down, b_down, w_up, b_up, act, scale, w_gate, b_gate)
 
 
 def _pass(fn, tensors: dict[str, torch.Tensor], act: str, autocast: bool) -> list[torch.Tensor]:
-    """Forward and backward; the output and the gradients of x and the four weights."""
+    """Forward and backward; the output and the gradients of x and the weights (the gate's too, if any)."""
     leaves = {k: v.detach().requires_grad_() for k, v in tensors.items() if k != "grad"}
     device = tensors["x"].device.type
     with torch.autocast(device, dtype=_half(device), enabled=autocast):
         out = fn(**leaves, act=act, scale=1.0)
     out.backward(tensors["grad"].to(out.dtype))
-    return [out.detach()] + [leaves[k].grad for k in ("x", "w_down", "b_down", "w_up", "b_up")]
+    return [out.detach()] + [leaf.grad for leaf in leaves.values()]
 
 
 def relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
@@ -68,41 +73,43 @@ def relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
 
 
 def compare(tokens: int, width: int, bottlenecks: list[int], activations: list[str],
-            steps: int, device: str = "cuda") -> list[dict[str, Any]]:
-    """One row per (bottleneck, activation). On the CPU (Triton's interpreter) the errors only: no GPU time."""
+            steps: int, device: str = "cuda", gates: tuple[bool, ...] = (False,)) -> list[dict[str, Any]]:
+    """One row per (bottleneck, activation, gate). On the CPU (Triton's interpreter) the errors only: no GPU time."""
     rows = []
-    torch._dynamo.config.cache_size_limit = 64  # a recompile per width and activation
+    torch._dynamo.config.cache_size_limit = 64  # a recompile per width, activation and gate
     variants = {"unfused": _unfused, "compiled": torch.compile(_unfused, dynamic=False), "fused": _fused,
                 "fused+compiled": torch.compile(_fused, dynamic=False)}
-    for m in bottlenecks:
-        for act in activations:
-            tensors = _inputs(tokens, width, m, device)
-            exact = _pass(_unfused, {k: v.float() if k == "x" else v for k, v in tensors.items()}, act, False)
-            row: dict[str, Any] = {"tokens": tokens, "width": width, "bottleneck": m, "activation": act}
-            for name, fn in variants.items():
-                row[f"err_{name}"] = relative_error(_pass(fn, tensors, act, True), exact)
-                if device.startswith("cuda"):
-                    for _ in range(3):
-                        _pass(fn, tensors, act, True)
-                    # GPU time, not wall time: one adapter's pass is far shorter than the host's work to launch it
-                    profile = case.kernel_profile(lambda fn=fn, t=tensors, a=act: _pass(fn, t, a, True), steps)
-                    row[f"us_{name}"] = profile["gpu_busy_ms"] * 1000
-                    row[f"kernels_{name}"] = profile["kernels_per_step"]
+    for m, act, gated in itertools.product(bottlenecks, activations, gates):
+        tensors = _inputs(tokens, width, m, gated, device)
+        exact = _pass(_unfused, {k: v.float() if k == "x" else v for k, v in tensors.items()}, act, False)
+        row: dict[str, Any] = {"tokens": tokens, "width": width, "bottleneck": m, "activation": act,
+                               "gated": gated}
+        for name, fn in variants.items():
+            row[f"err_{name}"] = relative_error(_pass(fn, tensors, act, True), exact)
             if device.startswith("cuda"):
-                row["fused_vs_compiled"] = row["us_fused+compiled"] / row["us_compiled"]  # both compiled
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+                for _ in range(3):
+                    _pass(fn, tensors, act, True)
+                # GPU time, not wall time: one adapter's pass is far shorter than the host's work to launch it
+                profile = case.kernel_profile(lambda fn=fn, t=tensors, a=act: _pass(fn, t, a, True), steps)
+                row[f"us_{name}"] = profile["gpu_busy_ms"] * 1000
+                row[f"kernels_{name}"] = profile["kernels_per_step"]
+        if device.startswith("cuda"):
+            row["fused_vs_compiled"] = row["us_fused+compiled"] / row["us_compiled"]  # both compiled
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| m | act | GPU us (kernels): unfused | compiled | fused | fused, compiled | fused / unfused, compiled | "
-             "error vs float32: compiled | fused |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| m | act | gate | GPU us (kernels): unfused | compiled | fused | fused, compiled | "
+             "fused / unfused, compiled | error vs float32: compiled | fused |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         cells = [f"{r[f'us_{v}']:.1f} ({r[f'kernels_{v}']:.0f})" if f"us_{v}" in r else "-"
                  for v in ("unfused", "compiled", "fused", "fused+compiled")]
         ratio = f"{r['fused_vs_compiled']:.2f}" if "fused_vs_compiled" in r else "-"
-        lines.append(f"| {r['bottleneck']} | {r['activation']} | {' | '.join(cells)} | {ratio} | "
+        lines.append(f"| {r['bottleneck']} | {r['activation']} | {'on' if r['gated'] else 'off'} | "
+                     f"{' | '.join(cells)} | {ratio} | "
                      f"{r['err_compiled']:.1e} | {r['err_fused']:.1e} |")
     return "\n".join(lines)
 
@@ -113,13 +120,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, default=768)
     parser.add_argument("--bottlenecks", type=int, nargs="+", default=[24, 48, 64, 128])
     parser.add_argument("--activations", nargs="+", default=["silu", "relu", "gelu"])
+    parser.add_argument("--gates", nargs="+", choices=["off", "on"], default=["off"],
+                        help="on: with UniPELT's gate (a sigmoid per token of one more rank of x)")
     parser.add_argument("--steps", type=int, default=10, help="profiled passes per variant")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available() or not fused.available(
             torch.empty(1, dtype=torch.bfloat16, device="cuda"), torch.bfloat16, 1, "relu"):
         raise SystemExit("needs a GPU with Triton (the fused kernels run there only)")
-    rows = compare(args.tokens, args.width, args.bottlenecks, args.activations, args.steps)
+    rows = compare(args.tokens, args.width, args.bottlenecks, args.activations, args.steps,
+                   gates=tuple(g == "on" for g in args.gates))
     text = f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n\n{table(rows)}"
     print(text)
     if args.out:

@@ -23,6 +23,9 @@
 #                    --compile reduce-overhead --optimizer fused --prewarm 3 --no-full; done
 #   device run: PYTHONPATH=src python benchmarks/fused_bottleneck.py --bottlenecks 48 128 --activations silu relu
 #   device run: PYTHONPATH=src python benchmarks/fused_model_check.py houlsby compacter
+# Twelfth session: UniPELT's gated adapter the same way (--methods unipelt, every kernel with --top-kernels 10000),
+# and the kernels with and without the gate:
+#   device run: PYTHONPATH=src python benchmarks/fused_bottleneck.py --bottlenecks 48 24 --activations relu --gates off on
 #   device run: bash benchmarks/speed_gpu.sh bert-base                 (carry .whl: the adapters wheels, see below)
 #   device run: bash benchmarks/speed_gpu.sh llama-1b
 #   device run: bash benchmarks/speed_gpu.sh bert-base --compile reduce-overhead --prewarm 8   (every case compiled)

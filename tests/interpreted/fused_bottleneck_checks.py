@@ -15,6 +15,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import unipelt
 from conftest import benchmark_script, perturb_  # tests/conftest.py, which pytest loads for this file too
@@ -34,33 +35,54 @@ def distance(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
 
 def adapter_pass(fn, tensors: dict[str, torch.Tensor], act: str, scale: float, serial: bool,
                  grad: torch.Tensor) -> list[torch.Tensor]:
+    """Output and gradients; gated when ``tensors`` hold the gate's ``w_gate`` and ``b_gate``."""
     leaves = {k: v.detach().clone().requires_grad_() for k, v in tensors.items()}
+    gate = [n for n in ("w_gate", "b_gate") if n in leaves]
     out = fn(leaves["x"], None if serial else leaves["residual"], leaves["w_down"], leaves["b_down"],
-             leaves["w_up"], leaves["b_up"], act, scale)
-    names = ["x", "w_down", "b_down", "w_up", "b_up"] + ([] if serial else ["residual"])
+             leaves["w_up"], leaves["b_up"], act, scale, *(leaves[n] for n in gate))
+    names = ["x", "w_down", "b_down", "w_up", "b_up", *gate] + ([] if serial else ["residual"])
     return [out.detach(), *torch.autograd.grad(out, [leaves[n] for n in names], grad.to(out.dtype))]
 
 
+def gate_logit_grads(tensors: dict[str, torch.Tensor], act: str, scale: float, grad: torch.Tensor) -> torch.Tensor:
+    """Each token's gradient of the gate logit, in float32: the terms that b_gate's gradient sums."""
+    x = tensors["x"]
+    logit = F.linear(x, tensors["w_gate"], tensors["b_gate"]).requires_grad_()
+    delta = F.linear(kb._ACT_FNS[act](F.linear(x, tensors["w_down"], tensors["b_down"])), tensors["w_up"],
+                     tensors["b_up"])
+    return torch.autograd.grad((delta * scale * torch.sigmoid(logit) * grad).sum(), logit)[0]
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["ungated", "gated"])
 @pytest.mark.parametrize("serial", [True, False], ids=["serial", "parallel"])
 @pytest.mark.parametrize("act", ["relu", "silu", "gelu", "tanh"])
-def test_the_kernels_compute_the_adapter_and_its_gradients(act: str, serial: bool) -> None:
+def test_the_kernels_compute_the_adapter_and_its_gradients(act: str, serial: bool, gated: bool) -> None:
     # sizes that fill no block: 2 x 21 tokens, width 40, bottleneck 12; several token splits in the weight gradients
     torch.manual_seed(0)
     rows, d, m, scale = 42, 40, 12, 2.0
     tensors = {"x": torch.randn(rows, d), "residual": torch.randn(rows, d), "w_down": torch.randn(m, d) * 0.3,
                "b_down": torch.randn(m) * 0.1, "w_up": torch.randn(d, m) * 0.3, "b_up": torch.randn(d) * 0.1}
+    if gated:  # UniPELT's gate, sigmoid(x w_g^T + b_g) per token
+        tensors |= {"w_gate": torch.randn(1, d) * 0.3, "b_gate": torch.randn(1) * 0.1}
     grad = torch.randn(rows, d)
     exact = adapter_pass(kb.reference, tensors, act, scale, serial, grad)
     halves = {k: v.to(HALF) if k in ("x", "residual") else v for k, v in tensors.items()}
-    assert kb.available(halves["x"], torch.float32, m, act) is False  # float32 weights, no autocast: not the same
+    assert kb.available(halves["x"], torch.float32, m, act, gated) is False  # float32 weights, no autocast
     with torch.autocast("cpu", dtype=HALF):
-        assert kb.available(halves["x"], torch.float32, m, act)
+        assert kb.available(halves["x"], torch.float32, m, act, gated)
         fused = adapter_pass(kb.bottleneck_add, {k: v.view(2, 21, d) if v.shape[0] == rows else v
                                                  for k, v in halves.items()}, act, scale, serial,
                              grad.view(2, 21, d))
         unfused = adapter_pass(kb.reference, halves, act, scale, serial, grad)
     fused = [t.reshape(e.shape) for t, e in zip(fused, exact, strict=True)]
-    assert [t.dtype for t in fused[2:6]] == [torch.float32] * 4  # the weights' own dtype, no cast kernels
+    assert [t.dtype for t in fused[2:6 + 2 * gated]] == [torch.float32] * (4 + 2 * gated)  # the weights' own
+    if gated:
+        # b_gate's gradient sums 42 tokens' terms of either sign: its error is measured against their size, not
+        # against the (cancelling) sum, on which the rounding of both half-precision paths looks large at random
+        terms = gate_logit_grads(tensors, act, scale, grad).abs().sum()
+        errors = [(t[7].float() - exact[7]).abs().item() / terms.item() for t in (fused, unfused)]
+        assert errors[0] <= 1.5 * errors[1] + 1e-3
+        fused, unfused, exact = ([t for i, t in enumerate(ts) if i != 7] for ts in (fused, unfused, exact))
     assert distance(fused, exact) <= 1.5 * distance(unfused, exact) + 1e-3
     assert distance(fused, exact) < 5e-3
 
@@ -142,7 +164,8 @@ def model_pass(model: torch.nn.Module, ids: torch.Tensor, autocast: bool, **kwar
     return [out.detach(), *(g.float() for g in torch.autograd.grad((out * direction).sum(), params))]
 
 
-SITES = {"houlsby": 4, "parallel": 2, "compacter": 4, "phm_adapter": 4, "sparse_adapter": 2, "pfeiffer": 2}
+SITES = {"houlsby": 4, "parallel": 2, "compacter": 4, "phm_adapter": 4, "sparse_adapter": 2, "pfeiffer": 2,
+         "unipelt": 2}
 
 
 @pytest.mark.parametrize("spec", [
@@ -151,7 +174,10 @@ SITES = {"houlsby": 4, "parallel": 2, "compacter": 4, "phm_adapter": 4, "sparse_
     {"method": "compacter"},
     {"method": "phm_adapter", "bottleneck": 8},
     {"method": "sparse_adapter", "bottleneck": 8},
-], ids=lambda s: s["method"])
+    {"method": "unipelt"},  # the gated adapter (m = 48), beside the gated prefix and LoRA
+    {"method": "parallel", "bottleneck": 16, "scaling": 2.0, "gate": True, "activation": "tanh"},
+    {"method": "compacter", "gate": True},  # the gate as a module of its own in the unfused path
+], ids=lambda s: s["method"] + ("_gated" if s.get("gate") else ""))
 def test_adapters_of_a_model_run_fused_under_autocast_as_precisely_as_unfused(spec: dict, monkeypatch) -> None:
     model = perturbed(spec)
     ids = torch.randint(1, 96, (2, 7))
@@ -179,12 +205,12 @@ def test_a_fresh_adapter_leaves_the_base_output_exactly(monkeypatch) -> None:
     assert torch.equal(before, after)
 
 
-@pytest.mark.parametrize("case", ["gated", "float32", "too wide", "switched off", "serving rows"])
+@pytest.mark.parametrize("case", ["gated too wide", "float32", "too wide", "switched off", "serving rows"])
 def test_the_unfused_path_runs_where_the_kernels_would_compute_another_function(case: str, monkeypatch,
                                                                                   tmp_path) -> None:
     spec = {"method": "pfeiffer", "bottleneck": 8}
-    if case == "gated":
-        spec["gate"] = True  # UniPELT's gate: not fused
+    if case == "gated too wide":  # the gate's logit takes one more rank than the kernels hold
+        spec |= {"gate": True, "bottleneck": kb.MAX_BOTTLENECK}
     if case == "too wide":
         spec["bottleneck"] = kb.MAX_BOTTLENECK + 8
     model, kwargs = perturbed(spec), {}
@@ -222,8 +248,10 @@ def test_a_compiled_model_runs_the_kernels_in_one_graph_with_eager_results() -> 
 def test_the_kernel_benchmark_runs_on_the_cpu_and_finds_the_fused_path_as_precise() -> None:
     # the benchmark's own code path (variants, errors, table) as a smoke run; its GPU timing needs a GPU
     fused_bottleneck = benchmark_script("fused_bottleneck")
-    rows = fused_bottleneck.compare(tokens=40, width=24, bottlenecks=[8], activations=["silu"], steps=1, device="cpu")
-    assert len(rows) == 1 and "us_fused" not in rows[0]
-    assert rows[0]["err_fused"] <= 1.5 * rows[0]["err_unfused"] + 1e-3
-    assert rows[0]["err_fused+compiled"] <= 1.5 * rows[0]["err_compiled"] + 1e-3
-    assert "| 8 | silu | - | - | - | - | - |" in fused_bottleneck.table(rows)
+    rows = fused_bottleneck.compare(tokens=40, width=24, bottlenecks=[8], activations=["silu"], steps=1, device="cpu",
+                                    gates=(False, True))
+    assert [r["gated"] for r in rows] == [False, True] and "us_fused" not in rows[0]
+    for row in rows:
+        assert row["err_fused"] <= 1.5 * row["err_unfused"] + 1e-3
+        assert row["err_fused+compiled"] <= 1.5 * row["err_compiled"] + 1e-3
+    assert "| 8 | silu | on | - | - | - | - | - |" in fused_bottleneck.table(rows)

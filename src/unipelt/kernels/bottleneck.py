@@ -1,6 +1,7 @@
 """A bottleneck adapter and its residual add as Triton kernels, forward and backward.
 
-``out = residual + s * (f(x W_d^T + b_d) W_u^T + b_u)``, with ``residual = x`` for a serial adapter.
+``out = residual + s * G * (f(x W_d^T + b_d) W_u^T + b_u)``, with ``residual = x`` for a serial adapter and
+``G = 1``, or UniPELT's gate ``G = sigmoid(x w_g^T + b_g)`` (one scalar per token).
 
 Unfused and compiled, a 768-wide adapter with m = 48 at BERT-base's 4096 tokens is 23 kernels and about
 58 us of GPU time per training step on an H200: small GEMMs with split-K reductions, bias sums, the
@@ -15,6 +16,12 @@ benchmarks/fused_bottleneck.py):
   (plus ``g`` for a serial adapter), and the two weight gradients with their bias sums, each split over
   the tokens into about one program per SM that adds its share with float32 atomics (so the bias and
   weight gradients' summation order varies between runs, as with other atomic reductions in torch).
+
+The gate costs no kernel of its own: its row is one more rank of the down projection (``[W_d; w_g]``, a
+concatenation of the small weights), so z's last column is the logit, and the up kernel scales its tile by
+``G``. Backward, the logit's gradient ``s G (1 - G) g . u`` comes from pieces the first kernel has,
+``g . u = f(z) . (g W_u) + g . b_u`` (``b_u`` as one more rank of ``W_u``); it is one more rank of grad_z for
+``grad_x`` and for the down projection's gradient, and the ``s G`` column beside ``s G f(z)`` gives ``b_u``'s.
 
 The kernels read the weights in their own dtype (float32 under autocast) and cast tiles in registers, so
 no cast kernels run and the gradients come back in the weights' dtype. Precision follows autocast's:
@@ -60,21 +67,26 @@ enabled = os.environ.get("UNIPELT_FUSED", "1") != "0"  # a switch for comparison
 
 
 def reference(x: torch.Tensor, residual: torch.Tensor | None, w_down: torch.Tensor, b_down: torch.Tensor,
-              w_up: torch.Tensor, b_up: torch.Tensor, act: str, scale: float) -> torch.Tensor:
-    """The function the kernels compute, in plain PyTorch (``residual=None``: serial, the residual is ``x``)."""
+              w_up: torch.Tensor, b_up: torch.Tensor, act: str, scale: float, w_gate: torch.Tensor | None = None,
+              b_gate: torch.Tensor | None = None) -> torch.Tensor:
+    """The function the kernels compute, in plain PyTorch (``residual=None``: serial, the residual is ``x``; with
+    ``w_gate`` and ``b_gate``, UniPELT's per-token gate)."""
     z = F.linear(x, w_down.to(x.dtype), b_down.to(x.dtype))
-    delta = F.linear(_ACT_FNS[act](z), w_up.to(x.dtype), b_up.to(x.dtype))
-    return (x if residual is None else residual) + delta * scale
+    delta = F.linear(_ACT_FNS[act](z), w_up.to(x.dtype), b_up.to(x.dtype)) * scale
+    if w_gate is not None:
+        delta = delta * torch.sigmoid(F.linear(x, w_gate.to(x.dtype), b_gate.to(x.dtype)))
+    return (x if residual is None else residual) + delta
 
 
 _ACT_FNS = {"relu": F.relu, "silu": F.silu, "swish": F.silu, "gelu": F.gelu, "tanh": torch.tanh}
 
 
-def available(x: torch.Tensor, weight_dtype: torch.dtype, bottleneck: int, act: str) -> bool:
-    """Whether :func:`bottleneck_add` runs the fused kernels for this input, weights' dtype, width and activation."""
-    if not enabled or _TRITON is None or x.dtype not in _HALF or bottleneck > MAX_BOTTLENECK or act not in ACTIVATIONS:
+def available(x: torch.Tensor, weight_dtype: torch.dtype, bottleneck: int, act: str, gated: bool = False) -> bool:
+    """Whether :func:`bottleneck_add` runs the fused kernels for this input, weights' dtype, width and activation
+    (``gated``: with a UniPELT gate, whose logit takes one more rank)."""
+    if not enabled or _TRITON is None or x.dtype not in _HALF or act not in ACTIVATIONS:
         return False
-    if x.numel() == 0:  # an empty grid is no launch
+    if bottleneck + gated > MAX_BOTTLENECK or x.numel() == 0:  # an empty grid is no launch
         return False
     if not (x.is_cuda or (_INTERPRET and x.device.type == "cpu")):
         return False
@@ -84,18 +96,23 @@ def available(x: torch.Tensor, weight_dtype: torch.dtype, bottleneck: int, act: 
 
 
 def bottleneck_add(x: torch.Tensor, residual: torch.Tensor | None, w_down: torch.Tensor, b_down: torch.Tensor,
-                   w_up: torch.Tensor, b_up: torch.Tensor, act: str, scale: float) -> torch.Tensor:
-    """``residual + scale * (f(x W_d^T + b_d) W_u^T + b_u)`` by the fused kernels; check :func:`available` first.
+                   w_up: torch.Tensor, b_up: torch.Tensor, act: str, scale: float, w_gate: torch.Tensor | None = None,
+                   b_gate: torch.Tensor | None = None) -> torch.Tensor:
+    """``residual + scale * G * (f(x W_d^T + b_d) W_u^T + b_u)`` by the fused kernels; check :func:`available` first.
 
     ``x`` (..., d); ``residual`` like it, or None for a serial adapter (the residual is ``x``);
-    ``w_down`` (m, d), ``w_up`` (d, m).
+    ``w_down`` (m, d), ``w_up`` (d, m); ``G = sigmoid(x w_gate^T + b_gate)`` per token with a gate
+    (``w_gate`` (1, d), ``b_gate`` (1,)), else 1.
     """
     shape = x.shape
     # the kernels index rows by the width: any other layout (a slice of a fused projection) is copied first
     flat = x.reshape(-1, shape[-1]).contiguous()
     res = residual.reshape(-1, shape[-1]).to(x.dtype).contiguous() if residual is not None else None
+    gated = w_gate is not None
+    if gated:  # the gate's row as one more rank of the down projection (autograd splits its gradient back)
+        w_down, b_down = torch.cat([w_down, w_gate.to(w_down.dtype)]), torch.cat([b_down, b_gate.to(b_down.dtype)])
     weights = (w.contiguous() for w in (w_down, b_down, w_up, b_up))
-    out, _ = torch.ops.unipelt.bottleneck_forward(flat, res, *weights, ACTIVATIONS[act], float(scale))
+    out, _ = torch.ops.unipelt.bottleneck_forward(flat, res, *weights, gated, ACTIVATIONS[act], float(scale))
     return out.view(shape)
 
 
@@ -169,12 +186,16 @@ if _TRITON is not None:
         return 1.0 - t * t
 
     @triton.jit
-    def _skinny_kernel(a_ptr, w_ptr, bias_ptr, z_ptr, out_ptr, act_ptr, M, D, R, scale, W_STRIDE_R, W_STRIDE_D,
-                       BACKWARD: tl.constexpr, ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
-        """Forward: ``out = a W^T + bias`` (z). Backward: ``out = s (a W) * f'(z)`` (grad_z) and ``act = s f(z)``.
+    def _skinny_kernel(a_ptr, w_ptr, bias_ptr, z_ptr, out_ptr, act_ptr, M, D, R, Z_STRIDE, scale, W_STRIDE_R,
+                       W_STRIDE_D, BACKWARD: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Forward: ``out = a W^T + bias`` (z). Backward: ``out = s G (a W) * f'(z)`` (grad_z) and ``act = s G f(z)``.
 
-        ``a`` (M, D); the weight's element (rank r, column d) at ``r * W_STRIDE_R + d * W_STRIDE_D``.
+        ``a`` (M, D); W has R ranks, its element (rank r, column d) at ``r * W_STRIDE_R + d * W_STRIDE_D``; the
+        (M, R) tensors z, out and act have rows Z_STRIDE apart (:func:`_z_stride`). Gated, the last rank is the
+        gate's: forward, W is [W_d; w_g], so z's last column is the gate logit; backward, W is [W_u, b_u], so
+        that column of the product is ``g . b_u``, and the outputs' last column is the logit's gradient (out) and
+        ``s G`` (act, b_u's row weights).
         """
         dtype = a_ptr.dtype.element_ty
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -190,23 +211,38 @@ if _TRITON is not None:
             w = tl.load(w_ptr + k[:, None] * W_STRIDE_D + ranks[None, :] * W_STRIDE_R,
                         mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
             acc = tl.dot(a, w.to(dtype), acc)
-        small = rows[:, None] * R + ranks[None, :]
+        small = rows[:, None] * Z_STRIDE + ranks[None, :]
         small_ok = row_ok[:, None] & rank_ok[None, :]
         if BACKWARD:
             z = tl.load(z_ptr + small, mask=small_ok, other=0.0).to(tl.float32)
-            tl.store(out_ptr + small, (scale * acc * _activation_grad(z, ACT)).to(dtype), mask=small_ok)
-            tl.store(act_ptr + small, (scale * _activation(z, ACT)).to(dtype), mask=small_ok)
+            if GATED:
+                extra = (ranks == R - 1)[None, :]
+                gate = tl.sigmoid(tl.sum(tl.where(extra, z, 0.0), axis=1))[:, None]
+                z = tl.where(extra, 0.0, z)  # the logit is no rank of the bottleneck: f(0) = 0 there
+                fz = _activation(z, ACT)
+                grad_z = scale * gate * acc * _activation_grad(z, ACT)
+                # d loss / d logit = s (g . u) G (1 - G), u = f(z) W_u^T + b_u: g . u = f(z) . (g W_u) + g . b_u
+                g_dot_u = tl.sum(tl.where(extra, 1.0, fz) * acc, axis=1)[:, None]
+                grad_z = tl.where(extra, scale * g_dot_u * gate * (1.0 - gate), grad_z)
+                act_scaled = tl.where(extra, scale * gate, scale * gate * fz)
+            else:
+                grad_z = scale * acc * _activation_grad(z, ACT)
+                act_scaled = scale * _activation(z, ACT)
+            tl.store(out_ptr + small, grad_z.to(dtype), mask=small_ok)
+            tl.store(act_ptr + small, act_scaled.to(dtype), mask=small_ok)
         else:
-            acc = acc + tl.load(bias_ptr + ranks, mask=rank_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptr + small, acc.to(dtype), mask=small_ok)
+            bias = tl.load(bias_ptr + ranks, mask=rank_ok, other=0.0).to(tl.float32)
+            tl.store(out_ptr + small, (acc + bias[None, :]).to(dtype), mask=small_ok)
 
     @triton.jit
-    def _tiled_kernel(z_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, M, D, R, scale, W_STRIDE_R, W_STRIDE_D,
-                      ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_R: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """``out = res + s (f(z) W^T + bias)`` on one (BLOCK_M, BLOCK_N) tile; ACT < 0: ``z`` as it is.
+    def _tiled_kernel(z_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, M, D, R, Z_STRIDE, scale, W_STRIDE_R, W_STRIDE_D,
+                      ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """``out = res + s G (f(z) W^T + bias)`` on one (BLOCK_M, BLOCK_N) tile, over R ranks; ACT < 0: ``z`` as it
+        is. G = 1, or gated (forward only) the sigmoid of z's column R, the gate logit.
 
-        Forward: z, W_u, b_u, the residual. Backward: grad_z, W_d (as its transpose), no bias, ``g`` when serial.
+        Forward: z, W_u, b_u, the residual. Backward: grad_z, W_d (as its transpose; gated, [W_d; w_g] with the
+        logit's gradient as one more rank of grad_z), no bias, ``g`` when serial.
         """
         dtype = z_ptr.dtype.element_ty
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -215,15 +251,21 @@ if _TRITON is not None:
         n_ok = n < D
         ranks = tl.arange(0, BLOCK_R)
         rank_ok = ranks < R
-        z = tl.load(z_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-        if ACT >= 0:
-            z = _activation(z.to(tl.float32), ACT).to(dtype)  # padded ranks: f(0) = 0 for every activation here
+        z = tl.load(z_ptr + rows[:, None] * Z_STRIDE + ranks[None, :],
+                    mask=row_ok[:, None] & (ranks < R + GATED)[None, :], other=0.0)
         w = tl.load(w_ptr + ranks[:, None] * W_STRIDE_R + n[None, :] * W_STRIDE_D,
                     mask=rank_ok[:, None] & n_ok[None, :], other=0.0)
+        if ACT >= 0:
+            if GATED:
+                gate = tl.sigmoid(tl.sum(tl.where((ranks == R)[None, :], z.to(tl.float32), 0.0), axis=1))
+                z = tl.where(rank_ok[None, :], z, 0.0)
+            z = _activation(z.to(tl.float32), ACT).to(dtype)  # padded ranks: f(0) = 0 for every activation here
         y = tl.dot(z, w.to(dtype))
         if HAS_BIAS:
             y = y + tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         y = scale * y
+        if ACT >= 0 and GATED:
+            y = y * gate[:, None]
         at = rows[:, None] * D + n[None, :]
         tile_ok = row_ok[:, None] & n_ok[None, :]
         if HAS_RES:
@@ -231,11 +273,14 @@ if _TRITON is not None:
         tl.store(out_ptr + at, y.to(dtype), mask=tile_ok)
 
     @triton.jit
-    def _weight_grad_kernel(big_ptr, small_ptr, dw_ptr, dbig_ptr, dsmall_ptr, M, D, R, big_sum_scale,
+    def _weight_grad_kernel(big_ptr, small_ptr, dw_ptr, dbig_ptr, dsmall_ptr, M, D, R, SMALL_STRIDE, big_sum_scale,
                             DW_STRIDE_R, DW_STRIDE_D, SUM_BIG: tl.constexpr, SUM_SMALL: tl.constexpr,
-                            BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """``dw += big^T small`` over this program's share of the tokens (split-K, float32 atomics), and the
-        column sums of ``big`` (times ``big_sum_scale``) and of ``small`` when asked: the biases' gradients."""
+                            LAST_RANK_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr):
+        """``dw += big^T small`` (R ranks) over this program's share of the tokens (split-K, float32 atomics), and
+        the column sums of ``big`` (times ``big_sum_scale``) and of ``small`` when asked: the biases' gradients.
+        LAST_RANK_BIAS: small's last column holds each row's weight ``s G``, and that column of the product is
+        the gradient of ``dbig`` (b_u's, gated) instead of one of dw. ``small``'s rows are SMALL_STRIDE apart."""
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < D
         ranks = tl.arange(0, BLOCK_R)
@@ -250,13 +295,17 @@ if _TRITON is not None:
             rows = (b * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
             row_ok = rows < M
             big = tl.load(big_ptr + rows[:, None] * D + n[None, :], mask=row_ok[:, None] & n_ok[None, :], other=0.0)
-            small = tl.load(small_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :],
-                            other=0.0)
+            small = tl.load(small_ptr + rows[:, None] * SMALL_STRIDE + ranks[None, :],
+                            mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
             acc = tl.dot(tl.trans(big), small, acc)
             if SUM_BIG:
                 big_sum += tl.sum(big.to(tl.float32), axis=0)
             if SUM_SMALL:
                 small_sum += tl.sum(small.to(tl.float32), axis=0)
+        if LAST_RANK_BIAS:
+            tl.atomic_add(dbig_ptr + n, tl.sum(tl.where((ranks == R - 1)[None, :], acc, 0.0), axis=1), mask=n_ok,
+                          sem="relaxed")
+            rank_ok = ranks < R - 1
         tl.atomic_add(dw_ptr + n[:, None] * DW_STRIDE_D + ranks[None, :] * DW_STRIDE_R, acc,
                       mask=n_ok[:, None] & rank_ok[None, :], sem="relaxed")
         if SUM_BIG:
@@ -265,6 +314,11 @@ if _TRITON is not None:
             # a mask built from program_id is refused by Triton 3.9's interpreter)
             first_column = (tl.program_id(0) == 0).to(tl.float32)
             tl.atomic_add(dsmall_ptr + ranks, small_sum * first_column, mask=rank_ok, sem="relaxed")
+
+    def _z_stride(rz: int) -> int:
+        """The row stride of the (tokens, rz) tensors z, grad_z and s f(z): a multiple of 16 elements, which Triton
+        sees in the argument and which lets it vectorise their rows (the gate's 49 columns would not)."""
+        return 16 * triton.cdiv(rz, 16)
 
     def _block_r(r: int) -> int:
         return max(16, triton.next_power_of_2(r))
@@ -296,84 +350,90 @@ if _TRITON is not None:
     # functionalise the kernels' writes into fresh outputs and could add copies of them.
     @torch.library.custom_op("unipelt::bottleneck_forward", mutates_args=())
     def _forward(x: torch.Tensor, residual: torch.Tensor | None, w_down: torch.Tensor, b_down: torch.Tensor,
-                 w_up: torch.Tensor, b_up: torch.Tensor, act: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 w_up: torch.Tensor, b_up: torch.Tensor, gated: bool, act: int,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``out`` and ``z`` (tokens, m, plus columns of padding: :func:`_z_stride`). Gated, ``w_down`` and
+        ``b_down`` end with the gate's row and bias, and z's column m is the gate logit."""
         _require_rows(x, residual, w_down, b_down, w_up, b_up)
         m_rows, d = x.shape
-        r = w_down.shape[0]
-        z = x.new_empty((m_rows, r))
+        r, rz = w_up.shape[1], w_down.shape[0]
+        z = x.new_empty((m_rows, _z_stride(rz)))  # the padding columns are never read
         out = torch.empty_like(x)
-        skinny = _skinny_blocks(d, r, w_down.element_size(), backward=False, device=x.device)
+        skinny = _skinny_blocks(d, rz, w_down.element_size(), backward=False, device=x.device)
         tiled = _tiled_blocks(d)
         with _on_device(x):  # Triton launches on the current device: a model split over GPUs needs x's
-            # z = x W_d^T + b_d; W_d (r, d): rank stride d, column stride 1
+            # z = x W_d^T + b_d; W_d (rz, d): rank stride d, column stride 1
             _skinny_kernel[_rows_grid(m_rows, skinny)](
-                x, w_down, b_down, z, z, z, m_rows, d, r, 1.0, d, 1, BACKWARD=False, ACT=act, BLOCK_R=_block_r(r),
-                **skinny)
-            # out = residual + s (f(z) W_u^T + b_u); W_u (d, r): rank stride 1, column stride r
+                x, w_down, b_down, z, z, z, m_rows, d, rz, z.shape[1], 1.0, d, 1, BACKWARD=False, GATED=gated,
+                ACT=act, BLOCK_R=_block_r(rz), **skinny)
+            # out = residual + s G (f(z) W_u^T + b_u); W_u (d, r): rank stride 1, column stride r
             _tiled_kernel[_tiles_grid(m_rows, d, tiled)](
-                z, w_up, b_up, x if residual is None else residual, out, m_rows, d, r, scale, 1, r,
-                ACT=act, HAS_BIAS=True, HAS_RES=True, BLOCK_R=_block_r(r), **tiled)
+                z, w_up, b_up, x if residual is None else residual, out, m_rows, d, r, z.shape[1], scale, 1, r,
+                ACT=act, GATED=gated, HAS_BIAS=True, HAS_RES=True, BLOCK_R=_block_r(rz), **tiled)
         return out, z
 
     @torch.library.custom_op("unipelt::bottleneck_backward", mutates_args=())
     def _backward(grad_out: torch.Tensor, x: torch.Tensor, z: torch.Tensor, w_down: torch.Tensor,
-                  w_up: torch.Tensor, act: int, scale: float, serial: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """``grad_x`` and one float32 vector holding the gradients of W_down, b_down, W_up and b_up, in order."""
-        _require_rows(grad_out, x, z, w_down, w_up)
+                  w_up: torch.Tensor, b_up: torch.Tensor, gated: bool, act: int, scale: float,
+                  serial: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``grad_x`` and one float32 vector holding the gradients of W_down, b_down (each with the gate's row
+        when gated), W_up and b_up, in order."""
+        _require_rows(grad_out, x, z, w_down, w_up, b_up)
         m_rows, d = grad_out.shape
-        r = w_down.shape[0]
-        grad_z = z.new_empty((m_rows, r))
-        act_scaled = z.new_empty((m_rows, r))
+        r, rz, zs = w_up.shape[1], w_down.shape[0], z.shape[1]
+        grad_z, act_scaled = z.new_empty((m_rows, zs)), z.new_empty((m_rows, zs))
         grad_x = torch.empty_like(grad_out)
-        grads = grad_out.new_zeros((2 * r * d + r + d,), dtype=torch.float32)
-        grad_w_down, grad_b_down = grads[:r * d], grads[r * d:r * d + r]
-        grad_w_up, grad_b_up = grads[r * d + r:2 * r * d + r], grads[2 * r * d + r:]
-        skinny = _skinny_blocks(d, r, w_up.element_size(), backward=True, device=grad_out.device)
-        tiled, wgrad = _tiled_blocks(d), _weight_grad_blocks(d, r, grad_out.device)
+        grads = grad_out.new_zeros((rz * d + rz + d * r + d,), dtype=torch.float32)
+        grad_w_down, grad_b_down = grads[:rz * d], grads[rz * d:rz * d + rz]
+        grad_w_up, grad_b_up = grads[rz * d + rz:rz * d + rz + d * r], grads[rz * d + rz + d * r:]
+        # gated, b_u as one more rank of W_u: the product g [W_u, b_u] has g . b_u as its last column
+        w_up_ranks = torch.cat([w_up, b_up[:, None].to(w_up.dtype)], 1) if gated else w_up
+        skinny = _skinny_blocks(d, rz, w_up.element_size(), backward=True, device=grad_out.device)
+        tiled, wgrad = _tiled_blocks(d), _weight_grad_blocks(d, rz, grad_out.device)
         splits = _splits_grid(m_rows, d, wgrad, grad_out.device)
+        block_r = _block_r(rz)
         with _on_device(grad_out):
-            # grad_z = s (g W_u) * f'(z), with s f(z) for W_u's gradient; W_u as (r, d): rank stride 1, column stride r
+            # grad_z = s G (g W_u) * f'(z), with s G f(z) for W_u's gradient (gated, the logit's gradient and s G as
+            # the last column); W_u as (rz, d): rank stride 1, column stride rz
             _skinny_kernel[_rows_grid(m_rows, skinny)](
-                grad_out, w_up, w_up, z, grad_z, act_scaled, m_rows, d, r, scale, 1, r,
-                BACKWARD=True, ACT=act, BLOCK_R=_block_r(r), **skinny)
-            # grad_x = grad_z W_d (+ g for a serial adapter, whose residual is x)
+                grad_out, w_up_ranks, w_up_ranks, z, grad_z, act_scaled, m_rows, d, rz, zs, scale, 1, rz,
+                BACKWARD=True, GATED=gated, ACT=act, BLOCK_R=block_r, **skinny)
+            # grad_x = grad_z W_d over rz ranks (+ g for a serial adapter, whose residual is x)
             _tiled_kernel[_tiles_grid(m_rows, d, tiled)](
-                grad_z, w_down, w_down, grad_out, grad_x, m_rows, d, r, 1.0, d, 1,
-                ACT=-1, HAS_BIAS=False, HAS_RES=serial, BLOCK_R=_block_r(r), **tiled)
-            # W_u (d, r) += g^T s f(z), b_u += s sum(g); W_d (r, d) += (x^T grad_z)^T, b_d += sum(grad_z)
+                grad_z, w_down, w_down, grad_out, grad_x, m_rows, d, rz, zs, 1.0, d, 1,
+                ACT=-1, GATED=False, HAS_BIAS=False, HAS_RES=serial, BLOCK_R=block_r, **tiled)
+            # W_u (d, r) += g^T s G f(z), b_u += sum(s G g) (gated: the product's last column); W_d (rz, d) +=
+            # (x^T grad_z)^T, b_d += sum(grad_z)
             _weight_grad_kernel[splits](
-                grad_out, act_scaled, grad_w_up, grad_b_up, grad_b_up, m_rows, d, r, scale, 1, r,
-                SUM_BIG=True, SUM_SMALL=False, BLOCK_R=_block_r(r), **wgrad)
+                grad_out, act_scaled, grad_w_up, grad_b_up, grad_b_up, m_rows, d, rz, zs, scale, 1, r,
+                SUM_BIG=not gated, SUM_SMALL=False, LAST_RANK_BIAS=gated, BLOCK_R=block_r, **wgrad)
             _weight_grad_kernel[splits](
-                x, grad_z, grad_w_down, grad_b_down, grad_b_down, m_rows, d, r, 1.0, d, 1,
-                SUM_BIG=False, SUM_SMALL=True, BLOCK_R=_block_r(r), **wgrad)
+                x, grad_z, grad_w_down, grad_b_down, grad_b_down, m_rows, d, rz, zs, 1.0, d, 1,
+                SUM_BIG=False, SUM_SMALL=True, LAST_RANK_BIAS=False, BLOCK_R=block_r, **wgrad)
         return grad_x, grads
 
     @_forward.register_fake
-    def _forward_shapes(x, residual, w_down, b_down, w_up, b_up, act, scale):
-        return torch.empty_like(x), x.new_empty((x.shape[0], w_down.shape[0]))
+    def _forward_shapes(x, residual, w_down, b_down, w_up, b_up, gated, act, scale):
+        return torch.empty_like(x), x.new_empty((x.shape[0], _z_stride(w_down.shape[0])))
 
     @_backward.register_fake
-    def _backward_shapes(grad_out, x, z, w_down, w_up, act, scale, serial):
-        r, d = w_down.shape
-        return torch.empty_like(grad_out), grad_out.new_empty((2 * r * d + r + d,), dtype=torch.float32)
+    def _backward_shapes(grad_out, x, z, w_down, w_up, b_up, gated, act, scale, serial):
+        (rz, d), r = w_down.shape, w_up.shape[1]
+        return torch.empty_like(grad_out), grad_out.new_empty((rz * d + rz + d * r + d,), dtype=torch.float32)
 
     def _setup_context(ctx, inputs, output):
-        x, residual, w_down, b_down, w_up, b_up, act, scale = inputs
-        ctx.save_for_backward(x, output[1], w_down, w_up)
-        ctx.act, ctx.scale, ctx.serial = act, scale, residual is None
-        ctx.dtypes = (w_down.dtype, b_down.dtype, w_up.dtype, b_up.dtype)
+        x, residual, w_down, b_down, w_up, b_up, gated, act, scale = inputs
+        ctx.save_for_backward(x, output[1], w_down, w_up, b_up)
+        ctx.gated, ctx.act, ctx.scale, ctx.serial = gated, act, scale, residual is None
+        ctx.layout = [(w.shape, w.dtype) for w in (w_down, b_down, w_up, b_up)]  # the gradient buffer's order
 
     def _autograd_backward(ctx, grad_out, _grad_z):
-        x, z, w_down, w_up = ctx.saved_tensors
+        x, z, w_down, w_up, b_up = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        grad_x, grads = torch.ops.unipelt.bottleneck_backward(grad_out, x, z, w_down, w_up, ctx.act, ctx.scale,
-                                                              ctx.serial)
-        r, d = w_down.shape
-        pieces = grads.split([r * d, r, r * d, d])
-        shapes = ((r, d), (r,), (d, r), (d,))
-        grad_w_down, grad_b_down, grad_w_up, grad_b_up = (
-            p.view(shape).to(dtype) for p, shape, dtype in zip(pieces, shapes, ctx.dtypes, strict=True))
-        return grad_x, None if ctx.serial else grad_out, grad_w_down, grad_b_down, grad_w_up, grad_b_up, None, None
+        grad_x, grads = torch.ops.unipelt.bottleneck_backward(grad_out, x, z, w_down, w_up, b_up, ctx.gated, ctx.act,
+                                                              ctx.scale, ctx.serial)
+        pieces = grads.split([shape.numel() for shape, _ in ctx.layout])
+        weight_grads = (p.view(shape).to(dtype) for (shape, dtype), p in zip(ctx.layout, pieces, strict=True))
+        return grad_x, None if ctx.serial else grad_out, *weight_grads, None, None, None
 
     torch.library.register_autograd("unipelt::bottleneck_forward", _autograd_backward, setup_context=_setup_context)

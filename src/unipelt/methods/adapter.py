@@ -124,9 +124,9 @@ class Adapter(DeltaMethod):
         return delta * (scale * self.config.scaling if self.config.scaling != 1.0 else scale)
 
     def _fusable(self, site_key: str) -> bool:
-        """Whether the site computes what :mod:`~unipelt.kernels.bottleneck` fuses: an ungated plain bottleneck
-        (subclasses with bottlenecks of their own say whether theirs is one)."""
-        return site_key not in self.gates and type(self.adapters[site_key]) is Bottleneck
+        """Whether the site's bottleneck computes what :mod:`~unipelt.kernels.bottleneck` fuses, a plain
+        ``f(x W_d^T + b_d) W_u^T + b_u`` (subclasses with bottlenecks of their own say whether theirs does)."""
+        return type(self.adapters[site_key]) is Bottleneck
 
     def _fused_weights(self, site_key: str) -> tuple[torch.Tensor, ...]:
         """``(W_down, b_down, W_up, b_up)`` of a :meth:`_fusable` site."""
@@ -138,11 +138,14 @@ class Adapter(DeltaMethod):
         """``output`` plus the site's (gated, scaled) delta of ``x``; by the fused kernels where they compute it."""
         config = self.config
         down_bias = self.adapters[site_key].down.bias  # (m,) in the weights' dtype, for every bottleneck type
+        gate = self.gates[site_key].proj if site_key in self.gates else None
         if x.shape == output.shape and installer.row_mask() is None and self._fusable(site_key) and \
-                fused.available(output, down_bias.dtype, down_bias.shape[0], config.activation):
+                fused.available(output, down_bias.dtype, down_bias.shape[0], config.activation, gate is not None):
             # a parallel adapter's input may be a LayerNorm's float32 output: autocast's GEMM would cast it too
+            gate_weights = (gate.weight, gate.bias) if gate is not None else (None, None)
             return fused.bottleneck_add(cast_like(x, output), None if serial else output,
-                                        *self._fused_weights(site_key), config.activation, config.scaling)
+                                        *self._fused_weights(site_key), config.activation, config.scaling,
+                                        *gate_weights)
         return output + cast_like(installer.own_rows(self._delta(site_key, x)), output)
 
     def install(self, installer: Installer) -> None:

@@ -166,7 +166,7 @@ class Compacter(Adapter):
         return context.once((id(self), "phm_weights"), self._all_weights, uses=len(self.adapters))[site_key]
 
     def _fusable(self, site_key: str) -> bool:
-        return site_key not in self.gates
+        return True
 
     def _fused_weights(self, site_key: str) -> tuple[torch.Tensor, ...]:
         bottleneck = self.adapters[site_key]

@@ -203,7 +203,7 @@ class SparseAdapter(Adapter):
         return SparseBottleneck(d, config.effective_bottleneck, config.activation)
 
     def _fusable(self, site_key: str) -> bool:
-        return site_key not in self.gates
+        return True
 
     def _fused_weights(self, site_key: str) -> tuple[torch.Tensor, ...]:
         bottleneck = self.adapters[site_key]
