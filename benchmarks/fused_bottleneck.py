@@ -2,15 +2,15 @@
 
 For each bottleneck width, activation and gate (``--gates on``: UniPELT's per-token gate): one adapter with
 its residual add, on ``--tokens`` x ``--width`` bf16 activations under autocast (float32 weights, as in
-training), forward and backward:
-the GPU time of its kernels and their number (torch profiler, per pass) for
+training), forward and backward: the GPU time of its kernels and their number (torch profiler, per pass) for
 
 - ``unfused``: the PyTorch function, eager;
 - ``compiled``: the same through ``torch.compile`` (what a compiled model runs without the kernels);
 - ``fused``: the Triton kernels, eager; and ``fused+compiled``: inside ``torch.compile``.
 
-Every variant's output and gradients are compared with a float32 computation of the same inputs: the
-fused kernels must be at least as close to it as autocast's unfused path (columns ``err_*``).
+The JSON also holds each variant's kernels with their GPU time (``each_*``). Every variant's output and
+gradients are compared with a float32 computation of the same inputs: the fused kernels must be at least
+as close to it as autocast's unfused path (columns ``err_*``).
 
     python benchmarks/fused_bottleneck.py --out fused.json
 
@@ -90,9 +90,11 @@ def compare(tokens: int, width: int, bottlenecks: list[int], activations: list[s
                 for _ in range(3):
                     _pass(fn, tensors, act, True)
                 # GPU time, not wall time: one adapter's pass is far shorter than the host's work to launch it
-                profile = case.kernel_profile(lambda fn=fn, t=tensors, a=act: _pass(fn, t, a, True), steps)
+                profile = case.kernel_profile(lambda fn=fn, t=tensors, a=act: _pass(fn, t, a, True), steps, top=40)
                 row[f"us_{name}"] = profile["gpu_busy_ms"] * 1000
                 row[f"kernels_{name}"] = profile["kernels_per_step"]
+                # each kernel's time, to tell which of them a variant's difference sits in (JSON only)
+                row[f"each_{name}"] = [[kernel, calls, ms * 1000] for kernel, calls, ms in profile["top_kernels"]]
         if device.startswith("cuda"):
             row["fused_vs_compiled"] = row["us_fused+compiled"] / row["us_compiled"]  # both compiled
         rows.append(row)
