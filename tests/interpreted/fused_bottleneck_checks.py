@@ -234,8 +234,10 @@ def test_the_unfused_path_runs_where_the_kernels_would_compute_another_function(
             assert counter.calls == 2
 
 
-def test_a_compiled_model_runs_the_kernels_in_one_graph_with_eager_results() -> None:
-    model = perturbed({"method": "houlsby", "bottleneck": 8, "activation": "gelu"})
+@pytest.mark.parametrize("spec", [{"method": "houlsby", "bottleneck": 8, "activation": "gelu"},
+                                  {"method": "unipelt", "prefix": None, "lora": None}], ids=["houlsby", "unipelt"])
+def test_a_compiled_model_runs_the_kernels_in_one_graph_with_eager_results(spec: dict) -> None:
+    model = perturbed(spec)
     ids = torch.randint(1, 96, (2, 7))
     eager = model_pass(model, ids, autocast=True)
     compiled = model_pass(torch.compile(model), ids, autocast=True)
