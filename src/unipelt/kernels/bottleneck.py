@@ -362,10 +362,11 @@ if _TRITON is not None:
         skinny = _skinny_blocks(d, rz, w_down.element_size(), backward=False, device=x.device)
         tiled = _tiled_blocks(d)
         with _on_device(x):  # Triton launches on the current device: a model split over GPUs needs x's
-            # z = x W_d^T + b_d; W_d (rz, d): rank stride d, column stride 1
+            # z = x W_d^T + b_d; W_d (rz, d): rank stride d, column stride 1. The forward reads neither the gate
+            # nor the activation (a gate's row is a rank like the others): one compiled kernel serves every case
             _skinny_kernel[_rows_grid(m_rows, skinny)](
-                x, w_down, b_down, z, z, z, m_rows, d, rz, z.shape[1], 1.0, d, 1, BACKWARD=False, GATED=gated,
-                ACT=act, BLOCK_R=_block_r(rz), **skinny)
+                x, w_down, b_down, z, z, z, m_rows, d, rz, z.shape[1], 1.0, d, 1, BACKWARD=False, GATED=False,
+                ACT=0, BLOCK_R=_block_r(rz), **skinny)
             # out = residual + s G (f(z) W_u^T + b_u); W_u (d, r): rank stride 1, column stride r
             _tiled_kernel[_tiles_grid(m_rows, d, tiled)](
                 z, w_up, b_up, x if residual is None else residual, out, m_rows, d, r, z.shape[1], scale, 1, r,
