@@ -37,6 +37,7 @@ def _graph_outputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> li
     {"method": "mam"},
     {"method": "unipelt"},
     {"method": "lora", "gate": True},
+    {"method": "poly_s"},  # one task: the group's mixed pairs are a per-pass value
 ], ids=lambda c: "-".join(str(v) for v in c.values()))
 def test_no_per_pass_value_leaves_the_compiled_graph(config: dict) -> None:
     batch = inputs("bert")  # padded: the gates pool over real tokens

@@ -201,3 +201,40 @@ def test_each_task_computes_its_routed_lora_as_defined(family: str, key: str) ->
                 reference.get_submodule(proj.path).weight += cfg.alpha / cfg.r * b_t @ a_t
         torch.testing.assert_close(logits(model, {**batch, "task_ids": ids}), logits(reference, batch),
                                    atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "t5"])
+@pytest.mark.parametrize("key", ["poly", "poly_s", "poly_mu", "new_task"])
+def test_one_task_calls_mix_first_and_equal_the_per_row_path(family: str, key: str) -> None:
+    """A call without task_ids routes every row to one task (the only one, or add_task's): its sites mix
+    A_t and B_t first and run as a rank-r LoRA. Outputs and every gradient equal the per-row path's, in
+    training mode too (the same relaxed-Bernoulli draws under the same seed). T5's cross-attention reads two
+    inputs, so its v site mixes its pair again at its own call: other draws in training mode, as valid."""
+    model = build(family)
+    torch.manual_seed(0)
+    config = {"method": "poly", "tasks": 2} if key == "new_task" else {**CONFIGS[key], "tasks": 1}
+    unipelt.attach(model, dict(config))
+    _perturb(model)
+    poly = deltas(model)["poly"]
+    task = poly.add_task() if key == "new_task" else 0
+    batch = inputs(family)
+    rows = batch["input_ids"].shape[0]
+
+    def run(with_ids: bool, seed: int):
+        torch.manual_seed(seed)
+        call = {**batch, "task_ids": torch.full((rows,), task)} if with_ids else batch
+        out = model(**call)
+        out = out.logits if hasattr(out, "logits") else out.last_hidden_state
+        loss = (out * torch.linspace(-1, 1, out.shape[-1])).sum()
+        grads = torch.autograd.grad(loss, [p for p in poly.parameters() if p.requires_grad], allow_unused=True)
+        return out.detach(), grads
+
+    for mode in ("eval", "train") if family != "t5" else ("eval",):
+        getattr(model, mode)()
+        (out_mixed, g_mixed), (out_rows, g_rows) = run(False, 3), run(True, 3)
+        torch.testing.assert_close(out_mixed, out_rows, atol=2e-5, rtol=1e-4)
+        for a, b in zip(g_mixed, g_rows, strict=True):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+        assert any(g is not None and g.abs().sum() > 0 for g in g_mixed)

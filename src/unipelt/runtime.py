@@ -103,6 +103,29 @@ def stacked_linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[to
     return out.split([*widths, pad], dim=-1)[:len(widths)] if pad else out.split(widths, dim=-1)
 
 
+def shared_by_input(cache: dict[Any, Any], slot: Any, readers: int,
+                    compute: Callable[[torch.Tensor], Any]) -> Callable[[torch.Tensor], Any]:
+    """``read(x)``: ``compute(x)`` once for the ``readers`` sites of a group that read the same input tensor
+    in one forward pass (q, k and v of an attention), the stored result for the others.
+
+    ``cache`` is the per-forward ``ForwardContext.values``. A read whose input is another tensor (a
+    cross-attention's keys read the encoder's states) computes anew. The result is dropped at the group's
+    last read, so no layer's input stays alive past its own sites.
+    """
+
+    def read(x: torch.Tensor) -> Any:
+        hit = cache.get(slot)
+        if hit is None or hit[0] is not x:
+            hit = [x, compute(x), readers]
+            cache[slot] = hit
+        hit[2] -= 1
+        if hit[2] == 0:
+            del cache[slot]
+        return hit[1]
+
+    return read
+
+
 def pooled(x: torch.Tensor, padding_mask: torch.Tensor | None, context: ForwardContext | None = None,
            key: Any = "pool_weights", uses: int | None = None) -> torch.Tensor:
     """Mean over tokens of ``x`` (batch, seq, d), counting only real tokens when the mask fits.

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ..config import ConfigError, MethodConfig
 from ..runtime import Installer, matmul_input  # noqa: F401 (methods import it from here)
-from ..sites import ModelMap
+from ..sites import ModelMap, Projection
 
 
 class DeltaMethod(nn.Module):
@@ -47,6 +47,22 @@ class DeltaMethod(nn.Module):
                 f"saved delta does not fit method '{self.config.method}': missing {list(missing)[:5]}, "
                 f"unexpected {list(unexpected)[:5]}"
             )
+
+
+def attention_input_groups(sites: dict[str, Projection]) -> list[list[str]]:
+    """The sites in groups that usually read one input tensor: q, k and v of one attention together (when
+    their input widths agree), every other site alone. Methods run a group's input GEMMs as one."""
+    groups: dict[str, list[str]] = {}
+    for site_key in sites:
+        stem, target = site_key.rsplit("_", 1)
+        groups.setdefault(stem if target in ("q", "k", "v") else site_key, []).append(site_key)
+    split = []
+    for group in groups.values():
+        if len({sites[k].in_features for k in group}) == 1:
+            split.append(group)
+        else:
+            split.extend([k] for k in group)
+    return split
 
 
 def key(*parts: object) -> str:

@@ -19,9 +19,9 @@ import torch
 import torch.nn as nn
 
 from ..config import ConfigError, MethodConfig, register
-from ..runtime import Gate, Installer, stacked_linear
+from ..runtime import Gate, Installer, shared_by_input, stacked_linear
 from ..sites import ModelMap, Projection
-from .base import DeltaMethod, add_matmul, cast_like, matmul_input
+from .base import DeltaMethod, add_matmul, attention_input_groups, cast_like, matmul_input
 
 
 @register
@@ -96,14 +96,9 @@ class LoRA(DeltaMethod):
             return
         # Sites of one attention (q, v, ...) usually read the same input tensor: their A's and gates then
         # run as one GEMM over it (one read of x, one gradient back into x instead of one per site).
-        groups: dict[str, list[str]] = {}
-        for site_key in self.sites:
-            stem, target = site_key.rsplit("_", 1)
-            groups.setdefault(stem if target in ("q", "k", "v") else site_key, []).append(site_key)
-        for group in groups.values():
-            same_width = len({self.sites[k].in_features for k in group}) == 1
+        for group in attention_input_groups(self.sites):
             fused = self._fused_reader(group, installer.context.values) \
-                if len(group) > 1 and same_width and not self.config.dropout else None
+                if len(group) > 1 and not self.config.dropout else None
             for site_key in group:
                 installer.on_output(self.sites[site_key].module,
                                     self._hook(site_key, self.sites[site_key], installer.own_rows, fused))
@@ -111,30 +106,25 @@ class LoRA(DeltaMethod):
     def _fused_reader(self, group: list[str], cache: dict):
         """``read(site_key, x) -> (A x, gate pre-activation or None)`` computed once per input for the group.
 
-        The first site of the group to see an input computes ``x [A_1; ...; A_n; w_g1; ...; w_gn]^T`` and
-        leaves it in the per-forward cache; the others take their columns when their input is the same
-        tensor, and compute alone otherwise (cross-attention keys read the encoder's states).
+        The first site of the group to see an input computes ``x [A_1; ...; A_n; w_g1; ...; w_gn]^T``
+        (``shared_by_input``); the others take their columns.
         """
         r, n = self.config.r, len(group)
         gated = all(k in self.gates for k in group)
-        slot = (id(self), group[0])
         column = {k: i for i, k in enumerate(group)}
 
+        def compute(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            weights = [self.pairs[k].A.weight for k in group]
+            biases = None
+            if gated:
+                weights += [self.gates[k].proj.weight for k in group]
+                biases = [x.new_zeros(n * r, dtype=weights[0].dtype), *[self.gates[k].proj.bias for k in group]]
+            return stacked_linear(x, weights, biases, [r] * n + [1] * (n if gated else 0))
+
+        shared = shared_by_input(cache, (id(self), group[0]), n, compute)
+
         def read(site_key: str, x: torch.Tensor):
-            hit = cache.get(slot)
-            if hit is None or hit[0] is not x:
-                weights = [self.pairs[k].A.weight for k in group]
-                biases = None
-                if gated:
-                    weights += [self.gates[k].proj.weight for k in group]
-                    biases = [x.new_zeros(n * r, dtype=weights[0].dtype), *[self.gates[k].proj.bias for k in group]]
-                parts = stacked_linear(x, weights, biases, [r] * n + [1] * (n if gated else 0))
-                hit = [x, parts, n]
-                cache[slot] = hit
-            hit[2] -= 1
-            if hit[2] == 0:  # every site has its columns: do not keep this layer's input alive any longer
-                del cache[slot]
-            parts, i = hit[1], column[site_key]
+            parts, i = shared(x), column[site_key]
             return parts[i], (parts[n + i] if gated else None)
 
         return read

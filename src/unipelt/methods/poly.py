@@ -10,7 +10,8 @@ At every adapted projection (W_q, W_v by default) sit ``skills`` LoRA modules ``
 
 with ``s`` the sigmoid, or while training a relaxed Bernoulli sample of it (Gumbel-sigmoid at
 ``temperature``), as Polytropon learns its binary skill allocation. Rows choose their task through
-``task_ids`` in the model call (one id per row); with one task it may be left out.
+``task_ids`` in the model call (one id per row); with one task it may be left out. A call without
+``task_ids`` (every row the default task) mixes ``A_t`` and ``B_t`` once and runs as a rank-r LoRA.
 
 - ``poly``: one head (Polytropon).
 - ``poly_s``: ``heads`` > 1, multi-head routing (Caccia et al.'s Poly-S/MHR): A's input columns and
@@ -34,9 +35,9 @@ import torch
 import torch.nn as nn
 
 from ..config import ConfigError, MethodConfig, register, register_preset
-from ..runtime import Installer
+from ..runtime import Installer, shared_by_input, stacked_linear
 from ..sites import ModelMap, Projection
-from .base import DeltaMethod, cast_like, matmul_input
+from .base import DeltaMethod, add_matmul, attention_input_groups, cast_like, matmul_input
 
 ROUTINGS = ("learned", "uniform")
 
@@ -122,50 +123,107 @@ class Poly(DeltaMethod):
 
     def weights(self, layer: str, task_ids: torch.Tensor) -> torch.Tensor:
         """Each row's skill weights at ``layer``: (batch, heads, skills), summing to 1 over skills."""
+        return self._task_weights(layer, task_ids.device)[task_ids]
+
+    def _task_weights(self, layer: str, device: torch.device) -> torch.Tensor:
+        """Every task's skill weights at ``layer``: (tasks, heads, skills); sampled while training."""
         k, heads = self.config.skills, self.config.heads
         if self.config.routing == "uniform":
-            return torch.full((task_ids.shape[0], heads, k), 1.0 / k, device=task_ids.device)
+            return torch.full((self.config.tasks, heads, k), 1.0 / k, device=device)
         z = self.routing[layer]
         if self.training:  # relaxed Bernoulli: sigmoid((Z + logistic noise) / temperature)
             u = torch.rand_like(z).clamp(1e-6, 1 - 1e-6)
             w = torch.sigmoid((z + torch.log(u) - torch.log1p(-u)) / self.config.temperature)
         else:
             w = torch.sigmoid(z)
-        w = w / (w.sum(-1, keepdim=True) + 1e-12)
-        return w[task_ids]
+        return w / (w.sum(-1, keepdim=True) + 1e-12)
+
+    def routed_pair(self, site_key: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A_t, B_t)`` of one task at a site from its skill weights ``w`` (heads, skills): per head block,
+        ``A_t = sum_k w_k A_k`` (A's input columns) and ``B_t = sum_k w_k B_k`` (B's output rows)."""
+        a, b = self.A[site_key], self.B[site_key]
+        k, r, d_in = a.shape
+        d_out, heads = b.shape[1], self.config.heads
+        w = w.to(a.dtype).t()  # (skills, heads)
+        a_t = (w.view(k, 1, heads, 1) * a.view(k, r, heads, d_in // heads)).sum(0).view(r, d_in)
+        b_t = (w.view(k, heads, 1, 1) * b.view(k, heads, d_out // heads, r)).sum(0).view(d_out, r)
+        return a_t, b_t
 
     def install(self, installer: Installer) -> None:
         context = installer.context
 
+        def default_task() -> int:
+            if self.config.default_task is not None:
+                return self.config.default_task
+            if self.config.tasks == 1:
+                return 0
+            raise ConfigError(f"poly routes {self.config.tasks} tasks: pass task_ids= (one task id per row, "
+                              f"0..{self.config.tasks - 1}) in the model call")
+
         def task_ids_of(x: torch.Tensor) -> torch.Tensor:
             ids = context.task_ids
-            if ids is None:
-                default = self.config.default_task if self.config.default_task is not None else (
-                    0 if self.config.tasks == 1 else None)
-                if default is not None:
-                    return torch.full((x.shape[0],), default, dtype=torch.long, device=x.device)
-                raise ConfigError(f"poly routes {self.config.tasks} tasks: pass task_ids= (one task id per row, "
-                                  f"0..{self.config.tasks - 1}) in the model call")
             if ids.shape[0] != x.shape[0] or int(ids.max()) >= self.config.tasks or int(ids.min()) < 0:
                 raise ConfigError(f"task_ids {ids.tolist()} do not fit a batch of {x.shape[0]} rows and "
                                   f"{self.config.tasks} poly tasks")
             return ids.to(x.device)
 
-        for site_key, proj in self.sites.items():
-            installer.on_output(proj.module, self._hook(site_key, proj, task_ids_of))
+        for group in attention_input_groups(self.sites):
+            one_task = self._one_task_reader(group, context.values, default_task)
+            for site_key in group:
+                installer.on_output(self.sites[site_key].module,
+                                    self._hook(site_key, self.sites[site_key], context, task_ids_of, one_task))
 
-    def _hook(self, site_key: str, proj: Projection, task_ids_of):
+    def _one_task_reader(self, group: list[str], cache: dict, default_task):
+        """``read(site_key, x) -> (A_t x, B_t)`` for a call whose rows all belong to one task (no task_ids).
+
+        Every row shares ``A_t`` and ``B_t``, so they are mixed first (a few small tensors) and the site is
+        a plain rank-r LoRA: one GEMM for the group's ``x [A_t1; A_t2; ...]^T`` and one for
+        ``output + s B_t h``, where the rows' own mixing would cost elementwise work and reductions over every
+        token (k r columns per site). The rank is padded with zeros to a multiple of 8: at r = 2 the GEMMs
+        with an inner or outer size of 2 ran on kernels for unaligned rows (H200: 0.43 ms of a BERT-base step).
+        """
+        column = {k: i for i, k in enumerate(group)}
+        r = self.config.r
+        padded = -r % 8
+
+        def compute(x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]:
+            task = default_task()
+            a_ts, b_ts = [], []
+            for site_key in group:
+                a_t, b_t = self.routed_pair(site_key, self._task_weights(self.layer_of[site_key], x.device)[task])
+                if padded:
+                    a_t = torch.cat([a_t, a_t.new_zeros(padded, a_t.shape[1])])
+                    b_t = torch.cat([b_t, b_t.new_zeros(b_t.shape[0], padded)], 1)
+                a_ts.append(a_t)
+                b_ts.append(b_t)
+            return stacked_linear(x, a_ts, None, [r + padded] * len(group)), b_ts
+
+        shared = shared_by_input(cache, (id(self), group[0]), len(group), compute)
+
+        def read(site_key: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            hs, bs = shared(x)
+            return hs[column[site_key]], bs[column[site_key]]
+
+        return read
+
+    def _hook(self, site_key: str, proj: Projection, context, task_ids_of, one_task):
         a, b, layer = self.A[site_key], self.B[site_key], self.layer_of[site_key]
         scaling, heads = self.config.alpha / self.config.r, self.config.heads
+        whole = proj.out_slice is None
 
         def add_routed(module, inputs, output):
             x = inputs[0]
+            if context.task_ids is None:
+                h, b_t = one_task(site_key, x)
+                if whole:
+                    return add_matmul(output, h, b_t, scaling)
+                return output + proj.place(cast_like(torch.nn.functional.linear(h, b_t) * scaling, output))
             w = self.weights(layer, task_ids_of(x)).to(a.dtype)  # (batch, heads, skills)
             k, r, d_in = a.shape
             d_out = b.shape[1]
-            # Not each row's A_t = sum_k w_k A_k and B_t formed first (per-row GEMMs of width r, 2 by default,
-            # on kernels for unaligned rows): every skill's A_k x in one GEMM of k r columns, per head block,
-            # then h = sum_k w_k A_k x and B_t h = [w_1 h; ...; w_k h] [B_1 ... B_k]^T, the same sums.
+            # Rows of different tasks: not each row's A_t and B_t formed first (per-row GEMMs of width r, 2
+            # by default, on kernels for unaligned rows): every skill's A_k x in one GEMM of k r columns, per
+            # head block, then h = sum_k w_k A_k x and B_t h = [w_1 h; ...; w_k h] [B_1 ... B_k]^T, the same sums.
             lead = x.shape[:-1]
             row_w = w.view(w.shape[0], *([1] * (len(lead) - 1)), heads, k, 1)  # broadcasts over the row's tokens
             x_heads = matmul_input(x, a).view(*lead, heads, d_in // heads)
