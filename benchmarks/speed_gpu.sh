@@ -26,6 +26,12 @@
 # Twelfth session: UniPELT's gated adapter the same way (--methods unipelt, every kernel with --top-kernels 10000),
 # and the kernels with and without the gate:
 #   device run: PYTHONPATH=src python benchmarks/fused_bottleneck.py --bottlenecks 48 24 --activations relu --gates off on
+# Thirteenth session: every BERT-base method in three calls of about 490 s each (a group, its own floor):
+#   device run: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bash benchmarks/speed_gpu.sh bert-base --peers \
+#                    --no-full --compile reduce-overhead --optimizer fused --prewarm 5 --profile --top-kernels 40 \
+#                    --methods lora prefix prefix_mlp prompt ia3 ln pfeiffer houlsby parallel
+#               (then mam unipelt compacter compacter++ phm_adapter krona krona_ffn kadaptation, then
+#                adapter_bias sparse_adapter rational poly poly_s poly_mu attempt lora_fold)
 #   device run: bash benchmarks/speed_gpu.sh bert-base                 (carry .whl: the adapters wheels, see below)
 #   device run: bash benchmarks/speed_gpu.sh llama-1b
 #   device run: bash benchmarks/speed_gpu.sh bert-base --compile reduce-overhead --prewarm 8   (every case compiled)
