@@ -470,15 +470,21 @@ def test_back_to_back_timing_takes_one_event_between_calls_and_synchronises_only
         def elapsed_time(self, later: FakeEvent) -> float:
             return later.at - self.at
 
+    host_clock = [0.0]  # seconds, as time.perf_counter
     monkeypatch.setattr(case.torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(case.torch.cuda, "synchronize", lambda: syncs.append(clock[0]))
+    monkeypatch.setattr(case.time, "perf_counter", lambda: host_clock[0])
     durations = iter([1.0] * 2 + [3.0, 4.0, 5.0])  # two warm-up calls, then three timed ones
+    host_durations = iter([0.5] * 2 + [2.0, 6.0, 1.0])  # the second timed step is host-bound
 
     def step() -> None:
         clock[0] += next(durations)
+        host_clock[0] += next(host_durations) / 1e3
 
-    assert case.timed(step, 3, 2, cuda=True, back_to_back=True) == [3.0, 4.0, 5.0]
+    host: list[float] = []
+    assert case.timed(step, 3, 2, cuda=True, back_to_back=True, host_ms=host) == [3.0, 4.0, 5.0]
     assert syncs == [2.0, 14.0]  # before the first timed step and after the last, never between
+    assert host == pytest.approx([2.0, 6.0, 1.0])  # each step's own host time, the warm-up's left out
 
 
 def _from_written_cases(tmp_path: Path, cases: list[dict]) -> dict:
@@ -493,15 +499,17 @@ def _from_written_cases(tmp_path: Path, cases: list[dict]) -> dict:
 def test_back_to_back_figures_reach_the_rows_and_the_table(tmp_path) -> None:
     common = {"shape": "bert-tiny", "peak_mb": 1.0, "infer_ms": None, "trainable": 10}
     result = _from_written_cases(tmp_path, [
-        {"peer": "floor", "method": "-", "train_ms": 10.0, "back_to_back_ms": 8.0, **common},
-        {"peer": "unipelt", "method": "lora", "train_ms": 12.0, "back_to_back_ms": 9.0, **common},
-        {"peer": "peft", "method": "lora", "train_ms": 13.0, "back_to_back_ms": 10.0, **common}])
+        {"peer": "floor", "method": "-", "train_ms": 10.0, "back_to_back_ms": 8.0, "host_ms": 3.0, **common},
+        {"peer": "unipelt", "method": "lora", "train_ms": 12.0, "back_to_back_ms": 9.0, "host_ms": 8.5, **common},
+        {"peer": "peft", "method": "lora", "train_ms": 13.0, "back_to_back_ms": 10.0, "host_ms": 4.0, **common}])
     (row,) = result["rows"]
     assert row["ratio_vs_floor"] == pytest.approx(1.2)  # synchronised steps, as before
     assert row["ratio_vs_floor_back_to_back"] == pytest.approx(9 / 8)
     assert row["ratio_vs_peer_back_to_back"] == pytest.approx(0.9)
+    assert (row["ours_host_ms"], row["peer_host_ms"], row["floor_host_ms"]) == (8.5, 4.0, 3.0)
     table = format_table(result)
-    assert "floor 8.00 ms/step" in table and "| lora | peft | 9.00 | 10.00 | 1.12 | 0.90 |" in table
+    assert "floor 8.00 ms/step, its host 3.00 ms/step" in table
+    assert "| lora | peft | 9.00 | 10.00 | 1.12 | 0.90 | 8.50 / 4.00 |" in table
     assert "requested" not in table  # no requested-bytes peak (CPU cases): no such table
 
 

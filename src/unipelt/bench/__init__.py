@@ -214,7 +214,7 @@ def _median_of_rounds(found: list[dict[str, Any]]) -> dict[str, Any]:
     if not good:
         return found[0]
     merged = dict(good[0])
-    for key in ("train_ms", "back_to_back_ms", "tokens_per_s", "infer_ms", "merged_infer_ms", "peak_mb",
+    for key in ("train_ms", "back_to_back_ms", "host_ms", "tokens_per_s", "infer_ms", "merged_infer_ms", "peak_mb",
                 "peak_requested_mb"):
         values = [r[key] for r in good if r.get(key) is not None]
         merged[key] = statistics.median(values) if values else None
@@ -250,6 +250,8 @@ def _row(method: str, peer: str | None, ours: dict | None, theirs: dict | None, 
             "ours_ops": get(ours, "ops_per_step"), "peer_ops": get(theirs, "ops_per_step"),
             "ours_ms_rounds": get(ours, "train_ms_rounds"), "peer_ms_rounds": get(theirs, "train_ms_rounds"),
             **_back_to_back(get(ours, "back_to_back_ms"), get(theirs, "back_to_back_ms"), floor.get("back_to_back_ms")),
+            "ours_host_ms": get(ours, "host_ms"), "peer_host_ms": get(theirs, "host_ms"),
+            "floor_host_ms": floor.get("host_ms"),
             "floor_ops": floor.get("ops_per_step"),
             "ours_kernels": get(ours, "kernels_per_step"), "peer_kernels": get(theirs, "kernels_per_step"),
             "ours_gpu_busy_ms": get(ours, "gpu_busy_ms"), "peer_gpu_busy_ms": get(theirs, "gpu_busy_ms"),
@@ -304,12 +306,15 @@ def format_table(result: dict[str, Any]) -> str:
                          f"{f(r.get('ours_peak_requested_mb'))} / {f(r.get('peer_peak_requested_mb'))} |")
     if floor.get("back_to_back_ms") is not None:
         lines += ["", f"Steps back to back, no synchronisation between them (a training loop's throughput; floor "
-                      f"{floor['back_to_back_ms']:.2f} ms/step):", "",
-                  "| method | peer | ours ms | peer ms | x floor | x peer |", "|---|---|---:|---:|---:|---:|"]
+                      f"{floor['back_to_back_ms']:.2f} ms/step, its host {f(floor.get('host_ms'))} ms/step; a step "
+                      "whose host time reaches its step time is host-bound):", "",
+                  "| method | peer | ours ms | peer ms | x floor | x peer | host ms ours / peer |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
         for r in result["rows"]:
             lines.append(f"| {r['method']} | {r['peer'] or '-'} | {f(r['ours_ms_back_to_back'])} | "
                          f"{f(r['peer_ms_back_to_back'])} | {f(r['ratio_vs_floor_back_to_back'])} | "
-                         f"{f(r['ratio_vs_peer_back_to_back'])} |")
+                         f"{f(r['ratio_vs_peer_back_to_back'])} | {f(r.get('ours_host_ms'))} / "
+                         f"{f(r.get('peer_host_ms'))} |")
     errors = [(r["method"], who, r[f"{who}_error"]) for r in result["rows"] for who in ("ours", "peer")
               if r[f"{who}_error"]]
     if errors:

@@ -321,14 +321,16 @@ def random_batch(shape: dict[str, Any]) -> torch.Tensor:
     return torch.randint(5, shape["config"]["vocab_size"], (shape["batch"], shape["seq"]), generator=generator)
 
 
-def timed(fn, steps: int, warmup: int, cuda: bool, back_to_back: bool = False) -> list[float]:
+def timed(fn, steps: int, warmup: int, cuda: bool, back_to_back: bool = False,
+          host_ms: list[float] | None = None) -> list[float]:
     """Milliseconds of each of ``steps`` calls of ``fn`` after ``warmup`` untimed ones: CUDA events on a GPU
     (the GPU's time from the first kernel launched to the last finished), the wall clock on the CPU.
 
     Each call starts after the last one finished, so the GPU also waits out the host's work before its
     first kernel. ``back_to_back`` (GPU): no synchronisation between calls, as in a training loop; one
     event between consecutive calls, so each time is a call's share of the stream once the host runs
-    ahead (host work hides behind the GPU's as far as the GPU has work queued).
+    ahead (host work hides behind the GPU's as far as the GPU has work queued). There ``host_ms``, when
+    given, receives each call's host time: a step whose host time reaches its stream time is host-bound.
     """
     for _ in range(warmup):
         fn()
@@ -336,9 +338,14 @@ def timed(fn, steps: int, warmup: int, cuda: bool, back_to_back: bool = False) -
         torch.cuda.synchronize()
         events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
         events[0].record()
+        before = time.perf_counter()
         for event in events[1:]:
             fn()
             event.record()
+            after = time.perf_counter()
+            if host_ms is not None:
+                host_ms.append((after - before) * 1e3)
+            before = after
         torch.cuda.synchronize()
         return [a.elapsed_time(b) for a, b in zip(events, events[1:], strict=False)]
     times = []
@@ -424,7 +431,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     train_step()  # compiles, under torch.compile: its time and the compile caches' hits are reported
     first_step_s = time.perf_counter() - first
     train_ms = timed(train_step, spec["steps"], spec["warmup"], cuda)
-    back_to_back_ms = timed(train_step, spec["steps"], 2, cuda, back_to_back=True) if cuda else None
+    host_ms: list[float] = []
+    back_to_back_ms = timed(train_step, spec["steps"], 2, cuda, back_to_back=True, host_ms=host_ms) if cuda else None
     peak_requested = None
     if cuda:
         peak = torch.cuda.max_memory_allocated() / 2**20
@@ -460,6 +468,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
               "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
               "train_ms": statistics.median(train_ms), "train_ms_all": train_ms,
               "back_to_back_ms": statistics.median(back_to_back_ms) if back_to_back_ms else None,
+              "host_ms": statistics.median(host_ms) if host_ms else None,
               "tokens_per_s": shape["batch"] * shape["seq"] / (statistics.median(train_ms) / 1e3),
               "peak_mb": peak, "peak_requested_mb": peak_requested, "infer_ms": None, "ops_per_step": ops,
               "ops_per_inference": None, "merged_infer_ms": None, "trainable": counted, "loss": loss, **profiled,
