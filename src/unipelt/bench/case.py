@@ -331,6 +331,8 @@ def timed(fn, steps: int, warmup: int, cuda: bool, back_to_back: bool = False,
     event between consecutive calls, so each time is a call's share of the stream once the host runs
     ahead (host work hides behind the GPU's as far as the GPU has work queued). There ``host_ms``, when
     given, receives each call's host time: a step whose host time reaches its stream time is host-bound.
+    (Unless the launch queue is full: an eager step of many kernels can wait on it, a compiled step, a few
+    CUDA graph replays, does not.)
     """
     for _ in range(warmup):
         fn()
