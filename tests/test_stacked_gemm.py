@@ -53,3 +53,13 @@ def test_unipelt_runs_no_gemm_of_the_unpadded_stacked_widths() -> None:
     # the adapter's W_down + gate (m + 1) and LoRA's q, v A's + two gates (2 r + 2), unpadded
     assert recorder.dims.isdisjoint({m + 1, 2 * r + 2}), sorted(recorder.dims)
     assert {m + 1 + (-(m + 1) % 8), 2 * r + 2 + (-(2 * r + 2) % 8)} <= recorder.dims
+
+
+def test_gated_sparse_adapter_runs_no_gemm_of_the_unpadded_stacked_width() -> None:
+    """SparseAdapter's gated PyTorch path stacks its masked W_down with the gate's row as Adapter's does."""
+    model = build("bert")
+    unipelt.attach(model, {"method": "sparse_adapter", "bottleneck": 16, "gate": True})
+    recorder = _GemmShapes()
+    with recorder:
+        model(**inputs("bert")).logits.square().sum().backward()
+    assert 17 not in recorder.dims and 24 in recorder.dims, sorted(recorder.dims)

@@ -114,12 +114,16 @@ class Adapter(DeltaMethod):
         if site_key not in self.gates:
             delta = self.adapters[site_key](x)
             return delta * self.config.scaling if self.config.scaling != 1.0 else delta
-        # The gate reads the adapter's input: W_down and the gate's row run as one GEMM over x.
-        bottleneck, gate = self.adapters[site_key], self.gates[site_key].proj
-        down, gate_logit = stacked_linear(x, [bottleneck.down.weight, gate.weight],
-                                          [bottleneck.down.bias, gate.bias], [bottleneck.down.out_features, 1])
-        up = bottleneck.up
-        delta = F.linear(bottleneck.act(down), up.weight, up.bias)
+        down, up = self.adapters[site_key].down, self.adapters[site_key].up
+        return self._gated_delta(site_key, x, down.weight, down.bias, up.weight, up.bias)
+
+    def _gated_delta(self, site_key: str, x: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor,
+                     w_up: torch.Tensor, b_up: torch.Tensor) -> torch.Tensor:
+        """UniPELT's gated bottleneck on the PyTorch path, ``s G (f(x W_d^T + b_d) W_u^T + b_u)``: the gate
+        reads the adapter's input, so W_down and the gate's row run as one GEMM over x."""
+        gate = self.gates[site_key].proj
+        down, gate_logit = stacked_linear(x, [w_down, gate.weight], [b_down, gate.bias], [w_down.shape[0], 1])
+        delta = F.linear(self.adapters[site_key].act(down), w_up, b_up)
         scale = torch.sigmoid(gate_logit)  # scale the (tokens, 1) gate, not the (tokens, d) delta
         return delta * (scale * self.config.scaling if self.config.scaling != 1.0 else scale)
 

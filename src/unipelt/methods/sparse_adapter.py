@@ -217,14 +217,7 @@ class SparseAdapter(Adapter):
             h = bottleneck.act(F.linear(matmul_input(x, w_down), w_down, bottleneck.down.bias))
             delta = F.linear(h, w_up, bottleneck.up.bias)
             return delta * scaling if scaling != 1.0 else delta
-        # as Adapter: W_down and the gate's row in one GEMM over x
-        gate = self.gates[site_key].proj
-        w = torch.cat([w_down, gate.weight])
-        both = F.linear(matmul_input(x, w), w, torch.cat([bottleneck.down.bias, gate.bias]))
-        down, gate_logit = both.split([w_down.shape[0], 1], dim=-1)
-        delta = F.linear(bottleneck.act(down), w_up, bottleneck.up.bias)
-        scale = torch.sigmoid(gate_logit)
-        return delta * (scale * scaling if scaling != 1.0 else scale)
+        return self._gated_delta(site_key, x, w_down, bottleneck.down.bias, w_up, bottleneck.up.bias)
 
     def masked_layers(self) -> dict[str, MaskedLinear]:
         """Every masked matrix by its module name (``adapters.<site>.down`` / ``.up``)."""
