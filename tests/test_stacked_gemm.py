@@ -63,3 +63,41 @@ def test_gated_sparse_adapter_runs_no_gemm_of_the_unpadded_stacked_width() -> No
     with recorder:
         model(**inputs("bert")).logits.square().sum().backward()
     assert 17 not in recorder.dims and 24 in recorder.dims, sorted(recorder.dims)
+
+
+class _InnerSizes(TorchDispatchMode):
+    """The inner (contracted) size of every mm / bmm a pass runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in ("mm", "bmm"):
+            self.inner.append(args[0].shape[-1])
+        elif func.overloadpacket.__name__ in ("addmm", "baddbmm"):
+            self.inner.append(args[1].shape[-1])
+        return func(*args, **(kwargs or {}))
+
+
+def test_rank_one_factors_are_an_outer_product_not_a_gemm_of_inner_size_one() -> None:
+    """KAdaptation's u_i v_i^T at rank 1: a broadcast product with the values and gradients of the matmul,
+    and no GEMM of inner size 1 in either pass."""
+    from unipelt.methods.kadaptation import low_rank_product
+
+    g = torch.Generator().manual_seed(0)
+    for rank in (1, 3):
+        s = torch.randn(2, 4, 6, rank, generator=g, requires_grad=True)
+        t = torch.randn(2, 4, rank, 5, generator=g, requires_grad=True)
+        got, expected = low_rank_product(s, t), s @ t
+        torch.testing.assert_close(got, expected)
+        direction = torch.randn(expected.shape, generator=g)
+        for a, b in zip(torch.autograd.grad((got * direction).sum(), [s, t]),
+                        torch.autograd.grad((expected * direction).sum(), [s, t]), strict=True):
+            torch.testing.assert_close(a, b)
+    model = build("bert")
+    unipelt.attach(model, {"method": "kadaptation"})
+    recorder = _InnerSizes()
+    with recorder:
+        model(**inputs("bert")).logits.square().sum().backward()
+    assert recorder.inner and 1 not in recorder.inner, sorted(set(recorder.inner))

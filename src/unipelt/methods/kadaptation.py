@@ -24,6 +24,13 @@ from .base import DeltaMethod, cast_like, matmul_input
 from .compacter import kron_sum
 
 
+def low_rank_product(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``u @ v`` for factors (..., p, r) and (..., r, q). At r = 1, the default, the broadcast outer product:
+    as a GEMM of inner size 1 it ran on CUTLASS kernels for unaligned rows (BERT-base, H200: 24 a step,
+    0.14 ms), where the product and its gradients are elementwise work."""
+    return u * v if u.shape[-1] == 1 else u @ v
+
+
 @register
 @dataclass
 class KAdaptationConfig(MethodConfig):
@@ -65,7 +72,7 @@ class KAdaptation(DeltaMethod):
 
     def delta_weight(self, site_key: str) -> torch.Tensor:
         """``sum_i A_i (x) u_i v_i^T`` as (d_out, d_in)."""
-        return kron_sum(self.rules, self.u[site_key] @ self.v[site_key])
+        return kron_sum(self.rules, low_rank_product(self.u[site_key], self.v[site_key]))
 
     def scaled_delta(self, site_key: str) -> torch.Tensor:
         """``scale Delta W``: what merge adds to W, and what the forward adds to it per call."""
