@@ -31,13 +31,20 @@ def test_stacked_linear_equals_separate_linears_and_pads_the_row_stride() -> Non
 
 
 class _GemmShapes(TorchDispatchMode):
+    """What the GEMMs of a pass see: every size of the 2-D ones' operands (``dims``) and the inner
+    (contracted) size of every one, batched ones too (``inner``)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.dims: set[int] = set()
+        self.inner: list[int] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in ("mm", "addmm"):
+        name = func.overloadpacket.__name__
+        if name in ("mm", "addmm"):
             self.dims.update(d for a in args if isinstance(a, torch.Tensor) for d in a.shape)
+        if name in ("mm", "bmm", "addmm", "baddbmm"):
+            self.inner.append(args[name in ("addmm", "baddbmm")].shape[-1])
         return func(*args, **(kwargs or {}))
 
 
@@ -65,21 +72,6 @@ def test_gated_sparse_adapter_runs_no_gemm_of_the_unpadded_stacked_width() -> No
     assert 17 not in recorder.dims and 24 in recorder.dims, sorted(recorder.dims)
 
 
-class _InnerSizes(TorchDispatchMode):
-    """The inner (contracted) size of every mm / bmm a pass runs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inner: list[int] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in ("mm", "bmm"):
-            self.inner.append(args[0].shape[-1])
-        elif func.overloadpacket.__name__ in ("addmm", "baddbmm"):
-            self.inner.append(args[1].shape[-1])
-        return func(*args, **(kwargs or {}))
-
-
 def test_rank_one_factors_are_an_outer_product_not_a_gemm_of_inner_size_one() -> None:
     """KAdaptation's u_i v_i^T at rank 1: a broadcast product with the values and gradients of the matmul,
     and no GEMM of inner size 1 in either pass."""
@@ -97,7 +89,7 @@ def test_rank_one_factors_are_an_outer_product_not_a_gemm_of_inner_size_one() ->
             torch.testing.assert_close(a, b)
     model = build("bert")
     unipelt.attach(model, {"method": "kadaptation"})
-    recorder = _InnerSizes()
+    recorder = _GemmShapes()
     with recorder:
         model(**inputs("bert")).logits.square().sum().backward()
     assert recorder.inner and 1 not in recorder.inner, sorted(set(recorder.inner))

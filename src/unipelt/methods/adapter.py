@@ -114,13 +114,8 @@ class Adapter(DeltaMethod):
         if site_key not in self.gates:
             delta = self.adapters[site_key](x)
             return delta * self.config.scaling if self.config.scaling != 1.0 else delta
-        down, up = self.adapters[site_key].down, self.adapters[site_key].up
-        return self._gated_delta(site_key, x, down.weight, down.bias, up.weight, up.bias)
-
-    def _gated_delta(self, site_key: str, x: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor,
-                     w_up: torch.Tensor, b_up: torch.Tensor) -> torch.Tensor:
-        """UniPELT's gated bottleneck on the PyTorch path, ``s G (f(x W_d^T + b_d) W_u^T + b_u)``: the gate
-        reads the adapter's input, so W_down and the gate's row run as one GEMM over x."""
+        # UniPELT's gate reads the adapter's input: W_down and the gate's row run as one GEMM over x
+        w_down, b_down, w_up, b_up = self._bottleneck_weights(site_key)
         gate = self.gates[site_key].proj
         down, gate_logit = stacked_linear(x, [w_down, gate.weight], [b_down, gate.bias], [w_down.shape[0], 1])
         delta = F.linear(self.adapters[site_key].act(down), w_up, b_up)
@@ -132,8 +127,9 @@ class Adapter(DeltaMethod):
         ``f(x W_d^T + b_d) W_u^T + b_u`` (subclasses with bottlenecks of their own say whether theirs does)."""
         return type(self.adapters[site_key]) is Bottleneck
 
-    def _fused_weights(self, site_key: str) -> tuple[torch.Tensor, ...]:
-        """``(W_down, b_down, W_up, b_up)`` of a :meth:`_fusable` site."""
+    def _bottleneck_weights(self, site_key: str) -> tuple[torch.Tensor, ...]:
+        """``(W_down, b_down, W_up, b_up)`` of a site's bottleneck, as the fused kernels and the gated path read
+        them."""
         bottleneck = self.adapters[site_key]
         return bottleneck.down.weight, bottleneck.down.bias, bottleneck.up.weight, bottleneck.up.bias
 
@@ -148,7 +144,7 @@ class Adapter(DeltaMethod):
             # a parallel adapter's input may be a LayerNorm's float32 output: autocast's GEMM would cast it too
             gate_weights = (gate.weight, gate.bias) if gate is not None else (None, None)
             return fused.bottleneck_add(cast_like(x, output), None if serial else output,
-                                        *self._fused_weights(site_key), config.activation, config.scaling,
+                                        *self._bottleneck_weights(site_key), config.activation, config.scaling,
                                         *gate_weights)
         return output + cast_like(installer.own_rows(self._delta(site_key, x)), output)
 

@@ -89,5 +89,15 @@ def add_matmul(output: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, scal
     return output + cast_like(delta * scale if scale != 1.0 else delta, output)
 
 
+def add_up_projection(output: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, scale: float,
+                      proj: Projection) -> torch.Tensor:
+    """``output + scale * h @ weight.T`` into ``proj``'s part of the output: one GEMM that takes ``output`` as
+    its addend (:func:`add_matmul`) where the site owns the whole output, else into its slice of a fused
+    projection."""
+    if proj.out_slice is None:
+        return add_matmul(output, h, weight, scale)
+    return output + proj.place(cast_like(torch.nn.functional.linear(h, weight) * scale, output))
+
+
 def cast_like(delta: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return delta if delta.dtype == like.dtype else delta.to(like.dtype)

@@ -168,7 +168,7 @@ class Compacter(Adapter):
     def _fusable(self, site_key: str) -> bool:
         return True
 
-    def _fused_weights(self, site_key: str) -> tuple[torch.Tensor, ...]:
+    def _bottleneck_weights(self, site_key: str) -> tuple[torch.Tensor, ...]:
         bottleneck = self.adapters[site_key]
         w_down, w_up = self._built_weights(site_key)  # called from install's hooks: the context is there
         return w_down, bottleneck.down.bias, w_up, bottleneck.up.bias

@@ -21,7 +21,7 @@ import torch.nn as nn
 from ..config import ConfigError, MethodConfig, register
 from ..runtime import Gate, Installer, shared_by_input, stacked_linear
 from ..sites import ModelMap, Projection
-from .base import DeltaMethod, add_matmul, attention_input_groups, cast_like, matmul_input
+from .base import DeltaMethod, add_up_projection, attention_input_groups, matmul_input
 
 
 @register
@@ -134,7 +134,6 @@ class LoRA(DeltaMethod):
         gate = self.gates[site_key] if site_key in self.gates else None  # noqa: SIM401 (ModuleDict has no get)
         a, b = pair.A.weight, pair.B.weight
         scaling, p = self.scaling, self.config.dropout
-        whole = proj.out_slice is None
 
         # Per call: one GEMM for A x (shared with the group's other sites, see _fused_reader), one for
         # output + s B (A x) (the add rides in the GEMM); weights are used directly, without module calls,
@@ -148,17 +147,12 @@ class LoRA(DeltaMethod):
                 xd = torch.nn.functional.dropout(x, p, self.training) if p else x
                 h = torch.nn.functional.linear(matmul_input(xd, a), a)
             h = own_rows(h)  # multi-task serving: A x zero on other tasks' rows, so is their delta
-            if gate is None:
-                if whole:
-                    return add_matmul(output, h, b, scaling)
-                return output + proj.place(cast_like(torch.nn.functional.linear(h, b) * scaling, output))
-            g = torch.sigmoid(gate_logit) if gate_logit is not None else gate(x)
-            # the gate is one scalar per token: scaling the rank-r rows of A x is the same as scaling the
-            # d-wide delta, at a fraction of the traffic; the add and alpha/r ride in the GEMM
-            h = h * g
-            if whole:
-                return add_matmul(output, h, b, scaling)
-            return output + proj.place(cast_like(torch.nn.functional.linear(h, b) * scaling, output))
+            if gate is not None:
+                g = torch.sigmoid(gate_logit) if gate_logit is not None else gate(x)
+                # the gate is one scalar per token: scaling the rank-r rows of A x is the same as scaling the
+                # d-wide delta, at a fraction of the traffic; the add and alpha/r ride in the GEMM
+                h = h * g
+            return add_up_projection(output, h, b, scaling, proj)
 
         return add_lora
 

@@ -37,7 +37,7 @@ import torch.nn as nn
 from ..config import ConfigError, MethodConfig, register, register_preset
 from ..runtime import Installer, shared_by_input, stacked_linear
 from ..sites import ModelMap, Projection
-from .base import DeltaMethod, add_matmul, attention_input_groups, cast_like, matmul_input
+from .base import DeltaMethod, add_up_projection, attention_input_groups, cast_like, matmul_input
 
 ROUTINGS = ("learned", "uniform")
 
@@ -209,15 +209,12 @@ class Poly(DeltaMethod):
     def _hook(self, site_key: str, proj: Projection, context, task_ids_of, one_task):
         a, b, layer = self.A[site_key], self.B[site_key], self.layer_of[site_key]
         scaling, heads = self.config.alpha / self.config.r, self.config.heads
-        whole = proj.out_slice is None
 
         def add_routed(module, inputs, output):
             x = inputs[0]
             if context.task_ids is None:
                 h, b_t = one_task(site_key, x)
-                if whole:
-                    return add_matmul(output, h, b_t, scaling)
-                return output + proj.place(cast_like(torch.nn.functional.linear(h, b_t) * scaling, output))
+                return add_up_projection(output, h, b_t, scaling, proj)
             w = self.weights(layer, task_ids_of(x)).to(a.dtype)  # (batch, heads, skills)
             k, r, d_in = a.shape
             d_out = b.shape[1]

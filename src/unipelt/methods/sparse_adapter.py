@@ -205,19 +205,9 @@ class SparseAdapter(Adapter):
     def _fusable(self, site_key: str) -> bool:
         return True
 
-    def _fused_weights(self, site_key: str) -> tuple[torch.Tensor, ...]:
+    def _bottleneck_weights(self, site_key: str) -> tuple[torch.Tensor, ...]:
         bottleneck = self.adapters[site_key]
         return bottleneck.down.masked_weight(), bottleneck.down.bias, bottleneck.up.masked_weight(), bottleneck.up.bias
-
-    def _delta(self, site_key: str, x: torch.Tensor) -> torch.Tensor:
-        bottleneck = self.adapters[site_key]
-        scaling = self.config.scaling
-        w_down, w_up = bottleneck.down.masked_weight(), bottleneck.up.masked_weight()
-        if site_key not in self.gates:
-            h = bottleneck.act(F.linear(matmul_input(x, w_down), w_down, bottleneck.down.bias))
-            delta = F.linear(h, w_up, bottleneck.up.bias)
-            return delta * scaling if scaling != 1.0 else delta
-        return self._gated_delta(site_key, x, w_down, bottleneck.down.bias, w_up, bottleneck.up.bias)
 
     def masked_layers(self) -> dict[str, MaskedLinear]:
         """Every masked matrix by its module name (``adapters.<site>.down`` / ``.up``)."""
