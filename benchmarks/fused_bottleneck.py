@@ -2,7 +2,8 @@
 
 For each bottleneck width, activation and gate (``--gates on``: UniPELT's per-token gate): one adapter with
 its residual add, on ``--tokens`` x ``--width`` bf16 activations under autocast (float32 weights, as in
-training), forward and backward: the GPU time of its kernels and their number (torch profiler, per pass) for
+training; ``--weight-dtypes bfloat16``: weights built in bf16 per pass, as Compacter's), forward and backward:
+the GPU time of its kernels and their number (torch profiler, per pass) for
 
 - ``unfused``: the PyTorch function, eager;
 - ``compiled``: the same through ``torch.compile`` (what a compiled model runs without the kernels);
@@ -36,7 +37,10 @@ def _half(device: str) -> torch.dtype:
     return torch.bfloat16 if device.startswith("cuda") else torch.float16
 
 
-def _inputs(tokens: int, width: int, m: int, gated: bool, device: str) -> dict[str, torch.Tensor]:
+def _inputs(tokens: int, width: int, m: int, gated: bool, device: str,
+            weight_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """``weight_dtype``: float32 as a module's parameters under autocast; a half type as weights built per pass
+    under autocast (Compacter's Kronecker products)."""
     torch.manual_seed(0)
     with torch.device(device):
         tensors = {"x": torch.randn(tokens, width, dtype=_half(device)),
@@ -45,7 +49,7 @@ def _inputs(tokens: int, width: int, m: int, gated: bool, device: str) -> dict[s
                    "grad": torch.randn(tokens, width, dtype=_half(device))}
         if gated:
             tensors |= {"w_gate": torch.randn(1, width) / width ** 0.5, "b_gate": torch.randn(1) * 0.1}
-        return tensors
+        return {k: v if k in ("x", "grad") else v.to(weight_dtype) for k, v in tensors.items()}
 
 
 def _unfused(x, w_down, b_down, w_up, b_up, act: str, scale: float, w_gate=None, b_gate=None) -> torch.Tensor:
@@ -73,17 +77,19 @@ def relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
 
 
 def compare(tokens: int, width: int, bottlenecks: list[int], activations: list[str],
-            steps: int, device: str = "cuda", gates: tuple[bool, ...] = (False,)) -> list[dict[str, Any]]:
-    """One row per (bottleneck, activation, gate). On the CPU (Triton's interpreter) the errors only: no GPU time."""
+            steps: int, device: str = "cuda", gates: tuple[bool, ...] = (False,),
+            weight_dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> list[dict[str, Any]]:
+    """One row per (bottleneck, activation, gate, weights' dtype). On the CPU (Triton's interpreter) the errors
+    only: no GPU time."""
     rows = []
     torch._dynamo.config.cache_size_limit = 64  # a recompile per width, activation and gate
     variants = {"unfused": _unfused, "compiled": torch.compile(_unfused, dynamic=False), "fused": _fused,
                 "fused+compiled": torch.compile(_fused, dynamic=False)}
-    for m, act, gated in itertools.product(bottlenecks, activations, gates):
-        tensors = _inputs(tokens, width, m, gated, device)
-        exact = _pass(_unfused, {k: v.float() if k == "x" else v for k, v in tensors.items()}, act, False)
+    for m, act, gated, weight_dtype in itertools.product(bottlenecks, activations, gates, weight_dtypes):
+        tensors = _inputs(tokens, width, m, gated, device, weight_dtype)
+        exact = _pass(_unfused, {k: v.float() if k != "grad" else v for k, v in tensors.items()}, act, False)
         row: dict[str, Any] = {"tokens": tokens, "width": width, "bottleneck": m, "activation": act,
-                               "gated": gated}
+                               "gated": gated, "weights": str(weight_dtype).removeprefix("torch.")}
         for name, fn in variants.items():
             row[f"err_{name}"] = relative_error(_pass(fn, tensors, act, True), exact)
             if device.startswith("cuda"):
@@ -103,14 +109,15 @@ def compare(tokens: int, width: int, bottlenecks: list[int], activations: list[s
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| m | act | gate | GPU us (kernels): unfused | compiled | fused | fused, compiled | "
+    lines = ["| m | act | gate | weights | GPU us (kernels): unfused | compiled | fused | fused, compiled | "
              "fused / unfused, compiled | error vs float32: compiled | fused |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         cells = [f"{r[f'us_{v}']:.1f} ({r[f'kernels_{v}']:.0f})" if f"us_{v}" in r else "-"
                  for v in ("unfused", "compiled", "fused", "fused+compiled")]
         ratio = f"{r['fused_vs_compiled']:.2f}" if "fused_vs_compiled" in r else "-"
         lines.append(f"| {r['bottleneck']} | {r['activation']} | {'on' if r['gated'] else 'off'} | "
+                     f"{r.get('weights', 'float32')} | "
                      f"{' | '.join(cells)} | {ratio} | "
                      f"{r['err_compiled']:.1e} | {r['err_fused']:.1e} |")
     return "\n".join(lines)
@@ -124,6 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--activations", nargs="+", default=["silu", "relu", "gelu"])
     parser.add_argument("--gates", nargs="+", choices=["off", "on"], default=["off"],
                         help="on: with UniPELT's gate (a sigmoid per token of one more rank of x)")
+    parser.add_argument("--weight-dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32"],
+                        help="the weights' dtype: float32 (parameters under autocast) or bfloat16 (weights built "
+                             "per pass under autocast, as Compacter's)")
     parser.add_argument("--steps", type=int, default=10, help="profiled passes per variant")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
@@ -131,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
             torch.empty(1, dtype=torch.bfloat16, device="cuda"), torch.bfloat16, 1, "relu"):
         raise SystemExit("needs a GPU with Triton (the fused kernels run there only)")
     rows = compare(args.tokens, args.width, args.bottlenecks, args.activations, args.steps,
-                   gates=tuple(g == "on" for g in args.gates))
+                   gates=tuple(g == "on" for g in args.gates),
+                   weight_dtypes=tuple(getattr(torch, name) for name in args.weight_dtypes))
     text = f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n\n{table(rows)}"
     print(text)
     if args.out:

@@ -87,6 +87,32 @@ def test_the_kernels_compute_the_adapter_and_its_gradients(act: str, serial: boo
     assert distance(fused, exact) < 5e-3
 
 
+def test_the_kernels_get_ranks_padded_with_zeros_to_a_multiple_of_16(monkeypatch) -> None:
+    # W_up's row stride is the rank count: Triton vectorises its loads only where that divides by 16
+    torch.manual_seed(2)
+    wd, bd, wu = torch.randn(12, 40), torch.randn(12), torch.randn(40, 12)
+    pd, pb, pu = kb.aligned_ranks(wd, bd, wu)
+    assert (pd.shape, pb.shape, pu.shape) == ((16, 40), (16,), (40, 16))
+    assert torch.equal(pd[:12], wd) and torch.equal(pb[:12], bd) and torch.equal(pu[:, :12], wu)
+    assert not (pd[12:].any() or pb[12:].any() or pu[:, 12:].any())
+    aligned = (torch.randn(16, 40), torch.randn(16), torch.randn(40, 16))
+    assert all(a is b for a, b in zip(kb.aligned_ranks(*aligned), aligned, strict=True))
+    seen = []
+    real = torch.ops.unipelt.bottleneck_forward
+
+    class Spy:
+        def __call__(self, *args):
+            seen.append(tuple(args[4].shape))  # W_up as the kernels get it
+            return real(*args)
+
+    monkeypatch.setattr(torch.ops.unipelt, "bottleneck_forward", Spy())
+    x = torch.randn(2, 5, 40, dtype=HALF, requires_grad=True)
+    with torch.autocast("cpu", dtype=HALF):
+        out = kb.bottleneck_add(x, None, wd, bd, wu, torch.zeros(40), "gelu", 1.0)
+    out.float().sum().backward()  # the padded ranks' gradients are cut off again
+    assert seen == [(40, 16)] and x.grad.shape == x.shape
+
+
 def test_weights_in_half_precision_need_no_autocast_and_get_half_gradients() -> None:
     torch.manual_seed(1)
     x, wd, bd, wu, bu = (torch.randn(33, 24), torch.randn(8, 24) * 0.3, torch.randn(8) * 0.1,
@@ -251,9 +277,11 @@ def test_the_kernel_benchmark_runs_on_the_cpu_and_finds_the_fused_path_as_precis
     # the benchmark's own code path (variants, errors, table) as a smoke run; its GPU timing needs a GPU
     fused_bottleneck = benchmark_script("fused_bottleneck")
     rows = fused_bottleneck.compare(tokens=40, width=24, bottlenecks=[8], activations=["silu"], steps=1, device="cpu",
-                                    gates=(False, True))
-    assert [r["gated"] for r in rows] == [False, True] and "us_fused" not in rows[0]
+                                    gates=(False, True), weight_dtypes=(torch.float32, HALF))
+    assert [(r["gated"], r["weights"]) for r in rows] == [(False, "float32"), (False, str(HALF)[6:]),
+                                                          (True, "float32"), (True, str(HALF)[6:])]
+    assert "us_fused" not in rows[0]
     for row in rows:
         assert row["err_fused"] <= 1.5 * row["err_unfused"] + 1e-3
         assert row["err_fused+compiled"] <= 1.5 * row["err_compiled"] + 1e-3
-    assert "| 8 | silu | on | - | - | - | - | - |" in fused_bottleneck.table(rows)
+    assert "| 8 | silu | on | float32 | - | - | - | - | - |" in fused_bottleneck.table(rows)
