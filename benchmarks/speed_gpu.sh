@@ -32,6 +32,14 @@
 #                    --methods lora prefix prefix_mlp prompt ia3 ln pfeiffer houlsby parallel
 #               (then mam unipelt compacter compacter++ phm_adapter krona krona_ffn kadaptation, then
 #                adapter_bias sparse_adapter rational poly poly_s poly_mu attempt lora_fold)
+# Fourteenth session: the methods above the line with their host time per step (run 67, about 310 s), one
+# adapter's kernels at Compacter's shape (run 68, about 90 s) and where a step's host time goes (about 150 s):
+#   device run: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bash benchmarks/speed_gpu.sh bert-base --peers \
+#                    --no-full --compile reduce-overhead --optimizer fused --prewarm 8 --profile --top-kernels 40 \
+#                    --methods kadaptation compacter phm_adapter unipelt houlsby mam lora pfeiffer
+#   device run: PYTHONPATH=src python benchmarks/fused_bottleneck.py --bottlenecks 24 32 48 --activations gelu \
+#                    --weight-dtypes float32 bfloat16
+#   device run: PYTHONPATH=src python benchmarks/step_phases.py --host-profile --methods - lora unipelt
 #   device run: bash benchmarks/speed_gpu.sh bert-base                 (carry .whl: the adapters wheels, see below)
 #   device run: bash benchmarks/speed_gpu.sh llama-1b
 #   device run: bash benchmarks/speed_gpu.sh bert-base --compile reduce-overhead --prewarm 8   (every case compiled)

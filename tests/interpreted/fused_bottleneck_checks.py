@@ -218,6 +218,23 @@ def test_adapters_of_a_model_run_fused_under_autocast_as_precisely_as_unfused(sp
     assert distance(fused, exact) <= 1.5 * distance(unfused, exact) + 1e-3
 
 
+@pytest.mark.parametrize("spec", [{"method": "phm_adapter", "bottleneck": 8},
+                                  {"method": "compacter", "bottleneck": 12}], ids=["phm_adapter", "compacter"])
+def test_compacter_hands_the_kernels_ranks_padded_in_its_one_batched_build(spec: dict, monkeypatch) -> None:
+    # the padding of every site's weights happens in the build (one kernel per tensor kind), not per call
+    model = perturbed(spec)
+    widths, original = [], kb.bottleneck_add
+
+    def spy(x, residual, w_down, b_down, w_up, b_up, *rest):
+        widths.append((w_down.shape[0], b_down.shape[0], w_up.shape[1]))
+        assert kb.aligned_ranks(w_down, b_down, w_up)[2] is w_up  # nothing left to pad
+        return original(x, residual, w_down, b_down, w_up, b_up, *rest)
+
+    monkeypatch.setattr(kb, "bottleneck_add", spy)
+    model_pass(model, torch.randint(1, 96, (2, 7)), autocast=True)
+    assert widths == [(16, 16, 16)] * SITES[spec["method"]]
+
+
 def test_a_fresh_adapter_leaves_the_base_output_exactly(monkeypatch) -> None:
     base = tiny_bert()
     ids = torch.randint(1, 96, (2, 7))

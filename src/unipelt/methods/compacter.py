@@ -21,6 +21,7 @@ out`` (PHM-Adapter); with ``m`` the bottleneck and ``d`` the width, a Compacter 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -102,15 +103,18 @@ def kron_sum(rules: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     return kron.reshape(*kron.shape[:-4], n * p, n * q)
 
 
-def batched_weights(layers: list[PHMLinear], shared_rules: torch.Tensor | None) -> list[torch.Tensor]:
-    """Every layer's ``W`` (all of one :meth:`PHMLinear.layout`) from one stacked computation."""
+def batched_weights(layers: list[PHMLinear], shared_rules: torch.Tensor | None,
+                    pad: tuple[int, ...] = ()) -> list[torch.Tensor]:
+    """Every layer's ``W`` (all of one :meth:`PHMLinear.layout`) from one stacked computation; ``pad``: zeros
+    appended to the stacked weights as ``F.pad`` takes them (in the build's kernel, not one per layer)."""
     first = layers[0]
     if first.B is not None:
         factors = torch.stack([layer.B for layer in layers])
     else:
         factors = torch.stack([layer.s for layer in layers]) @ torch.stack([layer.t for layer in layers])
     rules = torch.stack([layer.rules for layer in layers]) if first.rules is not None else shared_rules
-    return list(kron_sum(rules, factors).unbind(0))
+    weights = kron_sum(rules, factors)
+    return list((F.pad(weights, pad) if any(pad) else weights).unbind(0))
 
 
 class PHMBottleneck(nn.Module):
@@ -146,17 +150,27 @@ class Compacter(Adapter):
         self._context = installer.context  # its per-pass cache: the weights are built once per forward pass
         super().install(installer)
 
-    def _all_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Every site's (W_down, W_up), the PHM layers of each layout built together."""
+    def _all_weights(self, rank_pad: int | None = None) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Every site's (W_down, W_up), the PHM layers of each layout built together. With ``rank_pad``: the
+        fused kernels' (W_down, b_down, W_up, b_up), their ranks padded with that many zeros (see
+        :func:`~unipelt.kernels.bottleneck.aligned_ranks`), every site's in one padding kernel per tensor kind."""
         layers = [(key, part, getattr(b, part)) for key, b in self.adapters.items() for part in ("down", "up")]
         groups: dict[tuple, list] = {}
         for entry in layers:
-            groups.setdefault(entry[2].layout(), []).append(entry)
+            groups.setdefault((entry[1], entry[2].layout()), []).append(entry)
         built: dict[tuple[str, str], torch.Tensor] = {}
-        for group in groups.values():
-            weights = batched_weights([layer for _, _, layer in group], getattr(self, "rules", None))
+        extra = rank_pad or 0
+        for (part, _), group in groups.items():
+            pad = (0, 0, 0, extra) if part == "down" else (0, extra)  # W_down's rows, W_up's columns
+            weights = batched_weights([layer for _, _, layer in group], getattr(self, "rules", None), pad)
             built.update({(key, part): w for (key, part, _), w in zip(group, weights, strict=True)})
-        return {key: (built[(key, "down")], built[(key, "up")]) for key in self.adapters}
+        if rank_pad is None:
+            return {key: (built[(key, "down")], built[(key, "up")]) for key in self.adapters}
+        biases = [b.down.bias for b in self.adapters.values()]
+        if extra:
+            biases = F.pad(torch.stack(biases), (0, extra)).unbind(0)
+        return {key: (built[(key, "down")], b_down, built[(key, "up")], bottleneck.up.bias)
+                for (key, bottleneck), b_down in zip(self.adapters.items(), biases, strict=True)}
 
     def _built_weights(self, site_key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The site's (W_down, W_up) from this pass's one batched build; None outside an installed model."""
@@ -169,9 +183,11 @@ class Compacter(Adapter):
         return True
 
     def _bottleneck_weights(self, site_key: str) -> tuple[torch.Tensor, ...]:
-        bottleneck = self.adapters[site_key]
-        w_down, w_up = self._built_weights(site_key)  # called from install's hooks: the context is there
-        return w_down, bottleneck.down.bias, w_up, bottleneck.up.bias
+        """The fused kernels' weights, ranks already aligned: this pass's one padded build for every site."""
+        pad = -self.config.bottleneck % 16
+        build = functools.partial(self._all_weights, rank_pad=pad)
+        # called from install's hooks: the context is there
+        return self._context.once((id(self), "phm_aligned"), build, uses=len(self.adapters))[site_key]
 
     def _delta(self, site_key: str, x: torch.Tensor) -> torch.Tensor:
         weights = self._built_weights(site_key)
