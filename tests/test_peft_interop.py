@@ -21,7 +21,9 @@ import unipelt  # noqa: E402
 from conftest import build, inputs, logits, perturb_  # noqa: E402
 from unipelt.core import attachment, deltas  # noqa: E402
 
-ATOL = 1e-5
+# float32 rounding of two orders of the same sums (peft's LoRA path against ours): a few 1e-6 on logits of
+# order 1, 1.05e-5 on T5's on one CPU (AMD EPYC); a wrong weight or scale moves them by far more
+ATOL, RTOL = 1e-5, 1e-5
 
 PEFT_CASES = {
     # family: (peft target_modules, modules_to_save, fan_in_fan_out)
@@ -73,7 +75,7 @@ def test_peft_lora_loads_into_unipelt(name, use_rslora, tmp_path):
     assert lora.scaling == pytest.approx(scaling)
     assert len(lora.sites) == 2 * len(PEFT_CASES[name][0])  # every target in each of two layers
     out = logits(model, batch)
-    assert torch.allclose(out, expected, atol=ATOL, rtol=0), (out - expected).abs().max()
+    assert torch.allclose(out, expected, atol=ATOL, rtol=RTOL), (out - expected).abs().max()
     # the head peft trained came along
     heads = PEFT_CASES[name][1] or []
     for head in heads:
@@ -116,11 +118,11 @@ def test_unipelt_lora_exports_to_peft(case, tmp_path):
     n_lora = sum(1 for n, _ in loaded.named_modules() if n.endswith(".lora_A"))
     assert n_lora == len(deltas(model)["lora"].sites)  # peft adapted the same modules, no more
     out = logits(loaded, batch)
-    assert torch.allclose(out, expected, atol=ATOL, rtol=0), (out - expected).abs().max()
+    assert torch.allclose(out, expected, atol=ATOL, rtol=RTOL), (out - expected).abs().max()
 
     # and the folder comes back into unipelt as well
     again = unipelt.load(build(name), tmp_path)
-    assert torch.allclose(logits(again, batch), expected, atol=ATOL, rtol=0)
+    assert torch.allclose(logits(again, batch), expected, atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.parametrize("name,config,message", [
