@@ -96,6 +96,11 @@ def available(x: torch.Tensor, weight_dtype: torch.dtype, bottleneck: int, act: 
     return autocast or weight_dtype == x.dtype
 
 
+def rank_padding(ranks: int) -> int:
+    """How many zero ranks take ``ranks`` to a multiple of 16 (:func:`aligned_ranks`)."""
+    return -ranks % 16
+
+
 def aligned_ranks(w_down: torch.Tensor, b_down: torch.Tensor,
                   w_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(W_down, b_down, W_up)`` with zero ranks appended up to a multiple of 16 (the same function: f(0) = 0).
@@ -105,7 +110,7 @@ def aligned_ranks(w_down: torch.Tensor, b_down: torch.Tensor,
     run 68), though both compute 32 ranks in registers. The padding never widens that block (the next power
     of two). Not for the gated form, whose gate rank makes m + 1 (measured no faster padded, run 60).
     """
-    pad = -w_up.shape[1] % 16
+    pad = rank_padding(w_up.shape[1])
     if not pad:
         return w_down, b_down, w_up
     return F.pad(w_down, (0, 0, 0, pad)), F.pad(b_down, (0, pad)), F.pad(w_up, (0, pad))

@@ -21,7 +21,6 @@ out`` (PHM-Adapter); with ``m`` the bottleneck and ``d`` the width, a Compacter 
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -30,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError, register, register_preset
+from ..kernels import bottleneck as fused
 from ..runtime import Installer
 from .adapter import Adapter, AdapterConfig
 from .base import activation, matmul_input
@@ -150,26 +150,29 @@ class Compacter(Adapter):
         self._context = installer.context  # its per-pass cache: the weights are built once per forward pass
         super().install(installer)
 
-    def _all_weights(self, rank_pad: int | None = None) -> dict[str, tuple[torch.Tensor, ...]]:
-        """Every site's (W_down, W_up), the PHM layers of each layout built together. With ``rank_pad``: the
-        fused kernels' (W_down, b_down, W_up, b_up), their ranks padded with that many zeros (see
-        :func:`~unipelt.kernels.bottleneck.aligned_ranks`), every site's in one padding kernel per tensor kind."""
+    def _all_weights(self, rank_pad: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Every site's (W_down, W_up), the PHM layers of each layout built together; ``rank_pad`` zero ranks
+        appended to each (W_down's rows, W_up's columns) in the build's kernel."""
         layers = [(key, part, getattr(b, part)) for key, b in self.adapters.items() for part in ("down", "up")]
         groups: dict[tuple, list] = {}
         for entry in layers:
             groups.setdefault((entry[1], entry[2].layout()), []).append(entry)
         built: dict[tuple[str, str], torch.Tensor] = {}
-        extra = rank_pad or 0
         for (part, _), group in groups.items():
-            pad = (0, 0, 0, extra) if part == "down" else (0, extra)  # W_down's rows, W_up's columns
+            pad = (0, 0, 0, rank_pad) if part == "down" else (0, rank_pad)
             weights = batched_weights([layer for _, _, layer in group], getattr(self, "rules", None), pad)
             built.update({(key, part): w for (key, part, _), w in zip(group, weights, strict=True)})
-        if rank_pad is None:
-            return {key: (built[(key, "down")], built[(key, "up")]) for key in self.adapters}
+        return {key: (built[(key, "down")], built[(key, "up")]) for key in self.adapters}
+
+    def _aligned_weights(self) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Every site's (W_down, b_down, W_up, b_up) for the fused kernels, ranks padded as
+        :func:`~unipelt.kernels.bottleneck.aligned_ranks` pads them, in one padding kernel per tensor kind."""
+        pad = fused.rank_padding(self.config.bottleneck)
+        weights = self._all_weights(pad)
         biases = [b.down.bias for b in self.adapters.values()]
-        if extra:
-            biases = F.pad(torch.stack(biases), (0, extra)).unbind(0)
-        return {key: (built[(key, "down")], b_down, built[(key, "up")], bottleneck.up.bias)
+        if pad:
+            biases = F.pad(torch.stack(biases), (0, pad)).unbind(0)
+        return {key: (weights[key][0], b_down, weights[key][1], bottleneck.up.bias)
                 for (key, bottleneck), b_down in zip(self.adapters.items(), biases, strict=True)}
 
     def _built_weights(self, site_key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -184,10 +187,9 @@ class Compacter(Adapter):
 
     def _bottleneck_weights(self, site_key: str) -> tuple[torch.Tensor, ...]:
         """The fused kernels' weights, ranks already aligned: this pass's one padded build for every site."""
-        pad = -self.config.bottleneck % 16
-        build = functools.partial(self._all_weights, rank_pad=pad)
         # called from install's hooks: the context is there
-        return self._context.once((id(self), "phm_aligned"), build, uses=len(self.adapters))[site_key]
+        return self._context.once((id(self), "phm_aligned"), self._aligned_weights,
+                                  uses=len(self.adapters))[site_key]
 
     def _delta(self, site_key: str, x: torch.Tensor) -> torch.Tensor:
         weights = self._built_weights(site_key)
