@@ -11,6 +11,7 @@ fused result's and the unfused half-precision result's distance to a float32 com
 
 from __future__ import annotations
 
+import operator
 import os
 
 import pytest
@@ -97,20 +98,62 @@ def test_the_kernels_get_ranks_padded_with_zeros_to_a_multiple_of_16(monkeypatch
     assert not (pd[12:].any() or pb[12:].any() or pu[:, 12:].any())
     aligned = (torch.randn(16, 40), torch.randn(16), torch.randn(40, 16))
     assert all(a is b for a, b in zip(kb.aligned_ranks(*aligned), aligned, strict=True))
+    assert (kb.rank_padding(12), kb.rank_padding(12, gated=True), kb.rank_padding(15, gated=True)) == (4, 3, 0)
     seen = []
     real = torch.ops.unipelt.bottleneck_forward
 
     class Spy:
         def __call__(self, *args):
-            seen.append(tuple(args[4].shape))  # W_up as the kernels get it
+            seen.append(tuple(t.detach().clone() for t in args[2:5]))  # W_down, b_down, W_up as the kernels get them
             return real(*args)
 
     monkeypatch.setattr(torch.ops.unipelt, "bottleneck_forward", Spy())
     x = torch.randn(2, 5, 40, dtype=HALF, requires_grad=True)
+    bu, wg, bg = torch.randn(40), torch.randn(1, 40), torch.randn(1)
+    leaves = [t.clone().requires_grad_() for t in (wd, bd, wu, bu, wg, bg)]
     with torch.autocast("cpu", dtype=HALF):
-        out = kb.bottleneck_add(x, None, wd, bd, wu, torch.zeros(40), "gelu", 1.0)
-    out.float().sum().backward()  # the padded ranks' gradients are cut off again
-    assert seen == [(40, 16)] and x.grad.shape == x.shape
+        out = kb.bottleneck_add(x, None, *leaves[:4], "gelu", 1.0)
+        gated_out = kb.bottleneck_add(x, None, *leaves[:4], "gelu", 1.0, *leaves[4:])
+    (out.float().sum() + gated_out.float().sum()).backward()  # the padded ranks' gradients are cut off again
+    (d0, b0, u0), (d1, b1, u1) = seen
+    assert u0.shape == (40, 16) and not u0[:, 12:].any() and not d0[12:].any()
+    # gated: W_down's 12 rows, 3 zero and the gate's; W_up as it is, read up to its 12 columns
+    assert (d1.shape, b1.shape, u1.shape) == ((16, 40), (16,), (40, 12))
+    assert not (d1[12:15].any() or b1[12:15].any()) and torch.equal(u1, wu)
+    assert torch.equal(d1[15], wg[0]) and torch.equal(b1[15], bg[0])
+    assert [leaf.grad.shape for leaf in leaves] == [leaf.shape for leaf in leaves] and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["ungated", "gated"])
+def test_the_weights_gradients_are_views_of_the_kernels_buffer(gated: bool) -> None:
+    # m = 48 as UniPELT's at BERT-base: gated, W_down gets 15 zero rows and the gate's; a copy of a gradient (an
+    # add, a negative padding) would be one more kernel per adapter and step
+    from functorch.compile import aot_function, make_boxed_func
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    torch.manual_seed(3)
+    d, m = 64, 48
+    x = torch.randn(8, d, dtype=HALF, requires_grad=True)
+    weights = [torch.randn(m, d), torch.randn(m), torch.randn(d, m), torch.randn(d)]
+    weights += [torch.randn(1, d), torch.randn(1)] if gated else []
+    weights = [w.requires_grad_() for w in weights]
+
+    def adapter(x, *weights):
+        with torch.autocast("cpu", dtype=HALF):
+            return kb.bottleneck_add(x, None, *weights[:4], "relu", 1.0, *weights[4:])
+
+    aot_function(adapter, fw_compiler=keep, bw_compiler=keep)(x, *weights).float().sum().backward()
+    backward = graphs[1]
+    ops = {node.target for node in backward.graph.nodes if node.op == "call_function"}
+    views = {torch.ops.aten.view.default, torch.ops.aten.slice.Tensor, torch.ops.aten.split_with_sizes.default,
+             torch.ops.aten.detach.default, operator.getitem, torch.ops.unipelt.bottleneck_backward.default}
+    assert ops <= views, ops - views
+    assert all(w.grad is not None and w.grad.shape == w.shape for w in weights)
 
 
 def test_weights_in_half_precision_need_no_autocast_and_get_half_gradients() -> None:

@@ -20,14 +20,15 @@ benchmarks/fused_bottleneck.py):
 The gate costs no kernel of its own: its row is one more rank of the down projection (``[W_d; w_g]``, a
 concatenation of the small weights), so z's last column is the logit, and the up kernel scales its tile by
 ``G``. Backward, the logit's gradient ``s G (1 - G) g . u`` comes from pieces the first kernel has,
-``g . u = f(z) . (g W_u) + g . b_u`` (``b_u`` as one more rank of ``W_u``); it is one more rank of grad_z for
-``grad_x`` and for the down projection's gradient, and the ``s G`` column beside ``s G f(z)`` gives ``b_u``'s.
+``g . u = f(z) . (g W_u) + g . b_u`` (``b_u`` as the up projection's rank for the gate's row); it is one more
+rank of grad_z for ``grad_x`` and for the down projection's gradient, and the ``s G`` column beside
+``s G f(z)`` gives ``b_u``'s.
 
 The kernels read the weights in their own dtype (float32 under autocast) and cast tiles in registers, so
 no cast kernels run and the gradients come back in the weights' dtype. Precision follows autocast's:
 GEMMs take ``x``'s dtype with float32 accumulation, ``z`` is stored in that dtype. Saved for the
-backward: ``x`` and ``z``. An ungated bottleneck's ranks reach the kernels padded with zeros to a multiple
-of 16 (:func:`aligned_ranks`). The ops are opaque to ``torch.compile`` (``torch.library.custom_op``): a
+backward: ``x`` and ``z``. The ranks reach the kernels padded with zeros to a multiple of 16, the gate's
+included (:func:`aligned_ranks`). The ops are opaque to ``torch.compile`` (``torch.library.custom_op``): a
 compiled model runs them as they are, inside its one graph.
 
 Used where they compute the unfused path's function: a half-precision ``x`` on a GPU (or in Triton's
@@ -96,24 +97,31 @@ def available(x: torch.Tensor, weight_dtype: torch.dtype, bottleneck: int, act: 
     return autocast or weight_dtype == x.dtype
 
 
-def rank_padding(ranks: int) -> int:
-    """How many zero ranks take ``ranks`` to a multiple of 16 (:func:`aligned_ranks`)."""
-    return -ranks % 16
+def rank_padding(ranks: int, gated: bool = False) -> int:
+    """How many zero ranks take ``ranks``, plus the gate's when ``gated``, to a multiple of 16
+    (:func:`aligned_ranks`)."""
+    return -(ranks + gated) % 16
 
 
 def aligned_ranks(w_down: torch.Tensor, b_down: torch.Tensor,
                   w_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(W_down, b_down, W_up)`` with zero ranks appended up to a multiple of 16 (the same function: f(0) = 0).
 
-    Triton vectorises a load only where it sees the row stride divide by 16; W_up's stride is the rank count.
-    At m = 24 (Compacter's) every kernel ran slower than at m = 32 (H200, 40.7 against 32.9 us an adapter,
-    run 68), though both compute 32 ranks in registers. The padding never widens that block (the next power
-    of two). Not for the gated form, whose gate rank makes m + 1 (measured no faster padded, run 60).
+    Triton vectorises a load only where it sees a row stride or a mask's bound divide by 16; the rank count
+    is both. At m = 24 (Compacter's) every kernel ran slower than at m = 32 (H200, 40.7 against 32.9 us an
+    adapter, run 68), though both compute 32 ranks in registers. The padding never widens that block (the
+    next power of two). The gated form pads W_down in :func:`bottleneck_add`.
     """
-    pad = rank_padding(w_up.shape[1])
+    pad = rank_padding(w_down.shape[0])
     if not pad:
         return w_down, b_down, w_up
-    return F.pad(w_down, (0, 0, 0, pad)), F.pad(b_down, (0, pad)), F.pad(w_up, (0, pad))
+    return _with_rows(w_down, pad), _with_rows(b_down, pad), F.pad(w_up, (0, pad))
+
+
+def _with_rows(t: torch.Tensor, zero_rows: int, *last: torch.Tensor) -> torch.Tensor:
+    """``t`` with ``zero_rows`` rows of zeros and then ``last`` appended: one concatenation, whose backward is
+    slices of the kernels' gradient buffer (a negative padding's, F.pad's backward, would copy them)."""
+    return torch.cat([t, t.new_zeros((zero_rows, *t.shape[1:])), *(x.to(t.dtype) for x in last)])
 
 
 def bottleneck_add(x: torch.Tensor, residual: torch.Tensor | None, w_down: torch.Tensor, b_down: torch.Tensor,
@@ -130,8 +138,13 @@ def bottleneck_add(x: torch.Tensor, residual: torch.Tensor | None, w_down: torch
     flat = x.reshape(-1, shape[-1]).contiguous()
     res = residual.reshape(-1, shape[-1]).to(x.dtype).contiguous() if residual is not None else None
     gated = w_gate is not None
-    if gated:  # the gate's row as one more rank of the down projection (autograd splits its gradient back)
-        w_down, b_down = torch.cat([w_down, w_gate.to(w_down.dtype)]), torch.cat([b_down, b_gate.to(b_down.dtype)])
+    if gated:
+        # the gate's row as the down projection's last rank (autograd splits its gradient back), after zero rows
+        # up to a multiple of 16 ranks, as aligned_ranks: UniPELT's m = 48 runs 64 ranks where it ran 49, in the
+        # same 64-rank block (H200: 38.9 against 53.5 us an adapter, run 72). W_up stays as it is: the kernels
+        # read its m columns, and its gradient is a view of theirs (padded, a copy: 45.7 us, run 71).
+        pad = rank_padding(w_down.shape[0], gated=True)
+        w_down, b_down = _with_rows(w_down, pad, w_gate), _with_rows(b_down, pad, b_gate)
     else:
         w_down, b_down, w_up = aligned_ranks(w_down, b_down, w_up)
     weights = (w.contiguous() for w in (w_down, b_down, w_up, b_up))
@@ -216,7 +229,7 @@ if _TRITON is not None:
 
         ``a`` (M, D); W has R ranks, its element (rank r, column d) at ``r * W_STRIDE_R + d * W_STRIDE_D``; the
         (M, R) tensors z, out and act have rows Z_STRIDE apart (:func:`_z_stride`). Gated, the last rank is the
-        gate's: forward, W is [W_d; w_g], so z's last column is the gate logit; backward, W is [W_u, b_u], so
+        gate's: forward, W is [W_d; w_g], so z's last column is the gate logit; backward, W's last rank is b_u, so
         that column of the product is ``g . b_u``, and the outputs' last column is the logit's gradient (out) and
         ``s G`` (act, b_u's row weights).
         """
@@ -258,11 +271,12 @@ if _TRITON is not None:
             tl.store(out_ptr + small, (acc + bias[None, :]).to(dtype), mask=small_ok)
 
     @triton.jit
-    def _tiled_kernel(z_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, M, D, R, Z_STRIDE, scale, W_STRIDE_R, W_STRIDE_D,
+    def _tiled_kernel(z_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, M, D, R, RZ, Z_STRIDE, scale, W_STRIDE_R, W_STRIDE_D,
                       ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """``out = res + s G (f(z) W^T + bias)`` on one (BLOCK_M, BLOCK_N) tile, over R ranks; ACT < 0: ``z`` as it
-        is. G = 1, or gated (forward only) the sigmoid of z's column R, the gate logit.
+        """``out = res + s G (f(z) W^T + bias)`` on one (BLOCK_M, BLOCK_N) tile; z has RZ ranks, W the first R of
+        them (the rest count as zero). ACT < 0: ``z`` as it is. G = 1, or gated (forward only) the sigmoid of z's
+        last column RZ - 1, the gate logit.
 
         Forward: z, W_u, b_u, the residual. Backward: grad_z, W_d (as its transpose; gated, [W_d; w_g] with the
         logit's gradient as one more rank of grad_z), no bias, ``g`` when serial.
@@ -274,14 +288,15 @@ if _TRITON is not None:
         n_ok = n < D
         ranks = tl.arange(0, BLOCK_R)
         rank_ok = ranks < R
-        z = tl.load(z_ptr + rows[:, None] * Z_STRIDE + ranks[None, :],
-                    mask=row_ok[:, None] & (ranks < R + GATED)[None, :], other=0.0)
+        z = tl.load(z_ptr + rows[:, None] * Z_STRIDE + ranks[None, :], mask=row_ok[:, None] & (ranks < RZ)[None, :],
+                    other=0.0)
         w = tl.load(w_ptr + ranks[:, None] * W_STRIDE_R + n[None, :] * W_STRIDE_D,
                     mask=rank_ok[:, None] & n_ok[None, :], other=0.0)
         if ACT >= 0:
             if GATED:
-                gate = tl.sigmoid(tl.sum(tl.where((ranks == R)[None, :], z.to(tl.float32), 0.0), axis=1))
-                z = tl.where(rank_ok[None, :], z, 0.0)
+                logit = (ranks == RZ - 1)[None, :]
+                gate = tl.sigmoid(tl.sum(tl.where(logit, z.to(tl.float32), 0.0), axis=1))
+                z = tl.where(logit, 0.0, z)
             z = _activation(z.to(tl.float32), ACT).to(dtype)  # padded ranks: f(0) = 0 for every activation here
         y = tl.dot(z, w.to(dtype))
         if HAS_BIAS:
@@ -296,14 +311,15 @@ if _TRITON is not None:
         tl.store(out_ptr + at, y.to(dtype), mask=tile_ok)
 
     @triton.jit
-    def _weight_grad_kernel(big_ptr, small_ptr, dw_ptr, dbig_ptr, dsmall_ptr, M, D, R, SMALL_STRIDE, big_sum_scale,
-                            DW_STRIDE_R, DW_STRIDE_D, SUM_BIG: tl.constexpr, SUM_SMALL: tl.constexpr,
+    def _weight_grad_kernel(big_ptr, small_ptr, dw_ptr, dbig_ptr, dsmall_ptr, M, D, R, DW_RANKS, SMALL_STRIDE,
+                            big_sum_scale, DW_STRIDE_R, DW_STRIDE_D, SUM_BIG: tl.constexpr, SUM_SMALL: tl.constexpr,
                             LAST_RANK_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr):
-        """``dw += big^T small`` (R ranks) over this program's share of the tokens (split-K, float32 atomics), and
-        the column sums of ``big`` (times ``big_sum_scale``) and of ``small`` when asked: the biases' gradients.
-        LAST_RANK_BIAS: small's last column holds each row's weight ``s G``, and that column of the product is
-        the gradient of ``dbig`` (b_u's, gated) instead of one of dw. ``small``'s rows are SMALL_STRIDE apart."""
+        """``dw += big^T small`` (small's R ranks, dw's first DW_RANKS) over this program's share of the tokens
+        (split-K, float32 atomics), and the column sums of ``big`` (times ``big_sum_scale``) and of ``small`` when
+        asked: the biases' gradients. LAST_RANK_BIAS: small's last column R - 1 holds each row's weight ``s G``,
+        and that column of the product is the gradient of ``dbig`` (b_u's, gated). ``small``'s rows are
+        SMALL_STRIDE apart."""
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < D
         ranks = tl.arange(0, BLOCK_R)
@@ -328,9 +344,8 @@ if _TRITON is not None:
         if LAST_RANK_BIAS:
             tl.atomic_add(dbig_ptr + n, tl.sum(tl.where((ranks == R - 1)[None, :], acc, 0.0), axis=1), mask=n_ok,
                           sem="relaxed")
-            rank_ok = ranks < R - 1
         tl.atomic_add(dw_ptr + n[:, None] * DW_STRIDE_D + ranks[None, :] * DW_STRIDE_R, acc,
-                      mask=n_ok[:, None] & rank_ok[None, :], sem="relaxed")
+                      mask=n_ok[:, None] & (ranks < DW_RANKS)[None, :], sem="relaxed")
         if SUM_BIG:
             tl.atomic_add(dbig_ptr + n, big_sum * big_sum_scale, mask=n_ok, sem="relaxed")
         if SUM_SMALL:  # once: every column block summed the same rows of small (zeros from all but the first;
@@ -354,6 +369,13 @@ if _TRITON is not None:
                 raise ValueError(f"fused bottleneck kernels need contiguous tensors, got strides {t.stride()} "
                                  f"for shape {tuple(t.shape)}; call bottleneck_add, which copies them")
 
+    def _require_ranks(w_down: torch.Tensor, w_up: torch.Tensor, gated: bool) -> None:
+        """W_up's ranks are W_down's, or gated, at most those before the gate's row."""
+        rz, r = w_down.shape[0], w_up.shape[1]
+        if r > rz - gated or (not gated and r != rz):
+            raise ValueError(f"fused bottleneck kernels need W_down (r, d) and W_up (d, r) (gated, W_down with one row"
+                             f" more), got {tuple(w_down.shape)} and {tuple(w_up.shape)}; call bottleneck_add")
+
     def _on_device(t: torch.Tensor):
         return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
@@ -375,9 +397,11 @@ if _TRITON is not None:
     def _forward(x: torch.Tensor, residual: torch.Tensor | None, w_down: torch.Tensor, b_down: torch.Tensor,
                  w_up: torch.Tensor, b_up: torch.Tensor, gated: bool, act: int,
                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """``out`` and ``z`` (tokens, m, plus columns of padding: :func:`_z_stride`). Gated, ``w_down`` and
-        ``b_down`` end with the gate's row and bias, and z's column m is the gate logit."""
+        """``out`` and ``z`` (tokens, rz, plus columns of padding: :func:`_z_stride`) for ``w_down`` (rz, d) and
+        ``w_up`` (d, r), r = rz. Gated, ``w_down`` and ``b_down`` end with the gate's row and bias (z's last column
+        is the gate logit) and r < rz: W_down's rows from r up to the gate's are zero."""
         _require_rows(x, residual, w_down, b_down, w_up, b_up)
+        _require_ranks(w_down, w_up, gated)
         m_rows, d = x.shape
         r, rz = w_up.shape[1], w_down.shape[0]
         z = x.new_empty((m_rows, _z_stride(rz)))  # the padding columns are never read
@@ -392,7 +416,7 @@ if _TRITON is not None:
                 ACT=0, BLOCK_R=_block_r(rz), **skinny)
             # out = residual + s G (f(z) W_u^T + b_u); W_u (d, r): rank stride 1, column stride r
             _tiled_kernel[_tiles_grid(m_rows, d, tiled)](
-                z, w_up, b_up, x if residual is None else residual, out, m_rows, d, r, z.shape[1], scale, 1, r,
+                z, w_up, b_up, x if residual is None else residual, out, m_rows, d, r, rz, z.shape[1], scale, 1, r,
                 ACT=act, GATED=gated, HAS_BIAS=True, HAS_RES=True, BLOCK_R=_block_r(rz), **tiled)
         return out, z
 
@@ -403,15 +427,16 @@ if _TRITON is not None:
         """``grad_x`` and one float32 vector holding the gradients of W_down, b_down (each with the gate's row
         when gated), W_up and b_up, in order."""
         _require_rows(grad_out, x, z, w_down, w_up, b_up)
+        _require_ranks(w_down, w_up, gated)
         m_rows, d = grad_out.shape
         r, rz, zs = w_up.shape[1], w_down.shape[0], z.shape[1]
         grad_z, act_scaled = z.new_empty((m_rows, zs)), z.new_empty((m_rows, zs))
         grad_x = torch.empty_like(grad_out)
         grads = grad_out.new_zeros((rz * d + rz + d * r + d,), dtype=torch.float32)
-        grad_w_down, grad_b_down = grads[:rz * d], grads[rz * d:rz * d + rz]
-        grad_w_up, grad_b_up = grads[rz * d + rz:rz * d + rz + d * r], grads[rz * d + rz + d * r:]
-        # gated, b_u as one more rank of W_u: the product g [W_u, b_u] has g . b_u as its last column
-        w_up_ranks = torch.cat([w_up, b_up[:, None].to(w_up.dtype)], 1) if gated else w_up
+        grad_w_down, grad_b_down, grad_w_up, grad_b_up = grads.split([rz * d, rz, d * r, d])
+        # gated, b_u as the rank of W_u for the gate's row (so the product g W_u's last column is g . b_u), and as
+        # the ranks between r and the gate's too: their z is 0, so f(z) = 0 and they add to no gradient kept
+        w_up_ranks = torch.cat([w_up, b_up[:, None].to(w_up.dtype).expand(-1, rz - r)], 1) if gated else w_up
         skinny = _skinny_blocks(d, rz, w_up.element_size(), backward=True, device=grad_out.device)
         tiled, wgrad = _tiled_blocks(d), _weight_grad_blocks(d, rz, grad_out.device)
         splits = _splits_grid(m_rows, d, wgrad, grad_out.device)
@@ -424,15 +449,15 @@ if _TRITON is not None:
                 BACKWARD=True, GATED=gated, ACT=act, BLOCK_R=block_r, **skinny)
             # grad_x = grad_z W_d over rz ranks (+ g for a serial adapter, whose residual is x)
             _tiled_kernel[_tiles_grid(m_rows, d, tiled)](
-                grad_z, w_down, w_down, grad_out, grad_x, m_rows, d, rz, zs, 1.0, d, 1,
+                grad_z, w_down, w_down, grad_out, grad_x, m_rows, d, rz, rz, zs, 1.0, d, 1,
                 ACT=-1, GATED=False, HAS_BIAS=False, HAS_RES=serial, BLOCK_R=block_r, **tiled)
             # W_u (d, r) += g^T s G f(z), b_u += sum(s G g) (gated: the product's last column); W_d (rz, d) +=
             # (x^T grad_z)^T, b_d += sum(grad_z)
             _weight_grad_kernel[splits](
-                grad_out, act_scaled, grad_w_up, grad_b_up, grad_b_up, m_rows, d, rz, zs, scale, 1, r,
+                grad_out, act_scaled, grad_w_up, grad_b_up, grad_b_up, m_rows, d, rz, r, zs, scale, 1, r,
                 SUM_BIG=not gated, SUM_SMALL=False, LAST_RANK_BIAS=gated, BLOCK_R=block_r, **wgrad)
             _weight_grad_kernel[splits](
-                x, grad_z, grad_w_down, grad_b_down, grad_b_down, m_rows, d, rz, zs, 1.0, d, 1,
+                x, grad_z, grad_w_down, grad_b_down, grad_b_down, m_rows, d, rz, rz, zs, 1.0, d, 1,
                 SUM_BIG=False, SUM_SMALL=True, LAST_RANK_BIAS=False, BLOCK_R=block_r, **wgrad)
         return grad_x, grads
 

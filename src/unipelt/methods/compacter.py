@@ -166,8 +166,9 @@ class Compacter(Adapter):
 
     def _aligned_weights(self) -> dict[str, tuple[torch.Tensor, ...]]:
         """Every site's (W_down, b_down, W_up, b_up) for the fused kernels, ranks padded as
-        :func:`~unipelt.kernels.bottleneck.aligned_ranks` pads them, in one padding kernel per tensor kind."""
-        pad = fused.rank_padding(self.config.bottleneck)
+        :func:`~unipelt.kernels.bottleneck.aligned_ranks` pads them (with room for a gate's rank), in one padding
+        kernel per tensor kind."""
+        pad = fused.rank_padding(self.config.bottleneck, gated=bool(self.gates))
         weights = self._all_weights(pad)
         biases = [b.down.bias for b in self.adapters.values()]
         if pad:
