@@ -40,6 +40,13 @@
 #   device run: PYTHONPATH=src python benchmarks/fused_bottleneck.py --bottlenecks 24 32 48 --activations gelu \
 #                    --weight-dtypes float32 bfloat16
 #   device run: PYTHONPATH=src python benchmarks/step_phases.py --host-profile --methods - lora unipelt
+# Fifteenth session: the gated adapter's kernels (run 72, about 80 s with HEAD's beside) and UniPELT (runs 72-73,
+# about 100 s a case with its floor; HEAD's src from git archive on PYTHONPATH for the before):
+#   device run: PYTHONPATH=src python benchmarks/fused_bottleneck.py --bottlenecks 24 48 --activations relu \
+#                    --gates off on
+#   device run: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bash benchmarks/speed_gpu.sh bert-base --peers \
+#                    --no-full --compile reduce-overhead --optimizer fused --prewarm 8 --profile --top-kernels 40 \
+#                    --methods unipelt
 #   device run: bash benchmarks/speed_gpu.sh bert-base                 (carry .whl: the adapters wheels, see below)
 #   device run: bash benchmarks/speed_gpu.sh llama-1b
 #   device run: bash benchmarks/speed_gpu.sh bert-base --compile reduce-overhead --prewarm 8   (every case compiled)

@@ -424,6 +424,19 @@ def test_merged_inference_benchmark_times_bare_and_merged_and_checks_the_functio
     assert rows["lora"]["max_abs_diff_vs_unmerged"] < 1e-5
 
 
+def test_sdpa_backends_benchmark_needs_a_gpu_and_tables_each_shape_by_backend(monkeypatch) -> None:
+    """benchmarks/sdpa_backends.py times CUDA kernels only: on the CPU it says so; its table puts each
+    (queries, keys) shape on a row, one cell per backend, and a backend that refused the shape as '-'."""
+    module = benchmark_script("sdpa_backends")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="needs a GPU"):
+        module.main(["--shapes", "128x138"])
+    rows = [{"queries": 128, "keys": 138, "backend": b, "us": us} for b, us in
+            [("default", 68.2), ("cudnn", 68.0), ("flash", 90.7)]]
+    rows.append({"queries": 128, "keys": 138, "backend": "efficient", "error": "no kernel"})
+    assert module.table(rows).splitlines()[-1] == "| 128 | 138 | 68.2 | 68.0 | 90.7 | - |"
+
+
 def test_attention_check_compares_implementations_and_catches_one_that_differs(monkeypatch) -> None:
     """benchmarks/attention_check.py on the CPU (smoke): UniPELT on a tiny LLaMA trains the same function with
     the same gradients under SDPA and eager attention; an eager gated share made 1% too large shows."""

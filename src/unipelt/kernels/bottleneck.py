@@ -27,9 +27,10 @@ rank of grad_z for ``grad_x`` and for the down projection's gradient, and the ``
 The kernels read the weights in their own dtype (float32 under autocast) and cast tiles in registers, so
 no cast kernels run and the gradients come back in the weights' dtype. Precision follows autocast's:
 GEMMs take ``x``'s dtype with float32 accumulation, ``z`` is stored in that dtype. Saved for the
-backward: ``x`` and ``z``. The ranks reach the kernels padded with zeros to a multiple of 16, the gate's
-included (:func:`aligned_ranks`). The ops are opaque to ``torch.compile`` (``torch.library.custom_op``): a
-compiled model runs them as they are, inside its one graph.
+backward: ``x`` and ``z``. The ranks reach the kernels padded with zeros to a multiple of 16
+(:func:`aligned_ranks`; gated, W_down's rows, the gate's included, and W_up as it is). The ops are opaque
+to ``torch.compile`` (``torch.library.custom_op``): a compiled model runs them as they are, inside its one
+graph.
 
 Used where they compute the unfused path's function: a half-precision ``x`` on a GPU (or in Triton's
 interpreter, for the tests) whose matmul would run in that dtype (autocast to it, or weights of it), a
