@@ -143,11 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = compare(args.tokens, args.width, args.bottlenecks, args.activations, args.steps,
                    gates=tuple(g == "on" for g in args.gates),
                    weight_dtypes=tuple(getattr(torch, name) for name in args.weight_dtypes))
-    text = f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n\n{table(rows)}"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+    case.report_gpu_rows(rows, table(rows), args.out)
 
 
 if __name__ == "__main__":

@@ -86,11 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("needs a GPU (the SDPA backends compared here run on CUDA)")
     shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes]
     rows = measure(args.batch, args.heads, args.head_dim, shapes, args.steps)
-    text = f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n\n{table(rows)}"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+    case.report_gpu_rows(rows, table(rows), args.out)
 
 
 if __name__ == "__main__":

@@ -424,7 +424,7 @@ def test_merged_inference_benchmark_times_bare_and_merged_and_checks_the_functio
     assert rows["lora"]["max_abs_diff_vs_unmerged"] < 1e-5
 
 
-def test_sdpa_backends_benchmark_needs_a_gpu_and_tables_each_shape_by_backend(monkeypatch) -> None:
+def test_sdpa_backends_benchmark_needs_a_gpu_and_tables_each_shape_by_backend(monkeypatch, tmp_path, capsys) -> None:
     """benchmarks/sdpa_backends.py times CUDA kernels only: on the CPU it says so; its table puts each
     (queries, keys) shape on a row, one cell per backend, and a backend that refused the shape as '-'."""
     module = benchmark_script("sdpa_backends")
@@ -435,6 +435,12 @@ def test_sdpa_backends_benchmark_needs_a_gpu_and_tables_each_shape_by_backend(mo
             [("default", 68.2), ("cudnn", 68.0), ("flash", 90.7)]]
     rows.append({"queries": 128, "keys": 138, "backend": "efficient", "error": "no kernel"})
     assert module.table(rows).splitlines()[-1] == "| 128 | 138 | 68.2 | 68.0 | 90.7 | - |"
+    # the GPU micro-benchmarks' report: the table under the device's name, the rows with it in the JSON
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    out = tmp_path / "sdpa.json"
+    case.report_gpu_rows(rows, module.table(rows), str(out))
+    assert capsys.readouterr().out.startswith(f"NVIDIA H200, torch {torch.__version__}\n\n| queries |")
+    assert json.loads(out.read_text()) == {"device": "NVIDIA H200", "torch": torch.__version__, "rows": rows}
 
 
 def test_attention_check_compares_implementations_and_catches_one_that_differs(monkeypatch) -> None:

@@ -313,6 +313,16 @@ def kernel_profile(fn, steps: int = 3, top: int = 12) -> dict[str, Any]:
             "top_kernels": [[name[:90], len(t) / steps, sum(t) / steps / 1e3] for name, t in ranked]}
 
 
+def report_gpu_rows(rows: list[dict[str, Any]], table: str, out: str | None) -> None:
+    """Print a GPU micro-benchmark's ``table`` under the GPU's name and torch's version, and write ``rows`` with
+    them to ``out`` (JSON) when given."""
+    device = torch.cuda.get_device_name()
+    print(f"{device}, torch {torch.__version__}\n\n{table}")
+    if out:
+        with open(out, "w") as f:
+            json.dump({"device": device, "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
 def random_batch(shape: dict[str, Any]) -> torch.Tensor:
     """The benchmark's seeded input batch for ``shape``: token ids, or images (batch, 3, h, w) for a ViT."""
     generator = torch.Generator().manual_seed(1)
