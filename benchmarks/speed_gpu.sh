@@ -46,7 +46,7 @@
 #                    --gates off on
 #   device run: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bash benchmarks/speed_gpu.sh bert-base --peers \
 #                    --no-full --compile reduce-overhead --optimizer fused --prewarm 8 --profile --top-kernels 40 \
-#                    --methods unipelt                 (run 75, Poly's try: --methods poly poly_s poly_mu)
+#                    --methods unipelt                 (runs 75-76, Poly's tries: --methods poly poly_s poly_mu)
 #   device run: bash benchmarks/speed_gpu.sh bert-base                 (carry .whl: the adapters wheels, see below)
 #   device run: bash benchmarks/speed_gpu.sh llama-1b
 #   device run: bash benchmarks/speed_gpu.sh bert-base --compile reduce-overhead --prewarm 8   (every case compiled)
