@@ -295,9 +295,8 @@ if _TRITON is not None:
                     mask=rank_ok[:, None] & n_ok[None, :], other=0.0)
         if ACT >= 0:
             if GATED:
-                logit = (ranks == RZ - 1)[None, :]
-                gate = tl.sigmoid(tl.sum(tl.where(logit, z.to(tl.float32), 0.0), axis=1))
-                z = tl.where(logit, 0.0, z)
+                # the logit's rank of W is beyond its R (masked to zero above): f(logit) adds nothing to the dot
+                gate = tl.sigmoid(tl.sum(tl.where((ranks == RZ - 1)[None, :], z.to(tl.float32), 0.0), axis=1))
             z = _activation(z.to(tl.float32), ACT).to(dtype)  # padded ranks: f(0) = 0 for every activation here
         y = tl.dot(z, w.to(dtype))
         if HAS_BIAS:
