@@ -117,7 +117,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                  for v in ("unfused", "compiled", "fused", "fused+compiled")]
         ratio = f"{r['fused_vs_compiled']:.2f}" if "fused_vs_compiled" in r else "-"
         lines.append(f"| {r['bottleneck']} | {r['activation']} | {'on' if r['gated'] else 'off'} | "
-                     f"{r.get('weights', 'float32')} | "
+                     f"{r['weights']} | "
                      f"{' | '.join(cells)} | {ratio} | "
                      f"{r['err_compiled']:.1e} | {r['err_fused']:.1e} |")
     return "\n".join(lines)

@@ -372,7 +372,7 @@ if _TRITON is not None:
     def _require_ranks(w_down: torch.Tensor, w_up: torch.Tensor, gated: bool) -> None:
         """W_up's ranks are W_down's, or gated, at most those before the gate's row."""
         rz, r = w_down.shape[0], w_up.shape[1]
-        if r > rz - gated or (not gated and r != rz):
+        if not (r < rz if gated else r == rz):
             raise ValueError(f"fused bottleneck kernels need W_down (r, d) and W_up (d, r) (gated, W_down with one row"
                              f" more), got {tuple(w_down.shape)} and {tuple(w_up.shape)}; call bottleneck_add")
 
