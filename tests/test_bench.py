@@ -532,6 +532,95 @@ def test_back_to_back_figures_reach_the_rows_and_the_table(tmp_path) -> None:
     assert "requested" not in table  # no requested-bytes peak (CPU cases): no such table
 
 
+def test_methods_that_lengthen_the_sequence_read_against_the_floor_at_that_length(tmp_path) -> None:
+    """prompt tuning's 20 tokens: its rows (against each peer) also carry the floor timed 20 positions longer."""
+    common = {"shape": "bert-tiny", "peak_mb": 1.0, "infer_ms": None, "trainable": 10}
+    result = _from_written_cases(tmp_path, [
+        {"peer": "floor", "method": "-", "train_ms": 10.0, "back_to_back_ms": 8.0, "gpu_busy_ms": 7.0, **common},
+        {"peer": "floor", "method": "+20", "train_ms": 12.5, "back_to_back_ms": 10.0, "gpu_busy_ms": 8.0, **common},
+        {"peer": "unipelt", "method": "prompt", "train_ms": 13.0, "back_to_back_ms": 11.0, "gpu_busy_ms": 8.8,
+         **common},
+        {"peer": "peft", "method": "prompt", "train_ms": 13.5, "back_to_back_ms": 11.0, **common},
+        {"peer": "unipelt", "method": "lora", "train_ms": 11.0, "back_to_back_ms": 9.0, **common}])
+    rows = {(r["method"], r["peer"]): r for r in result["rows"]}
+    assert set(rows) == {("prompt", "peft"), ("lora", None)}  # the longer floor is no method's row
+    prompt = rows[("prompt", "peft")]
+    assert prompt["ratio_vs_floor"] == pytest.approx(1.3) and prompt["tokens_added"] == 20
+    assert prompt["ratio_vs_longer_floor"] == pytest.approx(13 / 12.5)
+    assert prompt["ratio_vs_longer_floor_back_to_back"] == pytest.approx(1.1)
+    assert prompt["ratio_vs_longer_floor_gpu_busy"] == pytest.approx(1.1)
+    assert "tokens_added" not in rows[("lora", None)]
+    assert result["longer_floors"]["20"]["train_ms"] == 12.5
+    table = format_table(result)
+    assert "| prompt | 20 | 13.00 | 10.00 (1.30) | 12.50 (1.04) | 1.38 / 1.10 | 1.26 / 1.10 |" in table
+    assert "| lora | 20 |" not in table
+
+
+def test_a_run_times_the_floor_at_each_longer_sequence_its_methods_make(monkeypatch) -> None:
+    from unipelt import bench
+
+    seen = []
+
+    def fake(spec, pythonpath=None, timeout=1800):
+        seen.append((spec["peer"], spec["method"]))
+        return {"train_ms": 1.0, "peak_mb": 1.0, "infer_ms": None, "trainable": 0}
+
+    monkeypatch.setattr(bench, "run_case", fake)
+    bench.benchmark("bert-tiny", ["lora", "prompt", "attempt"], peers=(), steps=1, warmup=1, full=False,
+                    log=lambda s: None)
+    assert seen == [("floor", "-"), ("floor", "+20"), ("unipelt", "lora"), ("unipelt", "prompt"),
+                    ("unipelt", "attempt")]
+    assert bench.longer_floors(["lora"], "bert") == [] and bench.longer_floors(["prompt"], "vit") == []
+
+
+def test_the_longer_floor_case_runs_the_frozen_model_at_that_length() -> None:
+    out = case.measure({"peer": "floor", "method": "+4", "shape": "bert-tiny", "device": "cpu", "steps": 1,
+                        "warmup": 1, "threads": 1})
+    assert out["seq"] == case.SHAPES["bert-tiny"]["seq"] + 4 and out["trainable"] == 0
+    assert case.measure({"peer": "floor", "method": "-", "shape": "bert-tiny", "device": "cpu", "steps": 1,
+                         "warmup": 1, "threads": 1})["seq"] == case.SHAPES["bert-tiny"]["seq"]
+
+
+def test_the_diagnostic_cases_are_their_compositions_parts() -> None:
+    """The row that prices UniPELT's gates has the same parts, only the gates' weights missing (per layer: the
+    adapter's, the prefix's, and LoRA's on q and v, each a d -> 1 linear map); MAM's parts add up to MAM."""
+    shape = case.SHAPES["bert-tiny"]
+    counts = {}
+    for method in ("unipelt", "unipelt_ungated", "mam", "mam_prefix", "parallel"):
+        model = case.attach("unipelt", method, case.build_base(shape), "bert")
+        counts[method] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    d, layers = shape["config"]["hidden_size"], shape["config"]["num_hidden_layers"]
+    assert counts["unipelt"] - counts["unipelt_ungated"] == layers * 4 * (d + 1)
+    # MAM's parts apart: its prefix alone, and its adapter alone, the parallel adapter's row
+    assert counts["mam"] == counts["mam_prefix"] + counts["parallel"]
+
+
+def test_graphs_run_without_cuda_graphs_are_heard_and_named_in_the_table(tmp_path) -> None:
+    """Under reduce-overhead, a graph Inductor runs without CUDA graphs launches each kernel from the host:
+    the case hears torch's reason, and the table names the case and the reason."""
+    from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter
+
+    heard = case.watch_cudagraph_skips()
+    try:
+        log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to mutated inputs (1 instances)")
+    finally:
+        from torch._inductor import cudagraph_utils
+
+        cudagraph_utils.cudagraphs_log.removeHandler(heard)
+    assert heard.messages == ["skipping cudagraphs due to mutated inputs (1 instances)"]
+    common = {"shape": "bert-tiny", "peak_mb": 1.0, "infer_ms": None, "trainable": 10}
+    result = _from_written_cases(tmp_path, [
+        {"peer": "floor", "method": "-", "train_ms": 10.0, "cudagraph_skip_reasons": [], **common},
+        {"peer": "unipelt", "method": "lora", "train_ms": 12.0,
+         "cudagraph_skip_reasons": ["skipping cudagraphs due to mutated inputs"], **common},
+        {"peer": "unipelt", "method": "ia3", "train_ms": 11.0, "cudagraph_skip_reasons": [], **common}])
+    rows = {r["method"]: r for r in result["rows"]}
+    assert rows["lora"]["ours_cudagraph_skips"] == ["skipping cudagraphs due to mutated inputs"]
+    table = format_table(result)
+    assert "Graphs run without CUDA graphs: lora (ours): skipping cudagraphs due to mutated inputs" in table
+    assert "ia3 (ours)" not in table and "floor (floor)" not in table
+
+
 def test_the_requested_bytes_peak_reaches_the_rows_and_the_table(tmp_path) -> None:
     """On a GPU each case also reports the peak of the tensors' own bytes beside max_memory_allocated,
     which counts the allocator's rounded blocks (the two differ by a few MB between equal programs)."""

@@ -122,7 +122,7 @@ def benchmark(shape: str, methods: list[str], peers: tuple[str, ...] = PEERS, de
     if skipped:
         log(f"  not on a {family} model: {', '.join(skipped)}")
     methods = [m for m in methods if applies(m, family)]
-    cases = [("floor", "-")]
+    cases = [("floor", "-")] + [("floor", f"+{n}") for n in longer_floors(methods, family)]
     for method in methods:
         spec = METHODS[method]
         cases += [(p, method) for p in ("unipelt", *peers)
@@ -153,6 +153,16 @@ def benchmark(shape: str, methods: list[str], peers: tuple[str, ...] = PEERS, de
                      attention=attention)
 
 
+def longer_floors(methods: list[str], family: str) -> list[int]:
+    """The extra positions at which a run also times the floor: each that one of ``methods`` adds to every
+    layer's sequence (prompt tuning's 20 tokens). Such a method then also reads against the frozen model at
+    its own length, which no module inserted into the layers can go below. Text families only: an image's
+    patch count is fixed by its size."""
+    if family == "vit":
+        return []
+    return sorted({METHODS[m]["tokens"] for m in methods if METHODS[m].get("tokens")})
+
+
 def summarise(runs: dict[tuple[str, str], list[dict[str, Any]]], shape: str, methods: list[str],
               peers: tuple[str, ...], device: str, **run_options: Any) -> dict[str, Any]:
     """The benchmark's result (rows of ours vs each peer, the floor, full fine-tuning) from each case's runs."""
@@ -161,13 +171,35 @@ def summarise(runs: dict[tuple[str, str], list[dict[str, Any]]], shape: str, met
     full = results.get(("full", "-"), {"error": "not run"})
     if "error" in floor:
         raise RuntimeError(f"the floor case failed: {floor['error']}")
+    longer = {int(m[1:]): r for (p, m), r in results.items() if p == "floor" and m.startswith("+")}
     rows = []
     for method in methods:
         ours = results.get(("unipelt", method))
         for peer in [p for p in peers if (p, method) in results] or [None]:
-            rows.append(_row(method, peer, ours, results.get((peer, method)), floor, device))
+            row = _row(method, peer, ours, results.get((peer, method)), floor, device)
+            tokens = METHODS.get(method, {}).get("tokens")
+            if tokens in longer:
+                row.update(_against_longer_floor(row, longer[tokens], tokens))
+            rows.append(row)
+    extra = {"longer_floors": {str(n): r for n, r in sorted(longer.items())}} if longer else {}
     return {"shape": shape, "shape_spec": SHAPES[shape], "device": device, "floor": floor, "full": full,
-            "rows": rows, **run_options}
+            "rows": rows, **extra, **run_options}
+
+
+def _against_longer_floor(row: dict[str, Any], floor: dict[str, Any], tokens: int) -> dict[str, Any]:
+    """A row's figures against the floor at the method's own sequence length (``tokens`` positions more)."""
+    if "error" in floor:
+        return {"tokens_added": tokens, "longer_floor_error": floor["error"]}
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a and b else None
+
+    return {"tokens_added": tokens, "longer_floor_ms": floor["train_ms"],
+            "ratio_vs_longer_floor": ratio(row["ours_ms"], floor["train_ms"]),
+            "longer_floor_ms_back_to_back": floor.get("back_to_back_ms"),
+            "ratio_vs_longer_floor_back_to_back": ratio(row["ours_ms_back_to_back"], floor.get("back_to_back_ms")),
+            "longer_floor_gpu_busy_ms": floor.get("gpu_busy_ms"),
+            "ratio_vs_longer_floor_gpu_busy": ratio(row["ours_gpu_busy_ms"], floor.get("gpu_busy_ms"))}
 
 
 def from_cases(path: Path, device: str) -> dict[str, Any]:
@@ -178,7 +210,7 @@ def from_cases(path: Path, device: str) -> dict[str, Any]:
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for c in cases:
         runs.setdefault((c["peer"], c["method"]), []).append(c)
-    methods = list(dict.fromkeys(c["method"] for c in cases if c["method"] != "-"))
+    methods = list(dict.fromkeys(c["method"] for c in cases if c["peer"] not in ("floor", "full")))
     peers = tuple(p for p in PEERS if any(c["peer"] == p for c in cases))
     first = cases[0]
     return summarise(runs, first["shape"], methods, peers, device, compile_mode=first.get("compile"),
@@ -256,6 +288,8 @@ def _row(method: str, peer: str | None, ours: dict | None, theirs: dict | None, 
             "ours_kernels": get(ours, "kernels_per_step"), "peer_kernels": get(theirs, "kernels_per_step"),
             "ours_gpu_busy_ms": get(ours, "gpu_busy_ms"), "peer_gpu_busy_ms": get(theirs, "gpu_busy_ms"),
             "ours_top_kernels": get(ours, "top_kernels"), "peer_top_kernels": get(theirs, "top_kernels"),
+            "ours_cudagraph_skips": get(ours, "cudagraph_skip_reasons"),
+            "peer_cudagraph_skips": get(theirs, "cudagraph_skip_reasons"),
             "ours_error": (ours or {}).get("error"), "peer_error": (theirs or {}).get("error")}
 
 
@@ -315,10 +349,30 @@ def format_table(result: dict[str, Any]) -> str:
                          f"{f(r['peer_ms_back_to_back'])} | {f(r['ratio_vs_floor_back_to_back'])} | "
                          f"{f(r['ratio_vs_peer_back_to_back'])} | {f(r.get('ours_host_ms'))} / "
                          f"{f(r.get('peer_host_ms'))} |")
+    longer = list({r["method"]: r for r in reversed(result["rows"]) if "tokens_added" in r}.values())[::-1]
+    if longer:  # one line per method (its rows against each peer share these figures)
+        lines += ["", "Methods that lengthen every layer's sequence, against the frozen model at that length too "
+                      "(no module inserted into the layers costs less than its own sequence's floor):", "",
+                  "| method | tokens added | ours ms | floor ms (x) | longer floor ms (x) | back to back: x floor / "
+                  "x longer floor | GPU busy: x floor / x longer floor |", "|---|---:|---:|---:|---:|---:|---:|"]
+        busy = result["floor"].get("gpu_busy_ms")
+        for r in longer:
+            lines.append(
+                f"| {r['method']} | {r['tokens_added']} | {f(r['ours_ms'])} | {f(r['floor_ms'])} "
+                f"({f(r['ratio_vs_floor'])}) | {f(r.get('longer_floor_ms'))} ({f(r.get('ratio_vs_longer_floor'))}) | "
+                f"{f(r['ratio_vs_floor_back_to_back'])} / {f(r.get('ratio_vs_longer_floor_back_to_back'))} | "
+                f"{f(r['ours_gpu_busy_ms'] and busy and r['ours_gpu_busy_ms'] / busy)} / "
+                f"{f(r.get('ratio_vs_longer_floor_gpu_busy'))} |")
     errors = [(r["method"], who, r[f"{who}_error"]) for r in result["rows"] for who in ("ours", "peer")
               if r[f"{who}_error"]]
     if errors:
         lines += ["", "Failed cases: " + "; ".join(f"{m} ({who}): {e}" for m, who, e in errors)]
+    skipped = [("floor", "floor", result["floor"].get("cudagraph_skip_reasons"))]
+    skipped += [(r["method"], who, r.get(f"{who}_cudagraph_skips")) for r in result["rows"] for who in ("ours", "peer")]
+    skipped = [(m, who, reasons) for m, who, reasons in dict.fromkeys((m, w, tuple(x)) for m, w, x in skipped if x)]
+    if skipped:  # such a graph launches every kernel from the host, every step
+        lines += ["", "Graphs run without CUDA graphs: " + "; ".join(f"{m} ({who}): {' | '.join(reasons)}"
+                                                                     for m, who, reasons in skipped)]
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import resource
 import statistics
@@ -72,7 +73,8 @@ METHODS: dict[str, dict[str, Any]] = {
                    "peft": ("PrefixTuningConfig", {"num_virtual_tokens": 10, "prefix_projection": True,
                                                    "encoder_hidden_size": 512}),
                    "adapters": ("PrefixTuningConfig", {"prefix_length": 10, "flat": False, "bottleneck_size": 512})},
-    "prompt": {"unipelt": {"method": "prompt", "length": 20, "position": "start"},
+    # "tokens": positions the method adds to every layer's sequence; the run also times the floor at that length
+    "prompt": {"unipelt": {"method": "prompt", "length": 20, "position": "start"}, "tokens": 20,
                "peft": ("PromptTuningConfig", {"num_virtual_tokens": 20}),
                "adapters": ("PromptTuningConfig", {"prompt_length": 20})},
     "ia3": {"unipelt": {"method": "ia3"},
@@ -89,8 +91,15 @@ METHODS: dict[str, dict[str, Any]] = {
     "mam": {"unipelt": {"method": "mam", "prefix": {"length": 30, "reparam_hidden": 800},
                         "adapter": {"bottleneck": "d/2"}},
             "adapters": ("MAMConfig", {})},
+    # MAM's prefix alone (its adapter alone is "parallel"): what MAM's parts cost apart
+    "mam_prefix": {"unipelt": {"method": "prefix", "length": 30, "reparam": True, "reparam_hidden": 800}},
     "unipelt": {"unipelt": {"method": "unipelt", "lora": {"alpha": 2}, "adapter": {"bottleneck": "d/16"}},
                 "adapters": ("UniPELTConfig", {})},
+    # UniPELT's three parts together with no gates: against "unipelt", the gates' own cost
+    "unipelt_ungated": {"unipelt": {"method": "composition", "methods": [
+        {"method": "adapter", "bottleneck": "d/16", "placement": "pfeiffer"},
+        {"method": "prefix", "length": 10, "reparam": True, "reparam_hidden": 512},
+        {"method": "lora", "r": 8, "alpha": 2, "targets": ["q", "v"]}]}},
     "compacter": {"unipelt": {"method": "compacter", "bottleneck": "d/32"},
                   "adapters": ("CompacterConfig", {})},
     "compacter++": {"unipelt": {"method": "compacter++", "bottleneck": "d/32"}},
@@ -105,7 +114,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "poly_s": {"unipelt": {"method": "poly_s"}},
     "poly_mu": {"unipelt": {"method": "poly_mu"}},
     # three frozen source prompts (zero here: their values do not change the cost) and a 20-token target
-    "attempt": {"unipelt": {"method": "attempt", "n_sources": 3, "length": 20}, "families": ("bert", "llama")},
+    "attempt": {"unipelt": {"method": "attempt", "n_sources": 3, "length": 20}, "families": ("bert", "llama"),
+                "tokens": 20},
     "vpt": {"unipelt": {"method": "vpt", "length": 10}, "families": ("vit",)},
     "vpt_deep": {"unipelt": {"method": "vpt_deep", "length": 10}, "families": ("vit",)},
 }
@@ -166,6 +176,8 @@ def _resolve(value: Any, d: int) -> Any:
         return d // int(value[2:])
     if isinstance(value, dict):
         return {k: _resolve(v, d) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve(v, d) for v in value]
     return value
 
 
@@ -390,8 +402,38 @@ def set_inductor_options(options: dict[str, Any]) -> None:
         setattr(owner, leaf, value)
 
 
+class _Messages(logging.Handler):
+    """Collects the warnings of one logger (the reasons CUDA graphs were skipped)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage()[:300])
+
+
+def watch_cudagraph_skips() -> _Messages:
+    """Hear why Inductor ran a graph without CUDA graphs (``reduce-overhead``): such a graph launches each
+    kernel from the host every step, which can make a step host-bound. torch logs each reason once, on a
+    logger that is silent unless ``TORCH_LOGS`` names it; its warnings reach a handler set on it directly."""
+    from torch._inductor import cudagraph_utils
+
+    heard = _Messages()
+    cudagraph_utils.cudagraphs_log.addHandler(heard)
+    return heard
+
+
+def longer_floor_tokens(peer: str, method: str) -> int:
+    """A floor case named ``+N`` is the frozen model at N positions more than the shape's sequence (0 else)."""
+    return int(method[1:]) if peer == "floor" and method.startswith("+") else 0
+
+
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     shape = SHAPES[spec["shape"]]
+    extra = longer_floor_tokens(spec["peer"], spec["method"])
+    if extra:  # its loss reads the last ``seq`` positions, as the prompt cases' read the real tokens'
+        shape = {**shape, "seq": shape["seq"] + extra}
     if spec.get("inductor"):
         set_inductor_options(spec["inductor"])
     device = spec["device"]
@@ -401,10 +443,11 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         model = build_base(shape, spec.get("attention"))
     model = attach(spec["peer"], spec["method"], model, shape["family"]).to(device)
     inputs = step_inputs(spec["peer"], model, random_batch(shape).to(device))
-    skip = virtual_tokens(spec["peer"], spec["method"])
+    skip = extra or virtual_tokens(spec["peer"], spec["method"])
     direction = loss_direction(model, inputs, skip)
     compile_mode = None if spec.get("compile") in (None, "default") else spec["compile"]
     whole_step = spec.get("compile") and spec.get("compile_scope", "model") == "step"
+    skips = watch_cudagraph_skips() if spec.get("compile") else None
     if spec.get("compile") and not whole_step:
         model = torch.compile(model, mode=compile_mode)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -461,7 +504,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
         compile_report = {"first_step_s": first_step_s,
                           "compile_cache": {f"{group}.{k}": v for group in ("inductor", "aot_autograd")
-                                            for k, v in counters[group].items() if "cache" in k}}
+                                            for k, v in counters[group].items() if "cache" in k},
+                          "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
+                          "cudagraph_skip_reasons": sorted(set(skips.messages))}
     # under torch.compile a dispatch mode or eval/no-grad would each trigger another compilation: a compiled
     # case measures training only
     ops = None if compiled else count_ops(train_step)
@@ -481,7 +526,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
               "train_ms": statistics.median(train_ms), "train_ms_all": train_ms,
               "back_to_back_ms": statistics.median(back_to_back_ms) if back_to_back_ms else None,
               "host_ms": statistics.median(host_ms) if host_ms else None,
-              "tokens_per_s": shape["batch"] * shape["seq"] / (statistics.median(train_ms) / 1e3),
+              "seq": shape["seq"], "tokens_per_s": shape["batch"] * shape["seq"] / (statistics.median(train_ms) / 1e3),
               "peak_mb": peak, "peak_requested_mb": peak_requested, "infer_ms": None, "ops_per_step": ops,
               "ops_per_inference": None, "merged_infer_ms": None, "trainable": counted, "loss": loss, **profiled,
               **compile_report}
