@@ -47,6 +47,15 @@
 #   device run: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bash benchmarks/speed_gpu.sh bert-base --peers \
 #                    --no-full --compile reduce-overhead --optimizer fused --prewarm 8 --profile --top-kernels 40 \
 #                    --methods unipelt                 (runs 75-76, Poly's tries: --methods poly poly_s poly_mu)
+# Sixteenth session: the methods above the line beside what bounds them (runs 77-79, about 300 s a call of 6-7
+# cases): the floor at a prompt's length (a "+20" floor case, added for methods with "tokens" in METHODS), MAM's
+# parts (mam_prefix, parallel) and UniPELT's (lora, prefix_mlp, pfeiffer, and unipelt_ungated: the same parts, no
+# gates); then where UniPELT's host time goes beside the ungated parts' (about 100 s):
+#   device run: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bash benchmarks/speed_gpu.sh bert-base --peers \
+#                    --no-full --compile reduce-overhead --optimizer fused --prewarm 8 --profile --top-kernels 80 \
+#                    --methods prompt attempt mam mam_prefix parallel
+#               (then --methods unipelt unipelt_ungated lora prefix_mlp pfeiffer)
+#   device run: PYTHONPATH=src python benchmarks/step_phases.py --host-profile --methods unipelt unipelt_ungated
 #   device run: bash benchmarks/speed_gpu.sh bert-base                 (carry .whl: the adapters wheels, see below)
 #   device run: bash benchmarks/speed_gpu.sh llama-1b
 #   device run: bash benchmarks/speed_gpu.sh bert-base --compile reduce-overhead --prewarm 8   (every case compiled)

@@ -149,6 +149,40 @@ def test_prefix_families():
         unipelt.attach(build("deberta-v2"), "prefix")
 
 
+@pytest.mark.parametrize("name", ["bert", "t5"])
+def test_a_direct_prefix_trains_one_table_and_saves_one_prefix_per_attention(name, tmp_path):
+    """Without the MLP, every attention's prefix is a view of one trainable table (one gradient accumulation
+    and one optimizer state per step, not one per attention); ``save`` still writes (2, l, d_kv) per attention,
+    and loading puts each back where it came from. A prefix of another shape is refused by name."""
+    from safetensors.torch import load_file
+
+    model = unipelt.attach(build(name), {"method": "prefix", "length": 3, "reparam": False})
+    method = deltas(model)["prefix"]
+    trainable = [n for n, p in method.named_parameters() if p.requires_grad]
+    assert trainable == ["table"]
+    assert method.table.shape == (3, sum(2 * dkv for dkv in method.kv_dims.values()))
+    perturb_(method.parameters(), seed=3, scale=0.5)
+    batch = inputs(name)
+    model(**batch).logits.square().mean().backward()
+    pieces = method.table.grad.split([2 * dkv for dkv in method.kv_dims.values()], dim=1)
+    assert all(piece.abs().sum() > 0 for piece in pieces)  # every attention's prefix is trained
+    out = logits(model, batch)
+    unipelt.save(model, tmp_path)
+    saved = load_file(str(tmp_path / "delta.safetensors"))
+    keys = sorted(k for k in saved if k.startswith("prefix."))
+    assert keys == sorted(f"prefix.prefixes.{k}" for k in method.kv_dims)
+    first = next(iter(method.kv_dims))
+    torch.testing.assert_close(saved[f"prefix.prefixes.{first}"], method._all_prefixes()[first].detach())
+    fresh = unipelt.load(build(name), tmp_path)
+    torch.testing.assert_close(logits(fresh, batch), out, rtol=0, atol=1e-6)
+    # a prefix of the wrong length is named, not reshaped into the table; a missing one too
+    own = {k.removeprefix("prefix."): v for k, v in saved.items() if k.startswith("prefix.")}
+    with pytest.raises(unipelt.ConfigError, match=f"saved prefix for {first} has shape"):
+        deltas(fresh)["prefix"].load_delta_state({**own, f"prefixes.{first}": own[f"prefixes.{first}"][:, :2]})
+    with pytest.raises(unipelt.ConfigError, match="its prefixes are for"):
+        deltas(fresh)["prefix"].load_delta_state({k: v for k, v in own.items() if k != f"prefixes.{first}"})
+
+
 @pytest.mark.parametrize("padded", [True, False])
 @pytest.mark.parametrize("config", ["prefix", "unipelt"])
 @pytest.mark.parametrize("name", PREFIX_FAMILIES)

@@ -111,11 +111,8 @@ def test_unipelt_case_computes_the_peft_case_function(method: str, family: str) 
 
 def _copy_prefix(mine, flat: torch.Tensor) -> None:
     """peft and adapters lay a flat prefix out as [k | v] per layer, layers in order (as ours)."""
-    start = 0
-    for key, dkv in mine.kv_dims.items():
-        mine.prefixes[key].copy_(flat[:, start:start + 2 * dkv].reshape(-1, 2, dkv).transpose(0, 1))
-        start += 2 * dkv
-    assert start == flat.shape[1]
+    assert flat.shape == mine.table.shape
+    mine.table.copy_(flat)
 
 
 def copy_adapters_weights(method: str, delta: dict[str, torch.Tensor], ours: torch.nn.Module) -> None:

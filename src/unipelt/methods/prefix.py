@@ -5,8 +5,8 @@ The prefixes are prepended to the keys and values of every attention (self and c
 key/value cache. During training they are reparametrised, ``P = MLP(E)`` with ``E`` of shape
 ``l x d`` and an MLP ``d -> hidden (512) -> sum of 2 d_kv`` over all attentions, computed once per
 forward pass. ``save`` writes the computed prefixes and drops the MLP; a loaded prefix is direct.
-Without reparametrisation (``reparam=False``, P-tuning v2's deep prompts) the prefixes are
-parameters, initialised N(0, 0.02^2).
+Without reparametrisation (``reparam=False``, P-tuning v2's deep prompts) the prefixes are one
+trainable table of that layout, ``l x sum of 2 d_kv``, initialised to real words' keys and values.
 
 UniPELT gate ``G_P = sigmoid(W_GP x)`` from the attention's query-side input ``x``: in
 bidirectional attention it is pooled over the real tokens and scales ``P_k`` and ``P_v``; in a
@@ -67,7 +67,7 @@ class Prefix(DeltaMethod):
         if config.gate:
             for site_key, att in self.sites.items():
                 self.gates[site_key] = Gate(att.q.in_features)
-        start = self._word_like_prefixes(model_map, l)
+        start = self._table(self._word_like_prefixes(model_map, l))
         if config.reparam:
             self.embedding = nn.Parameter(torch.randn(l, d))
             self.mlp = nn.Sequential(nn.Linear(d, config.reparam_hidden), nn.Tanh(),
@@ -76,10 +76,13 @@ class Prefix(DeltaMethod):
             with torch.no_grad():
                 self.mlp[2].weight.mul_(0.01)
                 self.mlp[2].bias.mul_(0.01)
-            self.register_buffer("start", torch.cat([start[k].transpose(0, 1).reshape(l, -1) for k in self.kv_dims], 1))
-            self.prefixes = None
+            self.register_buffer("start", start)
+            self.table = None
         else:
-            self.prefixes = nn.ParameterDict({k: nn.Parameter(start[k].clone()) for k in self.kv_dims})
+            # Every attention's prefix in one tensor, laid out as the MLP's output: one trainable tensor, not
+            # one per attention, so one gradient accumulation and one optimizer state per step. The split
+            # per pass is views, and its backward one concatenation.
+            self.table = nn.Parameter(start)
 
     def _word_like_prefixes(self, model_map: ModelMap, l: int) -> dict[str, torch.Tensor]:
         """Keys and values of ``l`` random vocabulary words at each attention, shaped (2, l, d_kv).
@@ -108,12 +111,18 @@ class Prefix(DeltaMethod):
                 out[site_key] = torch.stack(rows)
         return out
 
+    def _table(self, prefixes: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-attention (2, l, d_kv) prefixes as one (l, sum of 2 d_kv) table: [k | v] per attention, in order
+        (the MLP's output layout, and peft's and adapters' flat prefix's)."""
+        return torch.cat([prefixes[k].transpose(0, 1).reshape(self.config.length, -1) for k in self.kv_dims], 1)
+
     def _all_prefixes(self) -> dict[str, torch.Tensor]:
         """Every attention's (2, l, d_kv) prefix; the MLP runs once per forward pass."""
-        if self.prefixes is not None:
-            return dict(self.prefixes.items())
-        flat = self.mlp(self.embedding)  # (l, sum 2 d_kv); bf16 under autocast, and it stays so
-        flat = flat + self.start.to(flat.dtype)
+        if self.table is not None:
+            flat = self.table
+        else:
+            flat = self.mlp(self.embedding)  # (l, sum 2 d_kv); bf16 under autocast, and it stays so
+            flat = flat + self.start.to(flat.dtype)
         # split, not slices: its backward is one concatenation instead of a zero-filled copy per attention
         pieces = flat.split([2 * dkv for dkv in self.kv_dims.values()], dim=1)
         return {site_key: piece.reshape(-1, 2, dkv).transpose(0, 1)
@@ -164,3 +173,18 @@ class Prefix(DeltaMethod):
             state = {f"prefixes.{k}": v.detach().clone() for k, v in self._all_prefixes().items()}
         state.update({f"gates.{k}": v.detach() for k, v in self.gates.state_dict().items()})
         return state
+
+    def load_delta_state(self, state: dict[str, torch.Tensor]) -> None:
+        """The saved form (``prefixes.<attention>``, (2, l, d_kv) each, and the gates) into the table."""
+        if self.table is None:  # a saved prefix loads as a direct one (saved_config), never into an MLP
+            raise ConfigError("a saved prefix loads into a prefix without reparametrisation (reparam=False)")
+        saved = {k.removeprefix("prefixes."): v for k, v in state.items() if k.startswith("prefixes.")}
+        if set(saved) != set(self.kv_dims):
+            raise ConfigError(f"saved delta does not fit method '{self.config.method}': its prefixes are for "
+                              f"{sorted(saved)[:5]}, this model's attentions are {list(self.kv_dims)[:5]}")
+        for k, dkv in self.kv_dims.items():
+            if tuple(saved[k].shape) != (2, self.config.length, dkv):
+                raise ConfigError(f"saved prefix for {k} has shape {tuple(saved[k].shape)}, this model needs "
+                                  f"{(2, self.config.length, dkv)} (length {self.config.length}, key width {dkv})")
+        rest = {k: v for k, v in state.items() if not k.startswith("prefixes.")}
+        super().load_delta_state({**rest, "table": self._table(saved)})
