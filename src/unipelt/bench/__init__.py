@@ -367,12 +367,13 @@ def format_table(result: dict[str, Any]) -> str:
               if r[f"{who}_error"]]
     if errors:
         lines += ["", "Failed cases: " + "; ".join(f"{m} ({who}): {e}" for m, who, e in errors)]
-    skipped = [("floor", "floor", result["floor"].get("cudagraph_skip_reasons"))]
-    skipped += [(r["method"], who, r.get(f"{who}_cudagraph_skips")) for r in result["rows"] for who in ("ours", "peer")]
-    skipped = [(m, who, reasons) for m, who, reasons in dict.fromkeys((m, w, tuple(x)) for m, w, x in skipped if x)]
+    heard = {("floor", "floor"): result["floor"].get("cudagraph_skip_reasons")}
+    for r in result["rows"]:  # each case once: ours repeats on a method's row against each peer
+        heard.setdefault((r["method"], "ours"), r.get("ours_cudagraph_skips"))
+        heard.setdefault((r["method"], r["peer"]), r.get("peer_cudagraph_skips"))
+    skipped = [f"{method} ({who}): {' | '.join(reasons)}" for (method, who), reasons in heard.items() if reasons]
     if skipped:  # such a graph launches every kernel from the host, every step
-        lines += ["", "Graphs run without CUDA graphs: " + "; ".join(f"{m} ({who}): {' | '.join(reasons)}"
-                                                                     for m, who, reasons in skipped)]
+        lines += ["", "Graphs run without CUDA graphs: " + "; ".join(skipped)]
     return "\n".join(lines)
 
 
