@@ -99,6 +99,11 @@ def test_the_kernels_get_ranks_padded_with_zeros_to_a_multiple_of_16(monkeypatch
     aligned = (torch.randn(16, 40), torch.randn(16), torch.randn(40, 16))
     assert all(a is b for a, b in zip(kb.aligned_ranks(*aligned), aligned, strict=True))
     assert (kb.rank_padding(12), kb.rank_padding(12, gated=True), kb.rank_padding(15, gated=True)) == (4, 3, 0)
+    wg, bg = torch.randn(1, 40), torch.randn(1)
+    gd, gb, gu = kb.aligned_ranks(wd, bd, wu, wg, bg)  # gated: zero rows, then the gate's; W_up as it is
+    assert (gd.shape, gb.shape, gu is wu) == ((16, 40), (16,), True)
+    assert torch.equal(gd[:12], wd) and torch.equal(gd[15:], wg) and not gd[12:15].any()
+    assert torch.equal(gb[:12], bd) and torch.equal(gb[15:], bg) and not gb[12:15].any()
     seen = []
     real = torch.ops.unipelt.bottleneck_forward
 
@@ -261,21 +266,27 @@ def test_adapters_of_a_model_run_fused_under_autocast_as_precisely_as_unfused(sp
     assert distance(fused, exact) <= 1.5 * distance(unfused, exact) + 1e-3
 
 
-@pytest.mark.parametrize("spec", [{"method": "phm_adapter", "bottleneck": 8},
-                                  {"method": "compacter", "bottleneck": 12}], ids=["phm_adapter", "compacter"])
-def test_compacter_hands_the_kernels_ranks_padded_in_its_one_batched_build(spec: dict, monkeypatch) -> None:
+@pytest.mark.parametrize(("spec", "width"), [
+    ({"method": "phm_adapter", "bottleneck": 8}, (16, 16, 16)),
+    ({"method": "compacter", "bottleneck": 12}, (16, 16, 16)),
+    # gated: W_down's rows leave room for the gate's (aligned_ranks adds it), and W_up keeps its 12 columns
+    ({"method": "compacter", "bottleneck": 12, "gate": True}, (15, 15, 12)),
+], ids=["phm_adapter", "compacter", "compacter_gated"])
+def test_compacter_hands_the_kernels_ranks_padded_in_its_one_batched_build(spec: dict, width: tuple,
+                                                                           monkeypatch) -> None:
     # the padding of every site's weights happens in the build (one kernel per tensor kind), not per call
     model = perturbed(spec)
     widths, original = [], kb.bottleneck_add
 
-    def spy(x, residual, w_down, b_down, w_up, b_up, *rest):
+    def spy(x, residual, w_down, b_down, w_up, b_up, act, scale, *gate):
         widths.append((w_down.shape[0], b_down.shape[0], w_up.shape[1]))
-        assert kb.aligned_ranks(w_down, b_down, w_up)[2] is w_up  # nothing left to pad
-        return original(x, residual, w_down, b_down, w_up, b_up, *rest)
+        aligned = kb.aligned_ranks(w_down, b_down, w_up, *gate)
+        assert aligned[2] is w_up and aligned[0].shape[0] == 16  # nothing left to pad but the gate's row
+        return original(x, residual, w_down, b_down, w_up, b_up, act, scale, *gate)
 
     monkeypatch.setattr(kb, "bottleneck_add", spy)
     model_pass(model, torch.randint(1, 96, (2, 7)), autocast=True)
-    assert widths == [(16, 16, 16)] * SITES[spec["method"]]
+    assert widths == [width] * SITES[spec["method"]]
 
 
 def test_a_fresh_adapter_leaves_the_base_output_exactly(monkeypatch) -> None:

@@ -104,15 +104,21 @@ def rank_padding(ranks: int, gated: bool = False) -> int:
     return -(ranks + gated) % 16
 
 
-def aligned_ranks(w_down: torch.Tensor, b_down: torch.Tensor,
-                  w_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(W_down, b_down, W_up)`` with zero ranks appended up to a multiple of 16 (the same function: f(0) = 0).
+def aligned_ranks(w_down: torch.Tensor, b_down: torch.Tensor, w_up: torch.Tensor, w_gate: torch.Tensor | None = None,
+                  b_gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(W_down, b_down, W_up)`` as the kernels take them: zero ranks appended up to a multiple of 16 (the same
+    function: f(0) = 0); with a gate, its row and bias last, after W_down's zero rows.
 
     Triton vectorises a load only where it sees a row stride or a mask's bound divide by 16; the rank count
     is both. At m = 24 (Compacter's) every kernel ran slower than at m = 32 (H200, 40.7 against 32.9 us an
     adapter, run 68), though both compute 32 ranks in registers. The padding never widens that block (the
-    next power of two). The gated form pads W_down in :func:`bottleneck_add`.
+    next power of two). Gated, UniPELT's m = 48 runs 64 ranks where it ran 49, in the same 64-rank block
+    (38.9 against 53.5 us an adapter, run 72); W_up stays as it is there: the kernels read its m columns, and
+    its gradient is a view of theirs (padded, a copy: 45.7 us, run 71).
     """
+    if w_gate is not None:  # autograd splits the gate row's gradient back
+        pad = rank_padding(w_down.shape[0], gated=True)
+        return _with_rows(w_down, pad, w_gate), _with_rows(b_down, pad, b_gate), w_up
     pad = rank_padding(w_down.shape[0])
     if not pad:
         return w_down, b_down, w_up
@@ -138,18 +144,9 @@ def bottleneck_add(x: torch.Tensor, residual: torch.Tensor | None, w_down: torch
     # the kernels index rows by the width: any other layout (a slice of a fused projection) is copied first
     flat = x.reshape(-1, shape[-1]).contiguous()
     res = residual.reshape(-1, shape[-1]).to(x.dtype).contiguous() if residual is not None else None
-    gated = w_gate is not None
-    if gated:
-        # the gate's row as the down projection's last rank (autograd splits its gradient back), after zero rows
-        # up to a multiple of 16 ranks, as aligned_ranks: UniPELT's m = 48 runs 64 ranks where it ran 49, in the
-        # same 64-rank block (H200: 38.9 against 53.5 us an adapter, run 72). W_up stays as it is: the kernels
-        # read its m columns, and its gradient is a view of theirs (padded, a copy: 45.7 us, run 71).
-        pad = rank_padding(w_down.shape[0], gated=True)
-        w_down, b_down = _with_rows(w_down, pad, w_gate), _with_rows(b_down, pad, b_gate)
-    else:
-        w_down, b_down, w_up = aligned_ranks(w_down, b_down, w_up)
-    weights = (w.contiguous() for w in (w_down, b_down, w_up, b_up))
-    out, _ = torch.ops.unipelt.bottleneck_forward(flat, res, *weights, gated, ACTIVATIONS[act], float(scale))
+    weights = (w.contiguous() for w in (*aligned_ranks(w_down, b_down, w_up, w_gate, b_gate), b_up))
+    out, _ = torch.ops.unipelt.bottleneck_forward(flat, res, *weights, w_gate is not None, ACTIVATIONS[act],
+                                                  float(scale))
     return out.view(shape)
 
 

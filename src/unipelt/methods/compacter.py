@@ -150,26 +150,27 @@ class Compacter(Adapter):
         self._context = installer.context  # its per-pass cache: the weights are built once per forward pass
         super().install(installer)
 
-    def _all_weights(self, rank_pad: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def _all_weights(self, rank_pad: int = 0, pad_up: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Every site's (W_down, W_up), the PHM layers of each layout built together; ``rank_pad`` zero ranks
-        appended to each (W_down's rows, W_up's columns) in the build's kernel."""
+        appended to W_down's rows and, with ``pad_up``, to W_up's columns, in the build's kernel."""
         layers = [(key, part, getattr(b, part)) for key, b in self.adapters.items() for part in ("down", "up")]
         groups: dict[tuple, list] = {}
         for entry in layers:
             groups.setdefault((entry[1], entry[2].layout()), []).append(entry)
         built: dict[tuple[str, str], torch.Tensor] = {}
         for (part, _), group in groups.items():
-            pad = (0, 0, 0, rank_pad) if part == "down" else (0, rank_pad)
+            pad = (0, 0, 0, rank_pad) if part == "down" else (0, rank_pad if pad_up else 0)
             weights = batched_weights([layer for _, _, layer in group], getattr(self, "rules", None), pad)
             built.update({(key, part): w for (key, part, _), w in zip(group, weights, strict=True)})
         return {key: (built[(key, "down")], built[(key, "up")]) for key in self.adapters}
 
     def _aligned_weights(self) -> dict[str, tuple[torch.Tensor, ...]]:
         """Every site's (W_down, b_down, W_up, b_up) for the fused kernels, ranks padded as
-        :func:`~unipelt.kernels.bottleneck.aligned_ranks` pads them (with room for a gate's rank), in one padding
-        kernel per tensor kind."""
-        pad = fused.rank_padding(self.config.bottleneck, gated=bool(self.gates))
-        weights = self._all_weights(pad)
+        :func:`~unipelt.kernels.bottleneck.aligned_ranks` pads them (gated: W_down with room for the gate's row, W_up
+        as it is), in one padding kernel per tensor kind."""
+        gated = bool(self.gates)
+        pad = fused.rank_padding(self.config.bottleneck, gated=gated)
+        weights = self._all_weights(pad, pad_up=not gated)
         biases = [b.down.bias for b in self.adapters.values()]
         if pad:
             biases = F.pad(torch.stack(biases), (0, pad)).unbind(0)
