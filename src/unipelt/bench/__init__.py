@@ -186,20 +186,21 @@ def summarise(runs: dict[tuple[str, str], list[dict[str, Any]]], shape: str, met
             "rows": rows, **extra, **run_options}
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    """``a / b``, or None where either was not measured."""
+    return a / b if a and b else None
+
+
 def _against_longer_floor(row: dict[str, Any], floor: dict[str, Any], tokens: int) -> dict[str, Any]:
     """A row's figures against the floor at the method's own sequence length (``tokens`` positions more)."""
     if "error" in floor:
         return {"tokens_added": tokens, "longer_floor_error": floor["error"]}
-
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return a / b if a and b else None
-
     return {"tokens_added": tokens, "longer_floor_ms": floor["train_ms"],
-            "ratio_vs_longer_floor": ratio(row["ours_ms"], floor["train_ms"]),
+            "ratio_vs_longer_floor": _ratio(row["ours_ms"], floor["train_ms"]),
             "longer_floor_ms_back_to_back": floor.get("back_to_back_ms"),
-            "ratio_vs_longer_floor_back_to_back": ratio(row["ours_ms_back_to_back"], floor.get("back_to_back_ms")),
+            "ratio_vs_longer_floor_back_to_back": _ratio(row["ours_ms_back_to_back"], floor.get("back_to_back_ms")),
             "longer_floor_gpu_busy_ms": floor.get("gpu_busy_ms"),
-            "ratio_vs_longer_floor_gpu_busy": ratio(row["ours_gpu_busy_ms"], floor.get("gpu_busy_ms"))}
+            "ratio_vs_longer_floor_gpu_busy": _ratio(row["ours_gpu_busy_ms"], floor.get("gpu_busy_ms"))}
 
 
 def from_cases(path: Path, device: str) -> dict[str, Any]:
@@ -258,8 +259,8 @@ def _back_to_back(ours_ms: float | None, peer_ms: float | None, floor_ms: float 
     """The same figures for steps run back to back (GPU): a training loop's throughput, host work hidden
     behind the GPU's where the GPU has work queued."""
     return {"ours_ms_back_to_back": ours_ms, "peer_ms_back_to_back": peer_ms, "floor_ms_back_to_back": floor_ms,
-            "ratio_vs_floor_back_to_back": ours_ms / floor_ms if ours_ms and floor_ms else None,
-            "ratio_vs_peer_back_to_back": ours_ms / peer_ms if ours_ms and peer_ms else None}
+            "ratio_vs_floor_back_to_back": _ratio(ours_ms, floor_ms),
+            "ratio_vs_peer_back_to_back": _ratio(ours_ms, peer_ms)}
 
 
 def _row(method: str, peer: str | None, ours: dict | None, theirs: dict | None, floor: dict, device: str) -> dict:
@@ -270,8 +271,7 @@ def _row(method: str, peer: str | None, ours: dict | None, theirs: dict | None, 
     ours_ms, peer_ms, floor_ms = get(ours, "train_ms"), get(theirs, "train_ms"), floor["train_ms"]
     return {"method": method, "peer": peer, "device": device, "ours_ms": ours_ms, "peer_ms": peer_ms,
             "floor_ms": floor_ms,
-            "ratio_vs_peer": ours_ms / peer_ms if ours_ms and peer_ms else None,
-            "ratio_vs_floor": ours_ms / floor_ms if ours_ms else None,
+            "ratio_vs_peer": _ratio(ours_ms, peer_ms), "ratio_vs_floor": _ratio(ours_ms, floor_ms),
             "ours_peak_mb": get(ours, "peak_mb"), "peer_peak_mb": get(theirs, "peak_mb"),
             "ours_peak_requested_mb": get(ours, "peak_requested_mb"),
             "peer_peak_requested_mb": get(theirs, "peak_requested_mb"),
@@ -361,7 +361,7 @@ def format_table(result: dict[str, Any]) -> str:
                 f"| {r['method']} | {r['tokens_added']} | {f(r['ours_ms'])} | {f(r['floor_ms'])} "
                 f"({f(r['ratio_vs_floor'])}) | {f(r.get('longer_floor_ms'))} ({f(r.get('ratio_vs_longer_floor'))}) | "
                 f"{f(r['ratio_vs_floor_back_to_back'])} / {f(r.get('ratio_vs_longer_floor_back_to_back'))} | "
-                f"{f(r['ours_gpu_busy_ms'] and busy and r['ours_gpu_busy_ms'] / busy)} / "
+                f"{f(_ratio(r['ours_gpu_busy_ms'], busy))} / "
                 f"{f(r.get('ratio_vs_longer_floor_gpu_busy'))} |")
     errors = [(r["method"], who, r[f"{who}_error"]) for r in result["rows"] for who in ("ours", "peer")
               if r[f"{who}_error"]]
