@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import ConfigError, MethodConfig, parse_config, register
+from .config import ConfigError, MethodConfig, parse_config, register, register_preset
 from .methods.adapter import AdapterConfig
 from .methods.lora import LoRAConfig
 from .methods.prefix import PrefixConfig
@@ -76,16 +76,19 @@ class Composition(MethodConfig):
 class UniPELTConfig(MethodConfig):
     """UniPELT (Mao et al. 2022): gated adapter + gated prefix + gated LoRA in every layer.
 
-    Defaults are the paper's: adapter after the FFN with bottleneck 48, prefix length 10, LoRA r=8,
-    alpha=16 on W_q and W_v. ``prompt`` adds the seed's prompt-tuning layer on the input (ungated).
-    Set any part to ``None`` to leave it out.
+    Defaults are the authors' code's (morningmoni/UniPELT, ``examples/text-classification/run_glue.py`` and
+    its vendored adapter-transformers 2.0.1): a Pfeiffer adapter inside the FFN's LayerNorm, reduction factor
+    16 (m = 48 on BERT-base), ReLU, N(0, 0.02) init; a prefix of length 10 through an MLP of width 512,
+    N(0, 0.02) init; LoRA r = 8 on W_q and W_v, whose gate replaces alpha / r. Each gate is one value per
+    example, the mean of per-token sigmoids (``gate_pooling``). ``prompt`` adds the seed's prompt-tuning layer
+    on the input (ungated). Set any part to ``None`` to leave it out.
     """
 
     method = "unipelt"
     description = "UniPELT: gated adapter + gated prefix + gated LoRA per layer, optional prompt layer"
 
-    adapter: AdapterConfig | None = field(default_factory=lambda: AdapterConfig(bottleneck=48, placement="pfeiffer"))
-    prefix: PrefixConfig | None = field(default_factory=lambda: PrefixConfig(length=10))
+    adapter: AdapterConfig | None = field(default_factory=lambda: AdapterConfig(placement="pfeiffer"))
+    prefix: PrefixConfig | None = field(default_factory=lambda: PrefixConfig(length=10, init="bert"))
     lora: LoRAConfig | None = field(default_factory=lambda: LoRAConfig(r=8, alpha=16.0))
     prompt: PromptConfig | None = None
 
@@ -109,7 +112,7 @@ class UniPELTConfig(MethodConfig):
         out: list[MethodConfig] = []
         for part in (self.adapter, self.prefix, self.lora):
             if part is not None:
-                out.append(type(part).from_dict({**part.to_dict(), "gate": True}))
+                out.append(type(part).from_dict({**part.to_dict(), "gate": True, "gate_pooling": self.gate_pooling}))
         if self.prompt is not None:
             out.append(self.prompt)
         return out
@@ -118,12 +121,17 @@ class UniPELTConfig(MethodConfig):
 @register
 @dataclass
 class MAMConfig(MethodConfig):
-    """MAM adapter (He et al. 2022): prefix on attention (l=30) + scaled parallel adapter on the FFN (m=512, s=4)."""
+    """MAM adapter (He et al. 2022): prefix on attention (l=30, MLP width 800) + scaled parallel adapter on the FFN
+    (m=512, s=4), the XSum and en-ro setting of jxhe/unify-parameter-efficient-tuning (``exps/run_xsum.sh``;
+    ``petl/options.py`` ``mid_dim`` 800); PyTorch's default init for the prefix, LoRA-style for the adapter.
+    ``mam_glue`` is that repository's GLUE setting (``exps/run_glue.sh``): l=16, m=16, s=2 (trained there at
+    1e-4).
+    """
 
     method = "mam"
-    description = "MAM adapter: prefix tuning (l=30) + scaled parallel FFN adapter (m=512, s=4)"
+    description = "MAM adapter: prefix tuning (l=30, MLP 800) + scaled parallel FFN adapter (m=512, s=4)"
 
-    prefix: PrefixConfig = field(default_factory=lambda: PrefixConfig(length=30))
+    prefix: PrefixConfig = field(default_factory=lambda: PrefixConfig(length=30, reparam_hidden=800))
     adapter: AdapterConfig = field(
         default_factory=lambda: AdapterConfig(bottleneck=512, placement="pfeiffer", parallel=True, scaling=4.0))
 
@@ -141,3 +149,7 @@ class MAMConfig(MethodConfig):
 
     def expand(self) -> list[MethodConfig]:
         return [self.prefix, self.adapter]
+
+
+register_preset("mam_glue", MAMConfig, "MAM adapter, He et al.'s GLUE setting: prefix l=16 + parallel FFN adapter m=16, s=2",
+                prefix={"length": 16}, adapter={"bottleneck": 16, "scaling": 2.0})

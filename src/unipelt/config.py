@@ -13,24 +13,36 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 
+GATE_POOLINGS = ("mean", "mean_with_padding", "token")  # runtime.gate_values
+
+
 class ConfigError(ValueError):
     """A config that cannot be built: unknown method, unknown key, or values that do not fit."""
 
 
 @dataclass
 class MethodConfig:
-    """Base of every method config. ``gate`` turns on a UniPELT gate where the method has one."""
+    """Base of every method config. ``gate`` turns on a UniPELT gate where the method has one.
+
+    ``gate_pooling`` says how a gate's per-token sigmoids become its value (``runtime.gate_values``):
+    ``"mean"`` over the example's real tokens (UniPELT's per-example gate, the default),
+    ``"mean_with_padding"`` (the reference's, which averages over its padding to 128 tokens too), or
+    ``"token"`` (one gate per token).
+    """
 
     method: ClassVar[str] = ""
     description: ClassVar[str] = ""
     gateable: ClassVar[bool] = False
 
     gate: bool = False
+    gate_pooling: str = "mean"
 
     def validate(self) -> None:
         """Check values that need no model; model-dependent checks happen at attach."""
         if self.gate and not self.gateable:
             raise ConfigError(f"method '{self.method}' has no UniPELT gate; remove gate=True")
+        if self.gate_pooling not in GATE_POOLINGS:
+            raise ConfigError(f"gate_pooling must be one of {GATE_POOLINGS}, got {self.gate_pooling!r}")
 
     def require_positive_ints(self, *names: str) -> None:
         """Each named field must be a positive integer (a boolean is not one)."""

@@ -7,6 +7,13 @@ activation. Paths are relative to ``model.base_model``. Adding a family is addin
 A path listed as a tuple names alternatives or several modules (LLaMA's FFN reads its input
 through both ``gate_proj`` and ``up_proj``; T5 v1.1 uses ``wi_0``/``wi_1`` instead of ``wi``);
 those that do not exist in a given model are skipped.
+
+Serial adapters also need where a sub-layer's output ends: the module whose output is that output after
+its dropout, just before the residual add (``out`` of an attention, ``ffn_output`` of the FFN; ``None``
+where the dropout is a function call, or a module shared by both sub-layers: then the last projection's
+output, the same tensor whenever dropout is off), and the LayerNorm around the FFN's residual add
+(``ffn_norm``): after it in post-LN models (BERT: ``LN(h + x)``), before the FFN in pre-LN ones
+(``norm_first``: ``x + FFN(LN(x))``).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ class AttentionSpec:
     v: str | None
     o: str
     qkv: str | None = None
+    out: str | None = None  # the sub-layer's output after its dropout (None: the output of ``o``)
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,9 @@ class StackSpec:
     ffn_in: tuple[str, ...]
     ffn_out: str
     activation: str  # module holding the FFN non-linearity (attribute path)
+    ffn_norm: str | None = None  # the LayerNorm of the FFN's residual: after the add, or before the FFN
+    norm_first: bool = False  # pre-LN: ``x + FFN(ffn_norm(x))``; post-LN: ``ffn_norm(x + FFN(x))``
+    ffn_output: str | None = None  # the FFN's output after its dropout (None: the output of ``ffn_out``)
 
 
 @dataclass(frozen=True)
@@ -64,11 +75,13 @@ def _bert_like(name: str, model_types: tuple[str, ...], q="query", k="key", v="v
                 layers="encoder.layer",
                 attentions=(
                     AttentionSpec("self", "attention.self", f"attention.self.{q}", f"attention.self.{k}",
-                                  f"attention.self.{v}", "attention.output.dense"),
+                                  f"attention.self.{v}", "attention.output.dense", out="attention.output.dropout"),
                 ),
                 ffn_in=("intermediate.dense",),
                 ffn_out="output.dense",
                 activation="intermediate.intermediate_act_fn",
+                ffn_norm="output.LayerNorm",
+                ffn_output="output.dropout",
             ),
         ),
         prompt_after_cls=True,
@@ -79,12 +92,13 @@ def _bert_like(name: str, model_types: tuple[str, ...], q="query", k="key", v="v
 
 def _t5_stack(name: str) -> StackSpec:
     attentions = [AttentionSpec("self", "layer.0.SelfAttention", "layer.0.SelfAttention.q",
-                                "layer.0.SelfAttention.k", "layer.0.SelfAttention.v", "layer.0.SelfAttention.o")]
+                                "layer.0.SelfAttention.k", "layer.0.SelfAttention.v", "layer.0.SelfAttention.o",
+                                out="layer.0.dropout")]
     ffn = "layer.1"
     if name == "decoder":
         attentions.append(AttentionSpec("cross", "layer.1.EncDecAttention", "layer.1.EncDecAttention.q",
                                         "layer.1.EncDecAttention.k", "layer.1.EncDecAttention.v",
-                                        "layer.1.EncDecAttention.o"))
+                                        "layer.1.EncDecAttention.o", out="layer.1.dropout"))
         ffn = "layer.2"
     return StackSpec(
         name=name,
@@ -93,6 +107,9 @@ def _t5_stack(name: str) -> StackSpec:
         ffn_in=(f"{ffn}.DenseReluDense.wi", f"{ffn}.DenseReluDense.wi_0", f"{ffn}.DenseReluDense.wi_1"),
         ffn_out=f"{ffn}.DenseReluDense.wo",
         activation=f"{ffn}.DenseReluDense.act",
+        ffn_norm=f"{ffn}.layer_norm",
+        norm_first=True,
+        ffn_output=f"{ffn}.dropout",
     )
 
 
@@ -102,8 +119,9 @@ def _bart_stack(name: str) -> StackSpec:
     if name == "decoder":
         attentions.append(AttentionSpec("cross", "encoder_attn", "encoder_attn.q_proj", "encoder_attn.k_proj",
                                         "encoder_attn.v_proj", "encoder_attn.out_proj"))
+    # BART's dropouts are function calls: serial adapters read fc2's and out_proj's outputs
     return StackSpec(name=name, layers=f"{name}.layers", attentions=tuple(attentions), ffn_in=("fc1",),
-                     ffn_out="fc2", activation="activation_fn")
+                     ffn_out="fc2", activation="activation_fn", ffn_norm="final_layer_norm")
 
 
 FAMILIES: tuple[FamilySpec, ...] = (
@@ -120,15 +138,18 @@ FAMILIES: tuple[FamilySpec, ...] = (
         stacks=(StackSpec("layers", "transformer.layer",
                           (AttentionSpec("self", "attention", "attention.q_lin", "attention.k_lin",
                                          "attention.v_lin", "attention.out_lin"),),
-                          ("ffn.lin1",), "ffn.lin2", "ffn.activation"),),
+                          ("ffn.lin1",), "ffn.lin2", "ffn.activation", ffn_norm="output_layer_norm",
+                          ffn_output="ffn.dropout"),),
         prompt_after_cls=True,
     ),
     FamilySpec(
         name="gpt2",
         model_types=("gpt2",),
         stacks=(StackSpec("layers", "h",
-                          (AttentionSpec("self", "attn", None, None, None, "attn.c_proj", qkv="attn.c_attn"),),
-                          ("mlp.c_fc",), "mlp.c_proj", "mlp.act"),),
+                          (AttentionSpec("self", "attn", None, None, None, "attn.c_proj", qkv="attn.c_attn",
+                                         out="attn.resid_dropout"),),
+                          ("mlp.c_fc",), "mlp.c_proj", "mlp.act", ffn_norm="ln_2", norm_first=True,
+                          ffn_output="mlp.dropout"),),
         prompt_after_cls=False,
     ),
     FamilySpec(
@@ -137,7 +158,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
         stacks=(StackSpec("layers", "layers",
                           (AttentionSpec("self", "self_attn", "self_attn.q_proj", "self_attn.k_proj",
                                          "self_attn.v_proj", "self_attn.o_proj"),),
-                          ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "mlp.act_fn"),),
+                          ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "mlp.act_fn",
+                          ffn_norm="post_attention_layernorm", norm_first=True),),
         prompt_after_cls=False,
     ),
     FamilySpec(name="t5", model_types=("t5", "mt5"), stacks=(_t5_stack("encoder"), _t5_stack("decoder")),
@@ -150,7 +172,9 @@ FAMILIES: tuple[FamilySpec, ...] = (
         stacks=(StackSpec("layers", "layers",
                           (AttentionSpec("self", "attention", "attention.q_proj", "attention.k_proj",
                                          "attention.v_proj", "attention.o_proj"),),
-                          ("mlp.fc1",), "mlp.fc2", "mlp.activation_fn"),),
+                          # one dropout module serves both sub-layers: serial adapters read fc2's and o_proj's outputs
+                          ("mlp.fc1",), "mlp.fc2", "mlp.activation_fn", ffn_norm="layernorm_after",
+                          norm_first=True),),
         prompt_after_cls=True,
     ),
 )
@@ -183,3 +207,17 @@ def get_submodule(root: nn.Module, path: str) -> nn.Module | None:
         return root.get_submodule(path)
     except AttributeError:
         return None
+
+
+# the names model configs give their hidden (residual) dropout, first match wins
+_HIDDEN_DROPOUT = ("hidden_dropout_prob", "dropout_rate", "resid_pdrop", "dropout")
+
+
+def hidden_dropout(config: object) -> float:
+    """The model's dropout on its hidden states (BERT's ``hidden_dropout_prob``, T5's ``dropout_rate``, GPT-2's
+    ``resid_pdrop``, BART's and DistilBERT's ``dropout``); 0 for models without one (LLaMA)."""
+    for name in _HIDDEN_DROPOUT:
+        value = getattr(config, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return 0.0

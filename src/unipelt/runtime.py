@@ -73,15 +73,54 @@ def matmul_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class Gate(nn.Module):
-    """UniPELT gate: ``sigmoid(W x + b)``, one scalar per token (or per pooled example)."""
+    """UniPELT gate: ``sigmoid(W x + b)`` per token, which :func:`gate_values` pools per example.
+
+    ``W ~ N(0, 0.02)``, ``b = 0``: the reference re-initialises every gate so (morningmoni/UniPELT,
+    ``transformers/models/bert/modeling_bert.py`` ``_init_weights`` and ``adapters/modeling.py``
+    ``init_bert_weights``).
+    """
 
     def __init__(self, in_features: int):
         super().__init__()
         self.proj = nn.Linear(in_features, 1)
+        nn.init.normal_(self.proj.weight, std=0.02)
+        nn.init.zeros_(self.proj.bias)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.proj.weight
+        return torch.nn.functional.linear(matmul_input(x, w), w, self.proj.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.proj.weight
-        return torch.sigmoid(torch.nn.functional.linear(matmul_input(x, w), w, self.proj.bias))
+        return torch.sigmoid(self.logits(x))
+
+
+def sequence_mean(values: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the sequence (dim 1) of per-token values ``(batch, seq, k)``, counting only real tokens when
+    ``padding_mask`` (batch, seq) fits: ``(batch, 1, k)``. A row padded or not gives the same mean."""
+    if padding_mask is None or padding_mask.shape != values.shape[:2]:
+        return values.mean(1, keepdim=True)
+    m = padding_mask.to(values.dtype).unsqueeze(-1)
+    return (values * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1.0)
+
+
+def gate_values(gate_logit: torch.Tensor, pooling: str, padding_mask: torch.Tensor | None,
+                causal: bool) -> torch.Tensor:
+    """UniPELT's gate from its per-token logits ``(batch, seq, 1)``.
+
+    The reference averages the per-token sigmoids over the sequence: one gate per example,
+    ``G = mean_t sigmoid(W x_t + b)``, shape ``(batch, 1, 1)`` (morningmoni/UniPELT,
+    ``transformers/adapters/modeling.py`` L123-124, ``lora_layers.py`` L166-169, ``modeling_bert.py`` L320).
+    ``pooling``: ``"mean"`` over the real tokens (the default: a padded row gives what it gives alone);
+    ``"mean_with_padding"`` over every position, as the reference, which pads every batch to 128 tokens;
+    ``"token"``, one gate per token. In a causal layer a mean would read later tokens, so the gate stays per
+    token there whatever ``pooling`` says (the reference is an encoder).
+    """
+    g = torch.sigmoid(gate_logit)
+    if causal or pooling == "token":
+        return g
+    if pooling == "mean_with_padding":
+        return g.mean(1, keepdim=True)
+    return sequence_mean(g, padding_mask)
 
 
 def stacked_linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor] | None,
@@ -124,24 +163,6 @@ def shared_by_input(cache: dict[Any, Any], slot: Any, readers: int,
         return hit[1]
 
     return read
-
-
-def pooled(x: torch.Tensor, padding_mask: torch.Tensor | None, context: ForwardContext | None = None,
-           key: Any = "pool_weights", uses: int | None = None) -> torch.Tensor:
-    """Mean over tokens of ``x`` (batch, seq, d), counting only real tokens when the mask fits.
-
-    The mask's per-token weights (1 / real tokens, or 0) are the same in every layer: with ``context``
-    they are computed once per forward pass (``context.once(key, ..., uses)``), and each layer pays a
-    multiply and a sum.
-    """
-    if padding_mask is None or padding_mask.shape != x.shape[:2]:
-        return x.mean(1)
-
-    def weights() -> torch.Tensor:
-        m = padding_mask.to(x.dtype).unsqueeze(-1)
-        return m / m.sum(1, keepdim=True).clamp_min(1.0)
-
-    return (x * (context.once((key, x.dtype), weights, uses) if context is not None else weights())).sum(1)
 
 
 ModelCallRewrite = Callable[[dict[str, Any]], dict[str, Any]]

@@ -133,6 +133,12 @@ class AttentionSites:
     k: Projection
     v: Projection
     o: Projection
+    out: nn.Module | None = None  # the sub-layer's output after its dropout (families.AttentionSpec.out)
+
+    @property
+    def output_module(self) -> nn.Module:
+        """The module whose output is this attention sub-layer's output, just before the residual add."""
+        return self.out if self.out is not None else self.o.module
 
     def projection(self, name: str) -> Projection:
         return {"q": self.q, "k": self.k, "v": self.v, "o": self.o}[name]
@@ -148,6 +154,15 @@ class LayerSites:
     activation_parent: nn.Module
     activation_attr: str
     module: nn.Module
+    ffn_output: nn.Module | None = None  # the FFN's output after its dropout (families.StackSpec.ffn_output)
+    ffn_norm: nn.Module | None = None  # the LayerNorm around the FFN's residual (families.StackSpec.ffn_norm)
+    norm_first: bool = False  # pre-LN: ffn_norm reads the FFN's input; post-LN: it reads x + FFN(x)
+    causal: bool = False  # a token of this layer sees only the tokens before it (decoders)
+
+    @property
+    def ffn_output_module(self) -> nn.Module:
+        """The module whose output is the FFN sub-layer's output, just before the residual add."""
+        return self.ffn_output if self.ffn_output is not None else self.ffn_out.module
 
     @property
     def key(self) -> str:
@@ -180,6 +195,13 @@ class ModelMap:
         heads = tuple(self.head_modules)
         return [(p, m) for p, m in self.model.named_modules()
                 if p and not p.startswith(heads) and not p.startswith("unipelt_deltas")]
+
+    def causal(self, module: nn.Module) -> bool:
+        """Whether ``module`` sits in a causal layer (a decoder's), where a token must not read later ones."""
+        for layer in self.layers:
+            if any(m is module for m in layer.module.modules()):
+                return layer.causal
+        return False
 
     def stacks(self) -> list[str]:
         return sorted({layer.stack for layer in self.layers}, key=lambda s: {"layers": 0, "encoder": 1}.get(s, 2))
@@ -246,7 +268,8 @@ def _attention_sites(spec: AttentionSpec, layer: nn.Module, prefix: str, model_n
         q, k, v = (Projection(fused.module, fused.path, slice(i * d, (i + 1) * d)) for i in range(3))
     else:
         q, k, v = (_projection(layer, p, prefix, model_name) for p in (spec.q, spec.k, spec.v))
-    return AttentionSites(spec.kind, module, q, k, v, o)
+    out = get_submodule(layer, spec.out) if spec.out else None
+    return AttentionSites(spec.kind, module, q, k, v, o, out)
 
 
 def resolve(model: nn.Module) -> ModelMap:
@@ -275,15 +298,21 @@ def resolve(model: nn.Module) -> ModelMap:
             parent = get_submodule(layer, parent_path) if parent_path else layer
             if parent is None or not hasattr(parent, attr):
                 raise UnsupportedModelError(f"{name}: no FFN activation at '{prefix}.{stack.activation}'")
+            attentions = [_attention_sites(a, layer, prefix, name) for a in stack.attentions]
             layers.append(LayerSites(
                 stack=stack.name,
                 index=index,
-                attentions=[_attention_sites(a, layer, prefix, name) for a in stack.attentions],
+                attentions=attentions,
                 ffn_in=ffn_in,
                 ffn_out=_projection(layer, stack.ffn_out, prefix, name),
                 activation_parent=parent,
                 activation_attr=attr,
                 module=layer,
+                ffn_output=get_submodule(layer, stack.ffn_output) if stack.ffn_output else None,
+                ffn_norm=get_submodule(layer, stack.ffn_norm) if stack.ffn_norm else None,
+                norm_first=stack.norm_first,
+                causal=stack.name == "decoder" or any(bool(getattr(a.module, "is_causal", False))
+                                                      for a in attentions if a.kind == "self"),
             ))
     if not layers:
         raise UnsupportedModelError(f"{name}: found no layers")

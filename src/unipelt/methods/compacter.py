@@ -193,9 +193,11 @@ class Compacter(Adapter):
         return self._context.once((id(self), "phm_aligned"), self._aligned_weights,
                                   uses=len(self.adapters))[site_key]
 
-    def _delta(self, site_key: str, x: torch.Tensor) -> torch.Tensor:
-        weights = self._built_weights(site_key)
-        delta = self.adapters[site_key](x, getattr(self, "rules", None), weights)
-        if site_key in self.gates:
-            delta = delta * self.gates[site_key](x)
-        return delta * self.config.scaling if self.config.scaling != 1.0 else delta
+    def _plain_weights(self, site_key: str) -> tuple[torch.Tensor, ...]:
+        """The site's (W_down, b_down, W_up, b_up), W from this pass's one batched build (built here outside a
+        forward pass)."""
+        bottleneck = self.adapters[site_key]
+        built = self._built_weights(site_key)
+        w_down, w_up = built if built is not None else (bottleneck.down.weight(getattr(self, "rules", None)),
+                                                        bottleneck.up.weight(getattr(self, "rules", None)))
+        return w_down, bottleneck.down.bias, w_up, bottleneck.up.bias

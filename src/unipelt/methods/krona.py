@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ConfigError, MethodConfig, register
-from ..runtime import Gate, Installer
+from ..runtime import Gate, Installer, gate_values
 from ..sites import ModelMap, Projection
 from .base import DeltaMethod, cast_like, matmul_input
 
@@ -78,11 +78,13 @@ class KronA(DeltaMethod):
     def __init__(self, config: KronAConfig, model_map: ModelMap):
         super().__init__(config, model_map)
         self.sites: dict[str, Projection] = {}
+        self.causal: dict[str, bool] = {}
         self.A = nn.ParameterDict()
         self.B = nn.ParameterDict()
         self.gates = nn.ModuleDict()
         for site_key, proj in model_map.projections(config.targets):
             self.sites[site_key] = proj
+            self.causal[site_key] = model_map.causal(proj.module)
             self.A[site_key], self.B[site_key] = kron_factors(config.a_out, config.a_in, proj.out_features,
                                                               proj.in_features, f"krona on {proj.path}")
             if config.gate:
@@ -95,23 +97,24 @@ class KronA(DeltaMethod):
 
     def install(self, installer: Installer) -> None:
         for site_key, proj in self.sites.items():
-            hook = self._hook(site_key, proj, installer.own_rows)
+            hook = self._hook(site_key, proj, installer)
             if site_key in self.gates:  # the gate depends on the input: a delta on the output only
                 installer.on_output(proj.module, hook)
             else:  # in the projection's own GEMM: the vec trick's small batched GEMMs cost more (BERT-base, H100)
                 installer.add_weight_delta(proj, lambda site_key=site_key: self.delta_weight(site_key), hook)
 
-    def _hook(self, site_key: str, proj: Projection, own_rows):
+    def _hook(self, site_key: str, proj: Projection, installer: Installer):
         a, b, scale = self.A[site_key], self.B[site_key], self.config.scale
         gate = self.gates[site_key] if site_key in self.gates else None  # noqa: SIM401 (ModuleDict has no get)
+        pooling, causal = self.config.gate_pooling, self.causal[site_key]
 
         def add_kron(module, inputs, output):
             x = inputs[0]
             delta = kron_apply(matmul_input(x, a), a, b)
             delta = delta * scale if scale != 1.0 else delta
             if gate is not None:
-                delta = delta * gate(x)
-            return output + proj.place(cast_like(own_rows(delta), output))
+                delta = delta * gate_values(gate.logits(x), pooling, installer.context.padding_mask, causal)
+            return output + proj.place(cast_like(installer.own_rows(delta), output))
 
         return add_kron
 
@@ -166,11 +169,12 @@ class KronAFFN(DeltaMethod):
                 stash[slot] = inputs[0]
 
             installer.on_input(layer.ffn_in[0].module, read_input)
-            installer.on_output(layer.ffn_out.module, self._hook(key, layer.ffn_out, slot, stash, installer.own_rows))
+            installer.on_output(layer.ffn_out.module, self._hook(key, layer.ffn_out, slot, stash, installer))
 
-    def _hook(self, key: str, proj: Projection, slot: tuple, stash: dict, own_rows):
+    def _hook(self, key: str, proj: Projection, slot: tuple, stash: dict, installer: Installer):
         a, b, gate = self.A[key], self.B[key], (self.gates[key] if key in self.gates else None)  # noqa: SIM401
         scale, residual = self.config.scale, self.config.residual_scale
+        pooling, causal = self.config.gate_pooling, self.layers[key].causal
 
         def add_parallel(module, inputs, output):
             x = stash.pop(slot, None)
@@ -182,7 +186,7 @@ class KronAFFN(DeltaMethod):
             if residual:
                 delta = delta + residual * x_in
             if gate is not None:
-                delta = delta * gate(x)
-            return output + proj.place(cast_like(own_rows(delta), output))
+                delta = delta * gate_values(gate.logits(x), pooling, installer.context.padding_mask, causal)
+            return output + proj.place(cast_like(installer.own_rows(delta), output))
 
         return add_parallel

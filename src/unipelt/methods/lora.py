@@ -1,13 +1,17 @@
 """LoRA (Hu et al. 2021): ``h = W x + (alpha / r) B A x``, B zero-initialised.
 
-A is Kaiming-uniform (a = sqrt(5), as ``nn.Linear``), B zeros, so the model starts as the base.
-Mergeable as ``W' = W + (alpha / r) B A`` unless gated (the gate depends on the input).
+Reference: microsoft/LoRA ``loralib/layers.py`` (``Linear``: A Kaiming-uniform with a = sqrt(5), B zeros,
+scaling alpha / r); defaults r = 8, alpha = 16 on W_q and W_v, no dropout, as its RoBERTa GLUE scripts
+(``examples/NLU/roberta_base_*.sh``). The model starts as the base. Mergeable as ``W' = W + (alpha / r) B A``
+unless gated (the gate depends on the input).
 ``fold=True`` trains the update inside the projection's own GEMM, ``x (W + (alpha / r) B A)^T``
 (``Installer.add_weight_delta``): less GPU work per step at BERT-base (H100: 5.80 against 5.92 ms), more
 host work before it; off by default.
-With ``gate=True`` (UniPELT), each adapted projection gets ``G_L = sigmoid(W_GL x)`` from its own
-input; q and v of a self-attention read the same input, so this equals one gate per layer with
-the option of different weights for q and v.
+
+With ``gate=True`` (UniPELT) the gate *replaces* alpha / r: ``h = W x + G_L B A x`` with ``G_L`` the mean over the
+example's tokens of ``sigmoid(w_g . x_t + b_g)`` read from the projection's input (morningmoni/UniPELT
+``transformers/models/bert/lora_layers.py`` L166-171; adapters ``methods/lora.py`` ``LoRA.forward``). q and v
+of a self-attention read the same input, so this is one gate per layer with separate weights for q and v.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ConfigError, MethodConfig, register
-from ..runtime import Gate, Installer, shared_by_input, stacked_linear
+from ..runtime import Gate, Installer, gate_values, shared_by_input, stacked_linear
 from ..sites import ModelMap, Projection
 from .base import DeltaMethod, add_up_projection, attention_input_groups, matmul_input
 
@@ -71,9 +75,11 @@ class LoRA(DeltaMethod):
         super().__init__(config, model_map)
         self.scaling = config.alpha / config.r
         self.sites: dict[str, Projection] = {}
+        self.causal: dict[str, bool] = {}
         self.pairs = nn.ModuleDict()
         self.gates = nn.ModuleDict()
         for site_key, proj in model_map.projections(config.targets):
+            self.causal[site_key] = model_map.causal(proj.module)
             if config.r > min(proj.in_features, proj.out_features):
                 raise ConfigError(
                     f"lora rank r={config.r} does not fit {proj.path} ({proj.in_features} -> {proj.out_features}); "
@@ -92,7 +98,7 @@ class LoRA(DeltaMethod):
         if self.config.fold:
             for site_key, proj in self.sites.items():
                 installer.add_weight_delta(proj, lambda site_key=site_key: self.scaled_delta(site_key),
-                                           self._hook(site_key, proj, installer.own_rows))
+                                           self._hook(site_key, proj, installer))
             return
         # Sites of one attention (q, v, ...) usually read the same input tensor: their A's and gates then
         # run as one GEMM over it (one read of x, one gradient back into x instead of one per site).
@@ -101,7 +107,7 @@ class LoRA(DeltaMethod):
                 if len(group) > 1 and not self.config.dropout else None
             for site_key in group:
                 installer.on_output(self.sites[site_key].module,
-                                    self._hook(site_key, self.sites[site_key], installer.own_rows, fused))
+                                    self._hook(site_key, self.sites[site_key], installer, fused))
 
     def _fused_reader(self, group: list[str], cache: dict):
         """``read(site_key, x) -> (A x, gate pre-activation or None)`` computed once per input for the group.
@@ -129,11 +135,12 @@ class LoRA(DeltaMethod):
 
         return read
 
-    def _hook(self, site_key: str, proj: Projection, own_rows, fused=None):
+    def _hook(self, site_key: str, proj: Projection, installer: Installer, fused=None):
         pair = self.pairs[site_key]
         gate = self.gates[site_key] if site_key in self.gates else None  # noqa: SIM401 (ModuleDict has no get)
         a, b = pair.A.weight, pair.B.weight
         scaling, p = self.scaling, self.config.dropout
+        pooling, causal, own_rows = self.config.gate_pooling, self.causal[site_key], installer.own_rows
 
         # Per call: one GEMM for A x (shared with the group's other sites, see _fused_reader), one for
         # output + s B (A x) (the add rides in the GEMM); weights are used directly, without module calls,
@@ -148,10 +155,11 @@ class LoRA(DeltaMethod):
                 h = torch.nn.functional.linear(matmul_input(xd, a), a)
             h = own_rows(h)  # multi-task serving: A x zero on other tasks' rows, so is their delta
             if gate is not None:
-                g = torch.sigmoid(gate_logit) if gate_logit is not None else gate(x)
-                # the gate is one scalar per token: scaling the rank-r rows of A x is the same as scaling the
-                # d-wide delta, at a fraction of the traffic; the add and alpha/r ride in the GEMM
-                h = h * g
+                logit = gate_logit if gate_logit is not None else gate.logits(x)
+                g = gate_values(logit, pooling, installer.context.padding_mask, causal)
+                # one scalar per example (or token): scaling the rank-r rows of A x is the same as scaling the
+                # d-wide delta, at a fraction of the traffic; the gate replaces alpha / r, the add rides in the GEMM
+                return add_up_projection(output, h * g, b, 1.0, proj)
             return add_up_projection(output, h, b, scaling, proj)
 
         return add_lora

@@ -6,12 +6,26 @@ key/value cache. During training they are reparametrised, ``P = MLP(E)`` with ``
 ``l x d`` and an MLP ``d -> hidden (512) -> sum of 2 d_kv`` over all attentions, computed once per
 forward pass. ``save`` writes the computed prefixes and drops the MLP; a loaded prefix is direct.
 Without reparametrisation (``reparam=False``, P-tuning v2's deep prompts) the prefixes are one
-trainable table of that layout, ``l x sum of 2 d_kv``, initialised to real words' keys and values.
+trainable table of that layout, ``l x sum of 2 d_kv``.
 
-UniPELT gate ``G_P = sigmoid(W_GP x)`` from the attention's query-side input ``x``: in
-bidirectional attention it is pooled over the real tokens and scales ``P_k`` and ``P_v``; in a
-decoder, where pooling would read future tokens, it is per query token and scales what the prefix
-adds to that token's attention output (``P_v`` seen by that query). Not mergeable.
+References: XiangLi1999/PrefixTuning ``gpt2/train_control.py`` (``wte``, ``control_trans``: Linear, Tanh,
+Linear, hidden 512; no dropout); jxhe/unify-parameter-efficient-tuning ``petl/petl_factory.py`` (MAM's prefix,
+hidden 800). Init (``init``):
+
+- ``"default"``: PyTorch's own, as those repositories and adapters' ``PrefixTuning`` leave it: ``E ~ N(0, 1)``
+  and ``nn.Linear``'s default; a direct table ``~ N(0, 1)`` (PrefixTuning's shallow ``torch.randn``, adapters'
+  ``FlatPrefixTuning``, peft's ``prefix_projection=False``).
+- ``"bert"``: ``E``, both Linears' weights (and a direct table) ``~ N(0, 0.02)``, biases zero: UniPELT's, whose
+  ``BertModel.init_weights`` re-initialises the prefix modules (morningmoni/UniPELT
+  ``transformers/models/bert/modeling_bert.py`` L580-586, L795-809).
+- ``"words"``: ours, in no reference: a fixed offset ``P0`` of random vocabulary words' keys and values
+  (embeddings standardised and put through each attention's W_k, W_v), ``P = MLP(E) + P0`` with the MLP's
+  output layer scaled by 0.01 (a direct table starts at ``P0``).
+
+UniPELT gate: ``G_P`` the mean over the example's tokens of ``sigmoid(w_g . x_t + b_g)``, ``x`` the attention's
+input, scales ``P_k`` and ``P_v`` (UniPELT ``modeling_bert.py`` L320-322; adapters ``prefix_tuning.py``
+``compose_single``). In a decoder, where that mean would read later tokens, the gate is per query token and
+scales what the prefix adds to that token's attention output (``P_v`` seen by that query). Not mergeable.
 """
 
 from __future__ import annotations
@@ -22,9 +36,12 @@ import torch
 import torch.nn as nn
 
 from ..config import ConfigError, MethodConfig, register
-from ..runtime import Gate, Installer, pooled
+from ..runtime import Gate, Installer, gate_values
 from ..sites import AttentionSites, ModelMap
 from .base import DeltaMethod
+
+
+PREFIX_INITS = ("default", "bert", "words")
 
 
 @register
@@ -37,12 +54,15 @@ class PrefixConfig(MethodConfig):
     length: int = 10
     reparam: bool = True
     reparam_hidden: int = 512
+    init: str = "default"  # "default" (PyTorch's, as Li and Liang) | "bert" (UniPELT's N(0, 0.02)) | "words" (ours)
 
     def validate(self) -> None:
         super().validate()
         self.require_positive_ints("length")
         if self.reparam_hidden < 1:
             raise ConfigError(f"prefix reparam_hidden must be positive, got {self.reparam_hidden}")
+        if self.init not in PREFIX_INITS:
+            raise ConfigError(f"prefix init must be one of {PREFIX_INITS}, got {self.init!r}")
 
 
 class Prefix(DeltaMethod):
@@ -60,37 +80,44 @@ class Prefix(DeltaMethod):
             for att in layer.attentions:
                 site_key = f"{layer.key}_{att.kind}"
                 self.sites[site_key] = att
-                self.causal[site_key] = layer.stack == "decoder" or bool(getattr(att.module, "is_causal", False))
+                self.causal[site_key] = layer.causal
         self.kv_dims = {k: att.k.out_features for k, att in self.sites.items()}
         d, l = model_map.hidden_size, config.length
         self.gates = nn.ModuleDict()
         if config.gate:
             for site_key, att in self.sites.items():
                 self.gates[site_key] = Gate(att.q.in_features)
-        start = self._table(self._word_like_prefixes(model_map, l))
+        width = sum(2 * v for v in self.kv_dims.values())
+        words = self._table(self._word_like_prefixes(model_map, l)) if config.init == "words" else None
         if config.reparam:
             self.embedding = nn.Parameter(torch.randn(l, d))
             self.mlp = nn.Sequential(nn.Linear(d, config.reparam_hidden), nn.Tanh(),
-                                     nn.Linear(config.reparam_hidden, sum(2 * v for v in self.kv_dims.values())))
-            # P = MLP(E) + P0: training starts near the word-like prefixes P0 (a fixed buffer).
+                                     nn.Linear(config.reparam_hidden, width))
             with torch.no_grad():
-                self.mlp[2].weight.mul_(0.01)
-                self.mlp[2].bias.mul_(0.01)
-            self.register_buffer("start", start)
+                if config.init == "bert":
+                    for p in (self.embedding, self.mlp[0].weight, self.mlp[2].weight):
+                        nn.init.normal_(p, std=0.02)
+                    nn.init.zeros_(self.mlp[0].bias)
+                    nn.init.zeros_(self.mlp[2].bias)
+                elif config.init == "words":  # P = MLP(E) + P0: training starts near the word-like prefixes P0
+                    self.mlp[2].weight.mul_(0.01)
+                    self.mlp[2].bias.mul_(0.01)
+            self.register_buffer("start", words, persistent=words is not None)
             self.table = None
         else:
             # Every attention's prefix in one tensor, laid out as the MLP's output: one trainable tensor, not
             # one per attention, so one gradient accumulation and one optimizer state per step. The split
             # per pass is views, and its backward one concatenation.
-            self.table = nn.Parameter(start)
+            self.table = nn.Parameter(words if words is not None else
+                                      torch.randn(l, width) * (0.02 if config.init == "bert" else 1.0))
 
     def _word_like_prefixes(self, model_map: ModelMap, l: int) -> dict[str, torch.Tensor]:
-        """Keys and values of ``l`` random vocabulary words at each attention, shaped (2, l, d_kv).
+        """Keys and values of ``l`` random vocabulary words at each attention, shaped (2, l, d_kv) (``init="words"``).
 
-        Li and Liang found prefixes initialised from real words' activations train better than random
-        ones; random vectors of the wrong scale swamp the real keys and wreck the representations
-        (on MiniLM, STS-B Pearson fell to about 0). The words' embeddings are standardised like a
-        normalised hidden state and put through each attention's own key and value projections.
+        Li and Liang found prefixes initialised from real words' activations train better than random ones in
+        low-data settings (there, as trained contextual keys and values; here a fixed offset, with no context).
+        The words' embeddings are standardised like a normalised hidden state and put through each attention's
+        own key and value projections.
         """
         weight = getattr(model_map.input_embeddings(), "weight", None)
         d = model_map.hidden_size
@@ -122,7 +149,8 @@ class Prefix(DeltaMethod):
             flat = self.table
         else:
             flat = self.mlp(self.embedding)  # (l, sum 2 d_kv); bf16 under autocast, and it stays so
-            flat = flat + self.start.to(flat.dtype)
+            if self.start is not None:
+                flat = flat + self.start.to(flat.dtype)
         # split, not slices: its backward is one concatenation instead of a zero-filled copy per attention
         pieces = flat.split([2 * dkv for dkv in self.kv_dims.values()], dim=1)
         return {site_key: piece.reshape(-1, 2, dkv).transpose(0, 1)
@@ -136,7 +164,6 @@ class Prefix(DeltaMethod):
         def prefixes() -> dict[str, torch.Tensor]:
             return context.once(cache_slot, self._all_prefixes, uses=len(self.sites))
 
-        pooled_gates = sum(not self.causal[site_key] for site_key in self.gates)
         for site_key, att in self.sites.items():
             gate_slot = (id(self), site_key, "x")
             if site_key in self.gates:
@@ -156,12 +183,12 @@ class Prefix(DeltaMethod):
                 if site_key not in self.gates:
                     return pk, pv, None, rows
                 x = values.pop(gate_slot)
-                gate = self.gates[site_key]
-                if self.causal[site_key]:
-                    return pk, pv, gate(x), rows  # (b, q, 1): per query token
-                g = gate(pooled(x, context.padding_mask, context, (id(self), "pool_weights"),
-                                uses=pooled_gates))[:, :, None, None]  # (b, 1, 1, 1)
-                return pk * g, pv * g, None, rows
+                causal, pooling = self.causal[site_key], self.config.gate_pooling
+                g = gate_values(self.gates[site_key].logits(x), pooling, context.padding_mask, causal)
+                if causal or pooling == "token":
+                    return pk, pv, g, rows  # (b, q, 1): per query token
+                g = g.view(-1, 1, 1, 1)  # (b, 1, 1, 1): one gate per example scales P_k and P_v
+                return pk * g.to(pk.dtype), pv * g.to(pv.dtype), None, rows
 
             installer.kv_provider(att.module, provide)
 

@@ -12,9 +12,17 @@ are widened too. Encoder-decoder models get the prompt in their encoder's input,
 encoder runs on its own (``generate``).
 ViT: the prompt is inserted after ``[CLS]`` into the patch embeddings (shallow visual prompt).
 
-Init: embeddings of ``n`` random vocabulary tokens (``init="vocab"``), or N(0, 0.02^2)
-(``init="random"``). Not identity at init (it adds tokens); not mergeable. ``n d`` parameters.
-Decoder-only generation with a key/value cache is not supported (use ``prefix``).
+``join="embeddings"`` is the prompt layer of adapters' ``PromptTuningConfig`` (adapter-hub/adapters
+``methods/prompt_tuning.py``), which the seed's UniPELT + prompt builds on: the prompt joins the embedding
+layer's *output*, after the position and token-type embeddings and the embeddings' LayerNorm, so it has no
+position of its own; ``position="start"`` is adapters' ``combine="prefix"`` (in front of [CLS]),
+``"after_cls"`` its ``"prefix_after_bos"``. For models with such an embeddings module (BERT-like encoders).
+
+Init: embeddings of ``n`` random vocabulary tokens (``init="vocab"``, peft's ``SAMPLE_VOCAB``),
+``U(-0.5, 0.5)`` (``init="uniform"``: Lester et al.'s, google-research/prompt-tuning
+``configs/models/t5_1_1_prompt.gin``, and adapters'), or N(0, 0.02^2) (``init="random"``). Not identity at init
+(it adds tokens); not mergeable. ``n d`` parameters. Decoder-only generation with a key/value cache is not
+supported (use ``prefix``).
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from ..sites import ModelMap
 from .base import DeltaMethod
 
 POSITIONS = ("auto", "start", "after_cls")
+INITS = ("vocab", "uniform", "random")
+JOINS = ("input", "embeddings")
 
 
 @register
@@ -43,14 +53,17 @@ class PromptConfig(MethodConfig):
     init: str = "vocab"
     position: str = "auto"
     seed: int = 0
+    join: str = "input"  # "input": ids of placeholders the word embeddings fill; "embeddings": the embeddings' output
 
     def validate(self) -> None:
         super().validate()
         self.require_positive_ints("length")
-        if self.init not in ("vocab", "random"):
-            raise ConfigError(f"prompt init must be 'vocab' or 'random', got {self.init!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"prompt init must be one of {INITS}, got {self.init!r}")
         if self.position not in POSITIONS:
             raise ConfigError(f"prompt position must be one of {POSITIONS}, got {self.position!r}")
+        if self.join not in JOINS:
+            raise ConfigError(f"prompt join must be one of {JOINS}, got {self.join!r}")
 
 
 def _join(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -92,9 +105,18 @@ class Prompt(DeltaMethod):
         gen = torch.Generator().manual_seed(config.seed)
         # Kept out of the module tree: the embedding layer is the base model's, not this delta's.
         self.__dict__["encoder"] = None
-        if self.vision:
-            self.__dict__["embed_module"] = model.base_model.embeddings
-            init = torch.randn(config.length, d, generator=gen) * 0.02
+        self.after_embeddings = self.vision or config.join == "embeddings"
+        if self.after_embeddings:
+            embeddings = getattr(model.base_model, "embeddings", None)
+            if not isinstance(embeddings, nn.Module) or embeddings is model_map.input_embeddings() \
+                    or self.encoder_decoder:
+                raise ConfigError(f"prompt join='embeddings' needs an embeddings module after the word embeddings "
+                                  f"(BERT-like encoders); {type(model).__name__} has none: use join='input'")
+            self.__dict__["embed_module"] = embeddings
+            init = torch.rand(config.length, d, generator=gen) - 0.5 if config.init == "uniform" else \
+                torch.randn(config.length, d, generator=gen) * 0.02
+            if config.init == "vocab" and not self.vision:
+                init = self._vocab_rows(model_map.input_embeddings(), gen)
         else:
             # The embedding layer the input really goes through: T5's and BART's encoders have their own
             # (in transformers 5 not the module get_input_embeddings() returns, which only shares its weight).
@@ -109,13 +131,19 @@ class Prompt(DeltaMethod):
             if self.encoder_decoder:
                 self.__dict__["encoder"] = encoder
             if config.init == "vocab":
-                vocab = self.embed_module.weight.shape[0]
-                ids = torch.randint(0, vocab, (1, config.length), generator=gen).to(self.embed_module.weight.device)
-                with torch.no_grad():
-                    init = self.embed_module(ids)[0].float().cpu()
+                init = self._vocab_rows(self.embed_module, gen)
+            elif config.init == "uniform":
+                init = torch.rand(config.length, d, generator=gen) - 0.5
             else:
                 init = torch.randn(config.length, d, generator=gen) * 0.02
         self.embedding = nn.Parameter(init.clone())
+
+    def _vocab_rows(self, word_embeddings: nn.Module, gen: torch.Generator) -> torch.Tensor:
+        """The word embeddings of ``length`` random vocabulary tokens."""
+        vocab = word_embeddings.weight.shape[0]
+        ids = torch.randint(0, vocab, (1, self.config.length), generator=gen).to(word_embeddings.weight.device)
+        with torch.no_grad():
+            return word_embeddings(ids)[0].float().cpu()
 
     reads_inputs = False  # whether row_prompts looks at the inputs (ATTEMPT) or only at their shape
 
@@ -148,9 +176,15 @@ class Prompt(DeltaMethod):
             return self.row_prompts(real, real_mask(real.shape[1]))
 
         def fill_prompt(module, inputs, output):
-            # Vision: insert into the patch sequence. Text: overwrite the placeholders.
+            # Vision: insert into the patch sequence. Text: overwrite the placeholders, or insert after the
+            # embeddings (join="embeddings") where the call's rewrite asked for it.
             if self.vision:
                 return _join([output[:, :pos], self.row_prompts(output, None), output[:, pos:]])
+            if self.after_embeddings:
+                expected = values.pop(slot, None)
+                if expected is None or output.shape[1] != expected:
+                    return output
+                return _join([output[:, :pos], self.row_prompts(output, real_mask(output.shape[1])), output[:, pos:]])
             rows = served_rows()
             if rows is not None:  # served among other tasks: this prompt goes into its own rows only
                 shared = values.get(SHARED_INSERT)
@@ -172,7 +206,10 @@ class Prompt(DeltaMethod):
         def insert_input(kwargs: dict[str, Any]) -> int:
             """Insert the prompt into ``input_ids`` or ``inputs_embeds`` and widen the mask; the length before."""
             ids, embeds, mask = kwargs.get("input_ids"), kwargs.get("inputs_embeds"), kwargs.get("attention_mask")
-            if ids is not None:
+            if self.after_embeddings:  # the embeddings' output gets the prompt (fill_prompt); the ids stay
+                length = (ids if ids is not None else embeds).shape[1]
+                values[slot] = length
+            elif ids is not None:
                 length = ids.shape[1]
                 kwargs["input_ids"] = _insert(ids, pos, n, self.placeholder)
                 values[slot] = length + n
@@ -211,10 +248,10 @@ class Prompt(DeltaMethod):
             values[(id(self), "length")] = length
             if self.encoder is not None:
                 values[ready] = True
-            if kwargs.get("token_type_ids") is not None:
+            if kwargs.get("token_type_ids") is not None and not self.after_embeddings:
                 kwargs["token_type_ids"] = _insert(kwargs["token_type_ids"], pos, n, 0)
             position_ids = kwargs.get("position_ids")
-            if position_ids is not None:
+            if position_ids is not None and not self.after_embeddings:
                 # the prompt takes the positions after the token before it; later tokens move by n
                 first = position_ids[:, pos - 1:pos] + 1 if pos > 0 else torch.zeros_like(position_ids[:, :1])
                 steps = torch.arange(n, device=position_ids.device, dtype=position_ids.dtype)

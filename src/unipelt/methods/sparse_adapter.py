@@ -69,6 +69,7 @@ class SparseAdapterConfig(AdapterConfig):
     method = "sparse_adapter"
     description = "SparseAdapter: bottleneck adapter pruned at init by SNIP, fixed masks; Large-Sparse (He 2022)"
 
+    bottleneck: int = 64
     sparsity: float = 0.5  # fraction of each adapter weight matrix pruned
     large_sparse: bool = False  # bottleneck m / (1 - s) at the dense adapter's count of non-zero weights
 
