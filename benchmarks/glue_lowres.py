@@ -23,34 +23,43 @@ from pathlib import Path
 TASKS = ("sst2", "rte", "mrpc", "stsb")
 KS = (100, 1000)
 SEEDS = (1, 2, 3)
-# label: (method, options, learning rate). One learning rate per method for every task and K, chosen
-# from short SST-2 K=100 runs on the CPU (validation split only) and the methods' papers.
+# label: (method, options, learning rate or None for the trainer's default, DEFAULT_LR in unipelt.train.loop)
 METHODS = {
-    "adapter": ("pfeiffer", {}, 2e-3),
-    "prefix": ("prefix", {}, 2e-3),
-    "lora": ("lora", {}, 2e-3),
-    "prompt": ("prompt", {}, 3e-2),
-    "unipelt": ("unipelt", {}, 2e-3),
-    "unipelt+prompt": ("unipelt", {"prompt": {"length": 10}}, 2e-3),
+    "pfeiffer": ("pfeiffer", {}, None),
+    "prefix": ("prefix", {}, None),
+    "lora": ("lora", {}, None),
+    "prompt": ("prompt", {}, None),
+    "mam": ("mam", {}, None),
+    "unipelt": ("unipelt", {}, None),
+    # the seed's prompt layer as adapters builds it (10 tokens, U(-0.5, 0.5), joined after the embeddings)
+    "unipelt+prompt": ("unipelt", {"prompt": {"length": 10, "join": "embeddings", "init": "uniform"}}, None),
+    # variants measured beside the defaults: our prompt (placeholders among the input ids, vocabulary init), and
+    # the prefix trained at a tenth of the rate, as the former default did
+    "unipelt+prompt_input": ("unipelt", {"prompt": {"length": 10}}, None),
+    "unipelt_prefix_lr": ("unipelt", {}, None),
+    # the library's UniPELT before it followed the authors' code (a named preset), and with our prompt
+    "unipelt_legacy": ("unipelt_legacy", {}, None),
+    "unipelt_legacy+prompt": ("unipelt_legacy", {"prompt": {"length": 10}}, None),
     "full": ("full", {}, 5e-5),
-    # the rest of the catalogue at its default rate (src/unipelt/train/loop.py DEFAULT_LR); not in the table yet
-    "compacter": ("compacter", {}, 3e-3),
-    "compacter++": ("compacter++", {}, 3e-3),
-    "krona": ("krona", {}, 1e-3),
-    "krona_ffn": ("krona_ffn", {}, 1e-3),
-    "kadaptation": ("kadaptation", {}, 1e-3),
-    "adapter_bias": ("adapter_bias", {}, 1e-3),
-    "phm_adapter": ("phm_adapter", {}, 3e-3),
-    "sparse_adapter": ("sparse_adapter", {}, 2e-3),
-    "rational": ("rational", {}, 1e-3),
+    # the rest of the catalogue at its default rate; not in the table yet
+    "compacter": ("compacter", {}, None),
+    "compacter++": ("compacter++", {}, None),
+    "krona": ("krona", {}, None),
+    "krona_ffn": ("krona_ffn", {}, None),
+    "kadaptation": ("kadaptation", {}, None),
+    "adapter_bias": ("adapter_bias", {}, None),
+    "phm_adapter": ("phm_adapter", {}, None),
+    "sparse_adapter": ("sparse_adapter", {}, None),
+    "rational": ("rational", {}, None),
     # Poly on one task: the inventory with that task's routing (its multi-task transfer: transfer.py);
     # ATTEMPT needs source prompts, so it is measured there only, and VPT takes images
-    "poly": ("poly", {}, 2e-3),
-    "poly_s": ("poly_s", {}, 2e-3),
-    "poly_mu": ("poly_mu", {}, 2e-3),
+    "poly": ("poly", {}, None),
+    "poly_s": ("poly_s", {}, None),
+    "poly_mu": ("poly_mu", {}, None),
 }
-SINGLE = ("adapter", "prefix", "lora", "prompt")
-TABLE = ("adapter", "prefix", "lora", "prompt", "unipelt", "unipelt+prompt", "full")  # the committed table's runs
+PART_LR = {"unipelt_prefix_lr": {"prefix": 1e-4}}  # label -> its parts' own rates
+SINGLE = ("pfeiffer", "prefix", "lora", "prompt")
+TABLE = ("pfeiffer", "prefix", "lora", "prompt", "mam", "unipelt", "unipelt+prompt")  # the committed table's runs
 
 
 def run_dir(out: Path, task: str, k: int, label: str, seed: int) -> Path:
@@ -93,8 +102,9 @@ def grid(opts: argparse.Namespace) -> list[dict]:
                                  "model": opts.model, "max_length": opts.max_length, "batch_size": 16,
                                  "device": opts.device, "resume": (out / "checkpoint.pt").exists(),
                                  "label": label, "threads": opts.threads,
-                                 "part_lr": {p.split("=")[0]: float(p.split("=")[1]) for p in opts.part_lr
-                                             if method in ("unipelt", "mam")}})
+                                 "part_lr": {**PART_LR.get(label, {}),
+                                             **{p.split("=")[0]: float(p.split("=")[1]) for p in opts.part_lr
+                                                if method in ("unipelt", "unipelt_legacy", "mam")}}})
     return jobs
 
 

@@ -529,7 +529,12 @@ def test_corrupt_files_raise_delta_file_error(family: str, corruption: str, tmp_
 
 @pytest.mark.parametrize("family,key", APPLICABLE)
 def test_merge(family: str, key: str) -> None:
-    model = attached(family, key)
+    model = build(family)
+    next(iter(model.parameters())).requires_grad_(False)  # a user's own freezing comes back too
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    hooks = hook_count(model)
+    torch.manual_seed(0)
+    unipelt.attach(model, _config(key))
     batch = inputs(family)
     perturb(model)
     out = logits(model, batch)
@@ -539,8 +544,11 @@ def test_merge(family: str, key: str) -> None:
             warnings.simplefilter("error")
             unipelt.merge(model)
         torch.testing.assert_close(logits(model, batch), out, atol=1e-5, rtol=0)
-        assert set(unipelt.trainable_parameters(model)) == {"head", "total"}
-        assert len(store(model)) == 0
+        # indistinguishable from the base model: no store, no state, no hooks, trainability as before attach
+        assert "unipelt_deltas" not in model._modules and "_unipelt" not in vars(model)
+        assert hook_count(model) == hooks
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+        assert unipelt.core.deltas(model) is not None and len(unipelt.core.deltas(model)) == 0
         return
     with pytest.warns(UserWarning, match="not mergeable"):
         unipelt.merge(model)

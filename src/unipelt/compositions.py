@@ -112,7 +112,9 @@ class UniPELTConfig(MethodConfig):
         out: list[MethodConfig] = []
         for part in (self.adapter, self.prefix, self.lora):
             if part is not None:
-                out.append(type(part).from_dict({**part.to_dict(), "gate": True, "gate_pooling": self.gate_pooling}))
+                # UniPELT's pooling, unless the part has its own
+                pooling = part.gate_pooling if part.gate_pooling != "mean" else self.gate_pooling
+                out.append(type(part).from_dict({**part.to_dict(), "gate": True, "gate_pooling": pooling}))
         if self.prompt is not None:
             out.append(self.prompt)
         return out
@@ -153,3 +155,12 @@ class MAMConfig(MethodConfig):
 
 register_preset("mam_glue", MAMConfig, "MAM adapter, He et al.'s GLUE setting: prefix l=16 + parallel FFN adapter m=16, s=2",
                 prefix={"length": 16}, adapter={"bottleneck": 16, "scaling": 2.0})
+
+# Our UniPELT before it followed the authors' code, kept for its scores on MiniLM (benchmarks/results/glue_lowres):
+# per-token gates for the adapter and LoRA, LoRA's gate times alpha / r, the adapter added to W_2's output (before
+# the dropout, no LayerNorm inside, m = 48, zero W_up), the prefix started at real words' keys and values and gated by
+# the sigmoid of its gate's mean logit; the trainer gives its prefix a tenth of the rate.
+register_preset("unipelt_legacy", UniPELTConfig,
+                "UniPELT as this library had it before the reference: per-token gates, word-initialised prefix",
+                gate_pooling="token", adapter={"placement": "ffn", "bottleneck": 48, "init": "lora"},
+                prefix={"init": "words", "gate_pooling": "logit_mean"}, lora={"gate_scaling": "alpha"})

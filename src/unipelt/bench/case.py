@@ -93,12 +93,18 @@ METHODS: dict[str, dict[str, Any]] = {
             "adapters": ("MAMConfig", {})},
     # MAM's prefix alone (its adapter alone is "parallel"): what MAM's parts cost apart
     "mam_prefix": {"unipelt": {"method": "prefix", "length": 30, "reparam": True, "reparam_hidden": 800}},
-    "unipelt": {"unipelt": {"method": "unipelt", "lora": {"alpha": 2}, "adapter": {"bottleneck": "d/16"}},
-                "adapters": ("UniPELTConfig", {})},
+    "unipelt": {"unipelt": {"method": "unipelt"}, "adapters": ("UniPELTConfig", {})},
+    # the seed's system: UniPELT with adapters' prompt layer (10 tokens after [CLS], joined after the embeddings)
+    "unipelt_prompt": {"unipelt": {"method": "unipelt", "prompt": {"length": 10, "join": "embeddings",
+                                                                    "init": "uniform"}},
+                       "adapters": ("ConfigUnion", [("UniPELTConfig", {}),
+                                                    ("PromptTuningConfig", {"prompt_length": 10,
+                                                                            "combine": "prefix_after_bos"})]),
+                       "tokens": 10},
     # UniPELT's three parts together with no gates: against "unipelt", the gates' own cost
     "unipelt_ungated": {"unipelt": {"method": "composition", "methods": [
-        {"method": "adapter", "bottleneck": "d/16", "placement": "pfeiffer"},
-        {"method": "prefix", "length": 10, "reparam": True, "reparam_hidden": 512},
+        {"method": "adapter", "placement": "pfeiffer"},
+        {"method": "prefix", "length": 10, "reparam": True, "reparam_hidden": 512, "init": "bert"},
         {"method": "lora", "r": 8, "alpha": 2, "targets": ["q", "v"]}]}},
     "compacter": {"unipelt": {"method": "compacter", "bottleneck": "d/32"},
                   "adapters": ("CompacterConfig", {})},
@@ -195,7 +201,7 @@ def attach(peer: str, method: str, model: torch.nn.Module, family: str) -> torch
 
         return unipelt.attach(model, _resolve(spec, d))
     name, kwargs = spec
-    kwargs = _resolve(dict(kwargs), d)
+    kwargs = _resolve(kwargs if name == "ConfigUnion" else dict(kwargs), d)
     if peer == "peft":
         import peft
 
@@ -212,7 +218,13 @@ def attach(peer: str, method: str, model: torch.nn.Module, family: str) -> torch
         import adapters
 
         adapters.init(model)
-        model.add_adapter("bench", config=getattr(adapters, name)(**kwargs))
+        if name == "ConfigUnion":  # its parts flattened: a union does not nest another (UniPELT's)
+            parts = [getattr(adapters, part)(**kw) for part, kw in kwargs]
+            config = adapters.ConfigUnion(*[c for p in parts for c in (p.configs if isinstance(p, adapters.ConfigUnion)
+                                                                         else [p])])
+        else:
+            config = getattr(adapters, name)(**kwargs)
+        model.add_adapter("bench", config=config)
         model.train_adapter("bench")
         return model
     raise ValueError(f"unknown library {peer!r}")
@@ -266,6 +278,8 @@ def virtual_tokens(peer: str, method: str) -> int:
         return METHODS[method]["peft"][1]["num_virtual_tokens"]
     if method == "prompt" and peer == "adapters":
         return METHODS[method]["adapters"][1]["prompt_length"]
+    if method == "unipelt_prompt" and peer == "adapters":  # after [CLS]: the same count of states, one of them [CLS]
+        return METHODS[method]["tokens"]
     return 0
 
 

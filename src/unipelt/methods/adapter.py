@@ -14,7 +14,8 @@ Where, with ``h`` a sub-layer's output after its dropout and ``x`` its residual 
   LayerNorm.
 - ``houlsby`` (serial, after every attention and the FFN): ``h + G A(h)`` before the residual add and
   LayerNorm (adapters' ``DoubleSeqBnConfig``; google-research/adapter-bert ``modeling.py``). ``attention``:
-  the same after the attentions only.
+  the same after the attentions only; ``ffn``, ``h' + G A(h')`` with ``h'`` W_2's output before its dropout
+  (``unipelt_legacy``'s adapter).
 - ``parallel=True``: ``h + s G A(x_in)`` with ``x_in`` the sub-layer's input (W_1's, or W_q's), dropout
   p = the model's hidden dropout on ``f(W_down x_in + b_down)`` in training (jxhe/unify-parameter-efficient-
   tuning ``petl/petl_factory.py`` ``Adapter_Layer``, ``modeling_roberta.py`` L524-543). The attention-side
@@ -45,7 +46,7 @@ from ..runtime import Gate, Installer, gate_values, stacked_linear
 from ..sites import ModelMap
 from .base import DeltaMethod, activation, cast_like, matmul_input
 
-PLACEMENTS = ("houlsby", "pfeiffer", "attention")
+PLACEMENTS = ("houlsby", "pfeiffer", "attention", "ffn")
 INITS = ("bert", "lora")
 
 
@@ -148,10 +149,11 @@ class Adapter(DeltaMethod):
                     self.sites[f"{layer.key}_{att.kind}_attn"] = _Site(
                         att.output_module, att.o.out_features, layer.causal,
                         reader=att.q.module if config.parallel else None)
-            if config.placement in ("houlsby", "pfeiffer"):
+            if config.placement in ("houlsby", "pfeiffer", "ffn"):
                 pfeiffer = config.placement == "pfeiffer" and not config.parallel
+                output = layer.ffn_out.module if config.placement == "ffn" else layer.ffn_output_module
                 self.sites[f"{layer.key}_ffn"] = _Site(
-                    layer.ffn_output_module, layer.ffn_out.out_features, layer.causal,
+                    output, layer.ffn_out.out_features, layer.causal,
                     reader=layer.ffn_in[0].module if config.parallel else None,
                     norm=layer.ffn_norm if pfeiffer else None, norm_first=layer.norm_first)
         self.bottleneck = config.width(model_map.hidden_size)

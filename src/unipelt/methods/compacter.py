@@ -178,9 +178,10 @@ class Compacter(Adapter):
                 for (key, bottleneck), b_down in zip(self.adapters.items(), biases, strict=True)}
 
     def _built_weights(self, site_key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The site's (W_down, W_up) from this pass's one batched build; None outside an installed model."""
+        """The site's (W_down, W_up) from this pass's one batched build; None outside an installed model, and under
+        gradient checkpointing, where each layer builds its own."""
         context = getattr(self, "_context", None)
-        if context is None:
+        if context is None or context.per_layer:
             return None
         return context.once((id(self), "phm_weights"), self._all_weights, uses=len(self.adapters))[site_key]
 

@@ -42,6 +42,8 @@ class LoRAConfig(MethodConfig):
     # train the update inside the projection's own GEMM, x (W + s B A)^T: one weight-gradient GEMM per
     # projection instead of the rank-r path's four skinny GEMMs over the activations (not with gate or dropout)
     fold: bool = False
+    # gated: "replace", the gate replaces alpha / r (UniPELT's); "alpha", G (alpha / r) B A x (unipelt_legacy's)
+    gate_scaling: str = "replace"
 
     def validate(self) -> None:
         super().validate()
@@ -53,6 +55,8 @@ class LoRAConfig(MethodConfig):
             raise ConfigError("lora needs at least one target, e.g. targets=('q', 'v')")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora dropout must be in [0, 1), got {self.dropout}")
+        if self.gate_scaling not in ("replace", "alpha"):
+            raise ConfigError(f"lora gate_scaling must be 'replace' or 'alpha', got {self.gate_scaling!r}")
 
 
 class LoRAPair(nn.Module):
@@ -141,6 +145,7 @@ class LoRA(DeltaMethod):
         a, b = pair.A.weight, pair.B.weight
         scaling, p = self.scaling, self.config.dropout
         pooling, causal, own_rows = self.config.gate_pooling, self.causal[site_key], installer.own_rows
+        gated_scaling = scaling if self.config.gate_scaling == "alpha" else 1.0
 
         # Per call: one GEMM for A x (shared with the group's other sites, see _fused_reader), one for
         # output + s B (A x) (the add rides in the GEMM); weights are used directly, without module calls,
@@ -159,7 +164,7 @@ class LoRA(DeltaMethod):
                 g = gate_values(logit, pooling, installer.context.padding_mask, causal)
                 # one scalar per example (or token): scaling the rank-r rows of A x is the same as scaling the
                 # d-wide delta, at a fraction of the traffic; the gate replaces alpha / r, the add rides in the GEMM
-                return add_up_projection(output, h * g, b, 1.0, proj)
+                return add_up_projection(output, h * g, b, gated_scaling, proj)
             return add_up_projection(output, h, b, scaling, proj)
 
         return add_lora

@@ -156,13 +156,33 @@ class Prefix(DeltaMethod):
         return {site_key: piece.reshape(-1, 2, dkv).transpose(0, 1)
                 for (site_key, dkv), piece in zip(self.kv_dims.items(), pieces, strict=True)}
 
+    def _prefix_of(self, site_key: str) -> torch.Tensor:
+        """One attention's (2, l, d_kv) prefix, computed on its own (its rows of the MLP's output layer): under
+        gradient checkpointing each layer's recompute computes its own, as the pass did."""
+        offset = 0
+        for key, dkv in self.kv_dims.items():
+            if key == site_key:
+                break
+            offset += 2 * dkv
+        rows = slice(offset, offset + 2 * self.kv_dims[site_key])
+        if self.table is not None:
+            flat = self.table[:, rows]
+        else:
+            hidden = self.mlp[1](self.mlp[0](self.embedding))
+            flat = torch.nn.functional.linear(hidden, self.mlp[2].weight[rows], self.mlp[2].bias[rows])
+            if self.start is not None:
+                flat = flat + self.start[:, rows].to(flat.dtype)
+        return flat.reshape(-1, 2, self.kv_dims[site_key]).transpose(0, 1)
+
     def install(self, installer: Installer) -> None:
         values = installer.context.values
         cache_slot = (id(self), "prefixes")
         context = installer.context
 
-        def prefixes() -> dict[str, torch.Tensor]:
-            return context.once(cache_slot, self._all_prefixes, uses=len(self.sites))
+        def prefix(site_key: str) -> torch.Tensor:
+            if context.per_layer:
+                return self._prefix_of(site_key)
+            return context.once(cache_slot, self._all_prefixes, uses=len(self.sites))[site_key]
 
         for site_key, att in self.sites.items():
             gate_slot = (id(self), site_key, "x")
@@ -173,7 +193,7 @@ class Prefix(DeltaMethod):
                 installer.on_input(att.q.module, stash)
 
             def provide(module, query, key, value, site_key=site_key, gate_slot=gate_slot):
-                p = prefixes()[site_key]  # (2, l, d_kv)
+                p = prefix(site_key)  # (2, l, d_kv)
                 b, h_kv, _, hd = key.shape
                 if p.dtype != key.dtype:
                     p = p.to(key.dtype)  # once per layer, before the batch expansion (not b copies)

@@ -46,12 +46,14 @@ from ..tasks.multitask import MultiTask
 DEFAULT_LR = {
     "full": 5e-5, "lora": 2e-3, "adapter": 2e-3, "houlsby": 2e-3, "pfeiffer": 2e-3, "parallel": 2e-3,
     "scaled_parallel": 1e-3, "prefix": 2e-4, "prompt": 3e-2, "bitfit": 1e-3, "ia3": 3e-3, "ln": 1e-3,
-    "unipelt": 1e-3, "mam": 5e-4, "composition": 1e-3,
+    "unipelt": 1e-3, "unipelt_legacy": 1e-3, "mam": 5e-4, "mam_glue": 5e-4, "composition": 1e-3,
     # the papers' rates: Compacter 3e-3 (T5-base, GLUE), KronA 1e-3, AdapterBias 1e-3
     "compacter": 3e-3, "compacter++": 3e-3, "phm_adapter": 3e-3, "krona": 1e-3, "krona_ffn": 1e-3,
     "adapter_bias": 1e-3, "kadaptation": 1e-3, "sparse_adapter": 2e-3, "vpt": 5e-2, "vpt_deep": 5e-2,
     "poly": 2e-3, "poly_s": 2e-3, "poly_mu": 2e-3, "attempt": 3e-2, "rational": 1e-3,
 }
+# parts trained at a fraction of the run's rate unless --part-lr says otherwise (unipelt_legacy's prefix: a tenth)
+DEFAULT_PART_LR = {"unipelt_legacy": {"prefix": 0.1}}
 RUN_FILE, RESULTS_FILE, CHECKPOINT_FILE = "run.json", "results.json", "checkpoint.pt"
 
 
@@ -107,8 +109,8 @@ def adamw_implementation(params: list[torch.Tensor]) -> dict[str, bool]:
 def parameter_groups(model: torch.nn.Module, lr: float, part_lr: dict[str, float]) -> tuple[list[dict], dict]:
     """Optimizer groups: each attached method named in ``part_lr`` at its own rate, the rest at ``lr``.
 
-    UniPELT trains its prefix, adapter and LoRA together; prefix tuning wants about a tenth of the
-    others' rate (``part_lr={"prefix": 2e-4}``).
+    UniPELT's reference trains every part at one rate (``run_glue.py`` passes one learning rate to the Trainer),
+    as the trainer does by default; ``part_lr={"prefix": 1e-4}`` gives a part its own.
     """
     taken: set[int] = set()
     groups, by_part = [], {}
@@ -390,10 +392,7 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     prune_sparse_adapters(model, train_feats, pad_id, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
-    part_lr = dict(cfg.part_lr)
-    if not part_lr and cfg.method in ("unipelt", "mam"):
-        # One rate for all parts breaks the prefix (STS-B Pearson near 0 on MiniLM); a tenth of it works.
-        part_lr = {"prefix": lr / 10}
+    part_lr = dict(cfg.part_lr) or {part: lr * f for part, f in DEFAULT_PART_LR.get(cfg.method, {}).items()}
     groups, lr_by_part = parameter_groups(model, lr, part_lr)
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay, **adamw_implementation(params))
     warmup = int(cfg.warmup_ratio * total_steps)
