@@ -32,14 +32,14 @@ METHODS = {
     "mam": ("mam", {}, None),
     "unipelt": ("unipelt", {}, None),
     # the seed's prompt layer as adapters builds it (10 tokens, U(-0.5, 0.5), joined after the embeddings)
-    "unipelt+prompt": ("unipelt", {"prompt": {"length": 10, "join": "embeddings", "init": "uniform"}}, None),
+    "unipelt+prompt": ("unipelt", {"prompt": {"length": 10, "join": "auto", "init": "uniform"}}, None),
     # variants measured beside the defaults: our prompt (placeholders among the input ids, vocabulary init), and
     # the prefix trained at a tenth of the rate, as the former default did
-    "unipelt+prompt_input": ("unipelt", {"prompt": {"length": 10}}, None),
+    "unipelt+prompt_input": ("unipelt", {"prompt": {"length": 10, "init": "vocab", "join": "input"}}, None),
     "unipelt_prefix_lr": ("unipelt", {}, None),
     # the library's UniPELT before it followed the authors' code (a named preset), and with our prompt
     "unipelt_legacy": ("unipelt_legacy", {}, None),
-    "unipelt_legacy+prompt": ("unipelt_legacy", {"prompt": {"length": 10}}, None),
+    "unipelt_legacy+prompt": ("unipelt_legacy", {"prompt": {"length": 10, "init": "vocab", "join": "input"}}, None),
     "full": ("full", {}, 5e-5),
     # the rest of the catalogue at its default rate; not in the table yet
     "compacter": ("compacter", {}, None),

@@ -19,8 +19,8 @@ from unipelt.core import deltas
 ROWS = [
     ("lora", "lora"), ("houlsby", "houlsby"), ("pfeiffer", "pfeiffer"), ("parallel", "parallel"),
     ("scaled_parallel", "scaled_parallel"), ("bitfit", "bitfit"), ("ia3", "ia3"), ("ln", "ln"),
-    ("prefix", "prefix"), ("prompt", "prompt"), ("mam", "mam"), ("unipelt", "unipelt"),
-    ("unipelt + prompt", {"method": "unipelt", "prompt": {"length": 20}}),
+    ("prefix", "prefix"), ("prompt", "prompt"), ("mam", "mam"), ("mam_glue", "mam_glue"), ("unipelt", "unipelt"),
+    ("unipelt + prompt", {"method": "unipelt", "prompt": True}), ("unipelt_legacy", "unipelt_legacy"),
     ("compacter", "compacter"), ("compacter++", "compacter++"), ("phm_adapter", "phm_adapter"),
     ("krona", "krona"), ("krona_ffn", "krona_ffn"), ("kadaptation", "kadaptation"), ("adapter_bias", "adapter_bias"),
     ("sparse_adapter", "sparse_adapter"),

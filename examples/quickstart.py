@@ -55,7 +55,7 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(default_model_path())
     model = AutoModelForSequenceClassification.from_pretrained(default_model_path(), num_labels=2)
-    model = unipelt.attach(model, unipelt.UniPELTConfig(prompt=unipelt.PromptConfig(length=10)))
+    model = unipelt.attach(model, unipelt.UniPELTConfig(prompt=True))  # the seed's prompt layer (adapters')
     print(unipelt.summary(model))
     print(f"dev accuracy before training: {accuracy(model, tok, dev):.3f}")
 

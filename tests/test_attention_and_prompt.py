@@ -699,11 +699,14 @@ def test_prompt_vit_inserts_after_cls():
 # a gated prefix in bidirectional attention: G_P = sigmoid(W_GP mean(x) + b), x averaged over real tokens
 
 
-def test_bidirectional_prefix_gate_pools_the_attention_input_over_real_tokens(monkeypatch):
+@pytest.mark.parametrize("pooling", ["mean", "logit_mean"])
+def test_bidirectional_prefix_gate_is_the_mean_of_real_tokens_sigmoids(monkeypatch, pooling):
+    """UniPELT's prefix gate: the mean over the real tokens of the per-token sigmoids, scaling P_k and P_v
+    (``unipelt_legacy``'s ``logit_mean``: the sigmoid of the mean logit)."""
     from unipelt import attention
 
     model = build("bert")
-    unipelt.attach(model, PREFIX_CONFIGS["gated_prefix"])
+    unipelt.attach(model, {**PREFIX_CONFIGS["gated_prefix"], "gate_pooling": pooling})
     perturb(model, scale=1.0)
     method = next(m for m in deltas(model).children() if hasattr(m, "gates") and len(m.gates))
     layer = model.bert.encoder.layer[0].attention.self
@@ -722,9 +725,12 @@ def test_bidirectional_prefix_gate_pools_the_attention_input_over_real_tokens(mo
         model(**batch)
         prefix = method._all_prefixes()[next(iter(method.sites))][0]  # (l, d_kv) keys of layer 0
         mask = batch["attention_mask"].float().unsqueeze(-1)
-        mean = (seen["x"] * mask).sum(1) / mask.sum(1)  # (b, d) over real tokens only
         gate = method.gates[next(iter(method.sites))].proj
-        expected = torch.sigmoid(mean @ gate.weight.t() + gate.bias)  # (b, 1)
+        logits = seen["x"] @ gate.weight.t() + gate.bias  # (b, T, 1)
+        if pooling == "mean":  # (b, 1): the mean of the sigmoids over real tokens only
+            expected = (torch.sigmoid(logits) * mask).sum(1) / mask.sum(1)
+        else:
+            expected = torch.sigmoid((logits * mask).sum(1) / mask.sum(1))
         got = seen["pk"].transpose(1, 2).reshape(BATCH, prefix.shape[0], -1) / prefix  # (b, l, d_kv): g everywhere
     assert torch.allclose(got, expected[:, :, None].expand_as(got), atol=1e-5)
     assert (expected.max() - expected.min()) > 1e-3  # rows differ: the gate depends on each row's tokens

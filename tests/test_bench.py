@@ -59,7 +59,7 @@ def copy_peft_weights(method: str, theirs: torch.nn.Module, ours: torch.nn.Modul
             mine.embedding.copy_(encoder.embedding.weight)
             mine.mlp[0].load_state_dict(encoder.transform[0].state_dict())
             mine.mlp[2].load_state_dict(encoder.transform[2].state_dict())
-            mine.start.zero_()  # ours adds a fixed word-like start; peft has none
+            assert mine.start is None  # no fixed word-like start unless init="words"
         elif method == "prompt":
             mine.embedding.copy_(theirs.prompt_encoder["default"].embedding.weight)
         else:
@@ -115,6 +115,13 @@ def _copy_prefix(mine, flat: torch.Tensor) -> None:
     mine.table.copy_(flat)
 
 
+def _adapters_site(key: str) -> str:
+    """adapters' module of our adapter site on a BertModel: ``layers0_ffn`` -> ``encoder.layer.0.output.adapters.bench``
+    and ``layers0_self_attn`` -> ``encoder.layer.0.attention.output.adapters.bench``."""
+    layer = int(key.split("_")[0].removeprefix("layers"))
+    return f"encoder.layer.{layer}.{'output' if key.endswith('_ffn') else 'attention.output'}.adapters.bench"
+
+
 def copy_adapters_weights(method: str, delta: dict[str, torch.Tensor], ours: torch.nn.Module) -> None:
     """Put the ``adapters`` library's delta (by parameter name) into our method of the same configuration."""
     used = set()
@@ -138,10 +145,9 @@ def _copy_adapters_part(method: str, mine, delta: dict[str, torch.Tensor], take)
         for key, proj in mine.sites.items():
             mine.pairs[key].A.weight.copy_(take(f"{proj.path}.loras.bench.lora_A"))
             mine.pairs[key].B.weight.copy_(take(f"{proj.path}.loras.bench.lora_B"))
-    elif method in ("houlsby", "parallel"):
-        for key, site in mine.sites.items():
-            where = site.write.path.rsplit(".", 1)[0] + ".adapters.bench"  # the sub-layer's output module
-            bottleneck = mine.adapters[key]
+    elif method in ("houlsby", "pfeiffer", "parallel"):
+        for key, bottleneck in mine.adapters.items():
+            where = _adapters_site(key)
             bottleneck.down.weight.copy_(take(f"{where}.adapter_down.0.weight"))
             bottleneck.down.bias.copy_(take(f"{where}.adapter_down.0.bias"))
             bottleneck.up.weight.copy_(take(f"{where}.adapter_up.weight"))
@@ -151,8 +157,8 @@ def _copy_adapters_part(method: str, mine, delta: dict[str, torch.Tensor], take)
         # W = sum_i A_i (x) (s_i t_i), (out, in). W^T = sum_i A_i^T (x) (s_i t_i)^T, so A_i = rule_i^T,
         # s_i = W_right_i^T and t_i = W_left_i^T
         mine.rules.copy_(take("shared_parameters.bench.phm_rule").transpose(-1, -2))
-        for key, site in mine.sites.items():
-            where = site.write.path.rsplit(".", 1)[0] + ".adapters.bench"
+        for key in mine.sites:
+            where = _adapters_site(key)
             for part, theirs in (("down", "adapter_down.0"), ("up", "adapter_up")):
                 layer = getattr(mine.adapters[key], part)
                 layer.s.copy_(take(f"{where}.{theirs}.W_right").transpose(-1, -2))
@@ -169,17 +175,15 @@ def _copy_adapters_part(method: str, mine, delta: dict[str, torch.Tensor], take)
             for i in (0, 2):
                 mine.mlp[i].weight.copy_(take(f"{stem}.control_trans.{i}.weight"))
                 mine.mlp[i].bias.copy_(take(f"{stem}.control_trans.{i}.bias"))
-            mine.start.zero_()
     else:
         raise AssertionError(method)
 
 
-# Methods whose adapters configuration computes the same function as ours; the others differ by design:
-# its Pfeiffer adapter reads the FFN output after the layer's LayerNorm (ours, as METHODS.md, before
-# it), its IA3 scales W_1's output before the activation (ours, as the paper, after it), its UniPELT
-# gates average over the sequence, its prompt joins the embedding layer's output (after position
-# embeddings and LayerNorm; ours and peft's join the input embeddings).
-ADAPTERS_SAME_FUNCTION = ["lora", "houlsby", "parallel", "prefix", "prefix_mlp", "compacter", "mam"]
+# Methods whose adapters configuration computes the same function as ours (tests/test_adapters_equivalence.py checks
+# them, and UniPELT's, on their own configurations, gradients included); the others differ: its IA3 scales W_1's
+# output before the activation (ours, as the paper, after it), its prompt joins the embedding layer's output (ours
+# joins the input embeddings unless join="embeddings").
+ADAPTERS_SAME_FUNCTION = ["lora", "houlsby", "pfeiffer", "parallel", "prefix", "prefix_mlp", "compacter", "mam"]
 # Compacter's PHM layers need sizes divisible by n = 4: bert-tiny's bottleneck (32 / 32) is 1
 ADAPTERS_SHAPE = {"compacter": "bert-small"}
 

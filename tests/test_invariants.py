@@ -38,6 +38,7 @@ METHODS: dict[str, object] = {
     "lora_fold": {"method": "lora", "r": 4, "targets": ["q", "v", "ffn_out"], "fold": True},
     "houlsby": "houlsby",
     "pfeiffer": "pfeiffer",
+    "pfeiffer_zero_up": {"method": "pfeiffer", "init": "lora"},  # inside the LayerNorm, W_up = 0: the identity
     "parallel": "parallel",
     "scaled_parallel": {"method": "scaled_parallel", "bottleneck": 16},
     "bitfit": "bitfit",
@@ -50,7 +51,10 @@ METHODS: dict[str, object] = {
     "unipelt": {"method": "unipelt", "adapter": {"bottleneck": 16}, "prefix": {"length": 4}, "lora": {"r": 4}},
     "unipelt_prompt": {"method": "unipelt", "adapter": {"bottleneck": 16}, "prefix": {"length": 4}, "lora": {"r": 4},
                        "prompt": {"length": 3}},
-    "unipelt_noprefix": {"method": "unipelt", "adapter": {"bottleneck": 16}, "prefix": None, "lora": {"r": 4}},
+    "unipelt_noprefix": {"method": "unipelt", "adapter": {"bottleneck": 16, "init": "lora"}, "prefix": None,
+                         "lora": {"r": 4}},
+    "unipelt_legacy": {"method": "unipelt_legacy", "adapter": {"bottleneck": 16}, "prefix": {"length": 4},
+                       "lora": {"r": 4}},
     "compacter": {"method": "compacter", "bottleneck": 8},
     "compacter++": {"method": "compacter++", "bottleneck": 8},
     "phm_adapter": {"method": "phm_adapter", "bottleneck": 8},
@@ -70,18 +74,19 @@ METHODS: dict[str, object] = {
     "composition_catalogue": "composition_catalogue",
 }
 
-ZERO_INIT = {"lora", "lora_all", "lora_fold", "houlsby", "pfeiffer", "parallel", "scaled_parallel", "bitfit", "ia3",
+ZERO_INIT = {"lora", "lora_all", "lora_fold", "pfeiffer_zero_up", "parallel", "scaled_parallel", "bitfit", "ia3",
              "ln",
              "unipelt_noprefix", "composition", "composition_two_lora", "composition_partial", "compacter",
              "compacter++", "phm_adapter", "adapter_bias", "krona", "composition_catalogue", "krona_ffn",
              "kadaptation", "sparse_adapter", "poly", "poly_s"}
-NOT_IDENTITY = {"prefix", "prefix_direct", "prompt", "mam", "unipelt", "unipelt_prompt", "krona_ffn_res", "vpt",
-                "vpt_deep"}
+# serial adapters start at N(0, 0.02) (the references' "bert" init), not at the identity
+NOT_IDENTITY = {"prefix", "prefix_direct", "prompt", "mam", "unipelt", "unipelt_prompt", "unipelt_legacy",
+                "krona_ffn_res", "vpt", "vpt_deep", "houlsby", "pfeiffer"}
 MERGEABLE = {"lora", "lora_all", "lora_fold", "bitfit", "ia3", "ln", "composition_two_lora", "krona", "adapter_bias",
              "kadaptation"}
 NO_FFN_BIAS = {"llama", "t5"}  # W_2 without a bias cannot hold AdapterBias' constant shift: it stays a delta
-PREFIX_STYLE = {"prefix", "prefix_direct", "mam", "unipelt", "unipelt_prompt"}
-GATED = {"unipelt", "unipelt_prompt", "unipelt_noprefix", "composition", "composition_partial",
+PREFIX_STYLE = {"prefix", "prefix_direct", "mam", "unipelt", "unipelt_prompt", "unipelt_legacy"}
+GATED = {"unipelt", "unipelt_prompt", "unipelt_noprefix", "unipelt_legacy", "composition", "composition_partial",
          "composition_catalogue"}
 assert set(METHODS) == ZERO_INIT | NOT_IDENTITY and not ZERO_INIT & NOT_IDENTITY
 
@@ -91,7 +96,7 @@ def _config(key: str):
         return unipelt.Composition(methods=[
             {"method": "lora", "gate": True},
             "ia3",
-            {"method": "houlsby", "gate": True, "bottleneck": 8},
+            {"method": "houlsby", "gate": True, "bottleneck": 8, "init": "lora"},
         ])
     if key == "composition_two_lora":
         return unipelt.Composition(methods=[
@@ -101,7 +106,7 @@ def _config(key: str):
         ])
     if key == "composition_partial":  # the adapter stays at merge; lora and ln touch other modules and fold
         return unipelt.Composition(methods=[
-            {"method": "pfeiffer", "gate": True, "bottleneck": 8},
+            {"method": "pfeiffer", "gate": True, "bottleneck": 8, "init": "lora"},
             {"method": "lora", "r": 4},
             "ln",
         ])
@@ -242,11 +247,11 @@ def adapter_count(D: Dims, m: int, houlsby: bool, gate: bool = False) -> int:
     return n * per
 
 
-def prefix_count(D: Dims, length: int, reparam: bool, gate: bool = False) -> int:
+def prefix_count(D: Dims, length: int, reparam: bool, gate: bool = False, hidden: int = PREFIX_HIDDEN) -> int:
     N, gates = D.n_attn, (D.n_attn * (D.d + 1) if gate else 0)
     if not reparam:
         return N * 2 * length * D.kv + gates
-    h = PREFIX_HIDDEN
+    h = hidden
     return length * D.d + (D.d * h + h) + (h * 2 * N * D.kv + 2 * N * D.kv) + gates
 
 
@@ -291,9 +296,9 @@ def ln_count(model: nn.Module) -> int:
 
 def expected_counts(family: str, key: str, model: nn.Module) -> dict[str, int]:
     D = dims(family, model)
-    houlsby = {"houlsby": True, "pfeiffer": False, "parallel": False}
-    if key in houlsby:
-        return {"adapter": adapter_count(D, 64, houlsby[key])}
+    houlsby = {"houlsby": True, "pfeiffer": False, "pfeiffer_zero_up": False, "parallel": False}
+    if key in houlsby:  # the default bottleneck: d / 16
+        return {"adapter": adapter_count(D, D.d // 16, houlsby[key])}
     table = {
         "lora": lambda: {"lora": lora_count(D, 8)},
         "lora_all": lambda: {"lora": lora_count(D, 8, ("q", "k", "v", "o", "ffn_in", "ffn_out"))},
@@ -305,7 +310,7 @@ def expected_counts(family: str, key: str, model: nn.Module) -> dict[str, int]:
         "prefix": lambda: {"prefix": prefix_count(D, 10, True)},
         "prefix_direct": lambda: {"prefix": prefix_count(D, 10, False)},
         "prompt": lambda: {"prompt": 4 * D.d},
-        "mam": lambda: {"prefix": prefix_count(D, 4, True), "adapter": adapter_count(D, 16, False)},
+        "mam": lambda: {"prefix": prefix_count(D, 4, True, hidden=800), "adapter": adapter_count(D, 16, False)},
         "unipelt": lambda: {"adapter": adapter_count(D, 16, False, gate=True),
                             "prefix": prefix_count(D, 4, True, gate=True), "lora": lora_count(D, 4, gate=True)},
         "unipelt_prompt": lambda: {"adapter": adapter_count(D, 16, False, gate=True),
@@ -313,6 +318,8 @@ def expected_counts(family: str, key: str, model: nn.Module) -> dict[str, int]:
                                    "prompt": 3 * D.d},
         "unipelt_noprefix": lambda: {"adapter": adapter_count(D, 16, False, gate=True),
                                      "lora": lora_count(D, 4, gate=True)},
+        "unipelt_legacy": lambda: {"adapter": adapter_count(D, 16, False, gate=True),
+                                   "prefix": prefix_count(D, 4, True, gate=True), "lora": lora_count(D, 4, gate=True)},
         "composition": lambda: {"lora": lora_count(D, 8, gate=True), "ia3": ia3_count(D),
                                 "adapter": adapter_count(D, 8, True, gate=True)},
         "composition_two_lora": lambda: {"lora": lora_count(D, 4), "lora_1": lora_count(D, 2, ("o", "ffn_out")),
@@ -351,8 +358,9 @@ def test_init_identity_or_visible_change(family: str, key: str) -> None:
     unipelt.attach(model, _config(key))
     out = logits(model, batch)
     assert out.shape == base.shape
-    if key in NOT_IDENTITY:
-        assert (out - base).abs().max() > 1e-6, "prefix/prompt should change the output at init"
+    if key in NOT_IDENTITY:  # an N(0, 0.02) adapter moves a random tiny model's logits by about 1e-7
+        assert (out - base).abs().max() > (1e-9 if key in ("houlsby", "pfeiffer") else 1e-6), \
+            "prefix, prompt and N(0, 0.02) adapters change the output at init"
         return
     torch.testing.assert_close(out, base, atol=1e-6, rtol=0)
     gates = [m for m in store(model).modules() if isinstance(m, Gate)]
@@ -556,8 +564,8 @@ def test_merge(family: str, key: str) -> None:
     if key == "composition":  # gated lora and adapter stay; ia3 shares W_v with the gated lora before it
         assert {"lora", "adapter"} <= kept <= names
         torch.testing.assert_close(logits(model, batch), out, atol=1e-5, rtol=0)
-    elif key == "composition_partial":  # lora and ln touch no module the adapter hooks: they fold
-        assert kept == {"adapter"}
+    elif key == "composition_partial":  # lora folds; ln stays: the Pfeiffer adapter runs the FFN's LayerNorm again
+        assert kept == {"adapter", "ln"}
         torch.testing.assert_close(logits(model, batch), out, atol=1e-5, rtol=0)
     elif key == "composition_catalogue":  # gated krona and compacter stay; adapter_bias shares W_2 with compacter
         assert {"krona", "compacter"} <= kept <= names
@@ -585,7 +593,7 @@ def test_merge_of_deltas_sharing_modules_is_exact(family: str, order: str) -> No
         unipelt.merge(model)
     torch.testing.assert_close(logits(model, batch), out, atol=1e-5, rtol=0)
     if order == "lora_first":  # (W + BA) then scaled: both fold
-        assert not caught and len(store(model)) == 0
+        assert not caught and len(unipelt.core.deltas(model)) == 0
     else:  # l * (W x) + B A x on W_v but W_2 (l * a) + B A (l * a) on W_2: neither order folds both exactly
         assert caught and set(store(model)) <= {"ia3", "lora"}
 
@@ -778,8 +786,14 @@ def test_mam_dict_sizes_keep_the_papers_settings() -> None:
     adapter = store(model)["adapter"].config
     assert (adapter.bottleneck, adapter.parallel, adapter.scaling) == (16, True, 4.0)
     model = unipelt.attach(build("bert"), {"method": "unipelt", "adapter": {"activation": "gelu"}, "lora": {"r": 4}})
-    assert store(model)["adapter"].config.bottleneck == 48  # UniPELT's m, not AdapterConfig's default
+    assert store(model)["adapter"].config.placement == "pfeiffer" and store(model)["adapter"].bottleneck == 32 // 16
+    assert store(model)["prefix"].config.init == "bert"  # UniPELT's prefix init, not PrefixConfig's default
     assert store(model)["lora"].config.alpha == 16.0
+    model = unipelt.attach(build("bert"), "mam")
+    assert store(model)["prefix"].config.reparam_hidden == 800 and store(model)["prefix"].config.length == 30
+    model = unipelt.attach(build("bert"), {"method": "mam_glue", "adapter": {"scaling": 3.0}})
+    prefix, adapter = store(model)["prefix"].config, store(model)["adapter"].config
+    assert (prefix.length, prefix.reparam_hidden, adapter.bottleneck, adapter.scaling) == (16, 800, 16, 3.0)
 
 
 @pytest.mark.parametrize(("config", "message"), [

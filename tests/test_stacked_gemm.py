@@ -53,9 +53,9 @@ class _GemmShapes(TorchDispatchMode):
 
 def test_unipelt_runs_no_gemm_of_the_unpadded_stacked_widths() -> None:
     model = build("bert")
-    unipelt.attach(model, {"method": "unipelt"})
+    unipelt.attach(model, {"method": "unipelt", "adapter": {"bottleneck": 16}})  # d / 16 = 2 would meet other dims
     methods = {type(m).__name__: m for m in method_instances(model).values()}
-    m = methods["Adapter"].config.bottleneck
+    m = methods["Adapter"].bottleneck
     r = methods["LoRA"].config.r
     recorder = _GemmShapes()
     with recorder:

@@ -12,7 +12,6 @@ import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-
 GATE_POOLINGS = ("mean", "mean_with_padding", "token", "logit_mean")  # runtime.gate_values
 
 
@@ -138,5 +137,8 @@ def parse_config(config: MethodConfig | str | dict[str, Any]) -> MethodConfig:
         raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(reg))}")
     entry = reg[name]
     values = dict(entry.preset or {})
-    values.update({k: v for k, v in config.items() if k != "method"})
+    for key, value in config.items():  # a part given as a dict refines the preset's part ({"adapter": {...}})
+        if key != "method":
+            values[key] = {**values[key], **value} if isinstance(value, dict) and isinstance(values.get(key), dict) \
+                else value
     return entry.config_class.from_dict(values)

@@ -238,8 +238,8 @@ def model_pass(model: torch.nn.Module, ids: torch.Tensor, autocast: bool, **kwar
     return [out.detach(), *(g.float() for g in torch.autograd.grad((out * direction).sum(), params))]
 
 
-SITES = {"houlsby": 4, "parallel": 2, "compacter": 4, "phm_adapter": 4, "sparse_adapter": 2, "pfeiffer": 2,
-         "unipelt": 2}
+SITES = {"houlsby": 4, "parallel": 2, "compacter": 4, "phm_adapter": 4, "sparse_adapter": 4, "pfeiffer": 2,
+         "unipelt_legacy": 2}
 
 
 @pytest.mark.parametrize("spec", [
@@ -247,10 +247,13 @@ SITES = {"houlsby": 4, "parallel": 2, "compacter": 4, "phm_adapter": 4, "sparse_
     {"method": "parallel", "bottleneck": 16, "scaling": 4.0},  # reads a LayerNorm's float32 output
     {"method": "compacter"},
     {"method": "phm_adapter", "bottleneck": 8},
-    {"method": "sparse_adapter", "bottleneck": 8},
-    {"method": "unipelt"},  # the gated adapter (m = 48), beside the gated prefix and LoRA
-    {"method": "parallel", "bottleneck": 16, "scaling": 2.0, "gate": True, "activation": "tanh"},
-    {"method": "compacter", "gate": True},  # the gate as a module of its own in the unfused path
+    {"method": "sparse_adapter", "bottleneck": 8, "placement": "houlsby"},
+    # the kernels' gate is per token (UniPELT's per-example mean runs unfused): unipelt_legacy's gated adapter
+    # (m = 48, on W_2's output), beside the gated prefix and LoRA
+    {"method": "unipelt_legacy"},
+    {"method": "parallel", "bottleneck": 16, "scaling": 2.0, "gate": True, "gate_pooling": "token",
+     "activation": "tanh"},
+    {"method": "compacter", "gate": True, "gate_pooling": "token"},  # the gate as a module of its own unfused
 ], ids=lambda s: s["method"] + ("_gated" if s.get("gate") else ""))
 def test_adapters_of_a_model_run_fused_under_autocast_as_precisely_as_unfused(spec: dict, monkeypatch) -> None:
     model = perturbed(spec)
@@ -270,7 +273,7 @@ def test_adapters_of_a_model_run_fused_under_autocast_as_precisely_as_unfused(sp
     ({"method": "phm_adapter", "bottleneck": 8}, (16, 16, 16)),
     ({"method": "compacter", "bottleneck": 12}, (16, 16, 16)),
     # gated: W_down's rows leave room for the gate's (aligned_ranks adds it), and W_up keeps its 12 columns
-    ({"method": "compacter", "bottleneck": 12, "gate": True}, (15, 15, 12)),
+    ({"method": "compacter", "bottleneck": 12, "gate": True, "gate_pooling": "token"}, (15, 15, 12)),
 ], ids=["phm_adapter", "compacter", "compacter_gated"])
 def test_compacter_hands_the_kernels_ranks_padded_in_its_one_batched_build(spec: dict, width: tuple,
                                                                            monkeypatch) -> None:
@@ -295,21 +298,26 @@ def test_a_fresh_adapter_leaves_the_base_output_exactly(monkeypatch) -> None:
     with torch.no_grad(), torch.autocast("cpu", dtype=HALF):
         before = base(input_ids=ids).last_hidden_state
     counter = CountingCalls(monkeypatch)
-    model = unipelt.attach(base, {"method": "houlsby", "bottleneck": 8})
+    model = unipelt.attach(base, {"method": "houlsby", "bottleneck": 8, "init": "lora"})  # W_up = 0
     with torch.no_grad(), torch.autocast("cpu", dtype=HALF):
         after = model(input_ids=ids).last_hidden_state
     assert counter.calls == 4
     assert torch.equal(before, after)
 
 
-@pytest.mark.parametrize("case", ["gated too wide", "float32", "too wide", "switched off", "serving rows"])
+@pytest.mark.parametrize("case", ["gated too wide", "float32", "too wide", "switched off", "serving rows",
+                                  "per-example gate", "float32 residual"])
 def test_the_unfused_path_runs_where_the_kernels_would_compute_another_function(case: str, monkeypatch,
                                                                                   tmp_path) -> None:
-    spec = {"method": "pfeiffer", "bottleneck": 8}
+    spec = {"method": "houlsby", "bottleneck": 8}
     if case == "gated too wide":  # the gate's logit takes one more rank than the kernels hold
-        spec |= {"gate": True, "bottleneck": kb.MAX_BOTTLENECK}
+        spec |= {"gate": True, "gate_pooling": "token", "bottleneck": kb.MAX_BOTTLENECK}
     if case == "too wide":
         spec["bottleneck"] = kb.MAX_BOTTLENECK + 8
+    if case == "per-example gate":  # UniPELT's gate is a mean over the sequence; the kernels' is per token
+        spec = {"method": "unipelt", "prefix": None, "lora": None}
+    if case == "float32 residual":  # Pfeiffer's adapter adds to LN(h + x)'s input, float32 under autocast in BERT
+        spec = {"method": "pfeiffer", "bottleneck": 8}
     model, kwargs = perturbed(spec), {}
     if case == "serving rows":  # each row's task: the delta is masked per row
         folders = {name: unipelt.save(perturbed(task, seed, train_head=False), tmp_path / name)
@@ -323,16 +331,17 @@ def test_the_unfused_path_runs_where_the_kernels_would_compute_another_function(
     with torch.no_grad(), torch.autocast("cpu", dtype=HALF, enabled=case != "float32"):
         model(input_ids=torch.randint(1, 96, (2, 7)), **kwargs)
     assert counter.calls == 0
-    if case != "serving rows":  # the same model fuses once the reason is gone
+    if case not in ("serving rows", "per-example gate", "float32 residual"):  # fused once the reason is gone
         monkeypatch.setattr(kb, "enabled", True)
         if case in ("switched off", "float32"):
             with torch.no_grad(), torch.autocast("cpu", dtype=HALF):
                 model(input_ids=torch.randint(1, 96, (2, 7)))
-            assert counter.calls == 2
+            assert counter.calls == 4  # Houlsby: after the attention and the FFN of both layers
 
 
 @pytest.mark.parametrize("spec", [{"method": "houlsby", "bottleneck": 8, "activation": "gelu"},
-                                  {"method": "unipelt", "prefix": None, "lora": None}], ids=["houlsby", "unipelt"])
+                                  {"method": "unipelt_legacy", "prefix": None, "lora": None}],
+                         ids=["houlsby", "unipelt_legacy"])
 def test_a_compiled_model_runs_the_kernels_in_one_graph_with_eager_results(spec: dict) -> None:
     model = perturbed(spec)
     ids = torch.randint(1, 96, (2, 7))

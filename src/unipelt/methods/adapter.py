@@ -89,7 +89,8 @@ class AdapterConfig(MethodConfig):
 
 register_preset("houlsby", AdapterConfig, "serial adapters after attention and FFN, swish (Houlsby et al. 2019)",
                 placement="houlsby", activation="swish")
-register_preset("pfeiffer", AdapterConfig, "one serial adapter after the FFN, inside its LayerNorm (Pfeiffer et al. 2021)",
+register_preset("pfeiffer", AdapterConfig,
+                "one serial adapter after the FFN, inside its LayerNorm (Pfeiffer et al. 2021)",
                 placement="pfeiffer")
 register_preset("parallel", AdapterConfig, "parallel adapter on the FFN (He et al. 2022)",
                 placement="pfeiffer", parallel=True)
@@ -242,7 +243,9 @@ class Adapter(DeltaMethod):
     def _inside_norm_hook(self, site_key: str, installer: Installer):
         def inside_norm(norm, inputs, y):  # y = LN(h + x) -> LN(h + x + G A(y))
             # ``norm.forward``, not ``norm(...)``: no hook of its own runs twice; a tuned norm (LN tuning) runs tuned
-            return norm.forward(self._add_delta(installer, site_key, y, inputs[0]))
+            out = norm.forward(self._add_delta(installer, site_key, y, inputs[0]))
+            rows = installer.rows(out)  # multi-task serving: other tasks' rows keep what their own adapter made
+            return out if rows is None else torch.where(rows.bool(), out, y)
 
         return inside_norm
 

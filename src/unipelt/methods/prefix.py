@@ -40,7 +40,6 @@ from ..runtime import Gate, Installer, gate_values
 from ..sites import AttentionSites, ModelMap
 from .base import DeltaMethod
 
-
 PREFIX_INITS = ("default", "bert", "words")
 
 

@@ -40,7 +40,7 @@ from .base import DeltaMethod
 
 POSITIONS = ("auto", "start", "after_cls")
 INITS = ("vocab", "uniform", "random")
-JOINS = ("input", "embeddings")
+JOINS = ("input", "embeddings", "auto")
 
 
 @register
@@ -53,7 +53,9 @@ class PromptConfig(MethodConfig):
     init: str = "vocab"
     position: str = "auto"
     seed: int = 0
-    join: str = "input"  # "input": ids of placeholders the word embeddings fill; "embeddings": the embeddings' output
+    # "input": ids of placeholders the word embeddings fill; "embeddings": the embeddings' output; "auto": the
+    # embeddings' output where the model has an embeddings module (BERT-like encoders), else the input
+    join: str = "input"
 
     def validate(self) -> None:
         super().validate()
@@ -105,11 +107,12 @@ class Prompt(DeltaMethod):
         gen = torch.Generator().manual_seed(config.seed)
         # Kept out of the module tree: the embedding layer is the base model's, not this delta's.
         self.__dict__["encoder"] = None
-        self.after_embeddings = self.vision or config.join == "embeddings"
+        embeddings = getattr(model.base_model, "embeddings", None)
+        has_embeddings = isinstance(embeddings, nn.Module) and embeddings is not model_map.input_embeddings() \
+            and not self.encoder_decoder
+        self.after_embeddings = self.vision or config.join == "embeddings" or (config.join == "auto" and has_embeddings)
         if self.after_embeddings:
-            embeddings = getattr(model.base_model, "embeddings", None)
-            if not isinstance(embeddings, nn.Module) or embeddings is model_map.input_embeddings() \
-                    or self.encoder_decoder:
+            if not has_embeddings:
                 raise ConfigError(f"prompt join='embeddings' needs an embeddings module after the word embeddings "
                                   f"(BERT-like encoders); {type(model).__name__} has none: use join='input'")
             self.__dict__["embed_module"] = embeddings

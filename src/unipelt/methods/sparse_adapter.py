@@ -206,7 +206,7 @@ class SparseAdapter(Adapter):
     def _fusable(self, site_key: str) -> bool:
         return True
 
-    def _bottleneck_weights(self, site_key: str) -> tuple[torch.Tensor, ...]:
+    def _plain_weights(self, site_key: str) -> tuple[torch.Tensor, ...]:
         bottleneck = self.adapters[site_key]
         return bottleneck.down.masked_weight(), bottleneck.down.bias, bottleneck.up.masked_weight(), bottleneck.up.bias
 

@@ -46,7 +46,7 @@ from ..tasks.multitask import MultiTask
 DEFAULT_LR = {
     "full": 5e-5, "lora": 2e-3, "adapter": 2e-3, "houlsby": 2e-3, "pfeiffer": 2e-3, "parallel": 2e-3,
     "scaled_parallel": 1e-3, "prefix": 2e-4, "prompt": 3e-2, "bitfit": 1e-3, "ia3": 3e-3, "ln": 1e-3,
-    "unipelt": 1e-3, "unipelt_legacy": 1e-3, "mam": 5e-4, "mam_glue": 5e-4, "composition": 1e-3,
+    "unipelt": 1e-3, "unipelt_legacy": 1e-3, "mam": 5e-4, "mam_glue": 1e-4, "composition": 1e-3,
     # the papers' rates: Compacter 3e-3 (T5-base, GLUE), KronA 1e-3, AdapterBias 1e-3
     "compacter": 3e-3, "compacter++": 3e-3, "phm_adapter": 3e-3, "krona": 1e-3, "krona_ffn": 1e-3,
     "adapter_bias": 1e-3, "kadaptation": 1e-3, "sparse_adapter": 2e-3, "vpt": 5e-2, "vpt_deep": 5e-2,
