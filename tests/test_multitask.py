@@ -95,6 +95,10 @@ def test_serving_errors_name_the_fix(tmp_path: Path) -> None:
     prompt = _saved_task("bert", {"method": "prompt", "length": 2}, tmp_path / "prompt", seed=3)
     with pytest.raises(unipelt.ConfigError, match="prompts of one length and position, or none"):
         unipelt.load_tasks(build("bert"), {"a": lora, "b": prompt})
+    # a prompt joined after the embeddings (UniPELT's default on BERT, saved as join="embeddings") is served alone
+    seed_prompt = _saved_task("bert", {"method": "unipelt", "prompt": True}, tmp_path / "seed_prompt", seed=4)
+    with pytest.raises(unipelt.ConfigError, match=r"join='embeddings'\) is served alone"):
+        unipelt.load_tasks(build("bert"), {"a": seed_prompt})
     with pytest.raises(unipelt.ConfigError, match="serve this t5 delta alone"):
         unipelt.load_tasks(build("t5"), {"a": _saved_task("t5", {"method": "prompt", "length": 2},
                                                            tmp_path / "t5prompt", seed=4)})
@@ -106,7 +110,7 @@ PROMPT_TASKS = {
     "prompt": {"method": "prompt", "length": 3},
     "prompt_lora": unipelt.Composition(methods=[{"method": "prompt", "length": 3}, {"method": "lora", "r": 2}]),
     "unipelt_prompt": {"method": "unipelt", "adapter": {"bottleneck": 8}, "prefix": {"length": 2},
-                       "lora": {"r": 2}, "prompt": {"length": 3}},
+                       "lora": {"r": 2}, "prompt": {"length": 3, "join": "input"}},  # served prompts share the ids
 }
 
 

@@ -276,7 +276,10 @@ def _task_id(state: Any, task: str, meta: dict[str, Any], folder: Path) -> int:
                               f"decoder-only text models; serve this {model.config.model_type} delta alone")
         if len(prompts) > 1:
             raise ConfigError(f"{folder} holds {len(prompts)} prompts; a served task may have one")
-        if any(m["config"].get("join") == "embeddings" for m in meta["methods"] if m["config"]["method"] == "prompt"):
+        from .methods.prompt import joins_after_embeddings
+
+        if any(joins_after_embeddings(m["config"].get("join", "input"), state.model_map) for m in meta["methods"]
+               if m["config"]["method"] == "prompt"):
             raise ConfigError(f"{folder}: a prompt joined after the embeddings (join='embeddings') is served alone; "
                               f"serve tasks together with prompts of join='input'")
     # the tasks' prompts share one insertion: either every served task has a prompt of one length and position,

@@ -225,12 +225,12 @@ class Adapter(DeltaMethod):
 
     def install(self, installer: Installer) -> None:
         for site_key, site in self.sites.items():
-            if site.reader is not None:
-                self._install_parallel(installer, site_key, site)
+            if site.reader is not None:  # parallel: h + s G A(x_in)
+                self._install_read_then_add(installer, site_key, site.reader, site.output, lambda x, h: x)
             elif site.norm is not None and not site.norm_first:
                 installer.on_output(site.norm, self._inside_norm_hook(site_key, installer))
-            elif site.norm is not None:
-                self._install_pre_norm(installer, site_key, site)
+            elif site.norm is not None:  # pre-LN Pfeiffer: h + G A(h + x)
+                self._install_read_then_add(installer, site_key, site.norm, site.output, lambda x, h: h + x)
             else:
                 installer.on_output(site.output, self._serial_hook(site_key, installer))
 
@@ -249,33 +249,21 @@ class Adapter(DeltaMethod):
 
         return inside_norm
 
-    def _install_pre_norm(self, installer: Installer, site_key: str, site: _Site) -> None:
-        """Pre-LN: ``h + G A(h + x)`` at the FFN's output, ``x`` being what its LayerNorm reads."""
+    def _install_read_then_add(self, installer: Installer, site_key: str, reader: nn.Module, output: nn.Module,
+                               adapter_input) -> None:
+        """Stash what ``reader`` reads; at ``output``, add the delta of ``adapter_input(stashed, output)``. Parallel:
+        the sub-layer's input; pre-LN Pfeiffer: ``h + x``, ``x`` being what the FFN's LayerNorm reads."""
         stash, slot = installer.context.values, (id(self), site_key)
 
-        def read_residual(module, inputs):
+        def read(module, inputs):
             stash[slot] = inputs[0]
 
-        def add(module, inputs, h):
-            x = stash.pop(slot, None)
-            if x is None:
-                raise RuntimeError(f"adapter {site_key}: the FFN's LayerNorm was not seen before its output")
-            return self._add_delta(installer, site_key, h + x, h)
+        def add(module, inputs, out):
+            seen = stash.pop(slot, None)
+            if seen is None:
+                raise RuntimeError(f"adapter {site_key}: {type(reader).__name__}'s input was not seen before the "
+                                   f"sub-layer's output")
+            return self._add_delta(installer, site_key, adapter_input(seen, out), out)
 
-        installer.on_input(site.norm, read_residual)
-        installer.on_output(site.output, add)
-
-    def _install_parallel(self, installer: Installer, site_key: str, site: _Site) -> None:
-        stash, slot = installer.context.values, (id(self), site_key)
-
-        def read_input(module, inputs):
-            stash[slot] = inputs[0]
-
-        def add_parallel(module, inputs, output):
-            x = stash.pop(slot, None)
-            if x is None:
-                raise RuntimeError(f"parallel adapter {site_key}: sub-layer input was not seen before its output")
-            return self._add_delta(installer, site_key, x, output)
-
-        installer.on_input(site.reader, read_input)
-        installer.on_output(site.output, add_parallel)
+        installer.on_input(reader, read)
+        installer.on_output(output, add)

@@ -27,7 +27,7 @@ supported (use ``prefix``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -89,6 +89,22 @@ def _remove(t: torch.Tensor, pos: int, n: int) -> torch.Tensor:
 SHARED_INSERT = ("prompt", "served insertion")
 
 
+def embeddings_module(model_map: ModelMap) -> nn.Module | None:
+    """The module after the word embeddings whose output the layers read (BERT-like encoders' ``embeddings``:
+    positions, token types, LayerNorm), or None where the model has none."""
+    model = model_map.model
+    embeddings = getattr(model.base_model, "embeddings", None)
+    if not isinstance(embeddings, nn.Module) or embeddings is model_map.input_embeddings() \
+            or getattr(model.config, "is_encoder_decoder", False):
+        return None
+    return embeddings
+
+
+def joins_after_embeddings(join: str, model_map: ModelMap) -> bool:
+    """Whether a text prompt of this ``join`` goes after the embeddings module (``"auto"``: where there is one)."""
+    return join == "embeddings" or (join == "auto" and embeddings_module(model_map) is not None)
+
+
 class Prompt(DeltaMethod):
     config_class = PromptConfig
     # multi-task serving, where every served task has a prompt of one length and position (load_tasks checks)
@@ -107,12 +123,10 @@ class Prompt(DeltaMethod):
         gen = torch.Generator().manual_seed(config.seed)
         # Kept out of the module tree: the embedding layer is the base model's, not this delta's.
         self.__dict__["encoder"] = None
-        embeddings = getattr(model.base_model, "embeddings", None)
-        has_embeddings = isinstance(embeddings, nn.Module) and embeddings is not model_map.input_embeddings() \
-            and not self.encoder_decoder
-        self.after_embeddings = self.vision or config.join == "embeddings" or (config.join == "auto" and has_embeddings)
+        self.after_embeddings = self.vision or joins_after_embeddings(config.join, model_map)
         if self.after_embeddings:
-            if not has_embeddings:
+            embeddings = embeddings_module(model_map)
+            if embeddings is None:
                 raise ConfigError(f"prompt join='embeddings' needs an embeddings module after the word embeddings "
                                   f"(BERT-like encoders); {type(model).__name__} has none: use join='input'")
             self.__dict__["embed_module"] = embeddings
@@ -147,6 +161,11 @@ class Prompt(DeltaMethod):
         ids = torch.randint(0, vocab, (1, self.config.length), generator=gen).to(word_embeddings.weight.device)
         with torch.no_grad():
             return word_embeddings(ids)[0].float().cpu()
+
+    def saved_config(self) -> PromptConfig:
+        """The config as saved: ``join`` resolved for this model (``"auto"`` becomes what it chose)."""
+        return replace(self.config, join="embeddings" if self.after_embeddings and not self.vision else
+                       ("input" if self.config.join == "auto" else self.config.join))
 
     reads_inputs = False  # whether row_prompts looks at the inputs (ATTEMPT) or only at their shape
 
