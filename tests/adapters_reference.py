@@ -27,18 +27,21 @@ BATCH, SEQ, PAD_FROM = 3, 9, 6  # the last row has PAD_FROM real tokens
 
 
 def build(spec: dict):
+    import importlib.util
+    from pathlib import Path
+
     import adapters
     import transformers
 
+    # the speed benchmark's case file builds adapters' configurations; it imports nothing of unipelt's for them
+    case_file = Path(__file__).resolve().parents[1] / "src" / "unipelt" / "bench" / "case.py"
+    loaded = importlib.util.spec_from_file_location("unipelt_bench_case", case_file)
+    case = importlib.util.module_from_spec(loaded)
+    loaded.loader.exec_module(case)
     torch.manual_seed(0)
     model = transformers.BertModel(transformers.BertConfig(**CONFIG), add_pooling_layer=False).eval()
     adapters.init(model)
-    parts = []
-    for name, kwargs in spec["config"]:
-        part = getattr(adapters, name)(**kwargs)
-        parts.extend(part.configs if isinstance(part, adapters.ConfigUnion) else [part])  # unions do not nest
-    config = parts[0] if len(parts) == 1 else adapters.ConfigUnion(*parts)
-    model.add_adapter("ref", config=config)
+    model.add_adapter("ref", config=case.adapters_config(spec["config"]))
     model.train_adapter("ref")
     model.eval()
     return model

@@ -78,6 +78,14 @@ class Composition(MethodConfig):
 SEED_PROMPT = {"length": 10, "init": "uniform", "join": "auto"}
 
 
+def _seed_prompt(value: Any) -> Any:
+    """UniPELT's prompt part: ``True`` or a dict becomes :data:`SEED_PROMPT`'s options (the dict's over them);
+    anything else (None, a ``PromptConfig``) stays as it is."""
+    if value is True or isinstance(value, dict):
+        return {**SEED_PROMPT, **(value if isinstance(value, dict) else {})}
+    return value
+
+
 @register
 @dataclass
 class UniPELTConfig(MethodConfig):
@@ -102,22 +110,21 @@ class UniPELTConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
+        self.prompt = _seed_prompt(self.prompt)
         for name, cls in (("adapter", AdapterConfig), ("prefix", PrefixConfig), ("lora", LoRAConfig),
                           ("prompt", PromptConfig)):
             value = getattr(self, name)
-            own = SEED_PROMPT if name == "prompt" else {}  # the seed's prompt layer, unless said otherwise
             if isinstance(value, dict):
-                setattr(self, name, cls.from_dict({**own, **_part_defaults(type(self), {name: value})[name]}))
+                setattr(self, name, cls.from_dict(_part_defaults(type(self), {name: value})[name]))
             elif value is True:
-                setattr(self, name, cls.from_dict(own))
+                setattr(self, name, cls())
         if not any((self.adapter, self.prefix, self.lora, self.prompt)):
             raise ConfigError("unipelt needs at least one of adapter, prefix, lora, prompt")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UniPELTConfig:
-        prompt = data.get("prompt")
-        if prompt is True or isinstance(prompt, dict):  # before the part becomes a PromptConfig of its own defaults
-            data = {**data, "prompt": {**SEED_PROMPT, **(prompt if isinstance(prompt, dict) else {})}}
+        if "prompt" in data:  # before the part becomes a PromptConfig of its own defaults
+            data = {**data, "prompt": _seed_prompt(data["prompt"])}
         return super().from_dict(_part_defaults(cls, data))
 
     def expand(self) -> list[MethodConfig]:

@@ -107,6 +107,11 @@ def sequence_mean(values: torch.Tensor, padding_mask: torch.Tensor | None) -> to
     return (values * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1.0)
 
 
+def gate_per_token(pooling: str, causal: bool) -> bool:
+    """Whether :func:`gate_values` gives one gate per token (else one per example)."""
+    return causal or pooling == "token"
+
+
 def gate_values(gate_logit: torch.Tensor, pooling: str, padding_mask: torch.Tensor | None,
                 causal: bool) -> torch.Tensor:
     """UniPELT's gate from its per-token logits ``(batch, seq, 1)``.
@@ -120,11 +125,11 @@ def gate_values(gate_logit: torch.Tensor, pooling: str, padding_mask: torch.Tens
     ``sigmoid(w_g . mean_t x_t + b_g)`` (``unipelt_legacy``'s prefix gate). In a causal layer a mean would read later
     tokens, so the gate stays per token there whatever ``pooling`` says (the reference is an encoder).
     """
-    if pooling == "logit_mean" and not causal:
+    if gate_per_token(pooling, causal):
+        return torch.sigmoid(gate_logit)
+    if pooling == "logit_mean":
         return torch.sigmoid(sequence_mean(gate_logit, padding_mask))
     g = torch.sigmoid(gate_logit)
-    if causal or pooling == "token":
-        return g
     if pooling == "mean_with_padding":
         return g.mean(1, keepdim=True)
     return sequence_mean(g, padding_mask)

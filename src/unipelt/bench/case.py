@@ -218,16 +218,23 @@ def attach(peer: str, method: str, model: torch.nn.Module, family: str) -> torch
         import adapters
 
         adapters.init(model)
-        if name == "ConfigUnion":  # its parts flattened: a union does not nest another (UniPELT's)
-            parts = [getattr(adapters, part)(**kw) for part, kw in kwargs]
-            config = adapters.ConfigUnion(*[c for p in parts for c in (p.configs if isinstance(p, adapters.ConfigUnion)
-                                                                         else [p])])
-        else:
-            config = getattr(adapters, name)(**kwargs)
+        config = adapters_config(kwargs if name == "ConfigUnion" else [(name, kwargs)])
         model.add_adapter("bench", config=config)
         model.train_adapter("bench")
         return model
     raise ValueError(f"unknown library {peer!r}")
+
+
+def adapters_config(parts: list) -> Any:
+    """An ``adapters`` configuration from ``[(class name, kwargs), ...]``: the one part, or a ``ConfigUnion`` of the
+    parts with any union among them flattened (a union does not nest another, and UniPELT's is one)."""
+    import adapters
+
+    configs = []
+    for name, kwargs in parts:
+        part = getattr(adapters, name)(**kwargs)
+        configs.extend(part.configs if isinstance(part, adapters.ConfigUnion) else [part])
+    return configs[0] if len(configs) == 1 else adapters.ConfigUnion(*configs)
 
 
 def step_inputs(peer: str, model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from ..config import ConfigError, MethodConfig, register, register_preset
 from ..families import hidden_dropout
 from ..kernels import bottleneck as fused
-from ..runtime import Gate, Installer, gate_values, stacked_linear
+from ..runtime import Gate, Installer, gate_per_token, gate_values, stacked_linear
 from ..sites import ModelMap
 from .base import DeltaMethod, activation, cast_like, matmul_input
 
@@ -185,9 +185,6 @@ class Adapter(DeltaMethod):
         ``f(x W_d^T + b_d) W_u^T + b_u`` (subclasses with bottlenecks of their own say whether theirs does)."""
         return type(self.adapters[site_key]) is Bottleneck
 
-    def _gate_per_token(self, site_key: str) -> bool:
-        return self.sites[site_key].causal or self.config.gate_pooling == "token"
-
     def _delta(self, site_key: str, x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
         """``s * G * A(x)``: W_down and the gate's row run as one GEMM over x (both read the adapter's input)."""
         w_down, b_down, w_up, b_up = self._plain_weights(site_key)
@@ -211,9 +208,10 @@ class Adapter(DeltaMethod):
         (a per-token gate or none, no dropout, every row of the batch)."""
         config = self.config
         gated = site_key in self.gates
-        down_bias = self._plain_weights(site_key)[1]  # (m,) in the weights' dtype
+        down_bias = self.adapters[site_key].down.bias  # (m,) in the weights' dtype, for every bottleneck type
         if x.shape == residual.shape and installer.row_mask() is None and self._fusable(site_key) \
-                and (not gated or self._gate_per_token(site_key)) and not (self.dropout and self.training) \
+                and (not gated or gate_per_token(config.gate_pooling, self.sites[site_key].causal)) \
+                and not (self.dropout and self.training) \
                 and fused.available(residual, down_bias.dtype, down_bias.shape[0], config.activation, gated):
             gate = self.gates[site_key].proj if gated else None
             # a parallel adapter's input may be a LayerNorm's float32 output: autocast's GEMM would cast it too

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ConfigError, MethodConfig, register
-from ..runtime import Gate, Installer, gate_values
+from ..runtime import Gate, Installer, gate_per_token, gate_values
 from ..sites import AttentionSites, ModelMap
 from .base import DeltaMethod
 
@@ -204,7 +204,7 @@ class Prefix(DeltaMethod):
                 x = values.pop(gate_slot)
                 causal, pooling = self.causal[site_key], self.config.gate_pooling
                 g = gate_values(self.gates[site_key].logits(x), pooling, context.padding_mask, causal)
-                if causal or pooling == "token":
+                if gate_per_token(pooling, causal):
                     return pk, pv, g, rows  # (b, q, 1): per query token
                 g = g.view(-1, 1, 1, 1)  # (b, 1, 1, 1): one gate per example scales P_k and P_v
                 return pk * g.to(pk.dtype), pv * g.to(pv.dtype), None, rows

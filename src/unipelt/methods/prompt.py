@@ -130,10 +130,7 @@ class Prompt(DeltaMethod):
                 raise ConfigError(f"prompt join='embeddings' needs an embeddings module after the word embeddings "
                                   f"(BERT-like encoders); {type(model).__name__} has none: use join='input'")
             self.__dict__["embed_module"] = embeddings
-            init = torch.rand(config.length, d, generator=gen) - 0.5 if config.init == "uniform" else \
-                torch.randn(config.length, d, generator=gen) * 0.02
-            if config.init == "vocab" and not self.vision:
-                init = self._vocab_rows(model_map.input_embeddings(), gen)
+            words = model_map.input_embeddings()
         else:
             # The embedding layer the input really goes through: T5's and BART's encoders have their own
             # (in transformers 5 not the module get_input_embeddings() returns, which only shares its weight).
@@ -147,12 +144,13 @@ class Prompt(DeltaMethod):
             self.__dict__["embed_module"] = embed if isinstance(embed, nn.Module) else model_map.input_embeddings()
             if self.encoder_decoder:
                 self.__dict__["encoder"] = encoder
-            if config.init == "vocab":
-                init = self._vocab_rows(self.embed_module, gen)
-            elif config.init == "uniform":
-                init = torch.rand(config.length, d, generator=gen) - 0.5
-            else:
-                init = torch.randn(config.length, d, generator=gen) * 0.02
+            words = self.embed_module
+        if config.init == "vocab" and not self.vision:  # a ViT has no vocabulary: N(0, 0.02) there
+            init = self._vocab_rows(words, gen)
+        elif config.init == "uniform":
+            init = torch.rand(config.length, d, generator=gen) - 0.5
+        else:
+            init = torch.randn(config.length, d, generator=gen) * 0.02
         self.embedding = nn.Parameter(init.clone())
 
     def _vocab_rows(self, word_embeddings: nn.Module, gen: torch.Generator) -> torch.Tensor:
