@@ -401,3 +401,24 @@ def test_long_lines_are_split_not_cut(tokenizer) -> None:
     rebuilt = [t for s in sequences[:-1] for t in s[1:-1]]
     assert rebuilt == inner
     assert sequences[-1] == tokenizer("short line")["input_ids"]
+
+
+def test_micro_batches_give_the_whole_batch_gradient(tiny_bert: Path, tokenizer) -> None:
+    from unipelt.train.pretrain import _accumulated_loss, _collate
+
+    model = BertForMaskedLM.from_pretrained(tiny_bert)
+    model.eval()  # no dropout: both passes see the same function
+    sequences = [tokenizer(" ".join(WORDS[i:i + 3 + i % 4]))["input_ids"] for i in range(10)]
+    batch = _collate(sequences, tokenizer.pad_token_id, set(tokenizer.all_special_ids))
+    masked, labels = mask_tokens(batch["input_ids"], batch["special_mask"], tokenizer.mask_token_id,
+                                 tokenizer.vocab_size, 0.3, torch.Generator().manual_seed(0))
+    grads = []
+    for micro in (10, 3):
+        model.zero_grad()
+        loss = _accumulated_loss(model, batch, masked, labels, micro)
+        grads.append((loss, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    whole = model(input_ids=masked, attention_mask=batch["attention_mask"], labels=labels).loss
+    assert grads[0][0] == pytest.approx(whole.item(), abs=1e-6)
+    assert grads[1][0] == pytest.approx(whole.item(), abs=1e-5)
+    for a, b in zip(grads[0][1], grads[1][1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)

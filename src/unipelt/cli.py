@@ -5,6 +5,7 @@
     unipelt methods [--model PATH]
     unipelt pretrain --mlm --text FILE... --out DIR
     unipelt report RUN_DIRS...
+    unipelt sweep SPEC.yaml --out DIR --jobs N
 
 Bad input (unknown task or method, missing data, a model without a tokenizer, ...) prints one line
 ``error: ...`` and exits with code 2; a diverged loss exits with code 3.
@@ -87,6 +88,9 @@ def _train(args: argparse.Namespace) -> int:
         method_options=method_options(args.set, args.config), resume=args.resume,
         mixed_precision=args.mixed_precision, progress=not args.no_progress, part_lr=part_lrs(args.part_lr),
         compile=args.compile, from_inventory=args.from_inventory, routing_only=args.routing_only,
+        report_split=args.report_split, dapt=args.dapt, tapt=args.tapt, pretrain_cache=args.pretrain_cache,
+        pretrain_options={k: v for k, v in (("max_steps", args.pretrain_max_steps),) if v is not None},
+        save=not args.no_save,
     )
     run(cfg)
     return 0
@@ -98,10 +102,11 @@ def _eval(args: argparse.Namespace) -> int:
     metrics = evaluate(args.delta, split=args.split, task_name=args.task, data_dir=args.data_dir, device=args.device)
     for name, value in metrics.items():
         print(f"{name:<14} {value:.4f}")
-    out = Path(args.delta) / f"eval_{args.split}.json"
+    split = args.split or json.loads((Path(args.delta) / "run.json").read_text())["config"].get("report_split") or "dev"
+    out = Path(args.delta) / f"eval_{split}.json"
     from .serialization import atomic_write_text
 
-    atomic_write_text(out, json.dumps({"task": args.task, "split": args.split, "metrics": metrics}, indent=2) + "\n")
+    atomic_write_text(out, json.dumps({"task": args.task, "split": split, "metrics": metrics}, indent=2) + "\n")
     return 0
 
 
@@ -162,6 +167,23 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from .sweep import load_spec, run_sweep, write_report
+
+    spec = load_spec(args.spec)
+    spec.data_dir = args.data_dir or spec.data_dir
+    spec.model = args.model or spec.model
+    if args.report_only:
+        print(write_report(spec, args.out)["table"], end="")
+        return 0
+    gpus = args.gpus.split(",") if args.gpus else None
+    only = {name: getattr(args, name).split(",") for name in ("tasks", "settings", "methods") if getattr(args, name)}
+    summary = run_sweep(spec, args.out, jobs=args.jobs, gpus=gpus, deadline=args.deadline, device=args.device,
+                        only=only)
+    print(summary["table"], end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .train.loop import COMPILE_MODES
 
@@ -179,8 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-steps", type=int, default=None)
     t.add_argument("--lr", type=float, default=None, help="default: the method's usual learning rate")
     t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--max-length", type=int, default=128)
+    t.add_argument("--max-length", type=int, default=None, help="tokens per example (default: 128; SQuAD 384)")
     t.add_argument("--data-dir", default=None, help="local task files; absent: load from the Hugging Face Hub")
+    t.add_argument("--report-split", default=None, choices=["dev", "test"],
+                   help="split to report on (default: GLUE dev; the DAPT tasks and a SQuAD test file: test)")
+    t.add_argument("--dapt", nargs="+", default=[], metavar="FILE",
+                   help="domain-adaptive pretraining (masked LM) on these text files before fine-tuning")
+    t.add_argument("--tapt", action="store_true",
+                   help="task-adaptive pretraining on the task's training text before fine-tuning (after --dapt)")
+    t.add_argument("--pretrain-max-steps", type=int, default=None, help="cap on each DAPT/TAPT stage's steps")
+    t.add_argument("--pretrain-cache", default=None, metavar="DIR",
+                   help="where adapted models are kept (default: $UNIPELT_CACHE/pretrained or ~/.cache/unipelt)")
+    t.add_argument("--no-save", action="store_true", help="write results.json only (no delta or model)")
     t.add_argument("--out", default=None, help="run folder (default out/TASK-METHOD)")
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     t.add_argument("--eval-every", type=int, default=None, help="validation every N steps (default: each epoch)")
@@ -204,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="score a finished run")
     e.add_argument("--delta", required=True, help="the --out folder of 'unipelt train'")
     e.add_argument("--task", default=None)
-    e.add_argument("--split", default="dev", choices=["dev", "test"])
+    e.add_argument("--split", default=None, choices=["dev", "test"], help="default: the split the run reported on")
     e.add_argument("--data-dir", default=None)
     e.add_argument("--device", default=None)
     e.set_defaults(func=_eval)
@@ -231,6 +263,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("runs", nargs="+")
     r.add_argument("--out", default="out/report")
     r.set_defaults(func=_report)
+
+    w = sub.add_parser("sweep", help="run a grid of tasks x methods x seeds x settings, then report")
+    w.add_argument("spec", help="YAML or JSON file: tasks, methods, seeds, settings (see docs/sweep.md)")
+    w.add_argument("--out", default="out/sweep", help="sweep folder: runs/, summary.json, table.txt, plot.png")
+    w.add_argument("--jobs", type=int, default=1, help="runs at a time on each GPU (or on the CPU)")
+    w.add_argument("--gpus", default=None, help="GPU ids to spread runs over, e.g. 0,1 (default: every visible)")
+    w.add_argument("--device", default=None, help="cpu to run on the CPU even where a GPU is visible")
+    w.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                   help="stop after this long: nothing new starts, running runs stop and resume next time")
+    w.add_argument("--report-only", action="store_true", help="write the report from the runs finished so far")
+    w.add_argument("--data-dir", default=None, help="the data root (overrides the spec's data_dir)")
+    w.add_argument("--model", default=None, help="the base model (overrides the spec's model)")
+    for name in ("tasks", "settings", "methods"):
+        w.add_argument(f"--{name}", default=None, metavar="A,B", help=f"run only these {name} of the grid")
+    w.set_defaults(func=_sweep)
 
     # listed here for --help; its options belong to unipelt.bench (main() hands the arguments over)
     sub.add_parser("bench", help="training speed and memory of every method beside peft and adapters")

@@ -132,8 +132,8 @@ def aggregate(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     metrics, or holds the same seed twice, is a ``ValueError``: averaging those would be meaningless.
     """
     groups: dict[tuple[str, str, int | None], list[dict[str, Any]]] = {}
-    for r in results:
-        groups.setdefault((r["task"], r["method"], r["k_shot"]), []).append(r)
+    for r in results:  # a run's label (dapt+tapt, tapt+unipelt, ...) names its row where it has one
+        groups.setdefault((r["task"], r.get("label") or r["method"], r["k_shot"]), []).append(r)
     rows = []
     for (task, method, k), runs in groups.items():
         where = f"task={task!r} method={method!r} k_shot={k!r}"

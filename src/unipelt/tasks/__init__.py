@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 from .base import Features, Task, TaskDataError, hold_out, k_shot
-from .classification import GLUE_LAYOUTS, GlueTask, JsonlTask
-
-# The DAPT/TAPT domain classification datasets, read from JSONL files (--data-dir).
-DOMAIN_TASKS = ("chemprot", "rct", "citation_intent", "sciie", "ag_news", "hyperpartisan", "helpfulness", "imdb")
+from .classification import DOMAIN_TASKS, GLUE_LAYOUTS, GlueTask, JsonlTask
 
 
 def task_names() -> list[str]:

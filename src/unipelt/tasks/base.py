@@ -38,6 +38,16 @@ class Task:
     main_metric: str = ""
     greater_is_better: bool = True
     splits: tuple[str, ...] = ("train", "dev", "test")
+    report_split: str = "dev"  # the split a run reports on unless told otherwise
+    max_length: int = 128  # default tokens per sequence
+
+    def default_report_split(self, data_dir: str | None) -> str:
+        """The split to report on with this ``data_dir``; a task whose data decides (SQuAD's re-split) overrides it."""
+        return self.report_split
+
+    def texts(self, examples: Sequence[Any]) -> list[str]:
+        """The raw text of ``examples``, for task-adaptive pretraining (MLM on the task's own training text)."""
+        raise NotImplementedError(f"task {self.name or type(self).__name__} has no text for task-adaptive pretraining")
 
     def load(self, split: str, data_dir: str | None) -> list[Any]:
         """The examples of ``split`` (``train``, ``dev`` or ``test``)."""

@@ -3,6 +3,7 @@
 Local GLUE files are read in GLUE's own TSV layouts, with or without a header row (see
 ``GLUE_LAYOUTS``); with no ``data_dir`` the task loads from the Hugging Face Hub (``nyu-mll/glue``).
 JSONL files hold one ``{"text": ..., "label": ...}`` per line (the DAPT domain datasets' form).
+``data_dir`` may be a task's own folder or a data root above it (``glue/<Folder>``, ``domains/<name>``).
 """
 
 from __future__ import annotations
@@ -69,6 +70,11 @@ GLUE_LAYOUTS: dict[str, GlueLayout] = {
 
 _HUB_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
 
+# The DAPT/TAPT domain classification datasets, read from JSONL files (--data-dir).
+DOMAIN_TASKS = ("chemprot", "rct", "citation_intent", "sciie", "ag_news", "hyperpartisan", "helpfulness", "imdb")
+# Domain tasks whose main metric is micro-F1 (Gururangan et al. 2020, Table 5 note); the others use macro-F1.
+MICRO_F1_TASKS = ("chemprot", "rct")
+
 METRICS: dict[str, Callable[[Sequence, Sequence], float]] = {
     "accuracy": metrics.accuracy, "f1": metrics.f1_binary, "matthews": metrics.matthews,
     "pearson": metrics.pearson, "spearman": metrics.spearman, "f1_macro": metrics.f1_macro,
@@ -105,6 +111,10 @@ class SequenceTask(Task):
             raise TaskDataError(f"{where}: label {raw!r} is not one of task {self.name}'s labels {list(self.labels)}; "
                                 f"check that the file has this task's column layout")
         return self.labels.index(raw)
+
+    def texts(self, examples: Sequence[TextExample]) -> list[str]:
+        """Each example's ``text_a``, then its ``text_b`` as a line of its own; empty texts are left out."""
+        return [t for ex in examples for t in (ex.text_a, ex.text_b) if t]
 
     def auto_model_class(self):
         from transformers import AutoModelForSequenceClassification
@@ -150,8 +160,10 @@ class GlueTask(SequenceTask):
             return self._load_hub(split)
         lay = self.layout
         folder = Path(data_dir)
-        if (folder / lay.folder).is_dir():
-            folder = folder / lay.folder
+        for sub in (folder / lay.folder, folder / "glue" / lay.folder):  # a data root above the task folder
+            if sub.is_dir():
+                folder = sub
+                break
         path = folder / (lay.files or {}).get(split, f"{split}.tsv")
         rows = read_tsv(path)
         if not rows:
@@ -203,13 +215,32 @@ class JsonlTask(SequenceTask):
     """Text classification from ``train.jsonl``/``dev.jsonl``/``test.jsonl`` with ``text`` and ``label``.
 
     Labels are the sorted distinct labels of the training file; a dev/test label outside them is an
-    error. Scores: accuracy, macro-F1 (main) and micro-F1.
+    error. Scores: macro-F1 (main), accuracy and micro-F1; ChemProt and RCT put micro-F1 first, as the
+    DAPT paper reports them. The domain tasks report on ``test`` (the paper's figures); ``text`` on ``dev``.
     """
 
     def __init__(self, name: str = "text"):
-        super().__init__(name, (), ("f1_macro", "accuracy", "f1_micro"))
+        metric_names = ("f1_micro", "f1_macro", "accuracy") if name in MICRO_F1_TASKS else \
+            ("f1_macro", "accuracy", "f1_micro")
+        super().__init__(name, (), metric_names)
         self.labels = None
         self.kind = "classification"
+        if name in DOMAIN_TASKS:
+            self.report_split = "test"
+
+    def data_folder(self, data_dir: str) -> Path:
+        """The folder holding ``train.jsonl``: ``data_dir`` itself, ``data_dir/<name>`` or ``data_dir/domains/<name>``.
+
+        So ``--data-dir`` may name the task's folder or the shared data root.
+        """
+        root = Path(data_dir)
+        tried = [root, root / self.name, root / "domains" / self.name]
+        for folder in tried:
+            if (folder / "train.jsonl").is_file():
+                return folder
+        raise TaskDataError(f"missing data file {' or '.join(str(f / 'train.jsonl') for f in tried)}; --data-dir "
+                            f"must hold train.jsonl, dev.jsonl (test.jsonl), or be a folder above {self.name}/ "
+                            f"or domains/{self.name}/")
 
     def _read(self, path: Path) -> list[dict[str, Any]]:
         if not path.exists():
@@ -232,7 +263,7 @@ class JsonlTask(SequenceTask):
         if data_dir is None:
             raise TaskDataError(f"task {self.name} reads JSONL files: pass --data-dir DIR with train.jsonl and "
                                 "dev.jsonl")
-        folder = Path(data_dir)
+        folder = self.data_folder(data_dir)
         if self.labels is None:
             train = self._read(folder / "train.jsonl")
             self.labels = tuple(sorted({str(item["label"]) for item in train}))

@@ -37,6 +37,18 @@ class MultiTask(Task):
     def load(self, split: str, data_dir: str | None) -> list[tuple[int, Any]]:
         return [(i, ex) for i, task in enumerate(self.tasks) for ex in task.load(split, data_dir)]
 
+    def default_report_split(self, data_dir: str | None) -> str:
+        """The split every task reports on; tasks that disagree (GLUE dev, a DAPT task's test) need it named."""
+        splits = {task.default_report_split(data_dir) for task in self.tasks}
+        if len(splits) != 1:
+            raise TaskDataError(f"the tasks {self.name} report on different splits ({sorted(splits)}); "
+                                "choose one with --report-split")
+        return splits.pop()
+
+    def texts(self, examples: Sequence[tuple[int, Any]]) -> list[str]:
+        """Each task's text of its own examples, task after task."""
+        return [text for i, task in enumerate(self.tasks) for text in task.texts([ex for t, ex in examples if t == i])]
+
     def sample(self, examples: Sequence[tuple[int, Any]], k: int | None, seed: int) -> tuple[list, list]:
         """K-shot (or hold-out) training and validation samples, drawn per task."""
         train, val = [], []

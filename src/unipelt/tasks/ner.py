@@ -130,6 +130,10 @@ class NerTask(Task):
         return [TokenExample(list(item["tokens"]), [names[t] for t in item["ner_tags"]])
                 for item in data if item["tokens"]]
 
+    def texts(self, examples: Sequence[TokenExample]) -> list[str]:
+        """Each sentence's tokens joined by spaces (CoNLL files keep no original spacing)."""
+        return [" ".join(ex.tokens) for ex in examples]
+
     def model_kwargs(self, train_examples: Sequence[TokenExample]) -> dict[str, Any]:
         labels = self.labels if self.labels is not None else self.set_labels(train_examples)
         return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),

@@ -3,7 +3,10 @@
 Local data is SQuAD's own JSON (``{"data": [{"title", "paragraphs": [{"context", "qas": [{"id",
 "question", "answers": [{"text", "answer_start"}]}]}]}]}``) in ``data_dir`` as ``train-v1.1.json``/
 ``dev-v1.1.json`` or ``train.json``/``dev.json`` (and ``test.json`` for a test split, which SQuAD
-itself does not publish). With no ``data_dir`` the splits come from the Hub (``rajpurkar/squad``).
+itself does not publish), or in its ``squad/`` subfolder. ``resplit-train.json``/``resplit-test.json``
+are a re-split of the official dev set by article (for when SQuAD's train set is not at hand): with
+them the dev split is refused (it overlaps the re-split's training articles) and runs report on
+``test``. With no ``data_dir`` the splits come from the Hub (``rajpurkar/squad``).
 
 Contract with the trainer: ``predict(rows)`` runs the model on ``rows`` (in order) and returns a dict
 of tensors concatenated over batches, keyed as in the model output: ``start_logits`` and
@@ -26,7 +29,9 @@ from . import metrics
 from .base import Features, Task, TaskDataError
 
 HUB_PATH = "rajpurkar/squad"
-_FILES = {"train": ("train-v1.1.json", "train.json"), "dev": ("dev-v1.1.json", "dev.json"), "test": ("test.json",)}
+_FILES = {"train": ("train-v1.1.json", "train.json", "resplit-train.json"), "dev": ("dev-v1.1.json", "dev.json"),
+          "test": ("test.json", "resplit-test.json")}
+RESPLIT_TRAIN = "resplit-train.json"  # cut from dev-v1.1.json: with it, dev is not held-out data
 _HUB_SPLITS = {"train": "train", "dev": "validation"}
 
 
@@ -119,6 +124,7 @@ class SquadTask(Task):
     kind = "qa"
     main_metric = "f1"
     metric_names = ("exact_match", "f1")
+    max_length = 384  # the usual window for SQuAD with BERT-sized models
 
     def __init__(self, n_best: int = 20, max_answer_tokens: int = 30):
         self.n_best = n_best
@@ -126,23 +132,48 @@ class SquadTask(Task):
 
     # --- data ------------------------------------------------------------------------------------
 
+    def data_folder(self, data_dir: str) -> Path:
+        """``data_dir``, or its ``squad/`` subfolder when ``data_dir`` holds none of SQuAD's files (a data root)."""
+        folder = Path(data_dir)
+        if not any((folder / name).exists() for names in _FILES.values() for name in names) and \
+                (folder / "squad").is_dir():
+            folder = folder / "squad"
+        return folder
+
+    @staticmethod
+    def _file(folder: Path, split: str) -> Path | None:
+        return next((folder / name for name in _FILES[split] if (folder / name).exists()), None)
+
+    def default_report_split(self, data_dir: str | None) -> str:
+        """``test`` where the data has a test file (the re-split's, whose dev overlaps its train), else ``dev``."""
+        if data_dir is None:
+            return "dev"
+        return "test" if self._file(self.data_folder(data_dir), "test") is not None else "dev"
+
     def load(self, split: str, data_dir: str | None) -> list[QAExample]:
         if split not in self.splits:
             raise TaskDataError(f"unknown split {split!r}; use one of {self.splits}")
         if data_dir is None:
             return self._load_hub(split)
-        folder = Path(data_dir)
-        if not any((folder / name).exists() for names in _FILES.values() for name in names) and \
-                (folder / "squad").is_dir():
-            folder = folder / "squad"
-        for name in _FILES[split]:
-            if (folder / name).exists():
-                return parse_squad(folder / name)
+        folder = self.data_folder(data_dir)
+        train = self._file(folder, "train")
+        if split == "dev" and train is not None and train.name == RESPLIT_TRAIN:
+            raise TaskDataError(f"{train} is a re-split cut from dev-v1.1.json, so the dev split overlaps its training "
+                                f"articles; report on the test split ({folder / 'resplit-test.json'}) instead")
+        path = train if split == "train" else self._file(folder, split)
+        if path is not None:
+            return parse_squad(path)
         if split == "test":
-            raise TaskDataError(f"SQuAD 1.1 publishes no test set and {folder / 'test.json'} does not exist; "
-                                f"report on the dev split, or put a SQuAD-format test.json in {folder}")
+            raise TaskDataError(f"SQuAD 1.1 publishes no test set and neither {folder / 'test.json'} nor "
+                                f"{folder / 'resplit-test.json'} exists; report on the dev split, or put a "
+                                f"SQuAD-format test.json in {folder}")
         tried = " or ".join(str(folder / name) for name in _FILES[split])
         raise TaskDataError(f"missing data file {tried}; point --data-dir at the folder holding SQuAD's JSON files")
+
+    def texts(self, examples: Sequence[QAExample]) -> list[str]:
+        """Each distinct context once (in first-seen order), then the questions: a context repeats per question."""
+        contexts = list(dict.fromkeys(ex.context for ex in examples))
+        return [*contexts, *(ex.question for ex in examples)]
 
     def _load_hub(self, split: str) -> list[QAExample]:
         from .hub import load_hub_split

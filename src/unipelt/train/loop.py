@@ -73,7 +73,7 @@ class RunConfig:
     lr: float | None = None
     batch_size: int = 16
     eval_batch_size: int = 64
-    max_length: int = 128
+    max_length: int | None = None  # None: the task's (128; SQuAD 384)
     data_dir: str | None = None
     out: str = "out/run"
     device: str | None = None
@@ -85,7 +85,7 @@ class RunConfig:
     mixed_precision: str = "auto"
     method_options: dict[str, Any] = field(default_factory=dict)
     resume: bool = False
-    report_split: str = "dev"
+    report_split: str | None = None  # None: the task's (GLUE dev; the DAPT tasks and SQuAD's re-split test)
     progress: bool = True
     part_lr: dict[str, float] = field(default_factory=dict)  # method name -> its own learning rate
     # torch.compile mode for the training forward and backward ("default", "reduce-overhead" = with CUDA
@@ -95,6 +95,14 @@ class RunConfig:
     # few-shot adaptation from a Poly inventory: the saved multi-task delta, a new routing row for this task
     from_inventory: str | None = None
     routing_only: bool = False  # with from_inventory: train the new routing row (and head) only
+    # DAPT / TAPT (Gururangan et al. 2020): masked-LM pretraining on these domain text files, then on the
+    # task's training text, before fine-tuning; adapted models are cached by their inputs (train/adaptive.py)
+    dapt: list[str] = field(default_factory=list)
+    tapt: bool = False
+    pretrain_options: dict[str, Any] = field(default_factory=dict)  # AdaptiveSettings fields
+    pretrain_cache: str | None = None
+    save: bool = True  # False: keep results.json only (no delta or model, the checkpoint removed at the end)
+    label: str | None = None  # the row name in reports; None: the method, prefixed by dapt/tapt
 
 
 def adamw_implementation(params: list[torch.Tensor]) -> dict[str, bool]:
@@ -279,6 +287,7 @@ def method_config(method: str, options: dict[str, Any]):
 
 @dataclass
 class _Prepared:
+    cfg: RunConfig  # with the task's defaults filled in
     task: Task
     train: list
     val: list
@@ -287,6 +296,45 @@ class _Prepared:
     model: torch.nn.Module
     method_cfg: Any
     model_kwargs: dict[str, Any]
+    model_path: str | None  # what the model was loaded from: cfg.model, or the DAPT/TAPT-adapted folder
+    pretraining: list[dict[str, Any]]
+
+
+def run_label(cfg: RunConfig) -> str:
+    """The run's name in reports: ``cfg.label``, else the method with its pretraining stages in front
+    (``full`` after DAPT and TAPT is ``dapt+tapt``; UniPELT after TAPT is ``tapt+unipelt``)."""
+    if cfg.label:
+        return cfg.label
+    stages = [name for name, on in (("dapt", bool(cfg.dapt)), ("tapt", cfg.tapt)) if on]
+    if not stages:
+        return cfg.method
+    return "+".join(stages if cfg.method == "full" else [*stages, cfg.method])
+
+
+def _with_task_defaults(cfg: RunConfig, task: Task) -> RunConfig:
+    from dataclasses import replace
+
+    return replace(cfg, max_length=cfg.max_length or getattr(task, "max_length", 128),
+                   report_split=cfg.report_split or task.default_report_split(cfg.data_dir))
+
+
+def _adapt(cfg: RunConfig, task: Task, full_train: list, train: list) -> tuple[str | None, list[dict[str, Any]]]:
+    """The DAPT/TAPT-adapted base model (``cfg.model`` when neither is asked for). TAPT reads the whole
+    training split at full data (unlabelled text, as in the paper) and only the K sampled examples at K-shot."""
+    if not cfg.dapt and not cfg.tapt:
+        return cfg.model, []
+    from ..models import default_model_path
+    from .adaptive import AdaptiveSettings, adapted_model
+
+    texts = None
+    if cfg.tapt:
+        try:
+            texts = task.texts(full_train if cfg.k_shot is None else train)
+        except NotImplementedError as e:
+            raise ConfigError(f"--tapt: {e}") from e
+    settings = AdaptiveSettings.from_options(dict(cfg.pretrain_options))
+    return adapted_model(cfg.model or default_model_path(), cfg.dapt, texts, settings, cfg.pretrain_cache,
+                         device=_device(cfg.device))
 
 
 def adapt_from_inventory(model: torch.nn.Module, cfg: RunConfig) -> Any:
@@ -323,8 +371,9 @@ def routed_method(method_cfg: Any, task: Any, cfg: RunConfig) -> Any:
 
 
 def _prepare(cfg: RunConfig) -> _Prepared:
-    """Everything that can fail on bad input, before anything is written."""
+    """Everything that can fail on bad input, before anything is written (but adapted models, cached)."""
     task = get_task(cfg.task)
+    cfg = _with_task_defaults(cfg, task)
     method_cfg = method_config(cfg.method, cfg.method_options)
     full_train = task.load("train", cfg.data_dir)
     if isinstance(task, MultiTask):  # several tasks: K (or a hold-out) per task, and a routed method
@@ -339,15 +388,17 @@ def _prepare(cfg: RunConfig) -> _Prepared:
     report = task.load(cfg.report_split, cfg.data_dir)
     if not report:
         raise TaskDataError(f"the {cfg.report_split} split of {cfg.task} is empty")
-    tokenizer = preprocessor(task, cfg.model)
+    model_path, pretraining = _adapt(cfg, task, full_train, train)
+    tokenizer = preprocessor(task, model_path)
     set_seed(cfg.seed)
     model_kwargs = task.model_kwargs(full_train)
-    model = load_model(cfg.model, task.auto_model_class(), **model_kwargs)
+    model = load_model(model_path, task.auto_model_class(), **model_kwargs)
     if cfg.from_inventory is not None:
         method_cfg = adapt_from_inventory(model, cfg)
     elif method_cfg is not None:
         core.attach(model, method_cfg)
-    return _Prepared(task, train, val, report, tokenizer, model, method_cfg, model_kwargs)
+    return _Prepared(cfg, task, train, val, report, tokenizer, model, method_cfg, model_kwargs, model_path,
+                     pretraining)
 
 
 def _check_out(out: Path, resume: bool) -> None:
@@ -365,6 +416,7 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     _check_out(out, cfg.resume)
     device = _device(cfg.device)
     prep = _prepare(cfg)
+    cfg = prep.cfg
     model, task, tok = prep.model, prep.task, prep.tokenizer
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.method, 5e-4)
     if cfg.method == "full":
@@ -429,7 +481,7 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
         log(f"resuming {out} at step {state['step']} of {total_steps}")
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        run_info = {"config": asdict(cfg), "model": cfg.model or DEFAULT_MODEL, "model_path": cfg.model,
+        run_info = {"config": asdict(cfg), "model": cfg.model or DEFAULT_MODEL, "model_path": prep.model_path,
                     "model_kwargs": prep.model_kwargs, "lr": lr, "device": device}
         atomic_write_text(out / RUN_FILE, json.dumps(run_info, indent=2, default=str) + "\n")
 
@@ -507,7 +559,8 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     counts = core.trainable_parameters(bare) if prep.method_cfg is not None else \
         {"total": sum(p.numel() for p in bare.parameters())}
     results = {
-        "task": cfg.task, "method": cfg.method, "model": cfg.model or DEFAULT_MODEL, "seed": cfg.seed,
+        "task": cfg.task, "method": cfg.method, "label": run_label(cfg), "model": cfg.model or DEFAULT_MODEL,
+        "seed": cfg.seed,
         "k_shot": cfg.k_shot, "split": cfg.report_split, "main_metric": task.main_metric,
         "score": report_metrics[task.main_metric], "metrics": report_metrics,
         "validation": {"best": state["best"], "best_step": state["best_step"], "history": state["history"]},
@@ -518,13 +571,18 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
         "wall_time_s": train_time, "steps_per_s": trained_steps / train_time if train_time > 0 else 0.0,
         "peak_memory_mb": peak_memory_mb(device), "device": device, "train_examples": len(prep.train),
         "validation_examples": len(prep.val), "report_examples": len(prep.report),
+        "max_length": cfg.max_length, "pretraining": prep.pretraining,
     }
     if main:
-        if prep.method_cfg is not None:
+        if not cfg.save:
+            pass
+        elif prep.method_cfg is not None:
             serialization.save(bare, out)
         else:
             _save_full(bare, tok, out / "model")
         atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
+        if not cfg.save:  # the results are written: the resume state is no longer needed
+            (out / CHECKPOINT_FILE).unlink(missing_ok=True)
         log(format_results(results))
     return results
 
@@ -558,9 +616,10 @@ def format_results(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def evaluate(delta_dir: str | os.PathLike, split: str = "dev", task_name: str | None = None,
+def evaluate(delta_dir: str | os.PathLike, split: str | None = None, task_name: str | None = None,
              data_dir: str | None = None, device: str | None = None, batch_size: int = 64) -> dict[str, float]:
-    """Score the run saved in ``delta_dir`` on ``split`` of its task (or ``task_name``)."""
+    """Score the run saved in ``delta_dir`` on ``split`` of its task (or ``task_name``); no split: the one the
+    run reported on."""
     folder = Path(delta_dir)
     info_path = folder / RUN_FILE
     if not info_path.exists():
@@ -570,6 +629,7 @@ def evaluate(delta_dir: str | os.PathLike, split: str = "dev", task_name: str | 
     if task_name is not None and get_task(task_name).name != get_task(cfg["task"]).name:
         raise ConfigError(f"{folder} was trained on {cfg['task']}, not {task_name}")
     task = get_task(cfg["task"])
+    split = split or cfg.get("report_split") or "dev"
     data_dir = data_dir if data_dir is not None else cfg.get("data_dir")
     if hasattr(task, "labels") and task.labels is None and task.kind == "classification":
         task.load("train", data_dir)  # JSONL tasks learn their label set from train
@@ -585,7 +645,7 @@ def evaluate(delta_dir: str | os.PathLike, split: str = "dev", task_name: str | 
         serialization.load(model, folder)
     model.to(dev)
     tok = preprocessor(task, model_path if cfg["method"] != "full" else str(folder / "model"))
-    feats = task.featurize(examples, tok, cfg["max_length"])
+    feats = task.featurize(examples, tok, cfg.get("max_length") or getattr(task, "max_length", 128))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     from contextlib import nullcontext
 

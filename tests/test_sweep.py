@@ -1,0 +1,266 @@
+"""DAPT/TAPT before fine-tuning, and ``unipelt sweep`` (plan, run, resume after a kill, report) on the CPU.
+
+Runs use a 2-layer random BERT and a small JSONL task written here, so a whole grid takes seconds per run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+from unipelt.cli import EXIT_BAD_INPUT, main
+from unipelt.config import ConfigError
+from unipelt.models import default_model_path
+from unipelt.sweep import load_spec, plan, run_sweep, write_report
+from unipelt.train import RunConfig, run
+
+WORDS = ["good", "bad", "film", "plot", "actor", "scene", "long", "short", "music", "story"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    import torch
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        vocab_size=tok.vocab_size, max_position_embeddings=64)
+    BertForMaskedLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def text_task(tmp_path_factory) -> Path:
+    """A JSONL task: the label says whether 'good' is in the text."""
+    import random
+
+    folder = tmp_path_factory.mktemp("text")
+    rng = random.Random(0)
+    for split, n in (("train", 48), ("dev", 16), ("test", 16)):
+        rows = []
+        for _ in range(n):
+            words = [rng.choice(WORDS[2:]) for _ in range(5)] + [rng.choice(["good", "bad"])]
+            rng.shuffle(words)
+            rows.append(json.dumps({"text": " ".join(words), "label": "pos" if "good" in words else "neg"}))
+        (folder / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def domain_text(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("domain") / "domain.txt"
+    path.write_text("\n".join(f"the {a} of the {b} was {c} ." for a, b, c in zip(WORDS, WORDS[3:] + WORDS[:3],
+                                                                             WORDS[5:] + WORDS[:5], strict=True)))
+    return path
+
+
+def _cfg(tiny_model: str, data: Path, out: Path, **kw) -> RunConfig:
+    base = dict(task="text", method="full", model=tiny_model, data_dir=str(data), out=str(out), device="cpu",
+                max_steps=4, eval_every=2, batch_size=8, max_length=32, progress=False)
+    return RunConfig(**{**base, **kw})
+
+
+# ------------------------------------------------------------------------------------------- DAPT / TAPT
+
+
+def test_dapt_then_tapt_then_fine_tuning_records_and_caches_the_pretraining(tiny_model, text_task, domain_text,
+                                                                          tmp_path) -> None:
+    cache = tmp_path / "cache"
+    pretrain = {"max_steps": 3, "batch_size": 8, "max_length": 32}
+    first = run(_cfg(tiny_model, text_task, tmp_path / "s1", dapt=[str(domain_text)], tapt=True,
+                     pretrain_options=pretrain, pretrain_cache=str(cache)), log=lambda _: None)
+    stages = first["pretraining"]
+    assert [s["stage"] for s in stages] == ["dapt", "tapt"]
+    assert [s["steps"] for s in stages] == [3, 3] and not any(s["cached"] for s in stages)
+    assert stages[0]["lines"] == 10 and stages[1]["lines"] == 48  # TAPT reads the whole train split at full data
+    assert all(s["wall_time_s"] > 0 for s in stages)
+    assert first["label"] == "dapt+tapt"
+    info = json.loads((tmp_path / "s1" / "run.json").read_text())
+    assert info["model_path"] == stages[1]["path"]  # fine-tuning started from the adapted model
+    tapt_meta = json.loads((Path(stages[1]["path"]) / "adaptive.json").read_text())
+    assert tapt_meta["base"] == stages[0]["key"]  # TAPT continued from the DAPT model
+
+    second = run(_cfg(tiny_model, text_task, tmp_path / "s2", seed=2, dapt=[str(domain_text)], tapt=True,
+                      pretrain_options=pretrain, pretrain_cache=str(cache)), log=lambda _: None)
+    assert [s["cached"] for s in second["pretraining"]] == [True, True]  # another seed reuses both models
+    assert [s["path"] for s in second["pretraining"]] == [s["path"] for s in stages]
+
+    other = run(_cfg(tiny_model, text_task, tmp_path / "s3", tapt=True, pretrain_options={**pretrain, "lr": 2e-4},
+                     pretrain_cache=str(cache), method="lora"), log=lambda _: None)
+    assert other["label"] == "tapt+lora"
+    assert not other["pretraining"][0]["cached"]  # other settings, another model
+    assert other["pretraining"][0]["path"] not in {s["path"] for s in stages}
+
+
+def test_k_shot_tapt_reads_only_the_sampled_examples(tiny_model, text_task, tmp_path) -> None:
+    pretrain = {"max_steps": 2, "batch_size": 8, "max_length": 32}
+    results = [run(_cfg(tiny_model, text_task, tmp_path / f"s{seed}", seed=seed, k_shot=8, tapt=True,
+                        pretrain_options=pretrain, pretrain_cache=str(tmp_path / "cache")), log=lambda _: None)
+               for seed in (1, 2)]
+    assert [r["pretraining"][0]["lines"] for r in results] == [8, 8]
+    assert results[0]["pretraining"][0]["path"] != results[1]["pretraining"][0]["path"]  # another sample
+
+
+def test_train_command_runs_dapt_tapt_in_one_go(tiny_model, text_task, domain_text, tmp_path) -> None:
+    out = tmp_path / "run"
+    args = ["train", "--task", "text", "--method", "full", "--model", tiny_model, "--data-dir", str(text_task),
+            "--out", str(out), "--dapt", str(domain_text), "--tapt", "--pretrain-max-steps", "2",
+            "--pretrain-cache", str(tmp_path / "cache"), "--max-steps", "2", "--batch-size", "8",
+            "--max-length", "32", "--device", "cpu", "--no-progress", "--no-save"]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [s["steps"] for s in results["pretraining"]] == [2, 2]
+    assert not (out / "model").exists() and not (out / "checkpoint.pt").exists()  # --no-save: results only
+    bad = ["train", "--task", "text", "--method", "full", "--model", tiny_model, "--data-dir", str(text_task),
+           "--out", str(tmp_path / "bad"), "--dapt", str(tmp_path / "missing.txt"), "--device", "cpu"]
+    assert main(bad) == EXIT_BAD_INPUT
+
+
+# ------------------------------------------------------------------------------------------------ plan
+
+
+def _spec(tiny_model: str, data: Path, domain: Path | None = None, **extra) -> dict:
+    spec = {
+        "model": tiny_model, "data_dir": str(data), "seeds": [1, 2], "tasks": ["text"],
+        "methods": {"full": {"method": "full", "reference": "full fine-tuning"},
+                    "lora": {"reference": "microsoft/LoRA"},
+                    "lora+big": {"method": "lora", "options": {"r": 4}}},
+        "settings": {"k8": {"k_shot": 8, "max_steps": 4, "eval_every": 2}},
+        "common": {"device": "cpu", "batch_size": 8, "max_length": 32},
+    }
+    if domain is not None:
+        spec["methods"]["dapt+tapt"] = {"method": "full", "tapt": True, "dapt": {"text": [str(domain)]},
+                                        "pretrain_options": {"max_steps": 2, "batch_size": 8, "max_length": 32}}
+    return {**spec, **extra}
+
+
+def test_plan_merges_settings_orders_seeds_first_and_skips_cells_without_domain_text(tiny_model, text_task,
+                                                                                     domain_text, tmp_path) -> None:
+    spec = _spec(tiny_model, text_task, domain_text, tasks=["text", "rte"])
+    spec["settings"] = {"full": {"max_steps": 10, "batch_size": 4}, "k8": {"k_shot": 8, "tasks": ["text"]}}
+    spec["task_options"] = {"rte": {"batch_size": 2}}
+    spec["methods"]["lora"]["batch_size"] = 1
+    jobs = plan(load_spec(spec), tmp_path)
+    # seeds x (full: 2 tasks + k8: 1 task) x 4 methods
+    assert len(jobs) == 2 * 3 * 4
+    assert [j.seed for j in jobs] == [1] * 12 + [2] * 12
+    by = {(j.task, j.setting, j.label, j.seed): j for j in jobs}
+    assert by["rte", "full", "full", 1].config["batch_size"] == 2  # task_options over the setting
+    assert by["text", "full", "full", 1].config["batch_size"] == 4  # the setting over common
+    assert by["rte", "full", "lora", 1].config["batch_size"] == 1  # the method over everything
+    assert by["text", "k8", "lora+big", 2].config["method_options"] == {"r": 4}
+    assert by["text", "k8", "lora+big", 2].config["method"] == "lora"
+    assert by["rte", "full", "dapt+tapt", 1].skip == "no domain text"
+    assert by["text", "full", "dapt+tapt", 1].config["dapt"] == [str(domain_text)]
+    assert by["text", "k8", "full", 2].run_dir == tmp_path / "runs" / "text" / "k8" / "full" / "seed2"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"tasks": ["nosuchtask"]}, "unknown task"),
+    ({"methods": {"lora": {"bogus": 1}}}, "unknown setting"),
+    ({"settings": {"k8": {"epoch": 3}}}, "unknown setting"),
+    ({"seeds": []}, "'seeds' is missing"),
+    ({"extra": 1}, "unknown key"),
+])
+def test_bad_specs_name_the_problem(tiny_model, text_task, tmp_path, change, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        plan(load_spec({**_spec(tiny_model, text_task), **change}), tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ run, report
+
+
+def test_sweep_runs_the_grid_reports_it_and_skips_finished_runs(tiny_model, text_task, domain_text,
+                                                                tmp_path) -> None:
+    spec = load_spec(_spec(tiny_model, text_task, domain_text))
+    spec.common["pretrain_cache"] = str(tmp_path / "cache")
+    messages: list[str] = []
+    summary = run_sweep(spec, tmp_path / "sweep", jobs=2, device="cpu", log=messages.append)
+    assert summary["counts"] == {"grid": 8, "done": 8, "skipped": 0}
+    assert any("[8/8 done, 0 failed" in m for m in messages), messages
+    entries = {e["label"]: e for e in summary["entries"]}
+    assert set(entries) == {"full", "lora", "lora+big", "dapt+tapt"}
+    for label, entry in entries.items():
+        runs = [json.loads((tmp_path / "sweep" / "runs" / "text" / "k8" / label / f"seed{s}" / "results.json")
+                           .read_text()) for s in (1, 2)]
+        assert entry["scores"] == [r["score"] for r in runs]
+        assert entry["mean"] == pytest.approx(statistics.fmean(entry["scores"]))
+        assert entry["std"] == pytest.approx(statistics.stdev(entry["scores"]))
+        assert entry["trainable_params"] == runs[0]["trainable_params"]
+        assert entry["trainable_percent"] == pytest.approx(100 * runs[0]["trainable_params"] / runs[0]["total_params"])
+    assert entries["full"]["trainable_percent"] == pytest.approx(100.0)
+    assert entries["lora+big"]["trainable_params"] < entries["full"]["trainable_params"]
+    assert entries["lora"]["reference"] == "microsoft/LoRA"
+    assert [p["stage"] for p in entries["dapt+tapt"]["pretraining"][0]] == ["dapt", "tapt"]
+    # seed 2 reuses the DAPT model; at K-shot its TAPT reads another sample of K examples
+    assert [p["cached"] for p in entries["dapt+tapt"]["pretraining"][1]] == [True, False]
+    table = (tmp_path / "sweep" / "table.txt").read_text()
+    for label in entries:
+        assert label in table
+    assert (tmp_path / "sweep" / "plot.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "sweep" / "summary.json").read_text())["counts"]["done"] == 8
+    assert not list((tmp_path / "sweep").rglob("checkpoint.pt"))  # sweeps keep results only
+
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep").rglob("results.json")}
+    again: list[str] = []
+    run_sweep(spec, tmp_path / "sweep", jobs=2, device="cpu", log=again.append)
+    assert "8 done, 0 to run" in again[0]
+    assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep").rglob("results.json")}
+
+
+def test_a_failed_run_is_reported_and_the_rest_finish(tiny_model, text_task, tmp_path) -> None:
+    spec = _spec(tiny_model, text_task, seeds=[1])
+    spec["methods"] = {"lora": {}, "broken": {"method": "lora", "lr": float("inf")}}
+    messages: list[str] = []
+    summary = run_sweep(load_spec(spec), tmp_path, jobs=1, device="cpu", log=messages.append)
+    entries = {e["label"]: e for e in summary["entries"]}
+    assert entries["lora"]["n"] == 1 and entries["broken"]["n"] == 0 and entries["broken"]["failed_seeds"] == [1]
+    assert any(m.startswith("FAILED text/k8/broken/seed1") and "loss became" in m for m in messages), messages
+
+
+def test_killed_sweep_resumes_its_interrupted_run(tiny_model, text_task, tmp_path) -> None:
+    spec = _spec(tiny_model, text_task, seeds=[1])
+    spec["methods"] = {"lora": {}}
+    spec["settings"] = {"k8": {"k_shot": 8, "max_steps": 400, "eval_every": 1, "patience": 1000}}
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(spec))
+    out = tmp_path / "sweep"
+    run_dir = out / "runs" / "text" / "k8" / "lora" / "seed1"
+    command = [sys.executable, "-m", "unipelt.cli", "sweep", str(spec_file), "--out", str(out), "--device", "cpu"]
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        waited = time.monotonic()
+        while not (run_dir / "checkpoint.pt").exists():
+            assert time.monotonic() - waited < 120, "no checkpoint appeared"
+            assert process.poll() is None, "the sweep ended before it was killed"
+            time.sleep(0.2)
+        time.sleep(1.0)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the sweep and its run, as a lost machine would
+        process.wait()
+    assert not (run_dir / "results.json").exists()
+    assert main(["sweep", str(spec_file), "--out", str(out), "--device", "cpu"]) == 0
+    assert "resuming" in (run_dir / "log.txt").read_text()
+    assert json.loads((run_dir / "results.json").read_text())["steps"] == 400
+
+
+def test_deadline_stops_runs_and_the_report_shows_what_finished(tiny_model, text_task, tmp_path) -> None:
+    spec = load_spec(_spec(tiny_model, text_task, seeds=[1]))
+    spec.settings["k8"].update(max_steps=100000, eval_every=2, patience=100000)
+    messages: list[str] = []
+    summary = run_sweep(spec, tmp_path, jobs=1, device="cpu", deadline=25, log=messages.append)
+    assert summary["counts"]["done"] == 0
+    assert any(m.startswith("deadline: stopped text/k8/full/seed1") for m in messages), messages
+    assert any((tmp_path / "runs").rglob("checkpoint.pt"))  # the stopped run resumes next time
+    assert write_report(spec, tmp_path)["counts"]["done"] == 0
