@@ -6,6 +6,7 @@ dest=${1:-/tmp/seed001}
 mkdir -p "$dest"
 tar -xJf .devcarry/data.tar.xz -C "$dest"
 rm -rf "$dest/minilm" && cp -r .devcarry/minilm16 "$dest/minilm"
+xz -d "$dest/minilm/model.safetensors.xz"
 python - "$dest/minilm/model.safetensors" <<'PY'
 import sys
 import torch

@@ -119,7 +119,10 @@ def _methods(args: argparse.Namespace) -> int:
     from .models import load_model
 
     model = load_model(args.model, AutoModelForSequenceClassification, num_labels=2)
-    print(f"{'method':<16} {'trainable':>12} {'% of base':>9}  description")
+    from .config import registry
+    from .train.loop import default_lr
+
+    print(f"{'method':<16} {'trainable':>12} {'% of base':>9} {'lr':>7}  description")
     base = sum(p.numel() for p in model.parameters())
     why_not: list[str] = []
     for name, description in core.methods().items():
@@ -138,7 +141,8 @@ def _methods(args: argparse.Namespace) -> int:
                 why_not.append(f"  {name}: {str(e).splitlines()[0][:150]}")
             finally:
                 core.detach(model)
-        print(f"{name:<16} {count:>12} {pct:>9}  {description}")
+        rate = "" if name == "composition" else f"{default_lr(name, registry()[name].config_class):.0e}"
+        print(f"{name:<16} {count:>12} {pct:>9} {rate:>7}  {description}")
     if why_not:
         print("\nNot counted on this model:")
         print("\n".join(why_not))

@@ -33,6 +33,9 @@ class MethodConfig:
     method: ClassVar[str] = ""
     description: ClassVar[str] = ""
     gateable: ClassVar[bool] = False
+    # the learning rate of the method's reference recipe: the trainer's default for it (--lr overrides);
+    # None: the trainer's table (train.loop.DEFAULT_LR)
+    reference_lr: ClassVar[float | None] = None
 
     gate: bool = False
     gate_pooling: str = "mean"

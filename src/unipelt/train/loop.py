@@ -114,22 +114,40 @@ def adamw_implementation(params: list[torch.Tensor]) -> dict[str, bool]:
     return {}
 
 
+def default_lr(method: str, method_cfg: Any) -> float:
+    """The learning rate a run of ``method`` takes when ``--lr`` is not given: the method config's
+    ``reference_lr`` (its reference recipe's), else the trainer's table ``DEFAULT_LR``, else 5e-4."""
+    reference = getattr(method_cfg, "reference_lr", None)
+    return reference if reference is not None else DEFAULT_LR.get(method, 5e-4)
+
+
 def parameter_groups(model: torch.nn.Module, lr: float, part_lr: dict[str, float]) -> tuple[list[dict], dict]:
     """Optimizer groups: each attached method named in ``part_lr`` at its own rate, the rest at ``lr``.
 
     UniPELT's reference trains every part at one rate (``run_glue.py`` passes one learning rate to the Trainer),
-    as the trainer does by default; ``part_lr={"prefix": 1e-4}`` gives a part its own.
+    as the trainer does by default; ``part_lr={"prefix": 1e-4}`` gives a part its own. A method whose reference
+    trains some of its parameters at their own rate (Poly's routing logits) says so in ``rate_groups()``:
+    ``{"routing": (params, 0.1)}``; ``part_lr={"poly.routing": 0.05}`` overrides such a rate.
     """
     taken: set[int] = set()
     groups, by_part = [], {}
+    own_groups = set()
     for name, method in core.deltas(model).items():
         kind = method.config.method
+        for group, (params, rate) in (method.rate_groups() if hasattr(method, "rate_groups") else {}).items():
+            key = f"{kind}.{group}"
+            own_groups.add(key)
+            own = [p for p in params if p.requires_grad and id(p) not in taken]
+            taken.update(id(p) for p in own)
+            if own:
+                groups.append({"params": own, "lr": part_lr.get(key, rate)})
+                by_part[f"{name}.{group}"] = part_lr.get(key, rate)
         if kind in part_lr:
-            own = [p for p in method.parameters() if p.requires_grad]
+            own = [p for p in method.parameters() if p.requires_grad and id(p) not in taken]
             taken.update(id(p) for p in own)
             groups.append({"params": own, "lr": part_lr[kind]})
             by_part[name] = part_lr[kind]
-    unknown = sorted(set(part_lr) - {m.config.method for m in core.deltas(model).values()})
+    unknown = sorted(set(part_lr) - {m.config.method for m in core.deltas(model).values()} - own_groups)
     if unknown:
         raise ConfigError(f"--part-lr names {unknown}, which this run does not attach")
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
@@ -418,7 +436,7 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     prep = _prepare(cfg)
     cfg = prep.cfg
     model, task, tok = prep.model, prep.task, prep.tokenizer
-    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.method, 5e-4)
+    lr = cfg.lr if cfg.lr is not None else default_lr(cfg.method, prep.method_cfg)
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
