@@ -3,8 +3,8 @@
     python benchmarks/seed001/pack.py --data ../shared/data --out .devcarry
 
 - ``minilm16/``: the embedded all-MiniLM-L6-v2 with its weights stored in fp16 and xz-compressed (41 MB
-  instead of 91 MB); ``unpack.sh`` turns them back into fp32 there, so the base model on the GPU is MiniLM rounded to fp16
-  (relative change at most 2^-11 per weight), said beside every figure.
+  instead of 91 MB); ``unpack.sh`` turns them back into fp32 there, so the base model on the GPU is MiniLM
+  rounded to fp16 (relative change at most 2^-11 per weight), said beside every figure.
 - ``data.tar.xz``: GLUE (CoLA, SST-2, MRPC, STS-B, RTE), the five DAPT tasks, SQuAD's re-split, and
   ``domain_text/biomed.txt``. IMDB and HyperPartisan texts are cut after their 256th MiniLM token in train
   and their 128th in dev and test (classification reads 126 besides [CLS] and [SEP], so its inputs are
