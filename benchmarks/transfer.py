@@ -8,6 +8,9 @@ Per seed, on the MiniLM default (or --model):
 - target (the held-out task, K-shot): ``lora`` and ``prompt`` from scratch; ``poly`` from the inventory
   with the routing alone (``--routing-only``) and with everything trained; ``attempt`` over the source
   prompts.
+Each method trains at its default rates (its reference's): Poly's inventory at 1e-3 and its routing logits at
+0.1, ATTEMPT at 0.3. Prompts are 100 tokens long by default, ATTEMPT's reference length (its sources must
+have its length).
 Prints a table (mean and std over seeds of the target's main metric on dev) and writes JSON beside
 the runs. Runs already finished in ``--out`` are skipped.
 """
@@ -41,7 +44,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=20.0)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--prompt-length", type=int, default=10)
+    parser.add_argument("--prompt-length", type=int, default=100)  # ATTEMPT's prefix_dim; the sources' length too
     opts = parser.parse_args()
 
     import transformers

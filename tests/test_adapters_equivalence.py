@@ -55,8 +55,11 @@ CASES: dict[str, tuple[list, dict]] = {
     "prefix_mlp": ([["PrefixTuningConfig", {"prefix_length": 10, "flat": False, "bottleneck_size": 512}]],
                    {"method": "prefix", "length": 10}),
     "mam": ([["MAMConfig", {}]], {"method": "mam", "adapter": {"bottleneck": 16}}),
-    "compacter": ([["CompacterConfig", {"reduction_factor": 8}]], {"method": "compacter", "bottleneck": 4}),
-    "compacter++": ([["CompacterPlusPlusConfig", {"reduction_factor": 8}]], {"method": "compacter++", "bottleneck": 4}),
+    # adapters' Compacter trains no LayerNorms of the body (the reference's, and ours by default, do)
+    "compacter": ([["CompacterConfig", {"reduction_factor": 8}]],
+                  {"method": "compacter", "bottleneck": 4, "train_layer_norms": False}),
+    "compacter++": ([["CompacterPlusPlusConfig", {"reduction_factor": 8}]],
+                    {"method": "compacter++", "bottleneck": 4, "train_layer_norms": False}),
     "unipelt": ([["UniPELTConfig", {}]], {"method": "unipelt"}),
     "unipelt_padding": ([["UniPELTConfig", {}]], {"method": "unipelt", "gate_pooling": "mean_with_padding"}),
     # the seed's prompt layer as adapters builds it, after [CLS] or in front of it

@@ -340,7 +340,7 @@ def test_part_lr_from_the_command_line(tiny_model, small_glue, tmp_path) -> None
 @needs_glue
 def test_sparse_adapter_is_pruned_on_training_batches(tiny_model, small_glue, tmp_path) -> None:
     """The trainer runs SNIP on seeded training batches before the first step: the saved adapter keeps
-    (1 - sparsity) of each weight matrix, and the same seed prunes the same way."""
+    (1 - sparsity) of its weights (one threshold over all matrices), and the same seed prunes the same way."""
     from unipelt.methods.sparse_adapter import sparse_adapters
 
     runs = []
@@ -351,7 +351,8 @@ def test_sparse_adapter_is_pruned_on_training_batches(tiny_model, small_glue, tm
         model = unipelt.load(loop.load_model(tiny_model, AutoModelForSequenceClassification, num_labels=2), out)
         (adapter,) = sparse_adapters(model).values()
         masks = {k: layer.mask.clone() for k, layer in adapter.masked_layers().items()}
-        assert masks and all(abs(m.float().mean().item() - 0.25) < 0.02 for m in masks.values())
+        kept = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+        assert masks and abs(kept - 0.25) < 1e-3
         runs.append(masks)
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
@@ -433,7 +434,8 @@ def test_a_new_task_adapts_from_a_poly_inventory(tiny_model, small_glue, tmp_pat
     saved = json.loads((out / "unipelt.json").read_text())["methods"][0]["config"]
     assert saved["tasks"] == 3 and saved["default_task"] == 2
     results = json.loads((out / "results.json").read_text())
-    assert results["trainable_by_part"]["poly"] == 2 * 3 * 1 * 8  # layers x tasks x heads x skills: routing only
+    # layers x adapted matrices (q, k, v, o) x tasks x heads x skills: routing only
+    assert results["trainable_by_part"]["poly"] == 2 * 4 * 3 * 1 * 8
     old, new = load_file(inventory / "delta.safetensors"), load_file(out / "delta.safetensors")
     assert all(torch.equal(old[k], new[k]) for k in old if ".A." in k or ".B." in k)
     assert loop.evaluate(out, device="cpu")[results["main_metric"]] == pytest.approx(results["score"])

@@ -13,7 +13,7 @@ from unipelt.methods.compacter import Compacter, batched_weights
 
 def _attached(method: str, seed: int = 0):
     model = build("bert")
-    unipelt.attach(model, {"method": method, "bottleneck": 8})
+    unipelt.attach(model, {"method": method, "bottleneck": 8, "n": 4})  # phm_adapter's n = 12 does not divide 32
     perturb_([p for p in model.parameters() if p.requires_grad], seed, 0.1)  # so the up projections matter
     (method_object,) = [m for m in method_instances(model).values() if isinstance(m, Compacter)]
     return model, method_object

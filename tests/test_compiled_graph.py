@@ -31,7 +31,7 @@ def _graph_outputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> li
 
 @pytest.mark.parametrize("config", [
     {"method": "compacter", "bottleneck": 8},
-    {"method": "phm_adapter", "bottleneck": 8},
+    {"method": "phm_adapter", "bottleneck": 8, "n": 4},
     {"method": "prefix", "reparam": True},
     {"method": "prefix", "gate": True},  # pooled gate: the mask's per-token weights are a per-pass value
     {"method": "mam"},

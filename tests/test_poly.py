@@ -61,8 +61,8 @@ def test_count_and_save_load(key: str, tmp_path: Path) -> None:
     model = _attached("bert", key)
     cfg = deltas(model)["poly"].config
     d, layers, k, r = 32, 2, cfg.skills, cfg.r
-    inventory = layers * 2 * k * r * (d + d)  # W_q and W_v of each layer: skills r (d_in + d_out)
-    routing = 0 if key == "poly_mu" else layers * 3 * cfg.heads * k
+    inventory = layers * 4 * k * r * (d + d)  # W_q, W_k, W_v, W_o of each layer: skills r (d_in + d_out)
+    routing = 0 if key == "poly_mu" else layers * 4 * 3 * cfg.heads * k  # per adapted matrix: tasks heads skills
     assert unipelt.trainable_parameters(model)["poly"] == inventory + routing
     _perturb(model)
     new_task = deltas(model)["poly"].add_task()
@@ -191,7 +191,7 @@ def test_each_task_computes_its_routed_lora_as_defined(family: str, key: str) ->
         reference = copy.deepcopy(reference_base).eval()
         with torch.no_grad():
             for site_key, proj in poly.sites.items():
-                w = poly.weights(poly.layer_of[site_key], ids[:1])[0]  # (heads, skills)
+                w = poly.weights(site_key, ids[:1])[0]  # (heads, skills)
                 a, b = poly.A[site_key], poly.B[site_key]  # (k, r, d_in), (k, d_out, r)
                 blocks_in, blocks_out = a.shape[2] // cfg.heads, b.shape[1] // cfg.heads
                 a_t = torch.cat([torch.einsum("k,krd->rd", w[j], a[:, :, j * blocks_in:(j + 1) * blocks_in])

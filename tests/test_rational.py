@@ -74,9 +74,9 @@ def test_fit_error_under_1e_2(name: str) -> None:
 
 def test_relu_fit_is_near_the_best_a_5_4_rational_can_do() -> None:
     """ReLU's kink: no type (5, 4) rational is within 1e-2 of it on [-5, 5] (the best is about 0.0215,
-    five times its best error on [-1, 1]); the fit gets close to that, and degrees (7, 6) go under 1e-2."""
+    five times its best error on [-1, 1]); the version-A fit gets close to that (0.024), degrees (7, 6) to 0.018."""
     assert fit_error("relu") < 2.5e-2
-    assert fit_error("relu", 7, 6) < 1e-2
+    assert fit_error("relu", 7, 6) < 2e-2
 
 
 def test_fits_are_cached_and_returned_as_copies() -> None:
@@ -97,10 +97,10 @@ def test_fit_of_any_function_is_deterministic() -> None:
     assert float((rational(GRID, a1, b1) - fn(GRID)).abs().max()) < 2e-2
 
 
-def _naive(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _naive(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # version A
     p = sum(a[j] * x ** j for j in range(a.shape[0]))
-    s = sum(b[k - 1] * x ** k for k in range(1, b.shape[0] + 1))
-    return p / (1 + s.abs())
+    s = sum(b[k - 1].abs() * x.abs() ** k for k in range(1, b.shape[0] + 1))
+    return p / (1 + s)
 
 
 def test_unit_gradients() -> None:
@@ -192,7 +192,7 @@ def test_model_state_dict_holds_each_coefficient_once() -> None:
     keys = set(model.state_dict())
     unipelt.attach(model, "rational")
     added = set(model.state_dict()) - keys
-    assert added == {f"unipelt_deltas.rational.units.layers{i}.{p}" for i in range(2)
+    assert added == {f"unipelt_deltas.rational.units.{k}.{p}" for k in ("layers0", "layers1", "pooler")
                      for p in ("numerator", "denominator")}
 
 
@@ -248,6 +248,7 @@ def test_save_load_roundtrip_is_exact(family: str, shared: bool, tmp_path: Path)
     saved = load_file(str(tmp_path / "delta.safetensors"))
     units = sorted(k for k in saved if k.startswith("rational."))
     keys = ["shared"] if shared else [layer.key for layer in resolve_layers(model)]
+    keys += ["pooler"] if family == "bert" else []  # BERT's [CLS] pooler has a unit too
     assert units == sorted(f"rational.units.{k}.{p}" for k in keys for p in ("numerator", "denominator"))
     fresh = build(family)
     unipelt.load(fresh, tmp_path)
@@ -314,11 +315,12 @@ def test_trainable_count(family: str, config, per: int) -> None:
     head = sum(p.numel() for n, m in model.named_children() if n in HEADS for p in m.parameters())
     unipelt.attach(model, config)
     counts = unipelt.trainable_parameters(model)
-    assert counts["rational"] == layers * per and counts["total"] == layers * per + head
+    pooler = int(family == "bert")  # BERT's [CLS] pooler has a unit of its own
+    assert counts["rational"] == (layers + pooler) * per and counts["total"] == (layers + pooler) * per + head
     shared = dict(config) if isinstance(config, dict) else {"method": "rational"}
     model = build(family)
     unipelt.attach(model, {**shared, "shared": True})
-    assert unipelt.trainable_parameters(model)["rational"] == per
+    assert unipelt.trainable_parameters(model)["rational"] == (1 + pooler) * per
     units = {id(getattr(layer.activation_parent, layer.activation_attr).unit) for layer in resolve_layers(model)}
     assert len(units) == 1
 
@@ -337,7 +339,7 @@ def test_composition_with_lora_attaches_and_trains(family: str) -> None:
     for name in ("rational", "lora"):
         assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(name + ".")), name
     counts = unipelt.trainable_parameters(model)
-    assert counts["rational"] == layer_count(model) * 10
+    assert counts["rational"] == (layer_count(model) + int(family == "bert")) * 10  # BERT: + the pooler's unit
     out = logits(model, batch)
     with pytest.warns(UserWarning, match="not mergeable, kept as deltas: rational$"):
         unipelt.merge(model)  # LoRA on W_q, W_v folds; the units stay

@@ -31,8 +31,14 @@ VARIANTS = {
 }
 
 
+# the per-matrix scope, zero W_up and Pfeiffer adapter without LayerNorm or dropout (options; the reference's
+# defaults are tested in test_catalogue_fidelity_compacter_sparse.py)
+LOCAL = {"scope": "local", "init": "lora", "placement": "pfeiffer", "layer_norm": False, "dropout": 0.0,
+         "sparsity": 0.5}
+
+
 def config(**kw) -> dict:
-    return {"method": "sparse_adapter", "bottleneck": M, **kw}
+    return {"method": "sparse_adapter", "bottleneck": M, **LOCAL, **kw}
 
 
 def attached(family: str, seed: int = 0, **kw) -> nn.Module:

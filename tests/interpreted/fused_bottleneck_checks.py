@@ -246,7 +246,7 @@ SITES = {"houlsby": 4, "parallel": 2, "compacter": 4, "phm_adapter": 4, "sparse_
     {"method": "houlsby", "bottleneck": 8, "activation": "silu"},
     {"method": "parallel", "bottleneck": 16, "scaling": 4.0},  # reads a LayerNorm's float32 output
     {"method": "compacter"},
-    {"method": "phm_adapter", "bottleneck": 8},
+    {"method": "phm_adapter", "bottleneck": 8, "n": 4},
     {"method": "sparse_adapter", "bottleneck": 8, "placement": "houlsby"},
     # the kernels' gate is per token (UniPELT's per-example mean runs unfused): unipelt_legacy's gated adapter
     # (m = 48, on W_2's output), beside the gated prefix and LoRA
@@ -270,7 +270,7 @@ def test_adapters_of_a_model_run_fused_under_autocast_as_precisely_as_unfused(sp
 
 
 @pytest.mark.parametrize(("spec", "width"), [
-    ({"method": "phm_adapter", "bottleneck": 8}, (16, 16, 16)),
+    ({"method": "phm_adapter", "bottleneck": 8, "n": 4}, (16, 16, 16)),
     ({"method": "compacter", "bottleneck": 12}, (16, 16, 16)),
     # gated: W_down's rows leave room for the gate's (aligned_ranks adds it), and W_up keeps its 12 columns
     ({"method": "compacter", "bottleneck": 12, "gate": True, "gate_pooling": "token"}, (15, 15, 12)),

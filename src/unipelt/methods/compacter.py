@@ -1,28 +1,51 @@
 """Compacter, Compacter++ and PHM-Adapter (Karimi Mahabadi et al., NeurIPS 2021).
 
-Bottleneck adapters whose two projections are parameterised hypercomplex multiplication (PHM)
-layers: ``W = sum_{i=1..n} A_i (x) B_i`` (Kronecker products), ``A_i`` n x n, ``B_i`` (out/n) x (in/n).
+``A(x) = W_up f(W_down x + b_down) + b_up`` with each ``W`` a parameterised hypercomplex multiplication (PHM)
+layer, ``W = sum_{i=1..n} A_i (x) B_i`` (Kronecker products), ``A_i`` n x n, ``B_i`` (out/n) x (in/n), added as a
+serial adapter ``h + A(h)`` (placement, parallel, scaling and UniPELT gate as ``adapter``'s).
+Reference: rabeehk/compacter@e123daa, ``seq2seq/hypercomplex/layers.py`` (``PHMLinear``: ``H = sum_i
+kron(A_i, W_i)``, ``y = x H + b``, the same function as ours with ``A`` and ``W`` transposed) and the recipes
+``seq2seq/configs/compacter.json``, ``compacter++.json``, ``phm_adapters.json``.
 
-- ``compacter``: the ``A_i`` ("slow" weights) are one set shared by every PHM layer of the model;
-  each layer's ``B_i = s_i t_i^T`` has rank ``phm_rank`` (1 in the paper); Houlsby placement.
-- ``compacter++``: the same, one adapter per layer after the FFN (Pfeiffer placement).
-- ``phm_adapter``: each PHM layer has its own ``A_i`` and full ``B_i``; Houlsby placement.
+- ``compacter``: the ``A_i`` ("rules") are one set shared by every PHM layer of the model (the reference's
+  ``shared_phm_rule``, ``third_party/models/t5/modeling_t5.py`` 1533-1560); each layer's ``B_i = s_i t_i^T``
+  has rank ``phm_rank`` (1, ``factorized_phm``); ``n = 4``; Houlsby placement: after every self-attention
+  and after the FFN, with no adapter after an encoder-decoder's cross-attention (``modeling_t5.py``: adapters
+  in ``T5LayerSelfAttention`` and ``T5LayerFF``, none in ``T5LayerCrossAttention``; ``cross_attention=True``
+  adds one there).
+- ``compacter++``: the same, one adapter per layer after the FFN (``add_adapter_in_self_attention: false``).
+- ``phm_adapter``: each PHM layer has its own ``A_i`` and full ``B_i``; ``n = 12`` (``phm_adapters.json``).
 
-Everything else is a bottleneck adapter's (placement, parallel, scaling, UniPELT gate): the up
-projection's fast weights (``t_i``, or ``B_i``) and bias start at zero, so the model starts as the
-base model. ``W`` is built per call from the factors (``n * out * in`` multiply-adds, small beside
-the GEMM) and the GEMMs run on it. The down projection is initialised with ``nn.Linear``'s variance
-(``A_i ~ N(0, 1/n)``, factors scaled to match). Not mergeable (non-linearity).
+The recipe's other settings are the defaults here:
 
-Parameters: shared ``n^3``, plus per PHM layer ``r (out + in) + out`` (rank r) or ``n^3 + out in / n +
-out`` (PHM-Adapter); with ``m`` the bottleneck and ``d`` the width, a Compacter adapter has
-``3 (d + m)`` at rank 1. Sizes must divide by ``n``.
+- bottleneck ``m = d / 32`` (``task_reduction_factor: 32``: 24 on a 768-wide model), rounded down to a
+  multiple of ``n`` (at least ``n``) where it is not one; ``bottleneck`` sets it outright;
+- initialisation (``hypercomplex_nonlinearity: glorot-uniform``, ``phm_c_init: normal``): shared rules
+  ``A ~ N(0, 1e-4^2)`` (``phm_init_range``), a PHM-Adapter layer's own rules ``N(0, 0.01^2)`` (``layers.py``
+  ``reset_parameters``); every fast factor, of the down **and** the up projection alike, Xavier-uniform with
+  gain sqrt 2 per slice: ``s_i``, ``t_i`` (or ``B_i``) ~ U(-a, a), ``a = sqrt 2 sqrt(6 / (rows + cols))`` of
+  the slice (``inits.py`` ``glorot_uniform``); biases zero. ``W`` then has entries of order 1e-5: the model
+  starts near the base model, not exactly at it (``init="lora"``: the up projection's ``t_i`` or ``B_i`` start
+  at zero instead, so ``W_up = 0`` and the model starts exactly as the base model);
+- ``train_layer_norms`` (``unfreeze_layer_norms: true``): every LayerNorm (RMSNorm) of the pretrained body
+  trains too, as ``ln`` tuning's gains and biases starting at the base values (``utils/utils.py``
+  ``unfreeze_layer_norms``), counted and saved with this method (the tuned values themselves);
+- learning rate 3e-3 (``reference_lr``) for every part, as the recipes' one ``learning_rate``.
+
+Not here: the recipe's ``gelu_new`` (tanh approximation; ours is the exact GELU). ``W`` is built per
+forward pass from the factors, all layers of one layout in one batch (``n * out * in`` multiply-adds, small
+beside the GEMM), and the GEMMs run on it. Not mergeable (non-linearity).
+
+Parameters: shared ``n^3``, plus per PHM layer ``r (out + in) + out`` (rank r) or ``n^3 + out in / n + out``
+(PHM-Adapter); a Compacter adapter has ``3 (d + m)`` at rank 1; plus the body's norms' gains and biases with
+``train_layer_norms``. Sizes must divide by ``n``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -31,8 +54,10 @@ import torch.nn.functional as F
 from ..config import ConfigError, register, register_preset
 from ..kernels import bottleneck as fused
 from ..runtime import Installer
+from ..sites import ModelMap
 from .adapter import Adapter, AdapterConfig
 from .base import activation, matmul_input
+from .ln_tuning import LNConfig, LNTuning
 
 
 @register
@@ -40,49 +65,64 @@ from .base import activation, matmul_input
 class CompacterConfig(AdapterConfig):
     method = "compacter"
     description = "Compacter: adapters of PHM layers, shared n x n rules, rank-1 factors (Karimi Mahabadi 2021)"
+    reference_lr: ClassVar[float | None] = 3e-3  # compacter.json, compacter++.json, phm_adapters.json
 
-    bottleneck: int = 24  # the paper's reduction factor 32 on a 768-wide model
+    bottleneck: int | None = None  # None: d / 32 (the reference's reduction factor 32), a multiple of n
     placement: str = "houlsby"
     activation: str = "gelu"
     n: int = 4
     phm_rank: int | None = 1  # None: full B_i (PHM-Adapter)
     shared_rules: bool = True  # one set of A_i for the whole model
+    train_layer_norms: bool = True  # the body's LayerNorms train too (the reference's unfreeze_layer_norms)
+    cross_attention: bool = False  # houlsby/attention placement: an adapter after a decoder's cross-attention too
+    init: str | None = None  # None or "bert": the reference's; "lora": the up projection's t (B) zero, W_up = 0
 
     def validate(self) -> None:
         super().validate()
         self.require_positive_ints("n")
         if self.phm_rank is not None and (not isinstance(self.phm_rank, int) or self.phm_rank < 1):
             raise ConfigError(f"compacter phm_rank must be a positive integer or None (full), got {self.phm_rank!r}")
-        if self.bottleneck % self.n:
+        if self.bottleneck is not None and self.bottleneck % self.n:
             near = max(self.n, self.bottleneck // self.n * self.n)
             raise ConfigError(f"compacter bottleneck {self.bottleneck} is not divisible by n={self.n}; "
                               f"use a multiple of {self.n}, e.g. bottleneck={near}")
+        for name in ("train_layer_norms", "cross_attention"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"compacter {name} must be true or false, got {getattr(self, name)!r}")
+
+    def width(self, d: int) -> int:
+        """``m``: ``bottleneck``, else ``d / 32`` rounded down to a multiple of ``n`` (at least ``n``)."""
+        if self.bottleneck is not None:
+            return self.bottleneck
+        return max(self.n, d // 32 // self.n * self.n)
 
 
 register_preset("compacter++", CompacterConfig, "Compacter++: one Compacter adapter per layer, after the FFN",
                 placement="pfeiffer")
 register_preset("phm_adapter", CompacterConfig, "PHM-Adapter: adapters of PHM layers with own rules and full factors",
-                phm_rank=None, shared_rules=False)
+                phm_rank=None, shared_rules=False, n=12)
+
+SHARED_RULE_STD = 1e-4  # compacter.json phm_init_range
+OWN_RULE_STD = 0.01  # hypercomplex/layers.py reset_parameters, phm_c_init "normal"
+FACTOR_GAIN = math.sqrt(2.0)  # hypercomplex/inits.py glorot_uniform
 
 
 class PHMLinear(nn.Module):
     """``y = x W^T + b`` with ``W = sum_i A_i (x) B_i``; the rules ``A`` are passed in when shared."""
 
-    def __init__(self, in_features: int, out_features: int, n: int, rank: int | None, own_rules: bool, zero: bool):
+    def __init__(self, in_features: int, out_features: int, n: int, rank: int | None, own_rules: bool,
+                 zero: bool = False):
         super().__init__()
         p, q = out_features // n, in_features // n
         self.shape = (n, p, q)
-        self.rules = nn.Parameter(torch.randn(n, n, n) / math.sqrt(n)) if own_rules else None
-        # Var(W) = n Var(A) Var(B) = Var(B) with Var(A) = 1/n: B gets nn.Linear's 1 / (3 in)
-        target = 1.0 / (3.0 * in_features)
-        if rank is None:
-            self.B = nn.Parameter(torch.zeros(n, p, q) if zero else torch.randn(n, p, q) * math.sqrt(target))
+        self.rules = nn.Parameter(torch.randn(n, n, n) * OWN_RULE_STD) if own_rules else None
+        if rank is None:  # ``zero``: B (or t) starts at zero, so W does
+            self.B = nn.Parameter(torch.zeros(n, p, q) if zero else xavier_slices(torch.empty(n, p, q)))
             self.s = self.t = None
         else:
-            factor = (target / rank) ** 0.25  # Var(s t^T) = rank Var(s) Var(t)
             self.B = None
-            self.s = nn.Parameter(torch.randn(n, p, rank) * factor)
-            self.t = nn.Parameter(torch.zeros(n, rank, q) if zero else torch.randn(n, rank, q) * factor)
+            self.s = nn.Parameter(xavier_slices(torch.empty(n, p, rank)))
+            self.t = nn.Parameter(torch.zeros(n, rank, q) if zero else xavier_slices(torch.empty(n, rank, q)))
         self.bias = nn.Parameter(torch.zeros(out_features))
 
     def weight(self, shared_rules: torch.Tensor | None) -> torch.Tensor:
@@ -93,6 +133,15 @@ class PHMLinear(nn.Module):
         """PHM layers with equal layouts build their weights in one batch (:func:`batched_weights`)."""
         factors = (self.B,) if self.B is not None else (self.s, self.t)
         return (self.rules is not None, *(tuple(f.shape) for f in factors))
+
+
+@torch.no_grad()
+def xavier_slices(factors: torch.Tensor) -> torch.Tensor:
+    """Each slice ``factors[i]`` (rows x cols) ~ U(-a, a), ``a = sqrt 2 sqrt(6 / (rows + cols))``: Xavier-uniform
+    with gain sqrt 2, the reference's ``glorot_uniform`` per slice."""
+    for piece in factors:
+        nn.init.xavier_uniform_(piece, gain=FACTOR_GAIN)
+    return factors
 
 
 def kron_sum(rules: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
@@ -121,8 +170,8 @@ class PHMBottleneck(nn.Module):
     def __init__(self, d: int, m: int, config: CompacterConfig):
         super().__init__()
         own = not config.shared_rules
-        self.down = PHMLinear(d, m, config.n, config.phm_rank, own, zero=False)
-        self.up = PHMLinear(m, d, config.n, config.phm_rank, own, zero=True)
+        self.down = PHMLinear(d, m, config.n, config.phm_rank, own)
+        self.up = PHMLinear(m, d, config.n, config.phm_rank, own, zero=config.init == "lora")
         self.act = activation(config.activation)
 
     def forward(self, x: torch.Tensor, shared_rules: torch.Tensor | None,
@@ -137,18 +186,30 @@ class PHMBottleneck(nn.Module):
 class Compacter(Adapter):
     config_class = CompacterConfig
 
+    def __init__(self, config: CompacterConfig, model_map: ModelMap):
+        super().__init__(config, model_map)
+        if not config.cross_attention:  # the reference has no adapter after a cross-attention
+            for site_key in [k for k in self.sites if k.endswith("_cross_attn")]:
+                del self.sites[site_key], self.adapters[site_key]
+                if site_key in self.gates:
+                    del self.gates[site_key]
+        self.layer_norms = LNTuning(LNConfig(), model_map) if config.train_layer_norms else None
+
     def _bottleneck(self, d: int) -> nn.Module:
         config: CompacterConfig = self.config
-        if d % config.n:
+        m = self.bottleneck
+        if d % config.n or m % config.n:
             raise ConfigError(f"compacter needs the model width divisible by n: {d} is not divisible by n={config.n}; "
-                              f"choose n among {[k for k in range(1, 9) if d % k == 0 and config.bottleneck % k == 0]}")
+                              f"choose n among {[k for k in range(1, 9) if d % k == 0 and m % k == 0]}")
         if config.shared_rules and getattr(self, "rules", None) is None:
-            self.rules = nn.Parameter(torch.randn(config.n, config.n, config.n) / math.sqrt(config.n))
-        return PHMBottleneck(d, config.bottleneck, config)
+            self.rules = nn.Parameter(torch.randn(config.n, config.n, config.n) * SHARED_RULE_STD)
+        return PHMBottleneck(d, m, config)
 
     def install(self, installer: Installer) -> None:
         self._context = installer.context  # its per-pass cache: the weights are built once per forward pass
         super().install(installer)
+        if self.layer_norms is not None:
+            self.layer_norms.install(installer)
 
     def _all_weights(self, rank_pad: int = 0, pad_up: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Every site's (W_down, W_up), the PHM layers of each layout built together; ``rank_pad`` zero ranks
@@ -169,7 +230,7 @@ class Compacter(Adapter):
         :func:`~unipelt.kernels.bottleneck.aligned_ranks` pads them (gated: W_down with room for the gate's row, W_up
         as it is), in one padding kernel per tensor kind."""
         gated = bool(self.gates)
-        pad = fused.rank_padding(self.config.bottleneck, gated=gated)
+        pad = fused.rank_padding(self.bottleneck, gated=gated)
         weights = self._all_weights(pad, pad_up=not gated)
         biases = [b.down.bias for b in self.adapters.values()]
         if pad:

@@ -1,22 +1,34 @@
 """KronA (Edalati et al. 2022): a Kronecker-product update of chosen projections.
 
 ``h = W x + s (A (x) B) x`` with ``A``: a_out x a_in and ``B``: (d_out / a_out) x (d_in / a_in), on
-W_q and W_v by default. Trained inside the projection's own GEMM, ``x (W + s A (x) B)^T``
-(``Installer.add_weight_delta``): forming the d_out x d_in product costs as many multiplies as one
-token's GEMM row, and the step then pays one weight-gradient GEMM, where the paper's vec trick
-(``(A (x) B) vec(X) = vec(A X B^T)``, X the input as (a_in, d_in / a_in)) runs small batched GEMMs over
-the activations in both passes (1.49x the frozen model's compiled step at BERT-base, H100). The vec
-trick serves gated sites and rows of several tasks. ``A`` starts at
-zero (the model starts as the base model), ``B`` Kaiming-uniform like ``nn.Linear``. Mergeable:
-``W' = W + s A (x) B``. Parameters per matrix: ``a_out a_in + (d_out / a_out)(d_in / a_in)``; the sizes
-must divide.
+W_q and W_v by default. Reference: none in code. The authors released no implementation (PapersWithCode
+lists none; only third-party re-implementations exist), and the paper's body (arXiv 2212.10650, "KronA:
+Parameter Efficient Tuning with Kronecker Adapter") could not be read here, only its abstract; so no choice
+below cites a section, and each says where it comes from:
+
+- the update ``A (x) B`` parallel to the projection, as "a Kronecker equivalent of LoRA", on T5 for GLUE:
+  the abstract; W_q and W_v as the targets follow LoRA's default (unverified against the paper);
+- ``A = 0`` and ``B`` Kaiming-uniform like ``nn.Linear``, so the model starts as the base model: this
+  library's choice, the convention of peft's LoKr (``lokr_w1`` zeros, ``lokr_w2`` Kaiming;
+  peft ``tuners/lokr/layer.py``), a related method with code;
+- ``a_out = a_in = 32`` and ``s = 1``: this library's choice (unverified);
+- ``krona_ffn`` (KronA^B, an adapter parallel to the FFN block) and its ``residual_scale`` (KronA^B_res):
+  named in secondary descriptions of the paper, which call the residual learnable; here it is a fixed
+  scale (unverified either way).
+
+Trained inside the projection's own GEMM, ``x (W + s A (x) B)^T`` (``Installer.add_weight_delta``):
+forming the d_out x d_in product costs as many multiplies as one token's GEMM row, and the step then pays
+one weight-gradient GEMM, where the vec trick (``(A (x) B) vec(X) = vec(A X B^T)``, X the input as
+(a_in, d_in / a_in)) runs small batched GEMMs over the activations in both passes (1.49x the frozen
+model's compiled step at BERT-base, H100). The vec trick serves gated sites and rows of several tasks.
+Mergeable: ``W' = W + s A (x) B``. Parameters per matrix: ``a_out a_in + (d_out / a_out)(d_in / a_in)``;
+the sizes must divide.
 
 ``krona_ffn`` is KronA^B: the same Kronecker update as an adapter parallel to the FFN block,
 ``h <- FFN(x) + s (A (x) B) x`` with ``x`` the block's input (d x d, so ``a_out`` and ``a_in`` divide d).
 With ``residual_scale = c`` it is KronA^B_res: ``h <- FFN(x) + s (A (x) B) x + c x``, a fixed scaled
-residual around the block (the paper's res variant; not the identity at init unless c = 0). Not
-mergeable (the FFN between its input and output is non-linear). Parameters per layer:
-``a_out a_in + (d / a_out)(d / a_in)``.
+residual around the block (not the identity at init unless c = 0). Not mergeable (the FFN between its
+input and output is non-linear). Parameters per layer: ``a_out a_in + (d / a_out)(d / a_in)``.
 """
 
 from __future__ import annotations

@@ -1,35 +1,42 @@
-"""Polytropon, Poly-S and Poly-mu (Ponti et al. 2023; Caccia et al. 2023): an inventory of LoRA modules
-with per-task routing.
+"""Polytropon, Poly-S and Poly-mu (Ponti et al. 2023; Caccia et al. 2023): ``h = W x + (1 / r) B_t A_t x``, with
+``A_t = sum_k w_tk A_k``, ``B_t = sum_k w_tk B_k`` mixed from an inventory of LoRA skills by task ``t``'s routing.
 
-At every adapted projection (W_q, W_v by default) sit ``skills`` LoRA modules ``(A_k, B_k)`` (rank
-``r``, ``B_k = 0`` at init, so the model starts as the base model). Each layer has a routing matrix
-``Z`` of logits, ``tasks x heads x skills``; a row of task ``t`` uses, at that layer,
+Reference: microsoft/mttl ``mttl/models/poly.py`` (``PolytroponSelector``, ``PolyLoRALinear``) with its defaults
+in ``mttl/config.py`` and ``configs/t0/poly_lora.json``, and McGill-NLP/polytropon ``src/polytropon/adapters.py``:
+``skills = 8`` LoRA modules ``(A_k, B_k)`` of rank ``r = 16`` at every adapted projection (W_q, W_k, W_v, W_o of
+every attention), scaled by ``alpha / r`` with ``alpha = 1`` (the reference's ``1 / r``); ``A_k`` uniform in
+``+-1 / sqrt(3 d_in)``, ``B_k = 0`` (the model starts as the base model). Every adapted projection has its own
+routing matrix ``Z`` of logits, ``tasks x heads x skills`` (mttl's ``finegrained`` granularity), starting
+uniform in ``+-1e-3``; a row of task ``t`` uses there
 
-    A_t = sum_k w_tk A_k,  B_t = sum_k w_tk B_k,  w_t = s(Z_t) / sum_k s(Z_tk),
-    h = W x + (alpha / r) B_t A_t x
+    w_t = s(Z_t) / sum_k s(Z_tk)
 
-with ``s`` the sigmoid, or while training a relaxed Bernoulli sample of it (Gumbel-sigmoid at
-``temperature``), as Polytropon learns its binary skill allocation. Rows choose their task through
-``task_ids`` in the model call (one id per row); with one task it may be left out. A call without
-``task_ids`` (every row the default task) mixes ``A_t`` and ``B_t`` once and runs as a rank-r LoRA.
+with ``s`` the sigmoid, or while training a relaxed Bernoulli sample of it (Gumbel-sigmoid at ``temperature``
+1), as Polytropon learns its binary skill allocation. The routing logits train at their own learning rate,
+0.1 (mttl's ``module_logits_learning_rate``; ``rate_groups``, ``--part-lr poly.routing=LR``), the inventory at
+the run's (``reference_lr`` 1e-3, mttl's ``learning_rate``): at the inventory's rate the logits barely move
+and learned routing stays close to Poly-mu. Rows choose their task through ``task_ids`` in the model call
+(one id per row); with one task it may be left out. A call without ``task_ids`` (every row the default
+task) mixes ``A_t`` and ``B_t`` once and runs as a rank-r LoRA.
 
 - ``poly``: one head (Polytropon).
-- ``poly_s``: ``heads`` > 1, multi-head routing (Caccia et al.'s Poly-S/MHR): A's input columns and
-  B's output rows are split into ``heads`` blocks, each routed on its own.
+- ``poly_s``: ``heads`` > 1, multi-head routing (Caccia et al.'s Poly-S/MHR, mttl's ``n_splits``): A's input
+  columns and B's output rows are split into ``heads`` blocks, each routed on its own.
 - ``poly_mu``: the routing is fixed to the uniform average of the inventory (Poly-mu): every task uses
   the mean module, and adapting to a new task fine-tunes the inventory itself.
 
-Few-shot adaptation to a new task: ``Poly.add_task()`` appends a routing row (uniform logits) and
-returns its id, which calls without ``task_ids`` then use; train the routing alone
-(``Poly.train_routing_only()``) or everything (``unipelt train --from-inventory DIR [--routing-only]``). Not mergeable
-(rows of different tasks need different weights). Parameters: ``skills r (d_in + d_out)`` per adapted
-matrix, plus ``tasks heads skills`` per layer (none for ``poly_mu``).
+Few-shot adaptation to a new task: ``Poly.add_task()`` appends a routing row (near-uniform logits, as mttl's
+``resize_module_logits``) and returns its id, which calls without ``task_ids`` then use; train the routing
+alone (``Poly.train_routing_only()``) or everything (``unipelt train --from-inventory DIR [--routing-only]``).
+Not mergeable (rows of different tasks need different weights). Parameters: ``skills r (d_in + d_out) + tasks
+heads skills`` per adapted matrix (no routing for ``poly_mu``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -40,22 +47,31 @@ from ..sites import ModelMap, Projection
 from .base import DeltaMethod, add_up_projection, attention_input_groups, cast_like, matmul_input
 
 ROUTINGS = ("learned", "uniform")
+ROUTING_LR = 0.1  # mttl's module_logits_learning_rate
+ROUTING_INIT = 1e-3  # logits uniform in +-ROUTING_INIT (mttl's PolytroponSelector)
+
+
+def _routing_logits(tasks: int, heads: int, skills: int) -> torch.Tensor:
+    return torch.empty(tasks, heads, skills).uniform_(-ROUTING_INIT, ROUTING_INIT)
 
 
 @register
 @dataclass
 class PolyConfig(MethodConfig):
     method = "poly"
-    description = "Polytropon: an inventory of LoRA skills per layer, routed per task (task_ids per row)"
+    description = "Polytropon: an inventory of LoRA skills per projection, routed per task (task_ids per row)"
+
+    # mttl's defaults: learning_rate (the inventory's) 1e-3; the routing logits at ROUTING_LR (rate_groups)
+    reference_lr: ClassVar[float | None] = 1e-3
 
     tasks: int = 1
     skills: int = 8
-    r: int = 2
-    alpha: float = 2.0
+    r: int = 16
+    alpha: float = 1.0  # scaling alpha / r = 1 / r, the reference's
     heads: int = 1
     routing: str = "learned"
     temperature: float = 1.0
-    targets: tuple[str, ...] = ("q", "v")
+    targets: tuple[str, ...] = ("q", "k", "v", "o")
     default_task: int | None = None  # the task of calls without task_ids (set by add_task)
 
     def validate(self) -> None:
@@ -83,24 +99,20 @@ class Poly(DeltaMethod):
         super().__init__(config, model_map)
         k, r, heads = config.skills, config.r, config.heads
         self.sites: dict[str, Projection] = {}
-        self.layer_of: dict[str, str] = {}
         self.A = nn.ParameterDict()
         self.B = nn.ParameterDict()
+        self.routing = nn.ParameterDict()  # one routing matrix per adapted projection, keyed as its site
         for site_key, proj in model_map.projections(config.targets):
             d_in, d_out = proj.in_features, proj.out_features
             if d_in % heads or d_out % heads:
                 raise ConfigError(f"poly heads={heads} must divide the sizes of {proj.path} ({d_in} -> {d_out})")
             self.sites[site_key] = proj
-            self.layer_of[site_key] = site_key.split("_", 1)[0]
-            a = torch.empty(k, r, d_in)
-            for i in range(k):  # each skill's A like LoRA's: Kaiming-uniform over its own (r, d_in)
-                nn.init.kaiming_uniform_(a[i], a=math.sqrt(5))
-            self.A[site_key] = nn.Parameter(a)
+            # the reference's A init: uniform with bound gain / sqrt(d_in), gain of leaky ReLU at sqrt(5) = 1 / sqrt(3)
+            bound = 1.0 / math.sqrt(3 * d_in)
+            self.A[site_key] = nn.Parameter(torch.empty(k, r, d_in).uniform_(-bound, bound))
             self.B[site_key] = nn.Parameter(torch.zeros(k, d_out, r))
-        self.routing = nn.ParameterDict()
-        if config.routing == "learned":
-            for layer in sorted(set(self.layer_of.values())):
-                self.routing[layer] = nn.Parameter(torch.zeros(config.tasks, heads, k))
+            if config.routing == "learned":
+                self.routing[site_key] = nn.Parameter(_routing_logits(config.tasks, heads, k))
 
     @property
     def tasks(self) -> int:
@@ -110,27 +122,33 @@ class Poly(DeltaMethod):
         """A new task's routing row (uniform: every skill equally likely); its task id, which calls without
         ``task_ids`` now use."""
         if self.config.routing == "learned":
-            for layer, z in self.routing.items():
-                self.routing[layer] = nn.Parameter(torch.cat([z.detach(), torch.zeros_like(z[:1])]))
+            for site_key, z in self.routing.items():
+                row = _routing_logits(1, *z.shape[1:]).to(z)
+                self.routing[site_key] = nn.Parameter(torch.cat([z.detach(), row]), requires_grad=z.requires_grad)
         new = self.config.tasks
         self.config = replace(self.config, tasks=new + 1, default_task=new)
         return new
+
+    def rate_groups(self) -> dict[str, tuple[list[nn.Parameter], float]]:
+        """The routing logits train at the reference's own rate, 0.1 (``--part-lr poly.routing=LR``)."""
+        return {"routing": (list(self.routing.values()), ROUTING_LR)}
 
     def train_routing_only(self) -> None:
         """Freeze the inventory; only the routing trains (Poly-z adaptation to a new task)."""
         for p in [*self.A.values(), *self.B.values()]:
             p.requires_grad_(False)
 
-    def weights(self, layer: str, task_ids: torch.Tensor) -> torch.Tensor:
-        """Each row's skill weights at ``layer``: (batch, heads, skills), summing to 1 over skills."""
-        return self._task_weights(layer, task_ids.device)[task_ids]
+    def weights(self, site_key: str, task_ids: torch.Tensor) -> torch.Tensor:
+        """Each row's skill weights at the projection ``site_key``: (batch, heads, skills), summing to 1 over
+        skills."""
+        return self._task_weights(site_key, task_ids.device)[task_ids]
 
-    def _task_weights(self, layer: str, device: torch.device) -> torch.Tensor:
-        """Every task's skill weights at ``layer``: (tasks, heads, skills); sampled while training."""
+    def _task_weights(self, site_key: str, device: torch.device) -> torch.Tensor:
+        """Every task's skill weights at ``site_key``: (tasks, heads, skills); sampled while training."""
         k, heads = self.config.skills, self.config.heads
         if self.config.routing == "uniform":
             return torch.full((self.config.tasks, heads, k), 1.0 / k, device=device)
-        z = self.routing[layer]
+        z = self.routing[site_key]
         if self.training:  # relaxed Bernoulli: sigmoid((Z + logistic noise) / temperature)
             u = torch.rand_like(z).clamp(1e-6, 1 - 1e-6)
             w = torch.sigmoid((z + torch.log(u) - torch.log1p(-u)) / self.config.temperature)
@@ -190,7 +208,7 @@ class Poly(DeltaMethod):
             task = default_task()
             a_ts, b_ts = [], []
             for site_key in group:
-                a_t, b_t = self.routed_pair(site_key, self._task_weights(self.layer_of[site_key], x.device)[task])
+                a_t, b_t = self.routed_pair(site_key, self._task_weights(site_key, x.device)[task])
                 if padded:
                     a_t = torch.cat([a_t, a_t.new_zeros(padded, a_t.shape[1])])
                     b_t = torch.cat([b_t, b_t.new_zeros(b_t.shape[0], padded)], 1)
@@ -207,7 +225,7 @@ class Poly(DeltaMethod):
         return read
 
     def _hook(self, site_key: str, proj: Projection, context, task_ids_of, one_task):
-        a, b, layer = self.A[site_key], self.B[site_key], self.layer_of[site_key]
+        a, b = self.A[site_key], self.B[site_key]
         scaling, heads = self.config.alpha / self.config.r, self.config.heads
 
         def add_routed(module, inputs, output):
@@ -215,11 +233,11 @@ class Poly(DeltaMethod):
             if context.task_ids is None:
                 h, b_t = one_task(site_key, x)
                 return add_up_projection(output, h, b_t, scaling, proj)
-            w = self.weights(layer, task_ids_of(x)).to(a.dtype)  # (batch, heads, skills)
+            w = self.weights(site_key, task_ids_of(x)).to(a.dtype)  # (batch, heads, skills)
             k, r, d_in = a.shape
             d_out = b.shape[1]
-            # Rows of different tasks: not each row's A_t and B_t formed first (per-row GEMMs of width r, 2
-            # by default, on kernels for unaligned rows): every skill's A_k x in one GEMM of k r columns, per
+            # Rows of different tasks: not each row's A_t and B_t formed first (per-row GEMMs of width r, on
+            # kernels for unaligned rows where r is small): every skill's A_k x in one GEMM of k r columns, per
             # head block, then h = sum_k w_k A_k x and B_t h = [w_1 h; ...; w_k h] [B_1 ... B_k]^T, the same sums.
             lead = x.shape[:-1]
             row_w = w.view(w.shape[0], *([1] * (len(lead) - 1)), heads, k, 1)  # broadcasts over the row's tokens

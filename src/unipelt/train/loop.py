@@ -39,18 +39,17 @@ from ..serialization import atomic_write_text
 from ..tasks import Task, TaskDataError, get_task, hold_out, k_shot
 from ..tasks.multitask import MultiTask
 
-# Default learning rates, from the low-resource GLUE runs on MiniLM (benchmarks/results/glue_lowres) and the
-# methods' papers; --lr overrides them.
-# Per-method defaults from the methods' papers and short SST-2/STS-B runs on MiniLM at K=100
-# (UniPELT: benchmarks/results/recipe_sweep, 1e-3 over 2e-3 on both tasks).
+# The trainer's learning rates for methods whose config names no ``reference_lr`` (the rate of its reference
+# recipe, which comes first: Compacter 3e-3, AdapterBias 1e-4, SparseAdapter 1e-4, Poly 1e-3 with its routing
+# at 0.1, ATTEMPT 0.3, RAFT 5e-3 with its coefficients at 1e-3). These come from the low-resource GLUE runs on
+# MiniLM (benchmarks/results/glue_lowres) and the methods' papers; UniPELT 1e-3 over 2e-3 on SST-2 and STS-B at
+# K=100 (benchmarks/results/recipe_sweep). --lr overrides either.
 DEFAULT_LR = {
     "full": 5e-5, "lora": 2e-3, "adapter": 2e-3, "houlsby": 2e-3, "pfeiffer": 2e-3, "parallel": 2e-3,
     "scaled_parallel": 1e-3, "prefix": 2e-4, "prompt": 3e-2, "bitfit": 1e-3, "ia3": 3e-3, "ln": 1e-3,
     "unipelt": 1e-3, "unipelt_legacy": 1e-3, "mam": 5e-4, "mam_glue": 1e-4, "composition": 1e-3,
-    # the papers' rates: Compacter 3e-3 (T5-base, GLUE), KronA 1e-3, AdapterBias 1e-3
-    "compacter": 3e-3, "compacter++": 3e-3, "phm_adapter": 3e-3, "krona": 1e-3, "krona_ffn": 1e-3,
-    "adapter_bias": 1e-3, "kadaptation": 1e-3, "sparse_adapter": 2e-3, "vpt": 5e-2, "vpt_deep": 5e-2,
-    "poly": 2e-3, "poly_s": 2e-3, "poly_mu": 2e-3, "attempt": 3e-2, "rational": 1e-3,
+    # KronA (no reference code) and KAdaptation (its reference sweeps 1e-6 to 1e-1 per dataset): ours
+    "krona": 1e-3, "krona_ffn": 1e-3, "kadaptation": 1e-3, "vpt": 5e-2, "vpt_deep": 5e-2,
 }
 # parts trained at a fraction of the run's rate unless --part-lr says otherwise (unipelt_legacy's prefix: a tenth)
 DEFAULT_PART_LR = {"unipelt_legacy": {"prefix": 0.1}}
@@ -217,8 +216,10 @@ def preprocessor(task: Task, model: str | None):
 
 
 def prune_sparse_adapters(model: torch.nn.Module, train_feats: Any, pad_id: int, cfg: RunConfig,
-                          batches: int = 4) -> None:
-    """SparseAdapter's SNIP pruning at initialisation, on ``batches`` seeded batches of the training data.
+                          examples: int = 320) -> None:
+    """SparseAdapter's SNIP pruning at initialisation, on ``examples`` seeded training examples (all of them
+    when fewer) in batches of the run's size: 320, the reference's (SparseAdapter
+    ``src/transformers/trainer_sparse.py``: ``args.length * 32``, ``length`` 10 by default).
 
     Deterministic for a seed: a resumed run recomputes the same masks before its checkpoint is loaded.
     """
@@ -227,7 +228,7 @@ def prune_sparse_adapters(model: torch.nn.Module, train_feats: Any, pad_id: int,
     if not sparse_adapters(model):
         return
     order = torch.randperm(len(train_feats), generator=torch.Generator().manual_seed(cfg.seed))
-    picked = order[:batches * cfg.batch_size].tolist()
+    picked = order[:examples].tolist()
     snip_prune(model, [collate([train_feats.rows[i] for i in picked[j:j + cfg.batch_size]], pad_id)
                        for j in range(0, len(picked), cfg.batch_size)])
 
@@ -374,14 +375,16 @@ def adapt_from_inventory(model: torch.nn.Module, cfg: RunConfig) -> Any:
 
 
 def routed_method(method_cfg: Any, task: Any, cfg: RunConfig) -> Any:
-    """Training several tasks at once needs a method that routes rows by task (Poly); it gets one task each."""
+    """Training several tasks at once needs a method that routes rows by task (Poly's routing rows, ATTEMPT's
+    target prompts); it gets one task each."""
     from dataclasses import replace
 
+    from ..methods.attempt import AttemptConfig
     from ..methods.poly import PolyConfig
 
-    if not isinstance(method_cfg, PolyConfig):
+    if not isinstance(method_cfg, (PolyConfig, AttemptConfig)):
         raise ConfigError(f"training several tasks at once ({task.name}) routes each row by its task: use --method "
-                          f"poly, poly_s or poly_mu, or train the tasks one by one")
+                          f"poly, poly_s, poly_mu or attempt, or train the tasks one by one")
     n = len(task.tasks)
     if "tasks" in cfg.method_options and method_cfg.tasks != n:
         raise ConfigError(f"--set tasks={method_cfg.tasks} but --task names {n} tasks")
