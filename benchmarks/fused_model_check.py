@@ -4,7 +4,7 @@ For each method: attach it to the random BERT-base of the speed benchmark, move 
 and compare under bf16 autocast the final states and every trainable gradient (along one fixed random
 direction) of the fused and the unfused adapters, eager and compiled. The fused-unfused distance should
 be of the size of compiled-unfused against eager-unfused (both are bf16 rounding). Prints a JSON line
-per method (results: ``results/speed/*_fused_bottleneck_run5*_model_check.log``).
+per method (its findings: docs/findings.md).
 
     python benchmarks/fused_model_check.py houlsby compacter
 """

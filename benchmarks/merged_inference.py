@@ -39,7 +39,7 @@ def compare(shape_name: str, methods: list[str], device: str, steps: int, rounds
     torch.manual_seed(0)
     with torch.device(device):
         # frozen like the merged model: autocast caches its casts of weights that require grad, and an
-        # unfrozen bare model measured 6-15% slower than its merged copies (results/speed/*_run1_unfrozen*)
+        # unfrozen bare model measured 6-15% slower than its merged copies (docs/findings.md)
         bare = case.build_base(shape).eval().requires_grad_(False)
     inputs = case.step_inputs("unipelt", bare, case.random_batch(shape).to(device))
     rows = []

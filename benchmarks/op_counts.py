@@ -1,9 +1,9 @@
 """Kernels a training step launches, counted on the CPU: a deterministic proxy for a launch-bound GPU step.
 
     python benchmarks/op_counts.py                                  # every method of ours, bert-base-narrow
-    python benchmarks/op_counts.py --peers peft --out benchmarks/results/speed/ops.json
+    python benchmarks/op_counts.py --peers peft --out out/ops.json
 
-At BERT-base's batch 32 x 128 an H100 step waits on the CPU launching kernels (benchmarks/results/speed):
+At BERT-base's batch 32 x 128 an H100 step waits on the CPU launching kernels (docs/findings.md):
 the number of kernels is what the eager step time follows. This counts the ATen operations one training
 step (forward, backward, AdamW) dispatches under bf16 autocast, leaving out views (no kernel) and the
 optimizer's reads of its CPU step counters (no kernel either), on the same random model as ``speed.py``.

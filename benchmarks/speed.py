@@ -2,7 +2,7 @@
 
     python benchmarks/speed.py                       # bert-base on a GPU, bert-small on the CPU
     python benchmarks/speed.py --shape llama-1b --methods lora prefix prompt ia3
-    python benchmarks/speed.py --adapters-wheels .whl --out benchmarks/results/speed/h100_bert_base.json
+    python benchmarks/speed.py --adapters-wheels .whl --out out/speed/h100_bert_base.json
 
 Each case runs in its own process; the JSON holds one row per (method, peer) with ``ours_ms``,
 ``peer_ms``, ``floor_ms``, ``ratio_vs_peer``, ``ratio_vs_floor``, peak memory, inference latency

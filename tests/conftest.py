@@ -153,3 +153,17 @@ def step(model: torch.nn.Module, family: str) -> None:
     torch.nn.functional.cross_entropy(flat, targets).backward()
     opt.step()
     model.eval()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The fuzz suites' count of cases tried, by suite and outcome (tests/fuzz_support.py), when they ran."""
+    import sys
+
+    fuzz = sys.modules.get("fuzz_support")
+    if fuzz is None or not fuzz.CASES:
+        return
+    terminalreporter.section("fuzz cases tried")
+    for suite, n in sorted(fuzz.CASES.items()):
+        outcomes = ", ".join(f"{o} {c}" for (s, o), c in sorted(fuzz.OUTCOMES.items()) if s == suite)
+        terminalreporter.write_line(f"{suite}: {n} ({outcomes})")
+    terminalreporter.write_line(f"total: {sum(fuzz.CASES.values())}")

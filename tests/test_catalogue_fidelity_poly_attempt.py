@@ -167,9 +167,10 @@ def test_attempt_defaults_are_the_references(tmp_path: Path) -> None:
     cfg = AttemptConfig(n_sources=1)
     assert cfg.length == 100 and cfg.attention_hidden == 100 and cfg.tasks == 1
     assert AttemptConfig.reference_lr == 0.3 and loop.default_lr("attempt", cfg) == 0.3
-    # default length: the sources must be prompts of 100 tokens; the target starts as the first of them
-    sources = _sources(tmp_path, length=100)
-    model = unipelt.attach(build("bert"), {"method": "attempt", "sources": sources})
+    # default length: the sources must be prompts of 100 tokens; the target starts as the first of them (on the
+    # tiny LLaMA: its rotary positions take a prompt of any length, the tiny BERT's 64 learned ones refuse 100)
+    sources = _sources(tmp_path, length=100, family="llama")
+    model = unipelt.attach(build("llama"), {"method": "attempt", "sources": sources})
     attempt = deltas(model)["attempt"]
     assert attempt.embedding.shape == (1, 100, 32)
     assert torch.equal(attempt.embedding[0], attempt.sources[0])

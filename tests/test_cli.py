@@ -219,7 +219,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_model, 
     assert code == EXIT_DIVERGED
     err = capsys.readouterr().err
     assert "nan" in err.lower() and "step 5" in err and "checkpoint" in err
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["state"]["step"] == 4
     assert all(torch.isfinite(t).all() for t in ckpt["weights"].values())
 

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import pickle
+import runpy
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +39,11 @@ METHODS: dict[str, object] = {
     "lora": "lora",
     "lora_all": {"method": "lora", "targets": ["q", "k", "v", "o", "ffn_in", "ffn_out"]},
     "lora_fold": {"method": "lora", "r": 4, "targets": ["q", "v", "ffn_out"], "fold": True},
+    "lora_dora": {"method": "lora", "dora": True},
+    "lora_dora_fold": {"method": "lora", "r": 4, "targets": ["q", "v", "ffn_out"], "dora": True, "fold": True},
+    "lora_pissa": {"method": "lora", "r": 4, "targets": ["q", "v", "ffn_out"], "init": "pissa"},
+    "lora_olora_fold": {"method": "lora", "r": 4, "targets": ["q", "v", "ffn_out"], "init": "olora", "fold": True},
+    "lora_pissa_dora": {"method": "lora", "r": 4, "init": "pissa", "dora": True},
     "houlsby": "houlsby",
     "pfeiffer": "pfeiffer",
     "pfeiffer_zero_up": {"method": "pfeiffer", "init": "lora"},  # inside the LayerNorm, W_up = 0: the identity
@@ -74,7 +82,8 @@ METHODS: dict[str, object] = {
     "composition_catalogue": "composition_catalogue",
 }
 
-ZERO_INIT = {"lora", "lora_all", "lora_fold", "pfeiffer_zero_up", "parallel", "scaled_parallel", "bitfit", "ia3",
+ZERO_INIT = {"lora", "lora_all", "lora_fold", "lora_dora", "lora_dora_fold", "lora_pissa", "lora_olora_fold",
+             "lora_pissa_dora", "pfeiffer_zero_up", "parallel", "scaled_parallel", "bitfit", "ia3",
              "ln",
              "unipelt_noprefix", "composition", "composition_two_lora", "composition_partial",
              "adapter_bias", "krona", "composition_catalogue", "krona_ffn",
@@ -85,12 +94,22 @@ NOT_IDENTITY = {"prefix", "prefix_direct", "prompt", "mam", "unipelt", "unipelt_
                 "sparse_adapter"}
 # the smallest change at init: N(0, 0.02) serial adapters, Compacter's Xavier factors times N(0, 1e-4) rules
 NOT_IDENTITY_ATOL = {"houlsby": 1e-9, "pfeiffer": 1e-9, "compacter": 1e-10, "compacter++": 1e-10, "phm_adapter": 1e-8}
-MERGEABLE = {"lora", "lora_all", "lora_fold", "bitfit", "ia3", "ln", "composition_two_lora", "krona", "adapter_bias",
+MERGEABLE = {"lora", "lora_all", "lora_fold", "lora_dora", "lora_dora_fold", "lora_pissa", "lora_olora_fold",
+             "lora_pissa_dora", "bitfit", "ia3", "ln", "composition_two_lora", "krona", "adapter_bias",
              "kadaptation"}
 NO_FFN_BIAS = {"llama", "t5"}  # W_2 without a bias cannot hold AdapterBias' constant shift: it stays a delta
 PREFIX_STYLE = {"prefix", "prefix_direct", "mam", "unipelt", "unipelt_prompt", "unipelt_legacy"}
 GATED = {"unipelt", "unipelt_prompt", "unipelt_noprefix", "unipelt_legacy", "composition", "composition_partial",
          "composition_catalogue"}
+
+# The how-to guide's example method (docs/snippets/new_method.py), entered in this matrix as the guide says.
+# tests/test_adding_a_method.py runs this file with UNIPELT_GUIDE_METHOD=1 in a process of its own, so the
+# example never joins the registry that the other tests see.
+if os.environ.get("UNIPELT_GUIDE_METHOD"):
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "docs" / "snippets" / "new_method.py"))
+    METHODS["ffn_scale"] = "ffn_scale"
+    ZERO_INIT.add("ffn_scale")
+    MERGEABLE.add("ffn_scale")
 assert set(METHODS) == ZERO_INIT | NOT_IDENTITY and not ZERO_INIT & NOT_IDENTITY
 
 
@@ -230,8 +249,9 @@ def dims(family: str, model: nn.Module) -> Dims:
     return Dims(d, q, kv, [Layer(1, ff, 2 if family == "llama" else 1)] * c.num_hidden_layers)
 
 
-def lora_count(D: Dims, r: int, targets=("q", "v"), gate: bool = False) -> int:
-    """r (d_in + d_out) per adapted matrix, plus d_in + 1 per gate."""
+def lora_count(D: Dims, r: int, targets=("q", "v"), gate: bool = False, dora: bool = False) -> int:
+    """r (d_in + d_out) per adapted matrix, plus d_in + 1 per gate, plus d_out per DoRA magnitude (PiSSA's and
+    OLoRA's frozen A_0, B_0 are buffers, not trained)."""
     shapes = {"q": (D.d, D.q), "k": (D.d, D.kv), "v": (D.d, D.kv), "o": (D.q, D.d)}
     total = 0
     for layer in D.layers:
@@ -240,7 +260,7 @@ def lora_count(D: Dims, r: int, targets=("q", "v"), gate: bool = False) -> int:
             mats += [(D.d, layer.ff)] * layer.ffn_in
         if "ffn_out" in targets:
             mats += [(layer.ff, D.d)]
-        total += sum(r * (i + o) + (i + 1 if gate else 0) for i, o in mats)
+        total += sum(r * (i + o) + (i + 1 if gate else 0) + (o if dora else 0) for i, o in mats)
     return total
 
 
@@ -313,9 +333,15 @@ def expected_counts(family: str, key: str, model: nn.Module) -> dict[str, int]:
     if key in houlsby:  # the default bottleneck: d / 16
         return {"adapter": adapter_count(D, D.d // 16, houlsby[key])}
     table = {
+        "ffn_scale": lambda: {"ffn_scale": D.d * len(D.layers)},  # the guide's example: d per FFN
         "lora": lambda: {"lora": lora_count(D, 8)},
         "lora_all": lambda: {"lora": lora_count(D, 8, ("q", "k", "v", "o", "ffn_in", "ffn_out"))},
         "lora_fold": lambda: {"lora": lora_count(D, 4, ("q", "v", "ffn_out"))},
+        "lora_dora": lambda: {"lora": lora_count(D, 8, dora=True)},
+        "lora_dora_fold": lambda: {"lora": lora_count(D, 4, ("q", "v", "ffn_out"), dora=True)},
+        "lora_pissa": lambda: {"lora": lora_count(D, 4, ("q", "v", "ffn_out"))},
+        "lora_olora_fold": lambda: {"lora": lora_count(D, 4, ("q", "v", "ffn_out"))},
+        "lora_pissa_dora": lambda: {"lora": lora_count(D, 4, dora=True)},
         "scaled_parallel": lambda: {"adapter": adapter_count(D, 16, False)},
         "bitfit": lambda: {"bitfit": bitfit_count(model)},
         "ia3": lambda: {"ia3": ia3_count(D)},
@@ -826,3 +852,75 @@ def test_sizes_that_do_not_divide_are_named(config, message) -> None:
         unipelt.attach(model, config)
     assert "unipelt_deltas" not in model._modules
     assert torch.equal(logits(model, inputs("bert")), base)
+
+
+# ------------------------------------------------------------------ 8. copies of an attached model
+
+
+def _param_storages(model: nn.Module) -> set[int]:
+    return {p.data_ptr() for p in model.parameters()}
+
+
+@pytest.mark.parametrize("family,key", APPLICABLE)
+def test_deepcopy_is_independent_and_equal(family: str, key: str) -> None:
+    """``copy.deepcopy`` (RLHF reference models, EMA copies, Trainer features) gives a model whose hooks read its
+    own deltas: equal outputs, and a change to either model's delta leaves the other unchanged."""
+    model = attached(family, key)
+    perturb(model, heads=False)
+    batch = inputs(family)
+    out = logits(model, batch)
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(logits(twin, batch), out, atol=0, rtol=0)
+    assert not _param_storages(twin) & _param_storages(model), "the copy shares parameters with the original"
+    assert sorted(store(twin)) == sorted(store(model))
+
+    perturb(twin, seed=21, heads=False)
+    changed = logits(twin, batch)
+    assert (changed - out).abs().max() > 1e-6, "the copy's hooks do not read the copy's delta"
+    torch.testing.assert_close(logits(model, batch), out, atol=0, rtol=0)
+
+    perturb(model, seed=22, heads=False)
+    assert (logits(model, batch) - out).abs().max() > 1e-6
+    torch.testing.assert_close(logits(twin, batch), changed, atol=0, rtol=0)
+
+    step(twin, family)  # training the copy moves its deltas only
+    moved = logits(model, batch)
+    unipelt.detach(twin)
+    torch.testing.assert_close(logits(twin, batch), logits(build(family), batch), atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(model, batch), moved, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("key", ["lora", "unipelt_prompt", "prefix"])
+def test_copies_pickling_and_merge(key: str) -> None:
+    model = attached("bert", key)
+    perturb(model, heads=False)
+    batch = inputs("bert")
+    with pytest.raises(TypeError, match="cannot be pickled.*copy.deepcopy"):
+        pickle.dumps(model)
+    both = copy.deepcopy({"a": model, "b": model})  # one memo: one copy, shared as in the original
+    assert both["a"] is both["b"] and both["a"] is not model
+    torch.testing.assert_close(logits(both["a"], batch), logits(model, batch), atol=0, rtol=0)
+    unipelt.detach(model)
+    assert "__deepcopy__" not in vars(model) and "__reduce_ex__" not in vars(model)
+    pickle.loads(pickle.dumps(model))  # a detached model is a plain model again
+
+
+def test_deepcopy_of_served_tasks(tmp_path: Path) -> None:
+    """A model serving several tasks in one batch (``load_tasks``) copies with its routing by task id."""
+    folders = {}
+    for i, name in enumerate(("a", "b")):
+        model = build("bert")
+        torch.manual_seed(i)
+        unipelt.attach(model, "lora", train_head=False)
+        perturb(model, seed=30 + i, heads=False)
+        unipelt.save(model, tmp_path / name)
+        folders[name] = tmp_path / name
+    served = build("bert")
+    unipelt.load_tasks(served, folders)
+    batch = inputs("bert")
+    task_ids = torch.tensor([0, 1, 0])
+    out = logits(served, {**batch, "task_ids": task_ids})
+    twin = copy.deepcopy(served)
+    torch.testing.assert_close(logits(twin, {**batch, "task_ids": task_ids}), out, atol=0, rtol=0)
+    perturb(twin, seed=40, heads=False)
+    torch.testing.assert_close(logits(served, {**batch, "task_ids": task_ids}), out, atol=0, rtol=0)

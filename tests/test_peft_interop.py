@@ -150,10 +150,15 @@ def test_non_lora_peft_checkpoint_is_refused(config, kind, tmp_path):
     assert attachment(model) is None and not deltas(model)
 
 
-def test_unsupported_peft_lora_options_are_refused(tmp_path):
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], use_dora=True)
+@pytest.mark.parametrize("option,message", [
+    ({"rank_pattern": {"query": 2}}, "rank_pattern"),
+    ({"lora_bias": True}, "lora_bias"),
+    ({"init_lora_weights": "pissa_niter_2"}, "init_lora_weights='pissa_niter_2'"),  # randomised SVD
+])
+def test_unsupported_peft_lora_options_are_refused(option, message, tmp_path):
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], **option)
     peft.get_peft_model(build("bert"), config).save_pretrained(tmp_path)
     model = build("bert")
-    with pytest.raises(unipelt.DeltaFileError, match="DoRA"):
+    with pytest.raises(unipelt.DeltaFileError, match=message):
         unipelt.load(model, tmp_path)
     assert attachment(model) is None

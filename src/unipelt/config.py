@@ -1,6 +1,7 @@
-"""Method configs: dataclasses that round-trip through JSON, and the registry of method names.
+"""Method configs: dataclasses that round-trip through JSON, and their lookup by method name.
 
-Every method registers a config class under a name (``"lora"``) with a one-line description.
+Every method registers its config class under a name (``"lora"``) with a one-line description, once, with
+its module class (:func:`unipelt.registry.register_method`); this module only reads :mod:`unipelt.registry`.
 ``parse_config`` accepts a config object, a name (defaults), or a dict with a ``"method"`` key;
 unknown methods and unknown keys are errors that list what is valid.
 """
@@ -8,9 +9,15 @@ unknown methods and unknown keys are errors that list what is valid.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import re
+import types
 import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
+
+from .registry import Registered, registry  # noqa: F401  (lookups only; importing unipelt.methods fills it)
 
 GATE_POOLINGS = ("mean", "mean_with_padding", "token", "logit_mean")  # runtime.gate_values
 
@@ -42,10 +49,12 @@ class MethodConfig:
 
     def validate(self) -> None:
         """Check values that need no model; model-dependent checks happen at attach."""
+        check_field_types(self)
         if self.gate and not self.gateable:
             raise ConfigError(f"method '{self.method}' has no UniPELT gate; remove gate=True")
         if self.gate_pooling not in GATE_POOLINGS:
             raise ConfigError(f"gate_pooling must be one of {GATE_POOLINGS}, got {self.gate_pooling!r}")
+        check_targets(self)
 
     def require_positive_ints(self, *names: str) -> None:
         """Each named field must be a positive integer (a boolean is not one)."""
@@ -53,6 +62,8 @@ class MethodConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{self.method} {name} must be a positive integer, got {value!r}")
+            if value > MAX_SIZE:
+                raise ConfigError(f"{self.method} {name}={value} is beyond any model's size; use at most {MAX_SIZE:,}")
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.method}
@@ -84,6 +95,85 @@ class MethodConfig:
         return config
 
 
+# the largest size (rank, bottleneck, length, ...) a config may ask for: larger ones are typos, and would fail to
+# allocate with an error that does not name the field
+MAX_SIZE = 1 << 20
+_KINDS = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+
+
+@functools.cache
+def _field_types(cls: type) -> tuple[tuple[str, tuple[type, ...], bool], ...]:
+    """``(field, allowed plain types, None allowed)`` for each field of ``cls`` whose hint is plain: bool, int,
+    float, str or ``tuple[str, ...]``, optionally ``| None``. Nested configs and ``Any`` are left to the class."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        hint = hints.get(f.name, Any)
+        args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        plain = tuple(typing.get_origin(a) or a for a in args if a is not type(None))
+        if plain and all(t in (bool, int, float, str, tuple) for t in plain):
+            out.append((f.name, plain, type(None) in args))
+    return tuple(out)
+
+
+@functools.cache
+def _tuple_items(cls: type) -> dict[str, type]:
+    """The item type of each ``tuple[X, ...]`` field of ``cls`` (``str`` unless declared otherwise)."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        for a in args:
+            if typing.get_origin(a) is tuple and typing.get_args(a):
+                out[name] = typing.get_args(a)[0]
+    return out
+
+
+def check_field_types(config: MethodConfig) -> None:
+    """Each plain field holds its type: an integer (not a boolean) where an ``int`` is declared, a finite number
+    for a ``float``, true/false for a ``bool``, a string, a list of strings for ``tuple[str, ...]`` (made a tuple);
+    else a :class:`ConfigError` that names the field and the type it needs. A ``tuple[int, ...]`` (``layers``)
+    takes a list of integers."""
+    items = _tuple_items(type(config))
+    for name, allowed, nullable in _field_types(type(config)):
+        value = getattr(config, name)
+        if value is None and nullable:
+            continue
+        item = items.get(name, str)
+        if tuple in allowed and isinstance(value, (list, tuple)) \
+                and all(isinstance(v, item) and not (item is int and isinstance(v, bool)) for v in value):
+            setattr(config, name, tuple(value))
+            continue
+        if isinstance(value, bool):
+            ok = bool in allowed
+        elif isinstance(value, int):
+            ok = int in allowed or float in allowed
+        elif isinstance(value, float):
+            ok = float in allowed and math.isfinite(value)
+        else:
+            ok = isinstance(value, str) and str in allowed
+        if not ok:
+            listed = "a list of integers" if items.get(name) is int else "a list of strings"
+            kinds = [_KINDS.get(t, listed) for t in allowed] + (["None"] if nullable else [])
+            raise ConfigError(f"{config.method} {name} must be {' or '.join(kinds)}, got {value!r}")
+
+
+def check_targets(config: MethodConfig) -> None:
+    """The target fields a method may have (``targets``, ``layers``, ``exclude``; resolved against a model by
+    ``ModelMap.select``): ``"re:"`` entries must compile, layer indices must be >= 0."""
+    for name in ("targets", "exclude"):
+        for entry in getattr(config, name, None) or ():
+            if isinstance(entry, str) and entry.startswith("re:"):
+                try:
+                    re.compile(entry[3:])
+                except re.error as e:
+                    raise ConfigError(f"{config.method} {name} entry {entry!r} is not a valid regular expression "
+                                      f"({e}); fix the pattern after 're:'") from e
+    layers = getattr(config, "layers", None)
+    if layers is not None and (not layers or any(i < 0 for i in layers)):
+        raise ConfigError(f"{config.method} layers must be a non-empty list of layer indices >= 0 (or None for "
+                          f"every layer), got {list(layers)}")
+
+
 def _coerce(hint: Any, value: Any, key: str, method: str) -> Any:
     """Turn JSON values back into the field's type: nested configs, tuples."""
     if value is None:
@@ -99,32 +189,6 @@ def _coerce(hint: Any, value: Any, key: str, method: str) -> Any:
     return value
 
 
-@dataclass(frozen=True)
-class Registered:
-    name: str
-    config_class: type[MethodConfig]
-    description: str
-    preset: dict[str, Any] | None = None  # a named setting of another method ("houlsby")
-
-
-_REGISTRY: dict[str, Registered] = {}
-
-
-def register(config_class: type[MethodConfig]) -> type[MethodConfig]:
-    _REGISTRY[config_class.method] = Registered(config_class.method, config_class, config_class.description)
-    return config_class
-
-
-def register_preset(name: str, config_class: type[MethodConfig], description: str, **values: Any) -> None:
-    _REGISTRY[name] = Registered(name, config_class, description, values)
-
-
-def registry() -> dict[str, Registered]:
-    from . import compositions, methods  # noqa: F401  (importing them registers every method)
-
-    return dict(_REGISTRY)
-
-
 def parse_config(config: MethodConfig | str | dict[str, Any]) -> MethodConfig:
     """Build a config from an object, a method name, or a dict with a ``"method"`` key."""
     if isinstance(config, MethodConfig):
@@ -136,7 +200,7 @@ def parse_config(config: MethodConfig | str | dict[str, Any]) -> MethodConfig:
     if not isinstance(config, dict):
         raise ConfigError(f"a config is a MethodConfig, a method name or a dict, not {type(config).__name__}")
     name = config.get("method")
-    if name not in reg:
+    if not isinstance(name, str) or name not in reg:  # a list or dict is no name (and unhashable)
         raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(reg))}")
     entry = reg[name]
     values = dict(entry.preset or {})

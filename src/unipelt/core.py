@@ -7,6 +7,7 @@ model's sites, builds each method, freezes the base, installs the hooks, routes 
 
 from __future__ import annotations
 
+import copy
 import functools
 import warnings
 from dataclasses import dataclass, field
@@ -16,9 +17,12 @@ import torch
 import torch.nn as nn
 
 from . import attention
+from . import quantized as quant
 from .compositions import expand
 from .config import ConfigError, MethodConfig, parse_config
-from .methods import METHOD_CLASSES, DeltaMethod
+from .families import FamilySpec, UnsupportedModelError, check_family
+from .methods import DeltaMethod
+from .registry import lookup, registry
 from .runtime import ForwardContext, Installer, call_arguments
 from .sites import ModelMap, resolve
 
@@ -41,6 +45,10 @@ class Attachment:
     # task-id order; and each served method's task id
     tasks: dict[str, tuple | None] = field(default_factory=dict)
     method_task: dict[str, int] = field(default_factory=dict)
+    # switching (unipelt.switching): how many ``disabled(model)`` blocks are open, and the ``requires_grad`` of each
+    # delta that ``set_active`` switched off, by parameter name, given back when it is switched on again
+    disabled_depth: int = 0
+    switched_off_grads: dict[str, dict[str, bool]] = field(default_factory=dict)
 
 
 def attachment(model: nn.Module) -> Attachment | None:
@@ -62,8 +70,25 @@ def _unique_name(store: nn.ModuleDict, base: str) -> str:
     return f"{base}_{i}"
 
 
-def _start(model: nn.Module, train_head: bool) -> Attachment:
-    model_map = resolve(model)
+def _settle_hub_kernels(model: nn.Module) -> None:
+    """transformers 5 loads a model with ``use_kernels=True`` (its ``kernels`` dependency) and kernelizes it again at
+    every ``model.train()`` / ``model.eval()``, which re-binds the ``forward`` of its decorated layers (LLaMA's
+    RMSNorm): a method's replaced forward there (LN tuning's tuned norm) was dropped without a word, and detach then
+    failed. Reset to the torch layers once, at attach (``reset_kernels``), so that the mode switches leave them."""
+    if getattr(model, "use_kernels", False) and callable(getattr(model, "reset_kernels", None)):
+        model.reset_kernels()
+
+
+def _start(model: nn.Module, train_head: bool, family: FamilySpec | None = None) -> Attachment:
+    _settle_hub_kernels(model)
+    model_map = resolve(model, family)
+    if train_head and model_map.quantized:
+        packed = [n for n, h in model_map.head_modules.items() if any(quant.kind(m) for m in h.modules())]
+        if packed:
+            raise UnsupportedModelError(
+                f"the task head {packed} of this {model_map.quantized} model is quantized, so it cannot train; load "
+                f"the model with BitsAndBytesConfig(..., llm_int8_skip_modules={packed}) to keep it in full "
+                f"precision, or attach with train_head=False")
     state = Attachment(model_map, ForwardContext(), train_head=train_head)
     state.base_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     for name, head in model_map.head_modules.items():
@@ -77,7 +102,89 @@ def _start(model: nn.Module, train_head: bool) -> Attachment:
                 p.requires_grad_(True)
     model.add_module(STORE, nn.ModuleDict())
     model.__dict__["_unipelt"] = state
+    _guard_copies(model)
     return state
+
+
+# ----------------------------------------------------------------------------- copies of an attached model
+# The hooks are closures over the methods' parameters, and ``copy.deepcopy`` copies functions by reference: a
+# plain deep copy would run the original's deltas. An attached model therefore carries, in its own __dict__
+# (``copy`` and ``pickle`` look there first), a ``__deepcopy__`` that copies it with every hook off and then
+# installs each model's hooks over its own methods, and a ``__reduce_ex__`` that refuses pickling clearly.
+_COPY_KEYS = ("__deepcopy__", "__reduce_ex__", "save_pretrained")  # save_pretrained: see _save_pretrained
+
+
+def _guard_copies(model: nn.Module) -> None:
+    model.__dict__["__deepcopy__"] = functools.partial(_copy_attached, model)
+    model.__dict__["__reduce_ex__"] = functools.partial(_refuse_pickle, model)
+    if callable(getattr(type(model), "save_pretrained", None)):
+        model.__dict__["save_pretrained"] = functools.partial(_save_pretrained, model)
+
+
+def _save_pretrained(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """transformers' ``save_pretrained`` (the stock Trainer saves through it), plus the delta pair beside it and a
+    warning: ``from_pretrained`` would drop the delta (:func:`unipelt.trainer.save_pretrained_with_delta`)."""
+    from .trainer import save_pretrained_with_delta
+
+    return save_pretrained_with_delta(model, *args, **kwargs)
+
+
+def _unguard_copies(model: nn.Module) -> None:
+    for key in _COPY_KEYS:
+        model.__dict__.pop(key, None)
+
+
+def _refuse_pickle(model: nn.Module, protocol: int) -> Any:
+    raise TypeError(f"a {type(model).__name__} with unipelt deltas attached cannot be pickled or shallow-copied "
+                    f"(its hooks are closures over its methods); use copy.deepcopy(model), or unipelt.save(model, "
+                    f"folder) and unipelt.load, or unipelt.merge / unipelt.detach first")
+
+
+def _uninstall(state: Attachment) -> list[str]:
+    """Take every hook of the attachment off (the methods stay in the store); returns the methods' order."""
+    names = list(state.installers)
+    for name in reversed(names):
+        state.installers[name].remove()
+    state.installers.clear()
+    for handle in reversed(state.handles):
+        handle.remove()
+    state.handles.clear()
+    return names
+
+
+def _reinstall(model: nn.Module, state: Attachment, names: list[str]) -> None:
+    """Install the stored methods ``names`` again, in the order ``add_method`` installed them."""
+    store = deltas(model)
+    if names:
+        _hook_model_calls(model, state)
+    for name in names:
+        installer = Installer(model, state.context, name)
+        store[name].install(installer)
+        state.installers[name] = installer
+
+
+def _copy_attached(model: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """``copy.deepcopy`` of an attached model: equal outputs, its own deltas, nothing shared with ``model``."""
+    state = attachment(model)
+    own = {key: model.__dict__.pop(key) for key in (*_COPY_KEYS, "_unipelt") if key in model.__dict__}
+    names = _uninstall(state)
+    try:
+        copied = copy.deepcopy(model, memo)  # the bare model with its store of methods; one memo, so that the
+        model_map = copy.deepcopy(state.model_map, memo)  # methods' and the map's references follow the copy
+        head_snapshot = copy.deepcopy(state.head_snapshot, memo)
+    finally:
+        model.__dict__.update(own)
+        _reinstall(model, state, names)
+    routing = None if state.attention_routing is None else {  # keyed by config id: the copy's configs
+        id(memo[config_id]): impl for config_id, impl in state.attention_routing.items() if config_id in memo}
+    copied_state = Attachment(model_map, ForwardContext(), train_head=state.train_head,
+                              base_requires_grad=dict(state.base_requires_grad), head_snapshot=head_snapshot,
+                              attention_routing=routing, tasks=copy.deepcopy(state.tasks, memo),
+                              method_task=dict(state.method_task))
+    copied.__dict__["_unipelt"] = copied_state
+    _guard_copies(copied)
+    _reinstall(copied, copied_state, names)
+    return copied
 
 
 def _hook_model_calls(model: nn.Module, state: Attachment) -> None:
@@ -122,7 +229,8 @@ def _hook_model_calls(model: nn.Module, state: Attachment) -> None:
             state.context.reset(call_arguments(module, args, kwargs).get("attention_mask"))
 
     state.handles.append(_CallWrapper(model, before_call, after_call, end_call))
-    get_encoder = getattr(model, "get_encoder", None) if getattr(model.config, "is_encoder_decoder", False) else None
+    encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    get_encoder = getattr(model, "get_encoder", None) if encoder_decoder else None
     encoder = get_encoder() if callable(get_encoder) else None
     if isinstance(encoder, nn.Module) and encoder is not model:
         state.handles.append(encoder.register_forward_pre_hook(before_encoder, with_kwargs=True))
@@ -188,9 +296,17 @@ def add_method(model: nn.Module, config: MethodConfig, name: str | None = None) 
     """Build one plain method, install it and make it trainable; returns its name."""
     state = attachment(model)
     assert state is not None
-    cls = METHOD_CLASSES.get(config.method)
+    if state.disabled_depth:
+        raise ConfigError("cannot attach or load a delta inside unipelt.disabled(model); leave the block first")
+    entry = lookup(config.method)
+    if entry is None:
+        raise ConfigError(f"unknown method {config.method!r}; available: {', '.join(sorted(registry()))}")
+    cls = entry.module_class
     if cls is None:
-        raise ConfigError(f"'{config.method}' is not a plain method; expand compositions first")
+        raise ConfigError(f"'{config.method}' is a composition, not a plain method; expand it first "
+                          f"(unipelt.compositions.expand)")
+    if state.model_map.quantized:
+        quant.check_method(cls, config.method, state.model_map.quantized)
     store = deltas(model)
     name = name or _unique_name(store, config.method)
     if name in store:
@@ -215,17 +331,23 @@ def add_method(model: nn.Module, config: MethodConfig, name: str | None = None) 
     return name
 
 
-def attach(model: nn.Module, config: MethodConfig | str | dict[str, Any], *, train_head: bool = True) -> nn.Module:
+def attach(model: nn.Module, config: MethodConfig | str | dict[str, Any], *, train_head: bool = True,
+           family: FamilySpec | None = None) -> nn.Module:
     """Add the method(s) of ``config`` to ``model`` in place, freeze every base weight, return the model.
 
     ``config`` is a config object, a method name with its defaults (``"lora"``), or a dict
     (``{"method": "lora", "r": 4}``). Task heads (classifier, score, qa_outputs, ...) stay trainable
-    unless ``train_head=False``. Calling ``attach`` again adds more methods.
+    unless ``train_head=False``. Calling ``attach`` again adds more methods. ``family``: the row describing the
+    model's layers (``unipelt.Family``), for a model the family table does not know; ``unipelt.save`` keeps it.
     """
     parsed = parse_config(config)
     plain = expand(parsed)
-    if attachment(model) is None:
-        _start(model, train_head)
+    state = attachment(model)
+    if state is None:
+        _start(model, train_head, family)
+    elif family is not None and check_family(family).name != state.model_map.family.name:
+        raise ConfigError(f"this model is attached with family {state.model_map.family.name!r}; attach more with "
+                          f"that family (or none), or detach first")
     names = []
     try:
         for c in plain:
@@ -242,7 +364,10 @@ def attach(model: nn.Module, config: MethodConfig | str | dict[str, Any], *, tra
 def _remove_method(model: nn.Module, name: str) -> None:
     state = attachment(model)
     store = deltas(model)
-    state.installers.pop(name).remove()
+    installer = state.installers.pop(name, None)  # None: switched off (unipelt.set_active / disabled)
+    if installer is not None:
+        installer.remove()
+    state.switched_off_grads.pop(name, None)
     del store[name]
     state.method_task.pop(name, None)
     if not state.method_task:
@@ -271,6 +396,7 @@ def detach(model: nn.Module) -> nn.Module:
     for n, p in model.named_parameters():
         p.requires_grad_(state.base_requires_grad.get(n, p.requires_grad))
     del model.__dict__["_unipelt"]
+    _unguard_copies(model)
     return model
 
 
@@ -305,6 +431,12 @@ def merge(model: nn.Module) -> nn.Module:
     state = attachment(model)
     if state is None:
         return model
+    off = [n for n in deltas(model) if n not in state.installers]
+    if off:
+        raise ConfigError(f"cannot merge while deltas {off} are switched off (unipelt.set_active / unipelt.disabled); "
+                          f"switch every delta on first: unipelt.set_active(model, None)")
+    # quantized layers (unipelt.quantized): merging into one replaces its packed weight by a requantized one
+    packed = {m: m.weight for m in model.modules() if quant.kind(m)} if state.model_map.quantized else {}
     progress = True
     while progress:
         progress = False
@@ -325,6 +457,12 @@ def merge(model: nn.Module) -> nn.Module:
         state.attention_routing = None
     if not deltas(model):
         _release(model, state)
+    requantized = sum(m.weight is not w for m, w in packed.items())
+    if requantized:
+        warnings.warn(f"merged into {requantized} {state.model_map.quantized} layers: each weight was dequantized, "
+                      f"changed and quantized again, which rounds it to its nearest code (at most one quantization "
+                      f"step), so outputs differ from the unmerged model's by that rounding; keep the delta unmerged, "
+                      f"or merge it into the full-precision base, for exact outputs", UserWarning, stacklevel=2)
     if kept:
         warnings.warn(f"not mergeable, kept as deltas: {', '.join(kept)}", UserWarning, stacklevel=2)
     return model
@@ -343,6 +481,7 @@ def _release(model: nn.Module, state: Attachment) -> None:
     for n, p in model.named_parameters():
         p.requires_grad_(state.base_requires_grad.get(n, p.requires_grad))
     del model.__dict__["_unipelt"]
+    _unguard_copies(model)
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, int]:
@@ -361,9 +500,12 @@ def trainable_parameters(model: nn.Module) -> dict[str, int]:
 
 
 def base_parameter_count(model: nn.Module) -> int:
+    """The base model's parameters; a quantized layer's weight counts its ``out x in`` weights, not its packed
+    bytes (a 4-bit weight holds two per byte)."""
     store = deltas(model)
     delta_ids = {id(p) for p in store.parameters()}
-    return sum(p.numel() for p in model.parameters() if id(p) not in delta_ids)
+    packed = {id(m.weight): m.in_features * m.out_features for m in model.modules() if quant.kind(m)}
+    return sum(packed.get(id(p), p.numel()) for p in model.parameters() if id(p) not in delta_ids)
 
 
 def summary(model: nn.Module) -> str:
@@ -383,8 +525,6 @@ def summary(model: nn.Module) -> str:
 
 def methods() -> dict[str, str]:
     """Every method name (and named preset) with a one-line description."""
-    from .config import registry
-
     return {name: entry.description for name, entry in sorted(registry().items())}
 
 

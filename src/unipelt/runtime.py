@@ -4,6 +4,10 @@ Methods never patch a model themselves. They ask an :class:`Installer` for forwa
 module's input or output, for extra attention keys/values, for a swapped sub-module, or for a
 rewrite of the model's call arguments. The installer records every change so that ``detach``
 undoes all of them exactly.
+
+The speed path comes last, each part under a ``# --- speed path`` comment: ``Installer.add_weight_delta`` (a
+weight delta trained inside the projection's GEMM) and, at the end of the module, ``stacked_linear`` and
+``shared_by_input`` (several small products over one input as one GEMM, computed once per input).
 """
 
 from __future__ import annotations
@@ -135,6 +139,155 @@ def gate_values(gate_logit: torch.Tensor, pooling: str, padding_mask: torch.Tens
     return sequence_mean(g, padding_mask)
 
 
+ModelCallRewrite = Callable[[dict[str, Any]], dict[str, Any]]
+ModelOutputRewrite = Callable[[dict[str, Any], Any], Any]
+
+
+class Installer:
+    """Registers a method's hooks on a model and remembers how to take them all off."""
+
+    def __init__(self, model: nn.Module, context: ForwardContext, name: str = ""):
+        self.model = model
+        self.context = context
+        self.name = name  # the method's name in the model's store
+        self._handles: list[Any] = []
+        self._providers: list[tuple[nn.Module, attention.KVProvider]] = []
+        self._swaps: list[tuple[nn.Module, str, nn.Module]] = []
+        self._overrides: list[nn.Module] = []
+        self.call_rewrites: list[ModelCallRewrite] = []
+        self.output_rewrites: list[ModelOutputRewrite] = []
+        self.hooked: list[tuple[nn.Module, str]] = []  # (module, "output" | "input" | "other"), for merge
+
+    def row_mask(self) -> torch.Tensor | None:
+        """Multi-task serving: the rows of the batch this method acts on, (batch,) bool; None for every row."""
+        return self.context.row_masks.get(self.name)
+
+    def rows(self, like: torch.Tensor) -> torch.Tensor | None:
+        """:meth:`row_mask` as a 0/1 tensor shaped to broadcast over ``like`` (batch first), in its dtype."""
+        mask = self.row_mask()
+        if mask is None:
+            return None
+        if mask.shape[0] != like.shape[0]:
+            raise RuntimeError(f"task_ids has {mask.shape[0]} rows but a tensor of method '{self.name}' has "
+                               f"{like.shape[0]}; pass one task id per row of the batch")
+        return mask.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+    def own_rows(self, delta: torch.Tensor) -> torch.Tensor:
+        """``delta`` (batch first) on this method's rows of the batch, zero on other tasks' rows."""
+        mask = self.rows(delta)
+        return delta if mask is None else delta * mask
+
+    def on_output(self, module: nn.Module, fn: Callable[[nn.Module, tuple, Any], Any], kind: str = "output") -> None:
+        """``fn(module, inputs, output) -> new output`` after ``module`` runs. ``kind="other"`` when ``fn`` does
+        more than add to the output (DoRA rescales it): merge then folds it only where nothing else hooks
+        ``module``."""
+        self._handles.append(module.register_forward_hook(fn))
+        self.hooked.append((module, kind))
+
+    def on_input(self, module: nn.Module, fn: Callable[[nn.Module, tuple], tuple | None]) -> None:
+        """``fn(module, inputs) -> new inputs`` (or None to keep them) before ``module`` runs."""
+        self._handles.append(module.register_forward_pre_hook(fn))
+        self.hooked.append((module, "input"))
+
+    def on_call(self, module: nn.Module, fn: Callable[[nn.Module, tuple, dict], tuple | None]) -> None:
+        """``fn(module, args, kwargs) -> (args, kwargs)`` (or None) before ``module`` runs, keywords included."""
+        self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+        self.hooked.append((module, "input"))
+
+    @staticmethod
+    def forward_replaced(module: nn.Module) -> bool:
+        """Whether some method runs ``module`` through :meth:`override_forward` already."""
+        return "forward" in module.__dict__
+
+    def override_forward(self, module: nn.Module, fn: Callable[..., Any], kind: str = "other") -> None:
+        """Run ``fn`` instead of ``module.forward`` (hooks on the module still fire); undone by remove.
+        ``kind="output"`` when ``fn`` only adds to the module's output (what merge may reorder)."""
+        if self.forward_replaced(module):
+            raise RuntimeError(f"{type(module).__name__} already has its forward replaced")
+        module.forward = fn
+        self._overrides.append(module)
+        self.hooked.append((module, kind))
+
+    def kv_provider(self, attention_module: nn.Module, provider: attention.KVProvider) -> None:
+        attention.add_provider(attention_module, provider)
+        self._providers.append((attention_module, provider))
+        self.hooked.append((attention_module, "other"))
+
+    def swap(self, parent: nn.Module, attr: str, new: nn.Module) -> nn.Module:
+        """Replace ``parent.attr`` by ``new``; returns the original, which detach puts back."""
+        old = getattr(parent, attr)
+        setattr(parent, attr, new)
+        self._swaps.append((parent, attr, old))
+        self.hooked += [(parent, "other"), (old, "other")]
+        return old
+
+    def rewrite_call(self, fn: ModelCallRewrite) -> None:
+        """``fn(kwargs) -> kwargs`` on every call of the whole model (prompt tokens)."""
+        self.call_rewrites.append(fn)
+
+    def rewrite_output(self, fn: ModelOutputRewrite) -> None:
+        self.output_rewrites.append(fn)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for module, provider in self._providers:
+            attention.remove_provider(module, provider)
+        for parent, attr, old in reversed(self._swaps):
+            setattr(parent, attr, old)
+        for module in self._overrides:
+            del module.__dict__["forward"]
+        self._handles.clear()
+        self._providers.clear()
+        self._swaps.clear()
+        self._overrides.clear()
+        self.call_rewrites.clear()
+        self.output_rewrites.clear()
+        self.hooked.clear()
+
+    # --- speed path: a weight delta trained inside the projection's own GEMM, the same function as adding
+    # ``x Delta W^T`` to the output (what ``output_hook`` does where folding does not apply).
+    def add_weight_delta(self, proj: Projection, weight_delta: Callable[[], torch.Tensor],
+                         output_hook: Callable[[nn.Module, tuple, Any], Any], kind: str = "output") -> None:
+        """A delta ``Delta W`` of ``proj``'s weight (``weight_delta()``, ``(out, in)``, scaled), trained inside
+        the projection's own GEMM: ``x (W + Delta W)^T + b``.
+
+        Beside the frozen model's step this costs one weight-gradient GEMM and a few d x d elementwise
+        kernels, where ``output + x Delta W^T`` (or its factored form) adds GEMMs over the activations in
+        both passes. ``output_hook`` (the same delta on the output) serves where folding would change the
+        function or cannot act per row: a module another method already hooks on its output or whose
+        forward it replaced (folding would move this delta in front of that one), a module that is not a
+        plain Linear/Conv1D, and calls that serve several tasks' rows. ``kind`` as :meth:`on_output`'s.
+        """
+        module = proj.module
+        if not proj.foldable or self.forward_replaced(module) or module._forward_hooks:
+            self.on_output(module, output_hook, kind)
+            return
+        plain_forward = type(module).forward.__get__(module)
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if self.row_mask() is not None:
+                return output_hook(module, (x,), plain_forward(x))
+            return proj.linear_with(x, weight_delta())
+
+        self.override_forward(module, forward, kind=kind)
+
+
+def call_arguments(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The model's call as keyword arguments only (positional ones named by its signature)."""
+    if not args:
+        return dict(kwargs)
+    names = [p for p in inspect.signature(model.forward).parameters if p not in ("self",)]
+    out = dict(zip(names, args, strict=False))
+    out.update(kwargs)
+    return out
+
+
+# --- speed path: several products over one input as one GEMM (``stacked_linear``: LoRA's A's and gates, an
+# adapter's W_down and gate row) and one computation for the sites that read the same input (``shared_by_input``):
+# the same function as one ``F.linear`` per weight and per site, in fewer and better-shaped kernels.
+
+
 def stacked_linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor] | None,
                    widths: list[int]) -> tuple[torch.Tensor, ...]:
     """``x [W_1; W_2; ...]^T + [b_1; ...]`` as one GEMM over ``x``, split into pieces of ``widths`` columns.
@@ -175,143 +328,3 @@ def shared_by_input(cache: dict[Any, Any], slot: Any, readers: int,
         return hit[1]
 
     return read
-
-
-ModelCallRewrite = Callable[[dict[str, Any]], dict[str, Any]]
-ModelOutputRewrite = Callable[[dict[str, Any], Any], Any]
-
-
-class Installer:
-    """Registers a method's hooks on a model and remembers how to take them all off."""
-
-    def __init__(self, model: nn.Module, context: ForwardContext, name: str = ""):
-        self.model = model
-        self.context = context
-        self.name = name  # the method's name in the model's store
-        self._handles: list[Any] = []
-        self._providers: list[tuple[nn.Module, attention.KVProvider]] = []
-        self._swaps: list[tuple[nn.Module, str, nn.Module]] = []
-        self._overrides: list[nn.Module] = []
-        self.call_rewrites: list[ModelCallRewrite] = []
-        self.output_rewrites: list[ModelOutputRewrite] = []
-        self.hooked: list[tuple[nn.Module, str]] = []  # (module, "output" | "input" | "other"), for merge
-
-    def row_mask(self) -> torch.Tensor | None:
-        """Multi-task serving: the rows of the batch this method acts on, (batch,) bool; None for every row."""
-        return self.context.row_masks.get(self.name)
-
-    def rows(self, like: torch.Tensor) -> torch.Tensor | None:
-        """:meth:`row_mask` as a 0/1 tensor shaped to broadcast over ``like`` (batch first), in its dtype."""
-        mask = self.row_mask()
-        if mask is None:
-            return None
-        if mask.shape[0] != like.shape[0]:
-            raise RuntimeError(f"task_ids has {mask.shape[0]} rows but a tensor of method '{self.name}' has "
-                               f"{like.shape[0]}; pass one task id per row of the batch")
-        return mask.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
-
-    def own_rows(self, delta: torch.Tensor) -> torch.Tensor:
-        """``delta`` (batch first) on this method's rows of the batch, zero on other tasks' rows."""
-        mask = self.rows(delta)
-        return delta if mask is None else delta * mask
-
-    def on_output(self, module: nn.Module, fn: Callable[[nn.Module, tuple, Any], Any]) -> None:
-        """``fn(module, inputs, output) -> new output`` after ``module`` runs."""
-        self._handles.append(module.register_forward_hook(fn))
-        self.hooked.append((module, "output"))
-
-    def on_input(self, module: nn.Module, fn: Callable[[nn.Module, tuple], tuple | None]) -> None:
-        """``fn(module, inputs) -> new inputs`` (or None to keep them) before ``module`` runs."""
-        self._handles.append(module.register_forward_pre_hook(fn))
-        self.hooked.append((module, "input"))
-
-    def on_call(self, module: nn.Module, fn: Callable[[nn.Module, tuple, dict], tuple | None]) -> None:
-        """``fn(module, args, kwargs) -> (args, kwargs)`` (or None) before ``module`` runs, keywords included."""
-        self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
-        self.hooked.append((module, "input"))
-
-    @staticmethod
-    def forward_replaced(module: nn.Module) -> bool:
-        """Whether some method runs ``module`` through :meth:`override_forward` already."""
-        return "forward" in module.__dict__
-
-    def override_forward(self, module: nn.Module, fn: Callable[..., Any], kind: str = "other") -> None:
-        """Run ``fn`` instead of ``module.forward`` (hooks on the module still fire); undone by remove.
-        ``kind="output"`` when ``fn`` only adds to the module's output (what merge may reorder)."""
-        if self.forward_replaced(module):
-            raise RuntimeError(f"{type(module).__name__} already has its forward replaced")
-        module.forward = fn
-        self._overrides.append(module)
-        self.hooked.append((module, kind))
-
-    def add_weight_delta(self, proj: Projection, weight_delta: Callable[[], torch.Tensor],
-                         output_hook: Callable[[nn.Module, tuple, Any], Any]) -> None:
-        """A delta ``Delta W`` of ``proj``'s weight (``weight_delta()``, ``(out, in)``, scaled), trained inside
-        the projection's own GEMM: ``x (W + Delta W)^T + b``.
-
-        Beside the frozen model's step this costs one weight-gradient GEMM and a few d x d elementwise
-        kernels, where ``output + x Delta W^T`` (or its factored form) adds GEMMs over the activations in
-        both passes. ``output_hook`` (the same delta on the output) serves where folding would change the
-        function or cannot act per row: a module another method already hooks on its output or whose
-        forward it replaced (folding would move this delta in front of that one), a module that is not a
-        plain Linear/Conv1D, and calls that serve several tasks' rows.
-        """
-        module = proj.module
-        if not proj.foldable or self.forward_replaced(module) or module._forward_hooks:
-            self.on_output(module, output_hook)
-            return
-        plain_forward = type(module).forward.__get__(module)
-
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            if self.row_mask() is not None:
-                return output_hook(module, (x,), plain_forward(x))
-            return proj.linear_with(x, weight_delta())
-
-        self.override_forward(module, forward, kind="output")
-
-    def kv_provider(self, attention_module: nn.Module, provider: attention.KVProvider) -> None:
-        attention.add_provider(attention_module, provider)
-        self._providers.append((attention_module, provider))
-        self.hooked.append((attention_module, "other"))
-
-    def swap(self, parent: nn.Module, attr: str, new: nn.Module) -> nn.Module:
-        """Replace ``parent.attr`` by ``new``; returns the original, which detach puts back."""
-        old = getattr(parent, attr)
-        setattr(parent, attr, new)
-        self._swaps.append((parent, attr, old))
-        self.hooked += [(parent, "other"), (old, "other")]
-        return old
-
-    def rewrite_call(self, fn: ModelCallRewrite) -> None:
-        """``fn(kwargs) -> kwargs`` on every call of the whole model (prompt tokens)."""
-        self.call_rewrites.append(fn)
-
-    def rewrite_output(self, fn: ModelOutputRewrite) -> None:
-        self.output_rewrites.append(fn)
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        for module, provider in self._providers:
-            attention.remove_provider(module, provider)
-        for parent, attr, old in reversed(self._swaps):
-            setattr(parent, attr, old)
-        for module in self._overrides:
-            del module.__dict__["forward"]
-        self._handles.clear()
-        self._providers.clear()
-        self._swaps.clear()
-        self._overrides.clear()
-        self.call_rewrites.clear()
-        self.output_rewrites.clear()
-        self.hooked.clear()
-
-
-def call_arguments(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The model's call as keyword arguments only (positional ones named by its signature)."""
-    if not args:
-        return dict(kwargs)
-    names = [p for p in inspect.signature(model.forward).parameters if p not in ("self",)]
-    out = dict(zip(names, args, strict=False))
-    out.update(kwargs)
-    return out

@@ -22,8 +22,17 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .config import ConfigError, parse_config
-from .core import _remove_method, _start, add_method, attachment, deltas, detach
-from .families import family_of
+from .core import (
+    _remove_method,
+    _start,
+    add_method,
+    attachment,
+    base_parameter_count,
+    deltas,
+    detach,
+    trainable_parameters,
+)
+from .families import FamilySpec, family_from_dict, family_to_dict, is_builtin
 
 DELTA_FILE = "delta.safetensors"
 META_FILE = "unipelt.json"
@@ -35,6 +44,7 @@ _VOLATILE = {
     "_attn_implementation", "_attn_implementation_internal", "_attn_implementation_autoset", "id2label",
     "label2id", "use_cache", "output_attentions", "output_hidden_states", "return_dict", "problem_type",
     "_experts_implementation", "output_router_logits",
+    "quantization_config",  # a delta trained on a 4-/8-bit base (QLoRA) serves the full-precision base too
 }
 
 
@@ -43,14 +53,19 @@ class DeltaFileError(ValueError):
 
 
 def config_hash(model: nn.Module) -> str:
-    data = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE and not k.startswith("_")}
+    config = getattr(model, "config", None)
+    if not callable(getattr(config, "to_dict", None)):  # an nn.Module without a transformers config: its shapes
+        data = {n: list(p.shape) for n, p in model.named_parameters() if not n.startswith("unipelt_deltas")}
+    else:
+        data = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE and not k.startswith("_")}
     blob = json.dumps(data, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _fingerprint(model: nn.Module) -> float:
     """A cheap summary of the pretrained input embeddings, to warn about a different checkpoint."""
-    emb = model.get_input_embeddings()
+    getter = getattr(model, "get_input_embeddings", None)
+    emb = getter() if callable(getter) else next(iter(model.children()), None)  # a plain nn.Module: its first part
     # ViT's input embeddings are a patch-embedding module without a ``weight`` of its own.
     w = getattr(emb, "weight", None) if emb is not None else None
     if not isinstance(w, torch.Tensor) and emb is not None:
@@ -103,15 +118,27 @@ def delta_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
 
-def save(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write only the delta (and trained task head) of ``model`` to folder ``path``."""
+def _model_type(model: nn.Module) -> str:
+    """The config's ``model_type``; ``""`` for an ``nn.Module`` without a ``transformers`` config."""
+    return getattr(getattr(model, "config", None), "model_type", None) or ""
+
+
+def save(model: nn.Module, path: str | os.PathLike, *, push_to_hub: str | None = None,
+         token: str | bool | None = None, private: bool | None = None, metrics: dict[str, Any] | None = None,
+         model_card: bool | None = None, commit_message: str | None = None) -> Path:
+    """Write only the delta (and trained task head) of ``model`` to folder ``path``.
+
+    ``push_to_hub="user/repo"`` then uploads the folder's unipelt files to that Hub model repo (created when
+    missing, ``private`` then; ``token`` as ``huggingface_hub`` takes it). A ``README.md`` model card (base model,
+    methods and configs, trainable parameters, ``metrics`` or those of a ``results.json`` in the folder) is written
+    when pushing, when ``metrics`` are given, or with ``model_card=True``; a README unipelt did not write is kept.
+    """
     state = attachment(model)
     if state is None or not deltas(model):
         raise ConfigError("nothing to save: no method is attached to this model (use unipelt.attach first)")
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = delta_tensors(model)
-    _atomic_write(folder / DELTA_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
     methods = []
     for name, method in deltas(model).items():
         saved = method.saved_config() if hasattr(method, "saved_config") else method.config
@@ -124,26 +151,102 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         "heads": sorted(state.model_map.head_modules) if state.train_head else [],
         "base_model": {
             "class": type(model).__name__,
-            "model_type": model.config.model_type,
-            "family": family_of(model).name,
+            "model_type": _model_type(model),
+            "family": state.model_map.family.name,
             "config_hash": config_hash(model),
             "embedding_fingerprint": _fingerprint(model),
+            "name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+            "parameters": base_parameter_count(model),
         },
-        "delta_sha256": _sha256(folder / DELTA_FILE),
+        "trainable_parameters": trainable_parameters(model),
     }
-    atomic_write_text(folder / META_FILE, json.dumps(meta, indent=2) + "\n")
+    if not is_builtin(state.model_map.family):  # a row given at attach or registered: load needs it back
+        meta["base_model"]["family_row"] = family_to_dict(state.model_map.family)
+    _commit_pair(folder, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}), meta)
+    if (push_to_hub is not None or metrics is not None or model_card) and model_card is not False:
+        from .hub import write_model_card
+
+        write_model_card(folder, metrics, push_to_hub)
+    if push_to_hub is not None:
+        from .hub import push
+
+        push(folder, push_to_hub, token=token, private=private, commit_message=commit_message)
     return folder
+
+
+PENDING = ".new"  # suffix of a save's files while they are written; see _commit_pair
+
+
+def _commit_pair(folder: Path, write_delta, meta: dict[str, Any]) -> None:
+    """Replace the folder's delta and ``unipelt.json`` as one change, whatever stops the save.
+
+    Both files are written in full beside the old pair (``*.new``, synced) before either is renamed over it: a
+    full disk or a kill while writing leaves the previous delta untouched. The two renames come last, delta
+    first; a kill between them leaves the new ``unipelt.json.new``, whose checksum names the new delta, and
+    ``read_meta`` completes the change.
+    """
+    delta_new, meta_new = folder / (DELTA_FILE + PENDING), folder / (META_FILE + PENDING)
+    try:
+        write_delta(str(delta_new))
+        meta = {**meta, "delta_sha256": _sha256(delta_new)}
+        meta_new.write_text(json.dumps(meta, indent=2) + "\n")
+        for written in (delta_new, meta_new):
+            with open(written, "rb") as f:
+                os.fsync(f.fileno())
+    except BaseException as error:
+        delta_new.unlink(missing_ok=True)
+        meta_new.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            kept = "the previous delta there is intact" if (folder / META_FILE).exists() else "nothing was saved"
+            raise DeltaFileError(f"could not write the delta into {folder} ({error.strerror or error}); {kept}; "
+                                 f"free space or choose another folder, then save again") from error
+        raise
+    os.replace(delta_new, folder / DELTA_FILE)
+    os.replace(meta_new, folder / META_FILE)
+    _sync_folder(folder)
+
+
+def _sync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _finish_interrupted_save(folder: Path) -> None:
+    """A save killed between its two renames (``_commit_pair``): the new delta is in place and its metadata waits
+    as ``unipelt.json.new``, which names it by checksum: complete the change. Anything else left unfinished is
+    ignored: the previous pair is intact."""
+    meta_new, delta_new = folder / (META_FILE + PENDING), folder / (DELTA_FILE + PENDING)
+    if meta_new.exists() and not delta_new.exists() and (folder / DELTA_FILE).exists():
+        try:
+            pending = json.loads(meta_new.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            pending = None
+        if isinstance(pending, dict) and pending.get("delta_sha256") == _sha256(folder / DELTA_FILE):
+            os.replace(meta_new, folder / META_FILE)
+            return
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     folder = Path(path)
+    _finish_interrupted_save(folder)
     meta_path = folder / META_FILE
     if not meta_path.exists():
         raise DeltaFileError(f"{folder} holds no {META_FILE}; is it a folder written by unipelt.save?")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DeltaFileError(f"{meta_path} is not valid JSON ({e}); the file is corrupt: save the delta again") from e
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep
+        raise DeltaFileError(f"{meta_path} is not valid JSON ({one_line(e)}); the file is corrupt: save the delta "
+                             f"again") from e
+    except OSError as e:  # a folder in its place, an unreadable file
+        raise DeltaFileError(f"{meta_path} cannot be read ({e}); restore the folder written by unipelt.save") from e
     if not isinstance(meta, dict):
         raise DeltaFileError(f"{meta_path} holds a JSON {type(meta).__name__}, not an object; the file is corrupt")
     if meta.get("format") != FORMAT:
@@ -154,7 +257,35 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
             and all(isinstance(m, dict) and "name" in m and isinstance(m.get("config"), dict) for m in methods)):
         raise DeltaFileError(f"{meta_path} lacks its base model or method entries; the file is corrupt: "
                              f"save the delta again")
+    problem = _meta_problem(meta)
+    if problem:
+        raise DeltaFileError(f"{meta_path}: {problem}; the file is corrupt: save the delta again")
     return meta
+
+
+def _meta_problem(meta: dict[str, Any]) -> str | None:
+    """What in ``unipelt.json``'s entries has the wrong type (the checks above found them present), or None."""
+    base, names = meta["base_model"], [m["name"] for m in meta["methods"]]
+    if not all(isinstance(base[k], str) for k in ("class", "model_type", "config_hash")):
+        return "base_model's class, model_type and config_hash must be strings"
+    fingerprint = base.get("embedding_fingerprint", 0.0)
+    if isinstance(fingerprint, bool) or not isinstance(fingerprint, (int, float)) or fingerprint != fingerprint:
+        return f"base_model's embedding_fingerprint must be a number, got {fingerprint!r}"
+    if not all(isinstance(n, str) and n and "." not in n for n in names) or len(set(map(str, names))) < len(names):
+        return f"method names must be distinct non-empty strings without '.', got {names}"
+    if not isinstance(meta.get("train_head", True), bool):
+        return f"train_head must be true or false, got {meta['train_head']!r}"
+    heads = meta.get("heads", [])
+    if not (isinstance(heads, list) and all(isinstance(h, str) for h in heads)):
+        return f"heads must be a list of head names, got {heads!r}"
+    if not isinstance(meta.get("delta_sha256"), str):
+        return f"delta_sha256 must be the tensor file's checksum (a string), got {meta.get('delta_sha256')!r}"
+    return None
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (PyTorch's load_state_dict lists its problems on lines of their own)."""
+    return " ".join(str(error).split())
 
 
 def load_tasks(model: nn.Module, folders: dict[str, str | os.PathLike]) -> list[str]:
@@ -171,15 +302,21 @@ def load_tasks(model: nn.Module, folders: dict[str, str | os.PathLike]) -> list[
     return list(folders)
 
 
-def load(model: nn.Module, path: str | os.PathLike, task: str | None = None, heads: bool = True) -> nn.Module:
+def load(model: nn.Module, path: str | os.PathLike, task: str | None = None, heads: bool = True, *,
+         revision: str | None = None, token: str | bool | None = None, family: FamilySpec | None = None) -> nn.Module:
     """Attach the saved delta in ``path`` to ``model`` (a fresh base model) and fill its weights.
 
     With ``task``, the delta serves that task only: its methods are named ``<task>__<method>`` and act on
     the rows whose ``task_ids`` entry is this task's id (see :func:`load_tasks`). ``heads=False`` leaves
     the model's task head as it is (a new task's head, when a saved delta is the start of another task).
-    Also reads a LoRA folder saved by ``peft`` (``adapter_config.json``).
+    Also reads a LoRA folder saved by ``peft`` (``adapter_config.json``). ``path`` may be a Hub repo id
+    (``"user/repo"``, at ``revision``, with ``token``) where no such local folder exists: fetched through
+    ``huggingface_hub.snapshot_download``, its cache first. A delta saved for a family the table does not have
+    carries its row, which resolves the model; ``family`` gives another row.
     """
-    folder = Path(path)
+    from .hub import resolve_source
+
+    folder = resolve_source(path, revision, token)
     if not (folder / META_FILE).exists() and (folder / "adapter_config.json").exists():
         from .peft_format import load_peft
 
@@ -189,24 +326,30 @@ def load(model: nn.Module, path: str | os.PathLike, task: str | None = None, hea
     if base["config_hash"] != config_hash(model) or base["class"] != type(model).__name__:
         raise DeltaFileError(
             f"{folder} was saved for {base['class']} ({base['model_type']}, config {base['config_hash']}), "
-            f"but this model is {type(model).__name__} ({model.config.model_type}, config {config_hash(model)}); "
+            f"but this model is {type(model).__name__} ({_model_type(model)}, config {config_hash(model)}); "
             f"load it into the model it was trained on"
         )
     if abs(base.get("embedding_fingerprint", 0.0) - _fingerprint(model)) > 1e-6 * max(1.0, _fingerprint(model)):
         warnings.warn(f"{folder}: the base model's embeddings differ from the ones the delta was trained on "
                       f"(same architecture, other checkpoint?)", UserWarning, stacklevel=2)
     delta_path = folder / DELTA_FILE
-    if not delta_path.exists():
-        raise DeltaFileError(f"{delta_path} is missing")
+    if not delta_path.is_file():
+        where = " (a folder is in its place)" if delta_path.exists() else ""
+        raise DeltaFileError(f"{delta_path} is missing{where}")
     if _sha256(delta_path) != meta.get("delta_sha256"):
         raise DeltaFileError(f"{delta_path} does not match {META_FILE} (corrupt, or a save was interrupted); "
                              f"save the delta again or restore both files together")
     try:
         tensors = load_file(str(delta_path))
     except Exception as e:  # safetensors raises its own error types
-        raise DeltaFileError(f"{delta_path} cannot be read ({e}); the file is corrupt") from e
+        raise DeltaFileError(f"{delta_path} cannot be read ({one_line(e)}); the file is corrupt") from e
+    non_finite = sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if non_finite:
+        raise DeltaFileError(f"{delta_path} holds NaN or infinite values in {non_finite[:3]}; the delta is corrupt "
+                             f"(or its training diverged): save a good one again")
     fresh = attachment(model) is None
-    state = attachment(model) or _start(model, meta.get("train_head", True) if task is None else False)
+    state = attachment(model) or _start(model, meta.get("train_head", True) if task is None else False,
+                                        family or _saved_family(base, folder))
     try:
         task_id = _task_id(state, task, meta, folder) if task is not None else None
     except Exception:
@@ -214,6 +357,9 @@ def load(model: nn.Module, path: str | os.PathLike, task: str | None = None, hea
             detach(model)
         raise
     added = []
+    # a failed load into a model with deltas of its own puts back what a partial head load overwrote
+    head_backup = {} if fresh else {n: {k: v.detach().clone() for k, v in h.state_dict().items()}
+                                    for n, h in state.model_map.head_modules.items()}
     try:
         for entry in meta["methods"]:
             name = add_method(model, parse_config(entry["config"]),
@@ -227,7 +373,7 @@ def load(model: nn.Module, path: str | os.PathLike, task: str | None = None, hea
                 deltas(model)[name].load_delta_state(own)
             except (ConfigError, RuntimeError) as e:  # missing, unexpected or mis-shaped tensors
                 raise DeltaFileError(f"{delta_path}: the tensors of '{name}' do not fit its config in {META_FILE} "
-                                     f"({e}); the two files do not belong together") from e
+                                     f"({one_line(e)}); the two files do not belong together") from e
         with torch.no_grad():
             for head_name in meta.get("heads", []) if heads else []:
                 head = state.model_map.head_modules.get(head_name)
@@ -238,19 +384,38 @@ def load(model: nn.Module, path: str | os.PathLike, task: str | None = None, hea
                 try:
                     head.load_state_dict(own)
                 except RuntimeError as e:
-                    raise DeltaFileError(f"{folder}: the saved head '{head_name}' does not fit ({e}); "
+                    raise DeltaFileError(f"{folder}: the saved head '{head_name}' does not fit ({one_line(e)}); "
                                          f"was it trained with another number of labels?") from e
     except Exception:
-        if task is None:
-            detach(model)
-        else:  # the tasks served before this one stay
-            for name in added:
-                _remove_method(model, name)
+        # the methods attached before this load (other tasks', or the user's own) stay, with their heads' weights
+        for name in added:
+            _remove_method(model, name)
+        if task is not None:
             state.tasks.pop(task, None)  # registered last by _task_id; the earlier tasks keep their ids
-            if not deltas(model):
-                detach(model)
+        if fresh or not deltas(model):
+            detach(model)
+        else:
+            _restore_heads(state, head_backup)
         raise
     return model
+
+
+@torch.no_grad()
+def _restore_heads(state: Any, backup: dict[str, dict[str, torch.Tensor]]) -> None:
+    for name, saved in backup.items():
+        state.model_map.head_modules[name].load_state_dict(saved)
+
+
+def _saved_family(base: dict[str, Any], folder: Path) -> FamilySpec | None:
+    """The family row a delta was saved with, where the table does not have it (``None``: the table's)."""
+    row = base.get("family_row")
+    if row is None:
+        return None
+    try:
+        return family_from_dict(row)
+    except ConfigError as e:
+        raise DeltaFileError(f"{folder / META_FILE}: its family row is damaged ({e}); save the delta again, or pass "
+                             f"the row as load(..., family=row)") from e
 
 
 def _task_id(state: Any, task: str, meta: dict[str, Any], folder: Path) -> int:

@@ -7,18 +7,33 @@ in a :class:`Projection` that gives every method the same view: ``W`` as ``(out,
 
 from __future__ import annotations
 
+import dataclasses
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import quantized as quant
 from .families import HEAD_MODULES, AttentionSpec, FamilySpec, UnsupportedModelError, family_of, get_submodule
+
+ROLES = ("q", "k", "v", "o", "ffn_in", "ffn_out")  # target names that act in every layer
+ALL_LINEAR = "all-linear"  # every linear module inside the layers (task heads, pooler and embeddings left out)
+REGEX = "re:"  # a target or exclude entry starting with this is a regular expression over module paths
+STORE = "unipelt_deltas"  # the attached deltas' own modules (core.STORE): never a site
 
 
 def _is_conv1d(module: nn.Module) -> bool:
     # GPT-2's Conv1D stores its weight as (in, out); detected by name to avoid importing model code.
     return type(module).__name__ == "Conv1D"
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A module a :class:`Projection` can wrap: ``nn.Linear`` (or a subclass) or GPT-2's ``Conv1D``."""
+    return (isinstance(module, nn.Linear) or _is_conv1d(module)) and isinstance(getattr(module, "weight", None),
+                                                                                torch.Tensor)
 
 
 @dataclass
@@ -34,12 +49,25 @@ class Projection:
         return _is_conv1d(self.module)
 
     @property
+    def quantized(self) -> str | None:
+        """``"4-bit"`` or ``"8-bit"`` for a bitsandbytes layer whose weight is stored packed, else None
+        (:mod:`unipelt.quantized`)."""
+        return quant.kind(self.module)
+
+    @property
     def in_features(self) -> int:
+        # the layer's own sizes where it has them: a quantized layer's weight is packed ((out * in / 2, 1) bytes)
+        n = getattr(self.module, "in_features", None)
+        if isinstance(n, int) and not self.transposed:
+            return n
         w = self.module.weight
         return w.shape[0] if self.transposed else w.shape[1]
 
     @property
     def full_out_features(self) -> int:
+        n = getattr(self.module, "out_features", None)
+        if isinstance(n, int) and not self.transposed:
+            return n
         w = self.module.weight
         return w.shape[1] if self.transposed else w.shape[0]
 
@@ -50,8 +78,9 @@ class Projection:
         return self.out_slice.stop - self.out_slice.start
 
     def weight(self) -> torch.Tensor:
-        """``W`` restricted to this projection's outputs, as ``(out, in)`` (a view for Linear)."""
-        w = self.module.weight
+        """``W`` restricted to this projection's outputs, as ``(out, in)`` (a view for Linear; for a quantized
+        layer a dequantized float copy, made anew at every call)."""
+        w = self.module.weight if self.quantized is None else quant.dequantize(self.module)
         w = w.t() if self.transposed else w
         return w if self.out_slice is None else w[self.out_slice]
 
@@ -71,7 +100,8 @@ class Projection:
     @property
     def foldable(self) -> bool:
         """Whether a weight delta can run inside this projection's own GEMM (:meth:`linear_with`): a plain
-        ``nn.Linear`` or ``Conv1D``, nothing that computes its output another way."""
+        ``nn.Linear`` or ``Conv1D``, nothing that computes its output another way (a quantized layer's weight delta
+        goes on its output)."""
         return type(self.module) is nn.Linear or _is_conv1d(self.module)
 
     def linear_with(self, x: torch.Tensor, delta_out_in: torch.Tensor) -> torch.Tensor:
@@ -90,8 +120,20 @@ class Projection:
         return F.linear(x, w + delta_out_in, self.module.bias)
 
     @torch.no_grad()
+    def _rewrite_quantized(self, change) -> None:
+        """A quantized layer's ``W <- change(W)`` (``W`` dequantized, ``(out, in)``, the whole layer), quantized
+        again in the layer's format: rounds to the nearest code, at most one quantization step per weight."""
+        w = quant.dequantize(self.module)
+        quant.requantize(self.module, change(w.float()))
+
+    @torch.no_grad()
     def add_to_weight(self, delta_out_in: torch.Tensor) -> None:
-        """``W += delta`` in place, with ``delta`` shaped ``(out, in)`` for this slice."""
+        """``W += delta`` in place, with ``delta`` shaped ``(out, in)`` for this slice (a quantized layer:
+        dequantize, add, quantize again)."""
+        if self.quantized is not None:
+            full = self.place(delta_out_in.float().t()).t() if self.out_slice is not None else delta_out_in.float()
+            self._rewrite_quantized(lambda w: w + full.to(w.device))
+            return
         w = self.module.weight
         delta_out_in = delta_out_in.to(w.dtype)
         if self.transposed:
@@ -106,6 +148,12 @@ class Projection:
     def scale_outputs(self, scale: torch.Tensor) -> None:
         """``W <- diag(scale) W`` and ``b <- scale * b`` over this projection's outputs."""
         w, b = self.module.weight, self.module.bias
+        if self.quantized is not None:
+            full = self.place(scale.float(), fill=1.0)
+            self._rewrite_quantized(lambda w: w * full.to(w.device)[:, None])
+            if b is not None:
+                b.mul_(full.to(b.dtype))
+            return
         full = self.place(scale.to(w.dtype), fill=1.0)
         if self.transposed:
             w.mul_(full[None, :])
@@ -117,6 +165,9 @@ class Projection:
     @torch.no_grad()
     def scale_inputs(self, scale: torch.Tensor) -> None:
         """``W <- W diag(scale)``: the same as scaling this projection's input."""
+        if self.quantized is not None:
+            self._rewrite_quantized(lambda w: w * scale.float().to(w.device)[None, :])
+            return
         w = self.module.weight
         scale = scale.to(w.dtype)
         if self.transposed:
@@ -183,6 +234,7 @@ class ModelMap:
     layers: list[LayerSites]
     hidden_size: int
     head_modules: dict[str, nn.Module] = field(default_factory=dict)
+    quantized: str | None = None  # "4-bit", "8-bit": the model holds bitsandbytes layers (unipelt.quantized)
 
     def input_embeddings(self) -> nn.Module:
         emb = self.model.get_input_embeddings()
@@ -209,42 +261,160 @@ class ModelMap:
     def attention_count(self) -> int:
         return sum(len(layer.attentions) for layer in self.layers)
 
-    def projections(self, targets: tuple[str, ...] | list[str]) -> list[tuple[str, Projection]]:
-        """Resolve target names to projections, each with a stable key.
+    def projections(self, targets: Iterable[str], layers: Iterable[int] | None = None,
+                    exclude: Iterable[str] = ()) -> list[tuple[str, Projection]]:
+        """Resolve target names to projections, each with a stable key (:meth:`select`'s sites)."""
+        return [(site.key, site.projection) for site in self.select(targets, layers, exclude)]
 
-        Role names act in every layer: ``q``, ``k``, ``v``, ``o`` (of every attention, self and
-        cross), ``ffn_in`` and ``ffn_out``. Any other name matches modules whose path ends with it
-        (``"query"``, ``"c_attn"``), as ``peft``'s ``target_modules`` do.
+    def select(self, targets: Iterable[str], layers: Iterable[int] | None = None,
+               exclude: Iterable[str] = ()) -> list[TargetSite]:
+        """The projections a method's ``targets`` (restricted to ``layers``, less ``exclude``) select, in order.
+
+        Each target is one of:
+
+        - a role name, acting in every layer: ``q``, ``k``, ``v``, ``o`` (of every attention, self and cross),
+          ``ffn_in``, ``ffn_out``;
+        - ``"all-linear"``: every linear module inside the layers (task heads, pooler, embeddings left out, as
+          ``peft``'s ``all-linear`` leaves out the output layer);
+        - ``"re:PATTERN"``: every linear module whose full path (``model.named_modules()``'s) matches the regular
+          expression ``PATTERN`` as a whole (``re.fullmatch``);
+        - any other name: the linear modules whose path is it or ends with ``"." + name`` (``"query"``,
+          ``"attention.self.query"``), as ``peft``'s ``target_modules``.
+
+        ``layers``: keep only sites in these layers (indices within each stack: ``[0]`` is the first encoder and
+        the first decoder layer). ``exclude``: drop sites matching any entry (a role name, a path suffix or a
+        ``"re:"`` pattern). A target that matches nothing, an exclude entry that removes nothing, a layer the
+        model lacks, or a module named twice is an :class:`UnsupportedModelError` naming the fix.
         """
-        roles = {"q", "k", "v", "o", "ffn_in", "ffn_out"}
-        found: list[tuple[str, Projection]] = []
+        targets, exclude = _entries(targets, "targets"), _entries(exclude, "exclude")
+        paths = {id(m): p for p, m in self.model.named_modules() if not p.startswith(STORE)}
+        layer_of = {id(m): layer for layer in self.layers for m in layer.module.modules()}
+        roles: dict[int, tuple[str, str, LayerSites]] = {}  # unsliced role projections: id -> (key, role, layer)
+        role_sites: list[TargetSite] = []
+        for layer in self.layers:
+            for att in layer.attentions:
+                for t in ("q", "k", "v", "o"):
+                    role_sites.append(TargetSite(f"{layer.key}_{att.kind}_{t}", att.projection(t), t, t, layer))
+            for i, proj in enumerate(layer.ffn_in):
+                role_sites.append(TargetSite(f"{layer.key}_ffn_in{i}", proj, "ffn_in", "ffn_in", layer))
+            role_sites.append(TargetSite(f"{layer.key}_ffn_out", layer.ffn_out, "ffn_out", "ffn_out", layer))
+        for site in role_sites:
+            if site.projection.out_slice is None:
+                roles.setdefault(id(site.projection.module), (site.key, site.role, site.layer))
+
+        def module_site(target: str, path: str, module: nn.Module, role_key: bool) -> TargetSite:
+            key, role, layer = roles.get(id(module), (None, None, layer_of.get(id(module))))
+            return TargetSite(key if role_key and key else path.replace(".", "__"), Projection(module, path), target,
+                              role, layer)
+
+        linear = [(p, m) for p, m in self.model.named_modules() if p and not p.startswith(STORE) and is_linear(m)]
+        found: list[TargetSite] = []
         for target in targets:
-            before = len(found)
-            if target in roles:
-                for layer in self.layers:
-                    if target == "ffn_out":
-                        found.append((f"{layer.key}_ffn_out", layer.ffn_out))
-                    elif target == "ffn_in":
-                        for i, proj in enumerate(layer.ffn_in):
-                            found.append((f"{layer.key}_ffn_in{i}", proj))
-                    else:
-                        for att in layer.attentions:
-                            found.append((f"{layer.key}_{att.kind}_{target}", att.projection(target)))
+            if target in ROLES:
+                hits = [site for site in role_sites if site.role == target]
+                hits = [dataclasses.replace(site, target=target) for site in hits]
+            elif target == ALL_LINEAR:
+                hits = [module_site(target, paths[id(m)], m, True) for layer in self.layers
+                        for m in layer.module.modules() if is_linear(m) and id(m) in paths]
+            elif target.startswith(REGEX):
+                pattern = _compile(target, "target")
+                hits = [module_site(target, p, m, True) for p, m in linear if pattern.fullmatch(p)]
             else:
-                for path, module in self.model.named_modules():
-                    if (path == target or path.endswith("." + target)) and hasattr(module, "weight") \
-                            and (isinstance(module, nn.Linear) or _is_conv1d(module)):
-                        found.append((path.replace(".", "__"), Projection(module, path)))
-            if len(found) == before:
+                hits = [module_site(target, p, m, False) for p, m in linear
+                        if p == target or p.endswith("." + target)]
+            if not hits:
                 raise UnsupportedModelError(
-                    f"target {target!r} matches no linear module of {type(self.model).__name__}; "
-                    f"use one of {sorted(roles)} or a module name such as "
-                    f"{[n for n, m in self.model.named_modules() if isinstance(m, nn.Linear)][:3]}"
-                )
-        keys = [k for k, _ in found]
-        if len(set(keys)) != len(keys):
-            raise UnsupportedModelError(f"targets {list(targets)} name the same module twice")
+                    f"target {target!r} matches no linear module of {type(self.model).__name__}; use a role "
+                    f"({', '.join(ROLES)}), {ALL_LINEAR!r}, a module name or '{REGEX}' + a regular expression over "
+                    f"paths such as {_examples(self, linear)}")
+            found.extend(hits)
+        seen: dict[tuple[int, int | None], TargetSite] = {}
+        for site in found:
+            proj = site.projection
+            ident = (id(proj.module), proj.out_slice.start if proj.out_slice is not None else None)
+            if ident in seen:
+                raise UnsupportedModelError(
+                    f"targets {targets} select {proj.path} twice (through {seen[ident].target!r} and "
+                    f"{site.target!r}); name each module once")
+            seen[ident] = site
+        if layers is not None:
+            found = self._in_layers(found, layers)
+        for entry in exclude:
+            pattern = _compile(entry, "exclude") if entry.startswith(REGEX) else None
+            kept = [site for site in found if not _excluded(site, entry, pattern)]
+            if len(kept) == len(found):
+                raise UnsupportedModelError(
+                    f"exclude {entry!r} removes none of the {len(found)} sites the targets select (such as "
+                    f"{[s.path for s in found[:3]]}); give a role ({', '.join(ROLES)}), a module name or "
+                    f"'{REGEX}' + a regular expression over these paths")
+            found = kept
+        if not found:
+            raise UnsupportedModelError(f"targets {targets} with layers={None if layers is None else list(layers)} "
+                                        f"and exclude={exclude} leave no site; widen the targets or the layers")
         return found
+
+    def _in_layers(self, found: list[TargetSite], layers: Iterable[int]) -> list[TargetSite]:
+        if isinstance(layers, (str, bytes)) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                       for i in layers):
+            raise UnsupportedModelError(f"layers must be a list of layer indices, got {layers!r}")
+        wanted, have = set(layers), {layer.index for layer in self.layers}
+        missing = sorted(wanted - have)
+        if missing:
+            raise UnsupportedModelError(f"layers {missing} are not layers of {type(self.model).__name__}, whose "
+                                        f"layers are 0..{max(have)} (per stack); drop them")
+        return [site for site in found if site.layer is not None and site.layer.index in wanted]
+
+
+@dataclass
+class TargetSite:
+    """One projection a method's targets select (:meth:`ModelMap.select`).
+
+    ``key`` names it in the method's parameters; ``target`` is the entry that selected it; ``role`` is q, k, v,
+    o, ffn_in or ffn_out where it is one of the layer's role projections (else ``None``); ``layer`` the layer it
+    sits in (``None`` outside the layers).
+    """
+
+    key: str
+    projection: Projection
+    target: str
+    role: str | None = None
+    layer: LayerSites | None = None
+
+    @property
+    def path(self) -> str:
+        return self.projection.path
+
+
+def _entries(values: Iterable[str], what: str) -> tuple[str, ...]:
+    if isinstance(values, str):
+        values = (values,)
+    values = tuple(values)
+    if not all(isinstance(v, str) and v for v in values):
+        raise UnsupportedModelError(f"{what} must be a list of non-empty names, got {list(values)!r}")
+    return values
+
+
+def _compile(entry: str, what: str) -> re.Pattern:
+    try:
+        return re.compile(entry[len(REGEX):])
+    except re.error as e:
+        raise UnsupportedModelError(f"{what} {entry!r} is not a valid regular expression ({e}); fix the pattern "
+                                    f"after '{REGEX}'") from e
+
+
+def _excluded(site: TargetSite, entry: str, pattern: re.Pattern | None) -> bool:
+    if pattern is not None:
+        return pattern.fullmatch(site.path) is not None
+    if entry in ROLES:
+        return site.role == entry
+    return site.path == entry or site.path.endswith("." + entry)
+
+
+def _examples(model_map: ModelMap, linear: list[tuple[str, nn.Module]]) -> list[str]:
+    """A few real paths of linear modules, from the first layer where it has some."""
+    first = {id(m) for m in model_map.layers[0].module.modules()} if model_map.layers else set()
+    inside = [p for p, m in linear if id(m) in first]
+    return (inside or [p for p, _ in linear])[:3]
 
 
 def _projection(layer: nn.Module, rel: str, full_prefix: str, model_name: str) -> Projection:
@@ -252,7 +422,7 @@ def _projection(layer: nn.Module, rel: str, full_prefix: str, model_name: str) -
     if module is None or not hasattr(module, "weight"):
         raise UnsupportedModelError(
             f"{model_name}: expected a linear module at '{full_prefix}.{rel}' but found none; "
-            f"the family table in unipelt/families.py does not match this model"
+            f"its family row (unipelt/families.py, or the row given as family=) does not match this model"
         )
     return Projection(module, f"{full_prefix}.{rel}")
 
@@ -272,10 +442,16 @@ def _attention_sites(spec: AttentionSpec, layer: nn.Module, prefix: str, model_n
     return AttentionSites(spec.kind, module, q, k, v, o, out)
 
 
-def resolve(model: nn.Module) -> ModelMap:
-    """Find every site of ``model`` through the family table; clear errors where it does not fit."""
-    family = family_of(model)
-    base = model.base_model
+def resolve(model: nn.Module, family: FamilySpec | None = None) -> ModelMap:
+    """Find every site of ``model`` through its family's row (``family``, else the registered rows and the
+    table); clear errors where it does not fit. Paths are relative to ``model.base_model``, or to the model
+    itself for an ``nn.Module`` that has none."""
+    family = family_of(model, family)
+    if family.supports_prefix and not _has_transformers_config(model):
+        family = dataclasses.replace(family, supports_prefix=False, prefix_reason=(
+            f"{type(model).__name__} has no transformers config, so its attention does not run through "
+            f"transformers' attention interface, where prefixes join"))
+    base = getattr(model, "base_model", model)
     base_path = "" if base is model else model.base_model_prefix
     name = type(model).__name__
     layers: list[LayerSites] = []
@@ -286,8 +462,11 @@ def resolve(model: nn.Module) -> ModelMap:
                 continue  # encoder-only use of an encoder-decoder family (T5EncoderModel)
             raise UnsupportedModelError(
                 f"{name}: no layer list at '{stack.layers}' (family '{family.name}'); "
-                f"update its row in unipelt/families.py"
+                f"update its row (unipelt/families.py, or the row given as family=)"
             )
+        if not isinstance(layer_list, (nn.ModuleList, nn.Sequential)):
+            raise UnsupportedModelError(f"{name}: '{stack.layers}' (family '{family.name}') is a "
+                                        f"{type(layer_list).__name__}, not the list of layers; name the ModuleList")
         for index, layer in enumerate(layer_list):
             prefix = ".".join(p for p in (base_path, stack.layers, str(index)) if p)
             ffn_in = [Projection(m, f"{prefix}.{p}") for p in stack.ffn_in
@@ -316,5 +495,12 @@ def resolve(model: nn.Module) -> ModelMap:
             ))
     if not layers:
         raise UnsupportedModelError(f"{name}: found no layers")
-    heads = {n: m for n, m in model.named_children() if n in HEAD_MODULES}
-    return ModelMap(model, family, layers, layers[0].hidden_size, heads)
+    head_names = HEAD_MODULES if family.heads is None else family.heads
+    heads = {n: m for n, m in model.named_children() if n in head_names}
+    return ModelMap(model, family, layers, layers[0].hidden_size, heads, quant.model_kind(model))
+
+
+def _has_transformers_config(model: nn.Module) -> bool:
+    from transformers import PretrainedConfig
+
+    return isinstance(getattr(model, "config", None), PretrainedConfig)

@@ -240,7 +240,14 @@ def run_sweep(spec: Spec, out: str | os.PathLike, jobs: int = 1, gpus: Sequence[
     out = Path(out)
     grid = plan(spec, out)
     part = _part(grid, only or {})
-    out.mkdir(parents=True, exist_ok=True)
+    from .train.loop import exclusive_folder
+
+    with exclusive_folder(out, "sweep"):
+        return _run_locked(spec, out, grid, part, jobs, gpus, deadline, device, log)
+
+
+def _run_locked(spec: Spec, out: Path, grid: list[Job], part: list[Job], jobs: int, gpus: Sequence[str] | None,
+                deadline: float | None, device: str | None, log: Callable[[str], None]) -> dict[str, Any]:
     atomic_write_text(out / "spec.json", json.dumps(spec.__dict__, indent=2, default=str) + "\n")
     if device == "cpu":
         gpus = []

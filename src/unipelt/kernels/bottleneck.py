@@ -154,7 +154,7 @@ if _TRITON is not None:
     triton, tl = _TRITON
 
     # Block sizes: the fastest of a sweep on an H200 at BERT-base's shape (4096 tokens, d = 768, m = 48;
-    # results/speed/README.md, runs 51-53), fixed rather than autotuned (the autotuner's timing runs cost the
+    # docs/findings.md), fixed rather than autotuned (the autotuner's timing runs cost the
     # first step a 256 MB buffer and seconds), then shrunk until the pipelined tiles fit the GPU's shared
     # memory (wide bottlenecks, smaller GPUs). Triton's interpreter (the CPU tests) runs the smallest blocks.
     def _fit(blocks: dict, tile_bytes, device: torch.device) -> dict:

@@ -1,5 +1,7 @@
-"""One module per method. Importing this package registers every method's config and class."""
+"""One module per method. Importing this package registers every method (its ``@register_method`` line), then
+checks that no config or module class was left unregistered."""
 
+from .. import registry as _registry
 from .adapter import Adapter, AdapterConfig
 from .adapter_bias import AdapterBias, AdapterBiasConfig
 from .attempt import Attempt, AttemptConfig
@@ -18,10 +20,12 @@ from .rational import Rational, RationalConfig
 from .sparse_adapter import SparseAdapter, SparseAdapterConfig
 from .vpt import VPT, VPTConfig
 
+_registry.check_complete()  # a config without a module class (or the reverse) fails here, at import
+
+# each plain method's module class by name (presets and compositions left out), read from the registry
 METHOD_CLASSES: dict[str, type[DeltaMethod]] = {
-    cls.config_class.method: cls
-    for cls in (Adapter, AdapterBias, Attempt, BitFit, Compacter, IA3, KAdaptation, KronA, KronAFFN, LNTuning, LoRA,
-                Poly, Prefix, Prompt, Rational, SparseAdapter, VPT)
+    name: entry.module_class for name, entry in _registry.registry().items()
+    if entry.module_class is not None and entry.preset is None
 }
 
 __all__ = [

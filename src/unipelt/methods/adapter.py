@@ -3,6 +3,9 @@
 ``A(x) = W_up f(W_down x + b_down) + b_up``, and ``s * G * A(x)`` is added where the placement says, with
 ``s`` the scaling (4 for scaled PA) and ``G`` UniPELT's gate (:func:`~unipelt.runtime.gate_values`: the mean
 over the example's tokens of ``sigmoid(w_g . x_t + b_g)``, read from the adapter's input), else 1.
+Reference: adapter-hub/adapters ``methods/modeling.py`` (``Adapter``) with ``configuration/adapter_config.py``
+(``SeqBnConfig``, ``DoubleSeqBnConfig``); google-research/adapter-bert ``modeling.py`` (Houlsby's);
+jxhe/unify-parameter-efficient-tuning ``petl/petl_factory.py`` (``Adapter_Layer``: parallel and scaled parallel).
 
 Where, with ``h`` a sub-layer's output after its dropout and ``x`` its residual input (the references below):
 
@@ -39,9 +42,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ConfigError, MethodConfig, register, register_preset
+from ..config import ConfigError, MethodConfig
 from ..families import hidden_dropout
 from ..kernels import bottleneck as fused
+from ..registry import Preset, register_method
 from ..runtime import Gate, Installer, gate_per_token, gate_values, stacked_linear
 from ..sites import ModelMap
 from .base import DeltaMethod, activation, cast_like, matmul_input
@@ -50,7 +54,6 @@ PLACEMENTS = ("houlsby", "pfeiffer", "attention", "ffn")
 INITS = ("bert", "lora")
 
 
-@register
 @dataclass
 class AdapterConfig(MethodConfig):
     method = "adapter"
@@ -85,17 +88,6 @@ class AdapterConfig(MethodConfig):
     @property
     def resolved_init(self) -> str:
         return self.init if self.init is not None else ("lora" if self.parallel else "bert")
-
-
-register_preset("houlsby", AdapterConfig, "serial adapters after attention and FFN, swish (Houlsby et al. 2019)",
-                placement="houlsby", activation="swish")
-register_preset("pfeiffer", AdapterConfig,
-                "one serial adapter after the FFN, inside its LayerNorm (Pfeiffer et al. 2021)",
-                placement="pfeiffer")
-register_preset("parallel", AdapterConfig, "parallel adapter on the FFN (He et al. 2022)",
-                placement="pfeiffer", parallel=True)
-register_preset("scaled_parallel", AdapterConfig, "scaled parallel adapter on the FFN, m=512, s=4 (He et al. 2022)",
-                placement="pfeiffer", parallel=True, scaling=4.0, bottleneck=512)
 
 
 class Bottleneck(nn.Module):
@@ -137,8 +129,17 @@ class _Site:
     norm_first: bool = False  # pfeiffer: that LayerNorm reads the FFN's input (pre-LN)
 
 
+@register_method(AdapterConfig, presets={
+    "houlsby": Preset("serial adapters after attention and FFN, swish (Houlsby et al. 2019)",
+                      placement="houlsby", activation="swish"),
+    "pfeiffer": Preset("one serial adapter after the FFN, inside its LayerNorm (Pfeiffer et al. 2021)",
+                       placement="pfeiffer"),
+    "parallel": Preset("parallel adapter on the FFN (He et al. 2022)", placement="pfeiffer", parallel=True),
+    "scaled_parallel": Preset("scaled parallel adapter on the FFN, m=512, s=4 (He et al. 2022)",
+                              placement="pfeiffer", parallel=True, scaling=4.0, bottleneck=512),
+})
 class Adapter(DeltaMethod):
-    config_class = AdapterConfig
+    quantized_base = True  # runs on bitsandbytes 4-/8-bit layers: reads and writes W through Projection
     serves_rows = True  # multi-task serving: acts on its task's rows of a batch only
 
     def __init__(self, config: AdapterConfig, model_map: ModelMap):
@@ -159,7 +160,7 @@ class Adapter(DeltaMethod):
                     norm=layer.ffn_norm if pfeiffer else None, norm_first=layer.norm_first)
         self.bottleneck = config.width(model_map.hidden_size)
         self.dropout = config.dropout if config.dropout is not None else (
-            hidden_dropout(model_map.model.config) if config.parallel else 0.0)
+            hidden_dropout(getattr(model_map.model, "config", None)) if config.parallel else 0.0)
         self.adapters = nn.ModuleDict()
         self.gates = nn.ModuleDict()
         for site_key, site in self.sites.items():
@@ -176,17 +177,10 @@ class Adapter(DeltaMethod):
         bottleneck = self.adapters[site_key]
         return bottleneck.down.weight, bottleneck.down.bias, bottleneck.up.weight, bottleneck.up.bias
 
-    def _bottleneck_weights(self, site_key: str) -> tuple[torch.Tensor, ...]:
-        """``(W_down, b_down, W_up, b_up)`` as the fused kernels read them (subclasses may pad the ranks)."""
-        return self._plain_weights(site_key)
-
-    def _fusable(self, site_key: str) -> bool:
-        """Whether the site's bottleneck computes what :mod:`~unipelt.kernels.bottleneck` fuses, a plain
-        ``f(x W_d^T + b_d) W_u^T + b_u`` (subclasses with bottlenecks of their own say whether theirs does)."""
-        return type(self.adapters[site_key]) is Bottleneck
-
     def _delta(self, site_key: str, x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
-        """``s * G * A(x)``: W_down and the gate's row run as one GEMM over x (both read the adapter's input)."""
+        """``s * G * A(x)`` with ``A(x) = W_up D(f(W_down x + b_down)) + b_up`` (``D`` dropout, in training). With a
+        gate, W_down and the gate's row run as one GEMM over x (:func:`~unipelt.runtime.stacked_linear`: both read
+        the adapter's input), the same as two."""
         w_down, b_down, w_up, b_up = self._plain_weights(site_key)
         gate = self.gates[site_key].proj if site_key in self.gates else None
         if gate is None:
@@ -202,24 +196,6 @@ class Adapter(DeltaMethod):
             return delta * scale if scale != 1.0 else delta
         g = gate_values(gate_logit, self.config.gate_pooling, padding_mask, self.sites[site_key].causal)
         return delta * (g * scale if scale != 1.0 else g)  # scale the (b, 1 or T, 1) gate, not the delta
-
-    def _add_delta(self, installer: Installer, site_key: str, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """``residual`` plus the site's (gated, scaled) delta of ``x``; by the fused kernels where they compute it
-        (a per-token gate or none, no dropout, every row of the batch)."""
-        config = self.config
-        gated = site_key in self.gates
-        down_bias = self.adapters[site_key].down.bias  # (m,) in the weights' dtype, for every bottleneck type
-        if x.shape == residual.shape and installer.row_mask() is None and self._fusable(site_key) \
-                and (not gated or gate_per_token(config.gate_pooling, self.sites[site_key].causal)) \
-                and not (self.dropout and self.training) \
-                and fused.available(residual, down_bias.dtype, down_bias.shape[0], config.activation, gated):
-            gate = self.gates[site_key].proj if gated else None
-            # a parallel adapter's input may be a LayerNorm's float32 output: autocast's GEMM would cast it too
-            return fused.bottleneck_add(cast_like(x, residual), None if residual is x else residual,
-                                        *self._bottleneck_weights(site_key), config.activation, config.scaling,
-                                        *((gate.weight, gate.bias) if gate is not None else (None, None)))
-        delta = self._delta(site_key, x, installer.context.padding_mask)
-        return residual + cast_like(installer.own_rows(delta), residual)
 
     def install(self, installer: Installer) -> None:
         for site_key, site in self.sites.items():
@@ -265,3 +241,33 @@ class Adapter(DeltaMethod):
 
         installer.on_input(reader, read)
         installer.on_output(output, add)
+
+    # --- speed path: ``_add_delta`` adds ``_delta``'s ``s G A(x)`` (above) to the residual, or has the fused
+    # kernels of :mod:`unipelt.kernels.bottleneck` compute the same sum, both passes, where they apply (a per-token
+    # gate or none, no dropout, every row of the batch).
+    def _add_delta(self, installer: Installer, site_key: str, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual`` plus the site's (gated, scaled) delta of ``x``; by the fused kernels where they compute it
+        (a per-token gate or none, no dropout, every row of the batch)."""
+        config = self.config
+        gated = site_key in self.gates
+        down_bias = self.adapters[site_key].down.bias  # (m,) in the weights' dtype, for every bottleneck type
+        if x.shape == residual.shape and installer.row_mask() is None and self._fusable(site_key) \
+                and (not gated or gate_per_token(config.gate_pooling, self.sites[site_key].causal)) \
+                and not (self.dropout and self.training) \
+                and fused.available(residual, down_bias.dtype, down_bias.shape[0], config.activation, gated):
+            gate = self.gates[site_key].proj if gated else None
+            # a parallel adapter's input may be a LayerNorm's float32 output: autocast's GEMM would cast it too
+            return fused.bottleneck_add(cast_like(x, residual), None if residual is x else residual,
+                                        *self._bottleneck_weights(site_key), config.activation, config.scaling,
+                                        *((gate.weight, gate.bias) if gate is not None else (None, None)))
+        delta = self._delta(site_key, x, installer.context.padding_mask)
+        return residual + cast_like(installer.own_rows(delta), residual)
+
+    def _fusable(self, site_key: str) -> bool:
+        """Whether the site's bottleneck computes what :mod:`~unipelt.kernels.bottleneck` fuses, a plain
+        ``f(x W_d^T + b_d) W_u^T + b_u`` (subclasses with bottlenecks of their own say whether theirs does)."""
+        return type(self.adapters[site_key]) is Bottleneck
+
+    def _bottleneck_weights(self, site_key: str) -> tuple[torch.Tensor, ...]:
+        """``(W_down, b_down, W_up, b_up)`` as the fused kernels read them (subclasses may pad the ranks)."""
+        return self._plain_weights(site_key)

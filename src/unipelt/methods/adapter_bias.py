@@ -34,14 +34,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import MethodConfig, register
+from ..config import MethodConfig
+from ..registry import register_method
 from ..runtime import Installer
 from ..sites import ModelMap, Projection
 from .base import DeltaMethod, cast_like, matmul_input
 from .ln_tuning import LNConfig, LNTuning, _is_norm
 
 
-@register
 @dataclass
 class AdapterBiasConfig(MethodConfig):
     method = "adapter_bias"
@@ -80,8 +80,9 @@ def norm_tuning(model_map: ModelMap, norms: list[nn.Module]) -> LNTuning | None:
     return tuning
 
 
+@register_method(AdapterBiasConfig)
 class AdapterBias(DeltaMethod):
-    config_class = AdapterBiasConfig
+    quantized_base = True  # runs on bitsandbytes 4-/8-bit layers: reads and writes W through Projection
     serves_rows = True
 
     def __init__(self, config: AdapterBiasConfig, model_map: ModelMap):

@@ -34,14 +34,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ConfigError, register
+from ..config import ConfigError
+from ..registry import register_method
 from ..sites import ModelMap
 from .prompt import Prompt, PromptConfig
 
 TARGET_INITS = ("first_source", "zero")
 
 
-@register
 @dataclass
 class AttemptConfig(PromptConfig):
     method = "attempt"
@@ -61,7 +61,7 @@ class AttemptConfig(PromptConfig):
         if not self.sources and self.n_sources < 1:
             raise ConfigError("attempt needs source prompts: sources=('out/mnli-prompt', 'out/qnli-prompt', ...), "
                               "folders of prompt deltas trained on source tasks")
-        self.require_positive_ints("attention_hidden", "tasks")
+        self.require_positive_ints("attention_hidden", "tasks", *(("n_sources",) if self.n_sources else ()))
         if self.target_init not in TARGET_INITS:
             raise ConfigError(f"attempt target_init must be one of {TARGET_INITS}, got {self.target_init!r}")
 
@@ -80,8 +80,8 @@ def read_source_prompt(folder: str | Path) -> torch.Tensor:
     return load_file(str(Path(folder) / DELTA_FILE))[f"{prompts[0]['name']}.embedding"].float()
 
 
+@register_method(AttemptConfig)
 class Attempt(Prompt):
-    config_class = AttemptConfig
     reads_inputs = True
     serves_rows = False  # its prompt depends on the row's input, not on one shared insertion per task
     uses_task_ids = True  # multi-task: each row's target prompt is its task's (the call's task_ids)

@@ -6,6 +6,12 @@ and the resolved :class:`~unipelt.sites.ModelMap`. The core calls:
 - ``install(installer)`` to put its hooks on the model;
 - ``merge()`` to fold it into the base weights, when ``mergeable()`` says it can;
 - ``delta_state()`` / ``load_delta_state()`` for what ``save`` writes (defaults: its state dict).
+
+``quantized_base`` says whether it runs on a quantized base (bitsandbytes 4-/8-bit layers, :mod:`unipelt.quantized`):
+``True`` when it reads and writes W only through :class:`~unipelt.sites.Projection` (``weight()``,
+``add_to_weight``, ``scale_outputs``, ``scale_inputs``), which dequantize and quantize again; a string gives the
+reason it cannot; left ``False`` (not declared), attaching it to a quantized model is an error, since a method that
+touches ``module.weight`` itself would read or write packed bytes.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from ..sites import ModelMap, Projection
 
 class DeltaMethod(nn.Module):
     config_class: ClassVar[type[MethodConfig]]
+    quantized_base: ClassVar[bool | str] = False  # True: runs on bitsandbytes 4-/8-bit layers; a str: why it cannot
 
     def __init__(self, config: MethodConfig, model_map: ModelMap):
         super().__init__()

@@ -1,5 +1,11 @@
 """BitFit (Ben Zaken et al. 2022): train only the bias terms.
 
+``y = f(x) + (b + db)`` for every module ``f(x) + b`` of the pretrained body that has a bias, ``db`` starting
+at zero. Where: every bias of the body (linear layers, GPT-2's Conv1D, LayerNorms, convolutional patch
+embeddings, the [CLS] pooler's dense layer).
+Reference: benzakenelad/BitFit ``glue_evaluator.py`` (``GLUEvaluator._deactivate_relevant_gradients`` with
+``BIAS_TERMS_DICT['all']``: every parameter named ``bias`` trains, the pooler's included, and the classifier).
+
 Implemented as a zero-initialised additive delta on every bias of the pretrained body (linear
 layers, GPT-2's Conv1D, LayerNorms, convolutional patch embeddings), so the base weights stay
 untouched until ``merge`` adds the deltas into the biases. Task heads train as usual. Families
@@ -13,13 +19,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..config import ConfigError, MethodConfig, register
+from ..config import ConfigError, MethodConfig
+from ..registry import register_method
 from ..runtime import Installer
 from ..sites import ModelMap
 from .base import DeltaMethod, cast_like
 
 
-@register
 @dataclass
 class BitFitConfig(MethodConfig):
     method = "bitfit"
@@ -32,8 +38,9 @@ def _has_bias(module: nn.Module) -> bool:
         isinstance(module, (nn.Linear, nn.LayerNorm, nn.Conv2d)) or type(module).__name__ == "Conv1D")
 
 
+@register_method(BitFitConfig)
 class BitFit(DeltaMethod):
-    config_class = BitFitConfig
+    quantized_base = True  # runs on bitsandbytes 4-/8-bit layers: reads and writes W through Projection
     serves_rows = True  # multi-task serving: its bias deltas reach its task's rows only
 
     def __init__(self, config: BitFitConfig, model_map: ModelMap):

@@ -51,8 +51,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ConfigError, register, register_preset
+from ..config import ConfigError
 from ..kernels import bottleneck as fused
+from ..registry import Preset, register_method
 from ..runtime import Installer
 from ..sites import ModelMap
 from .adapter import Adapter, AdapterConfig
@@ -60,7 +61,6 @@ from .base import activation, matmul_input
 from .ln_tuning import LNConfig, LNTuning
 
 
-@register
 @dataclass
 class CompacterConfig(AdapterConfig):
     method = "compacter"
@@ -82,6 +82,8 @@ class CompacterConfig(AdapterConfig):
         self.require_positive_ints("n")
         if self.phm_rank is not None and (not isinstance(self.phm_rank, int) or self.phm_rank < 1):
             raise ConfigError(f"compacter phm_rank must be a positive integer or None (full), got {self.phm_rank!r}")
+        if self.phm_rank is not None:
+            self.require_positive_ints("phm_rank")  # and not beyond any model's size
         if self.bottleneck is not None and self.bottleneck % self.n:
             near = max(self.n, self.bottleneck // self.n * self.n)
             raise ConfigError(f"compacter bottleneck {self.bottleneck} is not divisible by n={self.n}; "
@@ -96,11 +98,6 @@ class CompacterConfig(AdapterConfig):
             return self.bottleneck
         return max(self.n, d // 32 // self.n * self.n)
 
-
-register_preset("compacter++", CompacterConfig, "Compacter++: one Compacter adapter per layer, after the FFN",
-                placement="pfeiffer")
-register_preset("phm_adapter", CompacterConfig, "PHM-Adapter: adapters of PHM layers with own rules and full factors",
-                phm_rank=None, shared_rules=False, n=12)
 
 SHARED_RULE_STD = 1e-4  # compacter.json phm_init_range
 OWN_RULE_STD = 0.01  # hypercomplex/layers.py reset_parameters, phm_c_init "normal"
@@ -152,20 +149,6 @@ def kron_sum(rules: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     return kron.reshape(*kron.shape[:-4], n * p, n * q)
 
 
-def batched_weights(layers: list[PHMLinear], shared_rules: torch.Tensor | None,
-                    pad: tuple[int, ...] = ()) -> list[torch.Tensor]:
-    """Every layer's ``W`` (all of one :meth:`PHMLinear.layout`) from one stacked computation; ``pad``: zeros
-    appended to the stacked weights as ``F.pad`` takes them (in the build's kernel, not one per layer)."""
-    first = layers[0]
-    if first.B is not None:
-        factors = torch.stack([layer.B for layer in layers])
-    else:
-        factors = torch.stack([layer.s for layer in layers]) @ torch.stack([layer.t for layer in layers])
-    rules = torch.stack([layer.rules for layer in layers]) if first.rules is not None else shared_rules
-    weights = kron_sum(rules, factors)
-    return list((F.pad(weights, pad) if any(pad) else weights).unbind(0))
-
-
 class PHMBottleneck(nn.Module):
     def __init__(self, d: int, m: int, config: CompacterConfig):
         super().__init__()
@@ -183,9 +166,28 @@ class PHMBottleneck(nn.Module):
         return F.linear(h, w_up, self.up.bias)
 
 
-class Compacter(Adapter):
-    config_class = CompacterConfig
+# --- speed path: every PHM layer of one layout built in one batched computation (the same ``W`` as each
+# layer's :meth:`PHMLinear.weight`), ranks padded for the fused kernels in the same kernel.
+def batched_weights(layers: list[PHMLinear], shared_rules: torch.Tensor | None,
+                    pad: tuple[int, ...] = ()) -> list[torch.Tensor]:
+    """Every layer's ``W`` (all of one :meth:`PHMLinear.layout`) from one stacked computation; ``pad``: zeros
+    appended to the stacked weights as ``F.pad`` takes them (in the build's kernel, not one per layer)."""
+    first = layers[0]
+    if first.B is not None:
+        factors = torch.stack([layer.B for layer in layers])
+    else:
+        factors = torch.stack([layer.s for layer in layers]) @ torch.stack([layer.t for layer in layers])
+    rules = torch.stack([layer.rules for layer in layers]) if first.rules is not None else shared_rules
+    weights = kron_sum(rules, factors)
+    return list((F.pad(weights, pad) if any(pad) else weights).unbind(0))
 
+
+@register_method(CompacterConfig, presets={
+    "compacter++": Preset("Compacter++: one Compacter adapter per layer, after the FFN", placement="pfeiffer"),
+    "phm_adapter": Preset("PHM-Adapter: adapters of PHM layers with own rules and full factors",
+                          phm_rank=None, shared_rules=False, n=12),
+})
+class Compacter(Adapter):
     def __init__(self, config: CompacterConfig, model_map: ModelMap):
         super().__init__(config, model_map)
         if not config.cross_attention:  # the reference has no adapter after a cross-attention
@@ -211,6 +213,18 @@ class Compacter(Adapter):
         if self.layer_norms is not None:
             self.layer_norms.install(installer)
 
+    def _plain_weights(self, site_key: str) -> tuple[torch.Tensor, ...]:
+        """The site's (W_down, b_down, W_up, b_up), each ``W = sum_i A_i (x) B_i`` (:meth:`PHMLinear.weight`): in a
+        forward pass taken from this pass's one batched build (the speed path below), built here outside one."""
+        bottleneck = self.adapters[site_key]
+        built = self._built_weights(site_key)
+        w_down, w_up = built if built is not None else (bottleneck.down.weight(getattr(self, "rules", None)),
+                                                        bottleneck.up.weight(getattr(self, "rules", None)))
+        return w_down, bottleneck.down.bias, w_up, bottleneck.up.bias
+
+    # --- speed path: every site's W_down and W_up built together, once per forward pass, in one batched Kronecker
+    # sum per layout (:func:`batched_weights`: each W the same as its ``PHMLinear.weight``), and the fused bottleneck
+    # kernels' weights with their ranks padded by zeros in the same build.
     def _all_weights(self, rank_pad: int = 0, pad_up: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Every site's (W_down, W_up), the PHM layers of each layout built together; ``rank_pad`` zero ranks
         appended to W_down's rows and, with ``pad_up``, to W_up's columns, in the build's kernel."""
@@ -254,12 +268,3 @@ class Compacter(Adapter):
         # called from install's hooks: the context is there
         return self._context.once((id(self), "phm_aligned"), self._aligned_weights,
                                   uses=len(self.adapters))[site_key]
-
-    def _plain_weights(self, site_key: str) -> tuple[torch.Tensor, ...]:
-        """The site's (W_down, b_down, W_up, b_up), W from this pass's one batched build (built here outside a
-        forward pass)."""
-        bottleneck = self.adapters[site_key]
-        built = self._built_weights(site_key)
-        w_down, w_up = built if built is not None else (bottleneck.down.weight(getattr(self, "rules", None)),
-                                                        bottleneck.up.weight(getattr(self, "rules", None)))
-        return w_down, bottleneck.down.bias, w_up, bottleneck.up.bias

@@ -2,6 +2,9 @@
 
 ``k <- l_k * k``, ``v <- l_v * v`` (every attention, self and cross) and ``a <- l_ff * a`` where
 ``a`` is the input of the FFN's output projection W_2. All vectors start at one (identity).
+Reference: r-three/t-few ``src/models/lora.py`` (``LoRALinear`` with ``rank 0``, ``scaling_rank 1``: the
+projection's output times the trained ``multi_lora_b``, ones at init; ``modify_with_lora``) and
+``configs/ia3.json`` (k, v and the FFN's ``wi_1``, lr 3e-3); huggingface/peft ``tuners/ia3/layer.py`` the same.
 Mergeable: rows of W_k, W_v (and their biases) and columns of W_2 are scaled.
 Parameters per layer: ``d_k + d_v`` per attention plus ``d_ff``.
 """
@@ -13,7 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..config import ConfigError, MethodConfig, register
+from ..config import ConfigError, MethodConfig
+from ..registry import register_method
 from ..runtime import Installer
 from ..sites import ModelMap, Projection
 from .base import DeltaMethod, cast_like
@@ -21,7 +25,6 @@ from .base import DeltaMethod, cast_like
 TARGETS = ("k", "v", "ffn")
 
 
-@register
 @dataclass
 class IA3Config(MethodConfig):
     method = "ia3"
@@ -41,8 +44,9 @@ def served_scale(scale: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor
     return scale if rows is None else 1.0 + (scale - 1.0) * rows
 
 
+@register_method(IA3Config)
 class IA3(DeltaMethod):
-    config_class = IA3Config
+    quantized_base = True  # runs on bitsandbytes 4-/8-bit layers: reads and writes W through Projection
     serves_rows = True  # multi-task serving: other tasks' rows keep a scale of one
 
     def __init__(self, config: IA3Config, model_map: ModelMap):

@@ -34,7 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ConfigError, MethodConfig, register
+from ..config import ConfigError, MethodConfig
+from ..registry import register_method
 from ..runtime import Installer
 from ..sites import ModelMap, Projection
 from .base import DeltaMethod, cast_like, matmul_input
@@ -48,7 +49,6 @@ def low_rank_product(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return u * v if u.shape[-1] == 1 else u @ v
 
 
-@register
 @dataclass
 class KAdaptationConfig(MethodConfig):
     method = "kadaptation"
@@ -60,6 +60,8 @@ class KAdaptationConfig(MethodConfig):
     rule_rank: int = 1  # of each rule A_i = l_i r_i^T (factorized_phm_rule); 0: full n x n rules
     scale: float = 1.0
     targets: tuple[str, ...] = ("q", "v")  # one rule set per target, shared by its matrices in every layer
+    layers: tuple[int, ...] | None = None  # only sites in these layers (index within each stack); None: every one
+    exclude: tuple[str, ...] = ()  # sites to leave out: role names, module names or "re:" patterns
 
     def validate(self) -> None:
         super().validate()
@@ -67,12 +69,15 @@ class KAdaptationConfig(MethodConfig):
         if not isinstance(self.rule_rank, int) or isinstance(self.rule_rank, bool) or self.rule_rank < 0:
             raise ConfigError(f"kadaptation's rule_rank must be an integer >= 0 (0: full rules), got "
                               f"{self.rule_rank!r}")
+        if self.rule_rank:
+            self.require_positive_ints("rule_rank")  # and not beyond any model's size
         if not self.targets:
             raise ConfigError("kadaptation needs at least one target, e.g. targets=('q', 'v')")
 
 
+@register_method(KAdaptationConfig)
 class KAdaptation(DeltaMethod):
-    config_class = KAdaptationConfig
+    quantized_base = True  # runs on bitsandbytes 4-/8-bit layers: reads and writes W through Projection
     serves_rows = True
 
     def __init__(self, config: KAdaptationConfig, model_map: ModelMap):
@@ -87,7 +92,11 @@ class KAdaptation(DeltaMethod):
         self.site_rules: dict[str, str] = {}  # site -> the key of its target's rule set
         self.u = nn.ParameterDict()
         self.v = nn.ParameterDict()
+        selected = model_map.select(config.targets, config.layers, config.exclude)
         for target in config.targets:
+            own = [(site.key, site.projection) for site in selected if site.target == target]
+            if not own:  # every site of this target left out by layers/exclude: no rule set for it
+                continue
             rules_key = target.replace(".", "__")
             if q == 0:
                 self.rules[rules_key] = nn.Parameter(torch.randn(n, n, n) / math.sqrt(n))
@@ -95,7 +104,7 @@ class KAdaptation(DeltaMethod):
                 std = (n * q) ** -0.25
                 self.rule_left[rules_key] = nn.Parameter(torch.randn(n, n, q) * std)
                 self.rule_right[rules_key] = nn.Parameter(torch.randn(n, q, n) * std)
-            for site_key, proj in model_map.projections((target,)):
+            for site_key, proj in own:
                 d_out, d_in = proj.out_features, proj.in_features
                 if d_out % n or d_in % n:
                     choices = [k for k in (1, 2, 4, 8, 16, 32, 64) if d_out % k == 0 and d_in % k == 0]
@@ -125,13 +134,6 @@ class KAdaptation(DeltaMethod):
         w = self.delta_weight(site_key)
         return w * self.config.scale if self.config.scale != 1.0 else w
 
-    def install(self, installer: Installer) -> None:
-        for site_key, proj in self.sites.items():
-            # in the projection's own GEMM (see Installer.add_weight_delta): no GEMM of the activations with
-            # Delta W in either pass, only its weight gradient
-            installer.add_weight_delta(proj, lambda site_key=site_key: self.scaled_delta(site_key),
-                                       self._hook(site_key, proj, installer.own_rows))
-
     def _hook(self, site_key: str, proj: Projection, own_rows):
         def add_update(module, inputs, output):
             w = self.scaled_delta(site_key)  # n d_out d_in / n multiply-adds: small beside the layer's GEMM
@@ -139,6 +141,13 @@ class KAdaptation(DeltaMethod):
             return output + proj.place(cast_like(own_rows(delta), output))
 
         return add_update
+
+    def install(self, installer: Installer) -> None:
+        for site_key, proj in self.sites.items():
+            # speed path, in the projection's own GEMM (Installer.add_weight_delta): no GEMM of the activations with
+            # Delta W in either pass, only its weight gradient
+            installer.add_weight_delta(proj, lambda site_key=site_key: self.scaled_delta(site_key),
+                                       self._hook(site_key, proj, installer.own_rows))
 
     def mergeable(self) -> bool:
         return True

@@ -1,7 +1,8 @@
 """KronA (Edalati et al. 2022): a Kronecker-product update of chosen projections.
 
 ``h = W x + s (A (x) B) x`` with ``A``: a_out x a_in and ``B``: (d_out / a_out) x (d_in / a_in), on
-W_q and W_v by default. Reference: none in code. The authors released no implementation (PapersWithCode
+W_q and W_v by default.
+Reference: none in code. The authors released no implementation (PapersWithCode
 lists none; only third-party re-implementations exist), and the paper's body (arXiv 2212.10650, "KronA:
 Parameter Efficient Tuning with Kronecker Adapter") could not be read here, only its abstract; so no choice
 below cites a section, and each says where it comes from:
@@ -39,13 +40,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..config import ConfigError, MethodConfig, register
+from ..config import ConfigError, MethodConfig
+from ..registry import register_method
 from ..runtime import Gate, Installer, gate_values
 from ..sites import ModelMap, Projection
 from .base import DeltaMethod, cast_like, matmul_input
 
 
-@register
 @dataclass
 class KronAConfig(MethodConfig):
     method = "krona"
@@ -56,6 +57,8 @@ class KronAConfig(MethodConfig):
     a_in: int = 32  # columns of A; d_in / a_in columns of B
     scale: float = 1.0
     targets: tuple[str, ...] = ("q", "v")
+    layers: tuple[int, ...] | None = None  # only sites in these layers (index within each stack); None: every one
+    exclude: tuple[str, ...] = ()  # sites to leave out: role names, module names or "re:" patterns
 
     def validate(self) -> None:
         super().validate()
@@ -83,8 +86,9 @@ def kron_factors(a_out: int, a_in: int, d_out: int, d_in: int, where: str) -> tu
     return nn.Parameter(torch.zeros(a_out, a_in)), nn.Parameter(b)
 
 
+@register_method(KronAConfig)
 class KronA(DeltaMethod):
-    config_class = KronAConfig
+    quantized_base = True  # runs on bitsandbytes 4-/8-bit layers: reads and writes W through Projection
     serves_rows = True
 
     def __init__(self, config: KronAConfig, model_map: ModelMap):
@@ -94,7 +98,7 @@ class KronA(DeltaMethod):
         self.A = nn.ParameterDict()
         self.B = nn.ParameterDict()
         self.gates = nn.ModuleDict()
-        for site_key, proj in model_map.projections(config.targets):
+        for site_key, proj in model_map.projections(config.targets, config.layers, config.exclude):
             self.sites[site_key] = proj
             self.causal[site_key] = model_map.causal(proj.module)
             self.A[site_key], self.B[site_key] = kron_factors(config.a_out, config.a_in, proj.out_features,
@@ -106,14 +110,6 @@ class KronA(DeltaMethod):
         """``s A (x) B`` as (d_out, d_in)."""
         w = torch.kron(self.A[site_key], self.B[site_key])
         return w * self.config.scale if self.config.scale != 1.0 else w
-
-    def install(self, installer: Installer) -> None:
-        for site_key, proj in self.sites.items():
-            hook = self._hook(site_key, proj, installer)
-            if site_key in self.gates:  # the gate depends on the input: a delta on the output only
-                installer.on_output(proj.module, hook)
-            else:  # in the projection's own GEMM: the vec trick's small batched GEMMs cost more (BERT-base, H100)
-                installer.add_weight_delta(proj, lambda site_key=site_key: self.delta_weight(site_key), hook)
 
     def _hook(self, site_key: str, proj: Projection, installer: Installer):
         a, b, scale = self.A[site_key], self.B[site_key], self.config.scale
@@ -130,6 +126,14 @@ class KronA(DeltaMethod):
 
         return add_kron
 
+    def install(self, installer: Installer) -> None:
+        for site_key, proj in self.sites.items():
+            hook = self._hook(site_key, proj, installer)
+            if site_key in self.gates:  # the gate depends on the input: a delta on the output only
+                installer.on_output(proj.module, hook)
+            else:  # speed path, in the projection's own GEMM: the vec trick's batched GEMMs cost more (BERT-base, H100)
+                installer.add_weight_delta(proj, lambda site_key=site_key: self.delta_weight(site_key), hook)
+
     def mergeable(self) -> bool:
         return not self.config.gate
 
@@ -139,7 +143,6 @@ class KronA(DeltaMethod):
             proj.add_to_weight(self.delta_weight(site_key))
 
 
-@register
 @dataclass
 class KronAFFNConfig(MethodConfig):
     method = "krona_ffn"
@@ -156,8 +159,9 @@ class KronAFFNConfig(MethodConfig):
         self.require_positive_ints("a_out", "a_in")
 
 
+@register_method(KronAFFNConfig)
 class KronAFFN(DeltaMethod):
-    config_class = KronAFFNConfig
+    quantized_base = True  # runs on bitsandbytes 4-/8-bit layers: reads and writes W through Projection
     serves_rows = True
 
     def __init__(self, config: KronAFFNConfig, model_map: ModelMap):

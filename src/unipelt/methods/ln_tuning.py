@@ -1,5 +1,12 @@
 """LN-tuning (Qi et al. 2022): train only the LayerNorm gains and biases.
 
+``LN(x) = g' * (x - mean x) / std x + b'`` with ``g' = g + dg``, ``b' = b + db`` (RMSNorm: ``g' * rms_norm(x)``),
+at every normalisation layer of the pretrained body, the embeddings' LayerNorm included.
+Reference: the paper, Qi et al. 2022, "Parameter-Efficient Tuning on Layer Normalization for Pre-trained
+Language Models" (arXiv 2211.08682), its LN-tuning method (the authors released no code; PapersWithCode lists
+none); the implementation compared is huggingface/peft ``tuners/ln_tuning/layer.py`` (``LNTuningLayer``: a
+trained copy of each target norm, starting at the base values).
+
 Every normalisation layer of the pretrained body (LayerNorm, and RMSNorm in LLaMA and T5) gets
 trainable gain and bias ``g' = g + dg``, ``b' = b + db``, starting at the base values (``dg = db = 0``).
 A LayerNorm then runs as one norm with ``g'``, ``b'`` (as cheap as the base model's), and so does an
@@ -19,13 +26,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ConfigError, MethodConfig, register
+from ..config import ConfigError, MethodConfig
+from ..registry import register_method
 from ..runtime import Installer
 from ..sites import ModelMap
 from .base import DeltaMethod, cast_like
 
 
-@register
 @dataclass
 class LNConfig(MethodConfig):
     method = "ln"
@@ -70,8 +77,9 @@ def normalised(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+@register_method(LNConfig)
 class LNTuning(DeltaMethod):
-    config_class = LNConfig
+    quantized_base = True  # runs on bitsandbytes 4-/8-bit layers: reads and writes W through Projection
     serves_rows = True  # multi-task serving: other tasks' rows keep the base gains and biases
 
     def __init__(self, config: LNConfig, model_map: ModelMap):

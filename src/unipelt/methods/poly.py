@@ -41,7 +41,8 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from ..config import ConfigError, MethodConfig, register, register_preset
+from ..config import ConfigError, MethodConfig
+from ..registry import Preset, register_method
 from ..runtime import Installer, shared_by_input, stacked_linear
 from ..sites import ModelMap, Projection
 from .base import DeltaMethod, add_up_projection, attention_input_groups, cast_like, matmul_input
@@ -55,7 +56,6 @@ def _routing_logits(tasks: int, heads: int, skills: int) -> torch.Tensor:
     return torch.empty(tasks, heads, skills).uniform_(-ROUTING_INIT, ROUTING_INIT)
 
 
-@register
 @dataclass
 class PolyConfig(MethodConfig):
     method = "poly"
@@ -72,6 +72,8 @@ class PolyConfig(MethodConfig):
     routing: str = "learned"
     temperature: float = 1.0
     targets: tuple[str, ...] = ("q", "k", "v", "o")
+    layers: tuple[int, ...] | None = None  # only sites in these layers (index within each stack); None: every one
+    exclude: tuple[str, ...] = ()  # sites to leave out: role names, module names or "re:" patterns
     default_task: int | None = None  # the task of calls without task_ids (set by add_task)
 
     def validate(self) -> None:
@@ -87,12 +89,12 @@ class PolyConfig(MethodConfig):
             raise ConfigError(f"poly default_task {self.default_task} is not one of the {self.tasks} tasks")
 
 
-register_preset("poly_s", PolyConfig, "Poly-S: multi-head routing of the LoRA inventory (4 heads)", heads=4)
-register_preset("poly_mu", PolyConfig, "Poly-mu: every task uses the inventory's uniform average", routing="uniform")
-
-
+@register_method(PolyConfig, presets={
+    "poly_s": Preset("Poly-S: multi-head routing of the LoRA inventory (4 heads)", heads=4),
+    "poly_mu": Preset("Poly-mu: every task uses the inventory's uniform average", routing="uniform"),
+})
 class Poly(DeltaMethod):
-    config_class = PolyConfig
+    quantized_base = True  # runs on bitsandbytes 4-/8-bit layers: reads and writes W through Projection
     uses_task_ids = True  # reads the model call's task_ids (one per row)
 
     def __init__(self, config: PolyConfig, model_map: ModelMap):
@@ -102,7 +104,7 @@ class Poly(DeltaMethod):
         self.A = nn.ParameterDict()
         self.B = nn.ParameterDict()
         self.routing = nn.ParameterDict()  # one routing matrix per adapted projection, keyed as its site
-        for site_key, proj in model_map.projections(config.targets):
+        for site_key, proj in model_map.projections(config.targets, config.layers, config.exclude):
             d_in, d_out = proj.in_features, proj.out_features
             if d_in % heads or d_out % heads:
                 raise ConfigError(f"poly heads={heads} must divide the sizes of {proj.path} ({d_in} -> {d_out})")
@@ -167,6 +169,34 @@ class Poly(DeltaMethod):
         b_t = (w.view(k, heads, 1, 1) * b.view(k, heads, d_out // heads, r)).sum(0).view(d_out, r)
         return a_t, b_t
 
+    def _hook(self, site_key: str, proj: Projection, context, task_ids_of, one_task):
+        """The output hook ``h <- W x + (alpha / r) B_t A_t x``, ``t`` each row's task (the call's ``task_ids``); a
+        call without them reads ``one_task`` (the speed path below)."""
+        a, b = self.A[site_key], self.B[site_key]
+        scaling, heads = self.config.alpha / self.config.r, self.config.heads
+
+        def add_routed(module, inputs, output):
+            x = inputs[0]
+            if context.task_ids is None:
+                h, b_t = one_task(site_key, x)
+                return add_up_projection(output, h, b_t, scaling, proj)
+            w = self.weights(site_key, task_ids_of(x)).to(a.dtype)  # (batch, heads, skills)
+            k, r, d_in = a.shape
+            d_out = b.shape[1]
+            # Rows of different tasks: not each row's A_t and B_t formed first (per-row GEMMs of width r, on
+            # kernels for unaligned rows where r is small): every skill's A_k x in one GEMM of k r columns, per
+            # head block, then h = sum_k w_k A_k x and B_t h = [w_1 h; ...; w_k h] [B_1 ... B_k]^T, the same sums.
+            lead = x.shape[:-1]
+            row_w = w.view(w.shape[0], *([1] * (len(lead) - 1)), heads, k, 1)  # broadcasts over the row's tokens
+            x_heads = matmul_input(x, a).view(*lead, heads, d_in // heads)
+            per_skill = torch.einsum("...jd,krjd->...jkr", x_heads, a.view(k, r, heads, d_in // heads))
+            h = (per_skill * row_w).sum((-3, -2), keepdim=True)  # (..., 1, 1, r)
+            delta = torch.einsum("...jkr,kjor->...jo", h * row_w, b.view(k, heads, d_out // heads, r))
+            delta = delta.reshape(*lead, d_out) * scaling
+            return output + proj.place(cast_like(delta, output))
+
+        return add_routed
+
     def install(self, installer: Installer) -> None:
         context = installer.context
 
@@ -191,6 +221,12 @@ class Poly(DeltaMethod):
                 installer.on_output(self.sites[site_key].module,
                                     self._hook(site_key, self.sites[site_key], context, task_ids_of, one_task))
 
+    def saved_config(self) -> PolyConfig:
+        return self.config  # holds the current task count (add_task grows it)
+
+    # --- speed path: a call whose rows all belong to one task mixes that task's ``A_t``, ``B_t`` once and runs as a
+    # rank-r LoRA, the group's ``A_t x`` as one GEMM (:func:`~unipelt.runtime.stacked_linear`): the same delta as
+    # ``_hook``'s per-row sums above, with every row's weights equal.
     def _one_task_reader(self, group: list[str], cache: dict, default_task):
         """``read(site_key, x) -> (A_t x, B_t)`` for a call whose rows all belong to one task (no task_ids).
 
@@ -223,32 +259,3 @@ class Poly(DeltaMethod):
             return hs[column[site_key]], bs[column[site_key]]
 
         return read
-
-    def _hook(self, site_key: str, proj: Projection, context, task_ids_of, one_task):
-        a, b = self.A[site_key], self.B[site_key]
-        scaling, heads = self.config.alpha / self.config.r, self.config.heads
-
-        def add_routed(module, inputs, output):
-            x = inputs[0]
-            if context.task_ids is None:
-                h, b_t = one_task(site_key, x)
-                return add_up_projection(output, h, b_t, scaling, proj)
-            w = self.weights(site_key, task_ids_of(x)).to(a.dtype)  # (batch, heads, skills)
-            k, r, d_in = a.shape
-            d_out = b.shape[1]
-            # Rows of different tasks: not each row's A_t and B_t formed first (per-row GEMMs of width r, on
-            # kernels for unaligned rows where r is small): every skill's A_k x in one GEMM of k r columns, per
-            # head block, then h = sum_k w_k A_k x and B_t h = [w_1 h; ...; w_k h] [B_1 ... B_k]^T, the same sums.
-            lead = x.shape[:-1]
-            row_w = w.view(w.shape[0], *([1] * (len(lead) - 1)), heads, k, 1)  # broadcasts over the row's tokens
-            x_heads = matmul_input(x, a).view(*lead, heads, d_in // heads)
-            per_skill = torch.einsum("...jd,krjd->...jkr", x_heads, a.view(k, r, heads, d_in // heads))
-            h = (per_skill * row_w).sum((-3, -2), keepdim=True)  # (..., 1, 1, r)
-            delta = torch.einsum("...jkr,kjor->...jo", h * row_w, b.view(k, heads, d_out // heads, r))
-            delta = delta.reshape(*lead, d_out) * scaling
-            return output + proj.place(cast_like(delta, output))
-
-        return add_routed
-
-    def saved_config(self) -> PolyConfig:
-        return self.config  # holds the current task count (add_task grows it)

@@ -1,5 +1,8 @@
 """Prefix tuning (Li and Liang 2021): ``l`` trainable key and value vectors per attention.
 
+``softmax(q [P_k; K]^T / sqrt(d_h)) [P_v; V]``: each attention's keys and values with its prefix ``P_k``,
+``P_v`` (l x d_kv each) in front, visible to every query.
+
 The prefixes are prepended to the keys and values of every attention (self and cross) through
 :mod:`unipelt.attention`, so they work with eager and SDPA attention, padding masks and the
 key/value cache. During training they are reparametrised, ``P = MLP(E)`` with ``E`` of shape
@@ -8,7 +11,7 @@ forward pass. ``save`` writes the computed prefixes and drops the MLP; a loaded 
 Without reparametrisation (``reparam=False``, P-tuning v2's deep prompts) the prefixes are one
 trainable table of that layout, ``l x sum of 2 d_kv``.
 
-References: XiangLi1999/PrefixTuning ``gpt2/train_control.py`` (``wte``, ``control_trans``: Linear, Tanh,
+Reference: XiangLi1999/PrefixTuning ``gpt2/train_control.py`` (``wte``, ``control_trans``: Linear, Tanh,
 Linear, hidden 512; no dropout); jxhe/unify-parameter-efficient-tuning ``petl/petl_factory.py`` (MAM's prefix,
 hidden 800). Init (``init``):
 
@@ -35,7 +38,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 
-from ..config import ConfigError, MethodConfig, register
+from ..config import ConfigError, MethodConfig
+from ..registry import register_method
 from ..runtime import Gate, Installer, gate_per_token, gate_values
 from ..sites import AttentionSites, ModelMap
 from .base import DeltaMethod
@@ -43,7 +47,6 @@ from .base import DeltaMethod
 PREFIX_INITS = ("default", "bert", "words")
 
 
-@register
 @dataclass
 class PrefixConfig(MethodConfig):
     method = "prefix"
@@ -57,15 +60,14 @@ class PrefixConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        self.require_positive_ints("length")
-        if self.reparam_hidden < 1:
-            raise ConfigError(f"prefix reparam_hidden must be positive, got {self.reparam_hidden}")
+        self.require_positive_ints("length", "reparam_hidden")
         if self.init not in PREFIX_INITS:
             raise ConfigError(f"prefix init must be one of {PREFIX_INITS}, got {self.init!r}")
 
 
+@register_method(PrefixConfig)
 class Prefix(DeltaMethod):
-    config_class = PrefixConfig
+    quantized_base = True  # runs on bitsandbytes 4-/8-bit layers: reads and writes W through Projection
     serves_rows = True  # multi-task serving: other tasks' rows do not see this prefix
 
     def __init__(self, config: PrefixConfig, model_map: ModelMap):

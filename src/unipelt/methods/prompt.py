@@ -1,5 +1,11 @@
 """Prompt tuning (Lester et al. 2021): ``n`` trainable embeddings inserted into the input.
 
+``[e_cls, P, e_1 .. e_T]`` (BERT family) or ``[P, e_1 .. e_T]``: the input's embeddings ``e`` with the
+trained ``P`` (n x d) inserted, and the attention mask widened with ones, before the first layer.
+Reference: google-research/prompt-tuning ``prompt_tuning/prompts.py`` (``Prompt``) with
+``configs/models/t5_1_1_prompt.gin`` (length 100, ``uniform(scale=0.5)`` init); for UniPELT's prompt layer
+(``join="embeddings"``) adapter-hub/adapters ``methods/prompt_tuning.py`` (``PromptTuning``).
+
 Text models: the prompt goes after ``[CLS]`` in encoders that start with a summary token (BERT
 family), else at the start (GPT-2, LLaMA, T5's and BART's encoder input). The model's call is
 rewritten before it runs: ``n`` placeholder ids are inserted into ``input_ids`` (so code that reads
@@ -33,7 +39,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..config import ConfigError, MethodConfig, register
+from ..config import ConfigError, MethodConfig
+from ..registry import register_method
 from ..runtime import Installer, call_arguments
 from ..sites import ModelMap
 from .base import DeltaMethod
@@ -43,7 +50,6 @@ INITS = ("vocab", "uniform", "random")
 JOINS = ("input", "embeddings", "auto")
 
 
-@register
 @dataclass
 class PromptConfig(MethodConfig):
     method = "prompt"
@@ -105,8 +111,20 @@ def joins_after_embeddings(join: str, model_map: ModelMap) -> bool:
     return join == "embeddings" or (join == "auto" and embeddings_module(model_map) is not None)
 
 
+def learned_positions(model: nn.Module) -> int | None:
+    """How many positions the model's learned absolute position embeddings hold (GPT-2's ``wpe``, BERT's and
+    BART's), which a prompt inserted into the input uses up too; None where positions are relative or rotary."""
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and path.rsplit(".", 1)[-1] in ("wpe", "position_embeddings",
+                                                                            "embed_positions"):
+            pad = module.padding_idx  # RoBERTa counts positions from its padding id + 1
+            return module.num_embeddings - getattr(module, "offset", 0) - (pad + 1 if pad is not None else 0)
+    return None
+
+
+@register_method(PromptConfig)
 class Prompt(DeltaMethod):
-    config_class = PromptConfig
+    quantized_base = True  # runs on bitsandbytes 4-/8-bit layers: reads and writes W through Projection
     # multi-task serving, where every served task has a prompt of one length and position (load_tasks checks)
     serves_rows = True
 
@@ -145,6 +163,11 @@ class Prompt(DeltaMethod):
             if self.encoder_decoder:
                 self.__dict__["encoder"] = encoder
             words = self.embed_module
+        self.position_limit = None if self.after_embeddings else learned_positions(model)
+        if self.position_limit is not None and config.length >= self.position_limit:
+            raise ConfigError(f"{config.method} length {config.length} leaves no room for the input in "
+                              f"{type(model).__name__}'s {self.position_limit} positions; use a length below "
+                              f"{self.position_limit} (the prompt and the input share them)")
         if config.init == "vocab" and not self.vision:  # a ViT has no vocabulary: N(0, 0.02) there
             init = self._vocab_rows(words, gen)
         elif config.init == "uniform":
@@ -226,6 +249,10 @@ class Prompt(DeltaMethod):
         def insert_input(kwargs: dict[str, Any]) -> int:
             """Insert the prompt into ``input_ids`` or ``inputs_embeds`` and widen the mask; the length before."""
             ids, embeds, mask = kwargs.get("input_ids"), kwargs.get("inputs_embeds"), kwargs.get("attention_mask")
+            limit = self.position_limit
+            if limit is not None and (ids if ids is not None else embeds).shape[1] + n > limit:
+                raise ConfigError(f"an input of {(ids if ids is not None else embeds).shape[1]} tokens and a prompt "
+                                  f"of {n} exceed the model's {limit} positions; truncate inputs to {limit - n} tokens")
             if self.after_embeddings:  # the embeddings' output gets the prompt (fill_prompt); the ids stay
                 length = (ids if ids is not None else embeds).shape[1]
                 values[slot] = length

@@ -62,7 +62,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ConfigError, MethodConfig, register
+from ..config import ConfigError, MethodConfig
+from ..registry import register_method
 from ..runtime import Installer
 from ..sites import ModelMap
 from .base import DeltaMethod
@@ -99,7 +100,6 @@ TARGETS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"gelu": _gelu, "re
                                                                "tanh": torch.tanh}
 
 
-@register
 @dataclass
 class RationalConfig(MethodConfig):
     method = "rational"
@@ -149,6 +149,12 @@ def _compute_dtype(x: torch.Tensor, coefficients: torch.Tensor) -> torch.dtype:
     return torch.promote_types(torch.promote_types(x.dtype, coefficients.dtype), torch.float32)
 
 
+def _clamped(xc: torch.Tensor, tails: tuple[float, float, float, float] | None) -> torch.Tensor:
+    # by ``where``, not ``clamp``: clamp's gradient is 0 on the bounds themselves (bfloat16 holds +-5
+    # exactly), where the unit's slope is the rational's
+    return xc if tails is None else torch.where(xc > tails[1], tails[1], torch.where(xc < tails[0], tails[0], xc))
+
+
 def _evaluate(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor,
               tails: tuple[float, float, float, float] | None) -> torch.Tensor:
     """The unit's value (see :func:`rational`), as plain differentiable tensor operations."""
@@ -164,121 +170,6 @@ def _evaluate(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tenso
     return out.to(x.dtype)
 
 
-class _Rational(torch.autograd.Function):
-    """``P(x) / (1 + sum_k |b_k| |x|^k)`` on ``[lo, hi]``, continued by straight lines of fixed slopes beyond
-    it (``tails``; None: the rational everywhere). Saves only its inputs."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor,
-                tails: tuple[float, float, float, float] | None = None) -> torch.Tensor:
-        ctx.save_for_backward(x, numerator, denominator)
-        ctx.tails = tails
-        return _evaluate(x, numerator, denominator, tails)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, numerator, denominator = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:3]
-        if torch.compiler.is_compiling():
-            return (*_backward_elementwise(x, numerator, denominator, ctx.tails, grad, needs), None)
-        return (*_backward_stacked(x, numerator, denominator, ctx.tails, grad, needs), None)
-
-
-def _clamped(xc: torch.Tensor, tails: tuple[float, float, float, float] | None) -> torch.Tensor:
-    # by ``where``, not ``clamp``: clamp's gradient is 0 on the bounds themselves (bfloat16 holds +-5
-    # exactly), where the unit's slope is the rational's
-    return xc if tails is None else torch.where(xc > tails[1], tails[1], torch.where(xc < tails[0], tails[0], xc))
-
-
-def _slope(dp: torch.Tensor, ds: torch.Tensor, r: torch.Tensor, q: torch.Tensor, inner: torch.Tensor,
-           xc: torch.Tensor, tails: tuple[float, float, float, float] | None) -> torch.Tensor:
-    """dR/dx = (P'(x) - R sign(x) S'(|x|)) / Q, with ``S(u) = sum_k |b_k| u^k`` and ``ds = S'(|x|)``; beyond
-    the range the unit is a line, of its fixed slope whatever the coefficients."""
-    slope = (dp - r * torch.sign(inner) * ds) / q
-    if tails is None:
-        return slope
-    return torch.where(xc > tails[1], tails[3], torch.where(xc < tails[0], tails[2], slope))
-
-
-def _backward_elementwise(x, numerator, denominator, tails, grad, needs):
-    """The gradients as elementwise work and one sum per coefficient, for the compiler: it fuses them into a
-    few kernels that recompute every power from the saved input (nothing of size N is written but the
-    input's gradient). Eager, each of these would be a kernel of its own (see :func:`_backward_stacked`)."""
-    dtype = _compute_dtype(x, numerator)
-    a, b = numerator.to(dtype), denominator.to(dtype)
-    beta = b.abs()
-    xc, g = x.to(dtype), grad.to(dtype)
-    inner = _clamped(xc, tails)
-    u = inner.abs()
-    m, n = a.shape[0] - 1, b.shape[0]
-    q = _horner(u, beta) * u + 1
-    r = _horner(inner, a) / q
-    gq = g / q
-    grad_x = grad_a = grad_b = None
-    if needs[0]:
-        dp = _horner(inner, a[1:] * torch.arange(1, m + 1, dtype=dtype, device=a.device)) if m else torch.zeros_like(r)
-        ds = _horner(u, beta * torch.arange(1, n + 1, dtype=dtype, device=b.device))
-        grad_x = (g * _slope(dp, ds, r, q, inner, xc, tails)).to(x.dtype)
-    if needs[1]:  # dR/da_j = x^j / Q
-        power, sums = torch.ones_like(inner), []
-        for _ in range(m + 1):
-            sums.append((gq * power).sum())
-            power = power * inner
-        grad_a = torch.stack(sums).to(numerator.dtype)
-    if needs[2]:  # dR/db_k = -R sign(b_k) |x|^k / Q
-        weight, power, sums = gq * r, u, []
-        for _ in range(n):
-            sums.append((weight * power).sum())
-            power = power * u
-        grad_b = (torch.stack(sums) * torch.sign(b)).neg().to(denominator.dtype)
-    return grad_x, grad_a, grad_b
-
-
-def _backward_stacked(x, numerator, denominator, tails, grad, needs):
-    """The gradients with few kernels for eager runs: the powers as one (K, N) tensor, every polynomial a
-    matrix-vector product over it."""
-    dtype = _compute_dtype(x, numerator)
-    a, b = numerator.to(dtype), denominator.to(dtype)
-    beta = b.abs()
-    xc, g = x.to(dtype).reshape(-1), grad.to(dtype).reshape(-1)
-    inner = _clamped(xc, tails)
-    m, n = a.shape[0] - 1, b.shape[0]
-    # powers x^1 .. x^K as the rows of one (K, N) tensor, each row one multiplication of the last:
-    # every polynomial below (values, slopes) is then one matrix-vector product over it, where Horner's
-    # rule took a full-tensor kernel per degree (benchmarks/op_counts.py). Not a cumulative product
-    # along a width-K axis: CUDA's scan over such short rows took 73 ms a layer on an H100 at BERT-base
-    # (h100_bert_base_catalogue_run3). The denominator's |x|^k = |x^k| are the first n rows' sizes.
-    rows = [inner]
-    for _ in range(max(m, n) - 1):
-        rows.append(rows[-1] * inner)
-    powers = torch.stack(rows)
-    sizes = powers[:n].abs()
-
-    def poly(over: torch.Tensor, c0: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:  # c0 + sum c_j t^j
-        k = coefficients.shape[0]
-        return c0.expand_as(inner) if k == 0 else torch.addmv(c0, over[:k].t(), coefficients)
-
-    p = poly(powers, a[0], a[1:])
-    q = poly(sizes, b.new_ones(()), beta)
-    r = p / q
-    gq = g / q
-    grad_x = grad_a = grad_b = None
-    if needs[0]:
-        dp = poly(powers, a[1], a[2:] * torch.arange(2, m + 1, dtype=dtype, device=a.device)) if m \
-            else torch.zeros_like(p)
-        ds = poly(sizes, beta[0], beta[1:] * torch.arange(2, n + 1, dtype=dtype, device=b.device))  # S'(|x|)
-        grad_x = (g * _slope(dp, ds, r, q, inner, xc, tails)).to(x.dtype).reshape(x.shape)
-    # the coefficients act through R(clamped x) alone (the tails' slopes are fixed). Their gradients
-    # are row sums of the powers times a weight: an elementwise product and a reduction over N, which
-    # the GPU splits over many blocks; as ``powers @ g``, cuBLAS' matrix-vector product would give
-    # each of the K outputs (a sum over N = 12.6M at BERT-base) to few blocks.
-    if needs[1]:  # dR/da_j = x^j / Q
-        grad_a = torch.cat([gq.sum().reshape(1), (powers[:m] * gq).sum(1)]).to(numerator.dtype)
-    if needs[2]:  # dR/db_k = -R sign(b_k) |x|^k / Q
-        grad_b = ((sizes * (gq * r)).sum(1) * torch.sign(b)).neg_().to(denominator.dtype)
-    return grad_x, grad_a, grad_b
-
-
 def rational(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor,
              tails: tuple[float, float, float, float] | None = None) -> torch.Tensor:
     """The version-A safe Pade unit ``(sum_j a_j x^j) / (1 + sum_k |b_k| |x|^k)`` elementwise, on any shape.
@@ -286,7 +177,8 @@ def rational(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor
     ``numerator`` holds ``a_0 .. a_m``, ``denominator`` holds ``b_1 .. b_n``. With ``tails = (lo, hi,
     slope_lo, slope_hi)`` the unit is that rational on ``[lo, hi]`` and continues as straight lines of
     those slopes outside. Computed in float32 (or float64 when the input or coefficients are),
-    returned in the input's dtype.
+    returned in the input's dtype. The value is :func:`_evaluate`'s; the backward is hand-written (``_Rational``,
+    the speed path at the end of this module).
     """
     return _Rational.apply(x, numerator, denominator, tails)
 
@@ -616,8 +508,9 @@ def _module_paths(model: nn.Module) -> dict[int, str]:
     return {id(module): path for path, module in body.named_modules() if path}
 
 
+@register_method(RationalConfig)
 class Rational(DeltaMethod):
-    config_class = RationalConfig
+    quantized_base = True  # runs on bitsandbytes 4-/8-bit layers: reads and writes W through Projection
 
     def __init__(self, config: RationalConfig, model_map: ModelMap):
         super().__init__(config, model_map)
@@ -742,3 +635,119 @@ class Rational(DeltaMethod):
             unit = self.unit(key)
             original = getattr(parent, attr)
             installer.swap(parent, attr, _UnitSlot(unit) if isinstance(original, nn.Module) else _UnitCall(unit))
+
+
+# ------------------------------------------------------------------------- speed path: the unit's backward
+# --- speed path: the unit's hand-written backward. ``_Rational`` computes the same value as ``_evaluate`` above
+# and the same gradients as autograd through it, saving only its inputs (one tensor per call, as the activation it
+# replaces) and recomputing P and Q in few kernels: eager, the powers stacked into matrix-vector products
+# (``_backward_stacked``); compiled, elementwise work the compiler fuses (``_backward_elementwise``).
+
+
+class _Rational(torch.autograd.Function):
+    """``P(x) / (1 + sum_k |b_k| |x|^k)`` on ``[lo, hi]``, continued by straight lines of fixed slopes beyond
+    it (``tails``; None: the rational everywhere). Saves only its inputs."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor,
+                tails: tuple[float, float, float, float] | None = None) -> torch.Tensor:
+        ctx.save_for_backward(x, numerator, denominator)
+        ctx.tails = tails
+        return _evaluate(x, numerator, denominator, tails)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, numerator, denominator = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        if torch.compiler.is_compiling():
+            return (*_backward_elementwise(x, numerator, denominator, ctx.tails, grad, needs), None)
+        return (*_backward_stacked(x, numerator, denominator, ctx.tails, grad, needs), None)
+
+
+def _slope(dp: torch.Tensor, ds: torch.Tensor, r: torch.Tensor, q: torch.Tensor, inner: torch.Tensor,
+           xc: torch.Tensor, tails: tuple[float, float, float, float] | None) -> torch.Tensor:
+    """dR/dx = (P'(x) - R sign(x) S'(|x|)) / Q, with ``S(u) = sum_k |b_k| u^k`` and ``ds = S'(|x|)``; beyond
+    the range the unit is a line, of its fixed slope whatever the coefficients."""
+    slope = (dp - r * torch.sign(inner) * ds) / q
+    if tails is None:
+        return slope
+    return torch.where(xc > tails[1], tails[3], torch.where(xc < tails[0], tails[2], slope))
+
+
+def _backward_elementwise(x, numerator, denominator, tails, grad, needs):
+    """The gradients as elementwise work and one sum per coefficient, for the compiler: it fuses them into a
+    few kernels that recompute every power from the saved input (nothing of size N is written but the
+    input's gradient). Eager, each of these would be a kernel of its own (see :func:`_backward_stacked`)."""
+    dtype = _compute_dtype(x, numerator)
+    a, b = numerator.to(dtype), denominator.to(dtype)
+    beta = b.abs()
+    xc, g = x.to(dtype), grad.to(dtype)
+    inner = _clamped(xc, tails)
+    u = inner.abs()
+    m, n = a.shape[0] - 1, b.shape[0]
+    q = _horner(u, beta) * u + 1
+    r = _horner(inner, a) / q
+    gq = g / q
+    grad_x = grad_a = grad_b = None
+    if needs[0]:
+        dp = _horner(inner, a[1:] * torch.arange(1, m + 1, dtype=dtype, device=a.device)) if m else torch.zeros_like(r)
+        ds = _horner(u, beta * torch.arange(1, n + 1, dtype=dtype, device=b.device))
+        grad_x = (g * _slope(dp, ds, r, q, inner, xc, tails)).to(x.dtype)
+    if needs[1]:  # dR/da_j = x^j / Q
+        power, sums = torch.ones_like(inner), []
+        for _ in range(m + 1):
+            sums.append((gq * power).sum())
+            power = power * inner
+        grad_a = torch.stack(sums).to(numerator.dtype)
+    if needs[2]:  # dR/db_k = -R sign(b_k) |x|^k / Q
+        weight, power, sums = gq * r, u, []
+        for _ in range(n):
+            sums.append((weight * power).sum())
+            power = power * u
+        grad_b = (torch.stack(sums) * torch.sign(b)).neg().to(denominator.dtype)
+    return grad_x, grad_a, grad_b
+
+
+def _backward_stacked(x, numerator, denominator, tails, grad, needs):
+    """The gradients with few kernels for eager runs: the powers as one (K, N) tensor, every polynomial a
+    matrix-vector product over it."""
+    dtype = _compute_dtype(x, numerator)
+    a, b = numerator.to(dtype), denominator.to(dtype)
+    beta = b.abs()
+    xc, g = x.to(dtype).reshape(-1), grad.to(dtype).reshape(-1)
+    inner = _clamped(xc, tails)
+    m, n = a.shape[0] - 1, b.shape[0]
+    # powers x^1 .. x^K as the rows of one (K, N) tensor, each row one multiplication of the last:
+    # every polynomial below (values, slopes) is then one matrix-vector product over it, where Horner's
+    # rule took a full-tensor kernel per degree (benchmarks/op_counts.py). Not a cumulative product
+    # along a width-K axis: CUDA's scan over such short rows took 73 ms a layer on an H100 at BERT-base
+    # (docs/findings.md). The denominator's |x|^k = |x^k| are the first n rows' sizes.
+    rows = [inner]
+    for _ in range(max(m, n) - 1):
+        rows.append(rows[-1] * inner)
+    powers = torch.stack(rows)
+    sizes = powers[:n].abs()
+
+    def poly(over: torch.Tensor, c0: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:  # c0 + sum c_j t^j
+        k = coefficients.shape[0]
+        return c0.expand_as(inner) if k == 0 else torch.addmv(c0, over[:k].t(), coefficients)
+
+    p = poly(powers, a[0], a[1:])
+    q = poly(sizes, b.new_ones(()), beta)
+    r = p / q
+    gq = g / q
+    grad_x = grad_a = grad_b = None
+    if needs[0]:
+        dp = poly(powers, a[1], a[2:] * torch.arange(2, m + 1, dtype=dtype, device=a.device)) if m \
+            else torch.zeros_like(p)
+        ds = poly(sizes, beta[0], beta[1:] * torch.arange(2, n + 1, dtype=dtype, device=b.device))  # S'(|x|)
+        grad_x = (g * _slope(dp, ds, r, q, inner, xc, tails)).to(x.dtype).reshape(x.shape)
+    # the coefficients act through R(clamped x) alone (the tails' slopes are fixed). Their gradients
+    # are row sums of the powers times a weight: an elementwise product and a reduction over N, which
+    # the GPU splits over many blocks; as ``powers @ g``, cuBLAS' matrix-vector product would give
+    # each of the K outputs (a sum over N = 12.6M at BERT-base) to few blocks.
+    if needs[1]:  # dR/da_j = x^j / Q
+        grad_a = torch.cat([gq.sum().reshape(1), (powers[:m] * gq).sum(1)]).to(numerator.dtype)
+    if needs[2]:  # dR/db_k = -R sign(b_k) |x|^k / Q
+        grad_b = ((sizes * (gq * r)).sum(1) * torch.sign(b)).neg_().to(denominator.dtype)
+    return grad_x, grad_a, grad_b

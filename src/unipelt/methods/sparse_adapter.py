@@ -73,7 +73,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ConfigError, register
+from ..config import ConfigError
+from ..registry import register_method
 from ..runtime import Installer
 from .adapter import Adapter, AdapterConfig, init_bottleneck
 from .base import activation, cast_like, matmul_input
@@ -81,7 +82,6 @@ from .base import activation, cast_like, matmul_input
 SCOPES = ("global", "local")
 
 
-@register
 @dataclass
 class SparseAdapterConfig(AdapterConfig):
     method = "sparse_adapter"
@@ -228,24 +228,20 @@ class SparseBottleneck(nn.Module):
         return self.up(self.act(self.down(self.normalised(x))))
 
 
+@register_method(SparseAdapterConfig)
 class SparseAdapter(Adapter):
-    config_class = SparseAdapterConfig
-
     def _bottleneck(self, d: int) -> nn.Module:
         config: SparseAdapterConfig = self.config
         return SparseBottleneck(d, config.effective_bottleneck, config.activation, config.resolved_init,
                                 config.layer_norm)
 
-    def _add_delta(self, installer: Installer, site_key: str, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """The adapter reads ``LN(x)``; the residual stays ``x``'s (dropout, fused path and gate as ``adapter``)."""
-        return super()._add_delta(installer, site_key, self.adapters[site_key].normalised(x), residual)
-
-    def _fusable(self, site_key: str) -> bool:
-        return True
-
     def _plain_weights(self, site_key: str) -> tuple[torch.Tensor, ...]:
         bottleneck = self.adapters[site_key]
         return bottleneck.down.masked_weight(), bottleneck.down.bias, bottleneck.up.masked_weight(), bottleneck.up.bias
+
+    def _add_delta(self, installer: Installer, site_key: str, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The adapter reads ``LN(x)``; the residual stays ``x``'s (dropout, fused path and gate as ``adapter``)."""
+        return super()._add_delta(installer, site_key, self.adapters[site_key].normalised(x), residual)
 
     def masked_layers(self) -> dict[str, MaskedLinear]:
         """Every masked matrix by its module name (``adapters.<site>.down`` / ``.up``)."""
@@ -285,6 +281,11 @@ class SparseAdapter(Adapter):
                               f"unexpected {list(unexpected)[:5]}")
         for name, layer in layers.items():
             layer.load_sparse_state(own[name], name)
+
+    # --- speed path: the masked weights (``_plain_weights``) run through :mod:`unipelt.kernels.bottleneck`'s fused
+    # kernels, which compute the same ``f(x W_d^T + b_d) W_u^T + b_u`` on them.
+    def _fusable(self, site_key: str) -> bool:
+        return True
 
 
 def sparse_adapters(model: nn.Module) -> dict[str, SparseAdapter]:

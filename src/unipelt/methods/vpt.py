@@ -27,13 +27,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ConfigError, MethodConfig, register, register_preset
+from ..config import ConfigError, MethodConfig
+from ..registry import Preset, register_method
 from ..runtime import Installer
 from ..sites import ModelMap
 from .base import DeltaMethod
 
 
-@register
 @dataclass
 class VPTConfig(MethodConfig):
     method = "vpt"
@@ -59,12 +59,11 @@ class VPTConfig(MethodConfig):
         return 0.1 if self.deep else 0.0
 
 
-register_preset("vpt_deep", VPTConfig, "VPT-deep: new prompt tokens at the input of every ViT layer "
-                "(prompt dropout 0.1)", deep=True)
-
-
+@register_method(VPTConfig, presets={
+    "vpt_deep": Preset("VPT-deep: new prompt tokens at the input of every ViT layer (prompt dropout 0.1)", deep=True),
+})
 class VPT(DeltaMethod):
-    config_class = VPTConfig
+    quantized_base = True  # runs on bitsandbytes 4-/8-bit layers: reads and writes W through Projection
 
     def __init__(self, config: VPTConfig, model_map: ModelMap):
         super().__init__(config, model_map)

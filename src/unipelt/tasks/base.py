@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +18,18 @@ import torch
 
 class TaskDataError(ValueError):
     """Data that cannot be used: missing files, a column layout that does not match, unknown labels."""
+
+
+def read_lines(path: Path) -> list[str]:
+    """A text file's lines; bad UTF-8, a folder where the file should be or an unreadable file is a
+    :class:`TaskDataError` naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return list(f)
+    except UnicodeDecodeError as e:
+        raise TaskDataError(f"{path}: not UTF-8 text ({e}); save the file as UTF-8") from e
+    except OSError as e:  # a folder where the file should be, an unreadable file
+        raise TaskDataError(f"{path} cannot be read ({e})") from e
 
 
 @dataclass

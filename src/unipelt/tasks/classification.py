@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from . import metrics
-from .base import Features, Task, TaskDataError
+from .base import Features, Task, TaskDataError, read_lines
 
 
 @dataclass
@@ -86,8 +87,13 @@ def read_tsv(path: Path) -> list[list[str]]:
     if not path.exists():
         raise TaskDataError(f"missing data file {path}; point --data-dir at the folder holding the task's files")
     csv.field_size_limit(sys.maxsize)
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        return [row for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if row]
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return [row for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if row]
+    except UnicodeDecodeError as e:
+        raise TaskDataError(f"{path}: not UTF-8 text ({e}); save the file as UTF-8") from e
+    except (OSError, csv.Error) as e:  # a folder where the file should be, an unreadable file
+        raise TaskDataError(f"{path} cannot be read as a TSV file ({e})") from e
 
 
 class SequenceTask(Task):
@@ -103,9 +109,12 @@ class SequenceTask(Task):
     def label_index(self, raw: Any, where: str) -> int | float | None:
         if self.labels is None:
             try:
-                return float(raw)
+                score = float(raw)
             except (TypeError, ValueError) as e:
                 raise TaskDataError(f"{where}: score {raw!r} is not a number") from e
+            if not math.isfinite(score):
+                raise TaskDataError(f"{where}: score {raw!r} is not a finite number")
+            return score
         raw = str(raw).strip()
         if raw not in self.labels:
             raise TaskDataError(f"{where}: label {raw!r} is not one of task {self.name}'s labels {list(self.labels)}; "
@@ -190,6 +199,11 @@ class GlueTask(SequenceTask):
                                     f"(text in column {idx[0]}, label in column {idx[2]})") from None
             label = self.label_index(raw, f"{path}:{line}") if raw not in (None, "") else None
             out.append(TextExample(a, b, label))
+        unlabelled = [i for i, ex in enumerate(out) if ex.label is None]
+        # the trainer batches rows alike: a label on every row, or (a test split) on none
+        if unlabelled and (split != "test" or len(unlabelled) < len(out)):
+            raise TaskDataError(f"{path}:{unlabelled[0] + (2 if has_header else 1)}: no label; label every row of "
+                                f"the {split} split" + ("" if split != "test" else ", or none"))
         return out
 
     def _load_hub(self, split: str) -> list[TextExample]:
@@ -246,17 +260,22 @@ class JsonlTask(SequenceTask):
         if not path.exists():
             raise TaskDataError(f"missing data file {path}; --data-dir must hold train.jsonl, dev.jsonl (test.jsonl)")
         out = []
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TaskDataError(f"{path}:{line_no}: not JSON ({e})") from e
-                if not isinstance(item, dict) or "text" not in item or "label" not in item:
-                    raise TaskDataError(f"{path}:{line_no}: each line needs 'text' and 'label' fields")
-                out.append(item)
+        for line_no, line in enumerate(read_lines(path), start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep to parse
+                raise TaskDataError(f"{path}:{line_no}: not JSON ({str(e).splitlines()[0]})") from e
+            if not isinstance(item, dict) or "text" not in item or "label" not in item:
+                raise TaskDataError(f"{path}:{line_no}: each line needs 'text' and 'label' fields")
+            if not isinstance(item["text"], str):
+                raise TaskDataError(f"{path}:{line_no}: 'text' must be a string, got {item['text']!r}")
+            label = item["label"]
+            if isinstance(label, bool) or not isinstance(label, (str, int, float)) \
+                    or (isinstance(label, float) and not math.isfinite(label)):
+                raise TaskDataError(f"{path}:{line_no}: 'label' must be a string or a number, got {label!r}")
+            out.append(item)
         return out
 
     def load(self, split: str, data_dir: str | None) -> list[TextExample]:
@@ -266,6 +285,9 @@ class JsonlTask(SequenceTask):
         folder = self.data_folder(data_dir)
         if self.labels is None:
             train = self._read(folder / "train.jsonl")
+            if not train:
+                raise TaskDataError(f"{folder / 'train.jsonl'} holds no examples; the task's labels are the training "
+                                    f"file's, so it needs at least one line of text and label")
             self.labels = tuple(sorted({str(item["label"]) for item in train}))
         items = self._read(folder / f"{split}.jsonl")
         return [TextExample(str(it["text"]), None, self.label_index(it["label"], f"{folder / split}.jsonl"))

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from . import metrics
-from .base import Features, Task, TaskDataError
+from .base import Features, Task, TaskDataError, read_lines
 
 HUB_PATH = "eriktks/conll2003"
 _FILES = {"train": ("train.txt",), "dev": ("dev.txt", "valid.txt", "testa.txt"), "test": ("test.txt", "testb.txt")}
@@ -53,12 +53,7 @@ def read_conll(path: Path) -> list[TokenExample]:
     out: list[TokenExample] = []
     tokens: list[str] = []
     tags: list[str] = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = list(f)
-    except UnicodeDecodeError as e:
-        raise TaskDataError(f"{path}: not UTF-8 text ({e})") from e
-    for line_no, line in enumerate(lines, start=1):
+    for line_no, line in enumerate(read_lines(path), start=1):
         cols = line.split()
         if not cols:
             if tokens:

@@ -92,8 +92,12 @@ def parse_squad(path: Path) -> list[QAExample]:
             doc = json.load(f)
     except json.JSONDecodeError as e:
         raise TaskDataError(f"{path}: not JSON ({e})") from e
+    except RecursionError as e:
+        raise TaskDataError(f"{path}: not JSON of SQuAD's layout (nested too deep to parse)") from e
     except UnicodeDecodeError as e:
         raise TaskDataError(f"{path}: not UTF-8 text ({e})") from e
+    except OSError as e:  # a folder where the file should be, an unreadable file
+        raise TaskDataError(f"{path} cannot be read ({e})") from e
     articles = _need(doc, "data", list, "the top level", path)
     out = []
     for i, article in enumerate(articles):
@@ -162,7 +166,13 @@ class SquadTask(Task):
                                 f"articles; report on the test split ({folder / 'resplit-test.json'}) instead")
         path = train if split == "train" else self._file(folder, split)
         if path is not None:
-            return parse_squad(path)
+            examples = parse_squad(path)
+            unanswered = [ex.id for ex in examples if not ex.answers]
+            # the trainer batches rows alike: answers on every question, or (a test split) on none
+            if unanswered and (split != "test" or len(unanswered) < len(examples)):
+                raise TaskDataError(f"{path}: question {unanswered[0]!r} has no answers; give every question of the "
+                                    f"{split} split its answers" + ("" if split != "test" else ", or none"))
+            return examples
         if split == "test":
             raise TaskDataError(f"SQuAD 1.1 publishes no test set and neither {folder / 'test.json'} nor "
                                 f"{folder / 'resplit-test.json'} exists; report on the dev split, or put a "

@@ -18,14 +18,18 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
 import random
 import resource
+import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +58,9 @@ DEFAULT_LR = {
 # parts trained at a fraction of the run's rate unless --part-lr says otherwise (unipelt_legacy's prefix: a tenth)
 DEFAULT_PART_LR = {"unipelt_legacy": {"prefix": 0.1}}
 RUN_FILE, RESULTS_FILE, CHECKPOINT_FILE = "run.json", "results.json", "checkpoint.pt"
+LOCK_FILE = ".lock"  # held while a run writes into its folder
+# 2: loadable with torch.load(weights_only=True) (config as plain JSON values); 1 (untagged) needed unpickling
+CHECKPOINT_FORMAT = 2
 
 
 class TrainingDiverged(RuntimeError):
@@ -107,7 +114,7 @@ class RunConfig:
 def adamw_implementation(params: list[torch.Tensor]) -> dict[str, bool]:
     """AdamW's fused update (one kernel per dtype) where every trainable tensor is on a GPU: a PEFT method has
     many small tensors (UniPELT on BERT-base 197), whose per-tensor host work the multi-tensor default
-    pays every step (compiled UniPELT step on an H100: 11.08 -> 10.22 ms, `benchmarks/results/speed`)."""
+    pays every step (compiled UniPELT step on an H100: 11.08 -> 10.22 ms, docs/findings.md)."""
     if params and all(p.is_cuda and p.is_floating_point() for p in params):
         return {"fused": True}
     return {}
@@ -285,6 +292,22 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
 
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A run's resume state, read with ``weights_only=True``: tensors, numbers, strings and containers only, so a
+    crafted file runs no code. Files of another format (older unipelt, or not ours) are refused, never unpickled."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # UnpicklingError for a foreign object, RuntimeError/EOFError for a damaged file
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"{path} cannot be read safely as a unipelt checkpoint ({reason[:160]}); it was written by "
+                          f"an older unipelt, is damaged, or is not ours: delete it and start the run again "
+                          f"without --resume") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"{path} is not a unipelt checkpoint of format {CHECKPOINT_FORMAT} (an older unipelt wrote "
+                          f"it, or another program); delete it and start the run again without --resume")
+    return ckpt
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     serialization._atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
@@ -431,9 +454,42 @@ def _check_out(out: Path, resume: bool) -> None:
         raise ConfigError(f"{out} holds an interrupted run; pass --resume to continue it, or choose another --out")
 
 
+@contextlib.contextmanager
+def exclusive_folder(out: Path, what: str = "run") -> Iterator[None]:
+    """Hold ``out/.lock`` while a run (or a sweep) writes into ``out``, so that a second one started on the same
+    ``--out`` refuses instead of writing over the first's files. Only the main process locks (``accelerate``
+    starts one ``run`` per process). A run that fails before writing anything leaves no folder behind."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    lock_path = out / LOCK_FILE
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another unipelt {what} is writing into {out}; wait for it to end (then --resume if it "
+                              f"was stopped) or choose another --out") from None
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            if failed and created and {f.name for f in out.iterdir()} == {LOCK_FILE}:
+                lock_path.unlink()
+                out.rmdir()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     """Train ``cfg.method`` on ``cfg.task`` and write the run into ``cfg.out``; returns the results."""
     out = Path(cfg.out)
+    with exclusive_folder(out):
+        return _run(cfg, out, log)
+
+
+def _run(cfg: RunConfig, out: Path, log) -> dict[str, Any]:
     _check_out(out, cfg.resume)
     device = _device(cfg.device)
     prep = _prepare(cfg)
@@ -486,7 +542,7 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     state = {"step": 0, "best": None, "best_step": 0, "bad_evals": 0, "history": []}
     best_weights = _trainable_state(bare)
     if cfg.resume and (out / CHECKPOINT_FILE).exists():
-        ckpt = torch.load(out / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        ckpt = read_checkpoint(out / CHECKPOINT_FILE)
         if ckpt["config"]["task"] != cfg.task or ckpt["config"]["method"] != cfg.method:
             raise ConfigError(f"{out / CHECKPOINT_FILE} belongs to {ckpt['config']['task']}/{ckpt['config']['method']}"
                               f", not {cfg.task}/{cfg.method}")
@@ -511,7 +567,8 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
             return
         rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-        _atomic_torch_save({"config": asdict(cfg), "weights": _trainable_state(bare),
+        _atomic_torch_save({"format": CHECKPOINT_FORMAT, "config": json.loads(json.dumps(asdict(cfg), default=str)),
+                            "weights": _trainable_state(bare),
                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                             "state": state, "best_weights": best_weights, "rng": rng}, out / CHECKPOINT_FILE)
 
@@ -611,14 +668,20 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
 def _save_full(model: torch.nn.Module, tok: Any, target: Path) -> None:
     """``save_pretrained`` into a temporary folder, then swap it in."""
     tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=target.parent))
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    except BaseException as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, OSError):
+            kept = "the previous model there is intact" if target.exists() else "nothing was saved"
+            raise serialization.DeltaFileError(f"could not write the model into {target} ({error.strerror or error}); "
+                                               f"{kept}; free space, then run again with --resume") from error
+        raise
     if target.exists():
         old = target.with_name(target.name + ".old")
         os.replace(target, old)
         os.replace(tmp, target)
-        import shutil
-
         shutil.rmtree(old)
     else:
         os.replace(tmp, target)
