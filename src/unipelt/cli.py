@@ -6,6 +6,8 @@
     unipelt pretrain --mlm --text FILE... --out DIR
     unipelt report RUN_DIRS...
     unipelt sweep SPEC.yaml --out DIR --jobs N
+    unipelt federated --task sst2 --method lora --clients 10 --per-round 5 --rounds 20 --alpha 0.5
+        [--serve HOST:PORT | --connect HOST:PORT --cid I]
 
 Bad input (unknown task or method, missing data, a model without a tokenizer, ...) prints one line
 ``error: ...`` and exits with code 2; a diverged loss exits with code 3.
@@ -188,6 +190,38 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _federated(args: argparse.Namespace) -> int:
+    from .config import ConfigError
+
+    try:
+        from . import federated
+    except ImportError as e:
+        raise ConfigError(f"unipelt federated needs Flower ({e}); pip install 'unipelt[federated]'") from None
+    if args.report:
+        result = federated.report(args.report, args.out or "out/federated-report")
+        print(result["table"], end="")
+        print(f"wrote {result['json']} and {result['png']}")
+        return 0
+    if not args.task:
+        raise ConfigError("unipelt federated needs --task (or --report RUN_DIRS...)")
+    cfg = federated.FederatedConfig(
+        task=args.task, method=args.method, model=args.model, data_dir=args.data_dir,
+        out=args.out or f"out/federated-{args.task}-{args.method}", clients=args.clients, per_round=args.per_round,
+        rounds=args.rounds, local_epochs=args.local_epochs, alpha=args.alpha, seed=args.seed, lr=args.lr,
+        batch_size=args.batch_size, max_length=args.max_length, k_shot=args.k_shot, device=args.device,
+        method_options=method_options(args.set, args.config), resume=args.resume,
+    )
+    if args.connect:
+        if args.cid is None:
+            raise ConfigError("a client (--connect) needs --cid: which shard of the training data it holds")
+        federated.connect(cfg, args.cid, args.connect)
+    elif args.serve:
+        federated.serve(cfg, args.serve)
+    else:
+        federated.run_federated(cfg)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .train.loop import COMPILE_MODES
 
@@ -282,6 +316,35 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("tasks", "settings", "methods"):
         w.add_argument(f"--{name}", default=None, metavar="A,B", help=f"run only these {name} of the grid")
     w.set_defaults(func=_sweep)
+
+    f = sub.add_parser("federated", help="federated PEFT on Flower: simulated clients, FedAvg of the deltas")
+    f.add_argument("--task", default=None)
+    f.add_argument("--method", default="lora", help="a method name or 'full' (the baseline); default lora")
+    f.add_argument("--model", default=None)
+    f.add_argument("--data-dir", default=None)
+    f.add_argument("--clients", type=int, default=10)
+    f.add_argument("--per-round", type=int, default=5, help="clients sampled in each round")
+    f.add_argument("--rounds", type=int, default=20)
+    f.add_argument("--local-epochs", type=float, default=1.0)
+    f.add_argument("--alpha", type=float, default=None,
+                   help="Dirichlet concentration of a label-skewed split (absent: IID shards)")
+    f.add_argument("--seed", type=int, default=1)
+    f.add_argument("--lr", type=float, default=None)
+    f.add_argument("--batch-size", type=int, default=16)
+    f.add_argument("--max-length", type=int, default=None)
+    f.add_argument("--k-shot", type=int, default=None, help="K training examples over all clients (and K to validate)")
+    f.add_argument("--device", default="cpu")
+    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    f.add_argument("--config", default=None)
+    f.add_argument("--out", default=None, help="run folder (default out/federated-TASK-METHOD)")
+    f.add_argument("--resume", action="store_true", help="restart the server from the last aggregated delta")
+    f.add_argument("--serve", default=None, metavar="HOST:PORT",
+                   help="run the server alone (Flower gRPC) at this address; start --clients clients with --connect")
+    f.add_argument("--connect", default=None, metavar="HOST:PORT", help="run one client alone, of the server there")
+    f.add_argument("--cid", type=int, default=None, help="with --connect: this client's shard, 0 .. --clients - 1")
+    f.add_argument("--report", nargs="+", default=None, metavar="RUN_DIR",
+                   help="instead of training: a table and a score-against-bytes plot of these runs into --out")
+    f.set_defaults(func=_federated)
 
     # listed here for --help; its options belong to unipelt.bench (main() hands the arguments over)
     sub.add_parser("bench", help="training speed and memory of every method beside peft and adapters")
