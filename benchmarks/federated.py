@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import statistics
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
+
+from _pool import run_pool  # the script's folder is on sys.path
 
 TASKS = ("rte", "mrpc", "sst2")
 SPLITS = (None, 0.1, 1.0)  # None: IID
@@ -123,22 +123,7 @@ def main() -> None:
     if not opts.summarise_only:
         jobs = grid(opts)
         print(f"{len(jobs)} runs to do, {opts.workers} workers", flush=True)
-        with ProcessPoolExecutor(opts.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            pending: set = set()
-            while jobs or pending:
-                while jobs and len(pending) < opts.workers and (opts.deadline is None
-                                                                or time.time() - start < opts.deadline):
-                    pending.add(pool.submit(one_run, jobs.pop(0)))
-                if not pending:
-                    break
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for f in done:
-                    try:
-                        r = f.result()
-                        print(f"{Path(r['out']).name}: {r['score']:.4f} ({r['seconds']:.0f} s)", flush=True)
-                    except Exception as e:  # one failed run must not stop the grid
-                        print(f"run failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        print(f"{len(jobs)} runs left undone (deadline)", flush=True)
+        run_pool(one_run, jobs, opts.workers, opts.deadline, start)
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"

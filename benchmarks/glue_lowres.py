@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
+
+from _pool import run_pool  # the script's folder is on sys.path
 
 TASKS = ("sst2", "rte", "mrpc", "stsb")
 KS = (100, 1000)
@@ -134,7 +134,7 @@ def summarise(rows: list[dict], device: str) -> tuple[dict, str]:
     ks = sorted({t["k"] for t in table})
     labels = [m for m in METHODS if any(t["method"] == m for t in table)]
     tasks = [t for t in TASKS if any(row["task"] == t for row in table)]
-    models = sorted({Path(str(r["model"])).name for r in rows}) or ["?"]
+    models = sorted({Path(str(r["model"])).name for r in rows if r.get("model")}) or ["?"]
     lines = [f"Device: {device}. Model: {', '.join(models)}. Dev-set scores, mean ± std over seeds "
              f"(accuracy for SST-2/RTE, F1 for MRPC, Pearson for STS-B). MRPC and STS-B dev are the re-split files "
              f"of shared/data, not GLUE's published dev sets.", ""]
@@ -195,6 +195,9 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=None, help="start no new run after this many seconds")
     parser.add_argument("--device-name", default=None, help="how to name the device in the results")
     parser.add_argument("--summarise-only", action="store_true")
+    parser.add_argument("--add-runs", nargs="+", type=Path, default=[], metavar="RUNS.jsonl",
+                        help="runs of earlier calls (a *.runs.jsonl this script wrote) to join the table; a run "
+                             "also in --out is taken from --out")
     parser.add_argument("--part-lr", action="append", default=[], metavar="METHOD=LR",
                         help="a learning rate for one part of a composition, e.g. prefix=2e-4")
     parser.add_argument("--lr", action="append", default=[], metavar="LABEL=LR",
@@ -207,36 +210,22 @@ def main() -> None:
     opts.out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     if not opts.summarise_only:
-        import multiprocessing
-
         jobs = grid(opts)
         print(f"{len(jobs)} runs to do, {opts.workers} workers", flush=True)
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=opts.workers, mp_context=ctx) as pool:
-            pending = set()
-            while jobs or pending:
-                while jobs and len(pending) < opts.workers and (opts.deadline is None
-                                                                or time.time() - start < opts.deadline):
-                    pending.add(pool.submit(one_run, jobs.pop(0)))
-                if not pending:
-                    break
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for f in done:
-                    try:
-                        r = f.result()
-                        print(f"{Path(r['out']).name}: {r['score']:.4f} ({r['seconds']:.0f} s)", flush=True)
-                    except Exception as e:  # report and go on: one failed run must not stop the grid
-                        print(f"run failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        print(f"{len(jobs)} runs left undone (deadline)", flush=True)
+        run_pool(one_run, jobs, opts.workers, opts.deadline, start)
     import torch
 
     device = opts.device_name or (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
     rows = collect(opts.out)
+    here = {(r["task"], r["k_shot"], r["label"], r["seed"]) for r in rows}
+    for path in opts.add_runs:
+        earlier = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows += [r for r in earlier if (r["task"], r["k_shot"], r["label"], r["seed"]) not in here]
     summary, table = summarise(rows, device)
     opts.results.mkdir(parents=True, exist_ok=True)
     (opts.results / "glue_lowres.json").write_text(json.dumps(summary, indent=2) + "\n")
     # every run's own score too, so that seeds run in later calls can join the same table
-    keep = ("task", "k_shot", "label", "seed", "main_metric", "score", "trainable_params", "wall_time_s")
+    keep = ("task", "k_shot", "label", "seed", "main_metric", "score", "trainable_params", "wall_time_s", "model")
     (opts.results / "glue_lowres.runs.jsonl").write_text(
         "".join(json.dumps({key: r.get(key) for key in keep}) + "\n" for r in rows))
     (opts.results / "glue_lowres.md").write_text(table + "\n")

@@ -33,17 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_model(folder: Path) -> str:
-    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+    from unipelt.models import save_tiny_model
 
-    from unipelt.models import default_model_path
-
-    tok = AutoTokenizer.from_pretrained(default_model_path())
-    torch.manual_seed(0)
-    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                        vocab_size=tok.vocab_size, max_position_embeddings=128)
-    BertForMaskedLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
+    return save_tiny_model(folder)
 
 
 def small_glue(source: Path, folder: Path, rows: int = 120) -> Path:

@@ -15,10 +15,10 @@ import argparse
 import json
 import statistics
 import sys
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _pool import run_pool  # noqa: E402
 from glue_lowres import one_run  # noqa: E402
 
 
@@ -74,18 +74,7 @@ def main() -> None:
                 job.update(overrides)
                 jobs.append(job)
     print(f"{len(jobs)} runs, {opts.workers} workers", flush=True)
-    import multiprocessing
-
-    with ProcessPoolExecutor(max_workers=opts.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pending = {pool.submit(one_run, j) for j in jobs}
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for f in done:
-                try:
-                    r = f.result()
-                    print(f"{Path(r['out']).name}: {r['score']:.4f} ({r['seconds']:.0f} s)", flush=True)
-                except Exception as e:  # one failed run must not stop the sweep
-                    print(f"run failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    run_pool(one_run, jobs, opts.workers)
 
     rows = []
     lines = [f"{opts.method}, K={opts.k_shot}, seeds {opts.seeds}, {opts.epochs:g} epochs, "

@@ -129,6 +129,21 @@ def logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
     return out.logits
 
 
+def load_with_peft(name: str, folder) -> torch.nn.Module:
+    """``peft.PeftModel.from_pretrained`` on a fresh base of family ``name``; fails on any missing or
+    unexpected adapter key (peft only warns about them)."""
+    import warnings
+
+    import peft
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = peft.PeftModel.from_pretrained(build(name), folder).eval()
+    problems = [str(w.message) for w in caught if "adapter keys" in str(w.message) or "missing" in str(w.message)]
+    assert not problems, problems
+    return model
+
+
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request) -> str:
     return request.param

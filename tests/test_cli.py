@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForMaskedLM
+from transformers import AutoModelForSequenceClassification, BertConfig, BertForMaskedLM
 
 import unipelt
 from unipelt.cli import EXIT_BAD_INPUT, EXIT_DIVERGED, main
-from unipelt.models import default_model_path
+from unipelt.models import default_model_path, save_tiny_model
 from unipelt.train import loop
 
 DATA = Path(os.environ.get("UNIPELT_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -29,13 +29,7 @@ needs_glue = pytest.mark.skipif(not (GLUE / "SST-2" / "train.tsv").exists(),
 
 def save_tiny_bert(folder: Path, **config: Any) -> str:
     """A 2-layer BERT with hidden size 32 and the MiniLM tokenizer, saved like a pretrained model."""
-    tok = AutoTokenizer.from_pretrained(default_model_path())
-    torch.manual_seed(0)
-    bert = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                      vocab_size=tok.vocab_size, max_position_embeddings=128, **config)
-    BertForMaskedLM(bert).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
+    return save_tiny_model(folder, **config)
 
 
 @pytest.fixture(scope="module")

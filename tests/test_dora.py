@@ -20,7 +20,7 @@ import torch.nn as nn
 peft = pytest.importorskip("peft")
 
 import unipelt  # noqa: E402
-from conftest import build, inputs, logits, perturb_, step  # noqa: E402
+from conftest import build, inputs, load_with_peft, logits, perturb_, step  # noqa: E402
 from unipelt.core import deltas  # noqa: E402
 from unipelt.methods.lora import olora_factors, pissa_factors  # noqa: E402
 
@@ -61,16 +61,6 @@ def copy_from_peft(model: nn.Module, reference: nn.Module) -> None:
             pair.B.weight.copy_(layer.lora_B["default"].weight)
             if method.config.dora:
                 pair.m.copy_(layer.lora_magnitude_vector["default"].weight)
-
-
-def load_with_peft(name: str, folder) -> nn.Module:
-    """``PeftModel.from_pretrained`` on a fresh base; fails on any missing or unexpected adapter key."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = peft.PeftModel.from_pretrained(build(name), folder).eval()
-    problems = [str(w.message) for w in caught if "adapter keys" in str(w.message) or "missing" in str(w.message)]
-    assert not problems, problems
-    return model
 
 
 def outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -241,6 +241,31 @@ def test_full_disk_during_save_keeps_the_previous_delta(tmp_path: Path, monkeypa
     assert not any((tmp_path / "new").iterdir())
 
 
+def _current_umask() -> int:
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_saved_files_get_the_mode_open_gives_and_a_replaced_file_keeps_its_own(tmp_path: Path) -> None:
+    import stat
+
+    model = unipelt.attach(build("bert"), "lora")
+    unipelt.save(model, tmp_path / "a")
+    expected = 0o666 & ~serialization._UMASK
+    assert expected == 0o666 & ~_current_umask()
+    files = [f for f in (tmp_path / "a").iterdir() if f.is_file()]
+    assert files and {stat.S_IMODE(f.stat().st_mode) for f in files} == {expected}  # not mkstemp's 0600
+    for f in files:
+        f.chmod(0o640)
+    unipelt.save(model, tmp_path / "a")
+    assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o640}
+    serialization.atomic_write_text(tmp_path / "note.txt", "x")
+    assert stat.S_IMODE((tmp_path / "note.txt").stat().st_mode) == expected
+
+
 @needs_glue
 def test_full_disk_at_the_end_of_a_run_says_so_and_resumes(uninterrupted, tiny_model, small_glue, tmp_path,  # noqa: F811
                                                           monkeypatch, capsys) -> None:

@@ -10,7 +10,6 @@ to differ from the base model's, so that agreeing means something.
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ import torch
 peft = pytest.importorskip("peft")
 
 import unipelt  # noqa: E402
-from conftest import build, inputs, logits, perturb_  # noqa: E402
+from conftest import build, inputs, load_with_peft, logits, perturb_  # noqa: E402
 from unipelt.core import attachment, deltas  # noqa: E402
 
 # float32 rounding of two orders of the same sums (peft's LoRA path against ours): a few 1e-6 on logits of
@@ -45,16 +44,6 @@ def peft_model(name: str, use_rslora: bool = False):
     changed = [p for n, p in model.named_parameters() if "lora_B" in n or "modules_to_save" in n]
     assert len(changed) > 0
     randomize(changed)
-    return model
-
-
-def load_with_peft(name: str, folder):
-    """``PeftModel.from_pretrained`` on a fresh base; fails on any missing or unexpected adapter key."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = peft.PeftModel.from_pretrained(build(name), folder).eval()
-    problems = [str(w.message) for w in caught if "adapter keys" in str(w.message) or "missing" in str(w.message)]
-    assert not problems, problems
     return model
 
 

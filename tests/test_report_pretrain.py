@@ -19,7 +19,7 @@ from transformers import (
     BertModel,
 )
 
-from unipelt.models import default_model_path
+from unipelt.models import default_model_path, save_tiny_model
 from unipelt.report import aggregate, collect, format_table, plot, report
 from unipelt.train.pretrain import MARKER_FILE, PretrainingDiverged, mask_tokens, run_mlm, tokenize_lines
 
@@ -201,15 +201,9 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory, tokenizer) -> Path:
+def tiny_bert(tmp_path_factory) -> Path:
     """A randomly initialised 2-layer BERT with the MiniLM tokenizer, saved as a masked-LM checkpoint."""
-    path = tmp_path_factory.mktemp("tiny_bert")
-    torch.manual_seed(0)
-    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                        vocab_size=tokenizer.vocab_size, max_position_embeddings=64)
-    BertForMaskedLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return Path(save_tiny_model(tmp_path_factory.mktemp("tiny_bert"), max_position_embeddings=64))
 
 
 @pytest.fixture(scope="module")

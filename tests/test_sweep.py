@@ -15,12 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
 from unipelt.cli import EXIT_BAD_INPUT, main
 from unipelt.config import ConfigError
-from unipelt.models import default_model_path
-from unipelt.sweep import load_spec, plan, run_sweep, write_report
+from unipelt.models import save_tiny_model
+from unipelt.sweep import import_runs, load_spec, plan, run_sweep, write_report
 from unipelt.train import RunConfig, run
 
 WORDS = ["good", "bad", "film", "plot", "actor", "scene", "long", "short", "music", "story"]
@@ -28,16 +27,7 @@ WORDS = ["good", "bad", "film", "plot", "actor", "scene", "long", "short", "musi
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
-    import torch
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    tok = AutoTokenizer.from_pretrained(default_model_path())
-    torch.manual_seed(0)
-    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                        vocab_size=tok.vocab_size, max_position_embeddings=64)
-    BertForMaskedLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-bert"), max_position_embeddings=64)
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +156,23 @@ def test_plan_merges_settings_orders_seeds_first_and_skips_cells_without_domain_
     assert by["text", "k8", "full", 2].run_dir == tmp_path / "runs" / "text" / "k8" / "full" / "seed2"
 
 
+def test_grid_filters_pick_tasks_settings_methods_and_seeds(tiny_model, text_task, tmp_path) -> None:
+    from unipelt.sweep import _part
+
+    spec = _spec(tiny_model, text_task, tasks=["text", "rte"], seeds=[1, 2, 3])
+    spec["settings"]["k16"] = {"k_shot": 16, "tasks": ["rte"]}
+    grid = plan(load_spec(spec), tmp_path)
+    part = _part(grid, {"seeds": ["3"], "methods": ["lora", "full"]})  # seeds arrive as text from the CLI
+    assert {(j.seed, j.label) for j in part} == {(3, "lora"), (3, "full")}
+    assert len(part) == 2 * (2 + 1)  # 2 methods x (k8 on both tasks + k16 on rte)
+    assert {(j.task, j.setting) for j in _part(grid, {"tasks": ["rte"], "settings": ["k16"], "seeds": [1]})} \
+        == {("rte", "k16")}
+    with pytest.raises(ConfigError, match=r"--seeds names \['4'\]"):
+        _part(grid, {"seeds": ["4"]})
+    with pytest.raises(ConfigError, match="unknown grid filter"):
+        _part(grid, {"seed": ["1"]})
+
+
 @pytest.mark.parametrize("change, message", [
     ({"tasks": ["nosuchtask"]}, "unknown task"),
     ({"methods": {"lora": {"bogus": 1}}}, "unknown setting"),
@@ -218,6 +225,42 @@ def test_sweep_runs_the_grid_reports_it_and_skips_finished_runs(tiny_model, text
     assert "8 done, 0 to run" in again[0]
     assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep").rglob("results.json")}
 
+    # the finished runs move to another folder (another machine) as one file, and are not run there again
+    carried = tmp_path / "runs.jsonl"
+    assert main(["sweep", str(spec_file(spec, tmp_path)), "--out", str(tmp_path / "sweep"), "--report-only",
+                 "--export-runs", str(carried)]) == 0
+    assert len(carried.read_text().splitlines()) == 8
+    moved = tmp_path / "moved"
+    assert import_runs(spec, moved, carried) == {"imported": 8, "kept": 0, "not_in_grid": 0}
+    assert import_runs(spec, moved, carried) == {"imported": 0, "kept": 8, "not_in_grid": 0}
+    assert write_report(spec, moved)["entries"] == summary["entries"]
+    there: list[str] = []
+    run_sweep(spec, moved, jobs=1, device="cpu", log=there.append)
+    assert "8 done, 0 to run" in there[0]
+    spec.seeds = [1]  # lines of seed 2 belong to no run of this smaller grid
+    assert import_runs(spec, tmp_path / "fewer", carried) == {"imported": 4, "kept": 0, "not_in_grid": 4}
+
+
+def spec_file(spec, folder: Path) -> Path:
+    """``spec`` (a Spec) as a JSON file the command line reads."""
+    path = folder / "spec.json"
+    path.write_text(json.dumps({k: v for k, v in spec.__dict__.items() if k != "description"}))
+    return path
+
+
+@pytest.mark.parametrize("content", ['{"run": "text/k8/lora/seed1"}\n', "not json\n"])
+def test_importing_a_bad_runs_file_is_a_one_line_error(tiny_model, text_task, tmp_path, capsys, content) -> None:
+    bad = tmp_path / "runs.jsonl"
+    bad.write_text(content)
+    path = spec_file(load_spec(_spec(tiny_model, text_task)), tmp_path)
+    assert main(["sweep", str(path), "--out", str(tmp_path / "o"), "--report-only", "--import-runs", str(bad)]) \
+        == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and ":1 is not a run line" in err and "--export-runs" in err, err
+    assert main(["sweep", str(path), "--out", str(tmp_path / "o"), "--import-runs", str(tmp_path / "none.jsonl")]) \
+        == EXIT_BAD_INPUT
+    assert "cannot read the runs file" in capsys.readouterr().err
+
 
 def test_a_failed_run_is_reported_and_the_rest_finish(tiny_model, text_task, tmp_path) -> None:
     spec = _spec(tiny_model, text_task, seeds=[1])
@@ -264,3 +307,24 @@ def test_deadline_stops_runs_and_the_report_shows_what_finished(tiny_model, text
     assert any(m.startswith("deadline: stopped text/k8/full/seed1") for m in messages), messages
     assert any((tmp_path / "runs").rglob("checkpoint.pt"))  # the stopped run resumes next time
     assert write_report(spec, tmp_path)["counts"]["done"] == 0
+
+
+def test_under_a_deadline_a_run_its_cell_says_cannot_finish_is_not_started(tiny_model, text_task, tmp_path) -> None:
+    spec = _spec(tiny_model, text_task)
+    spec["methods"] = {"full": {"method": "full"}, "lora": {}}
+    spec = load_spec(spec)
+    run_sweep(spec, tmp_path, device="cpu", only={"methods": ["lora"], "seeds": [1]}, log=lambda m: None)
+    finished = tmp_path / "runs" / "text" / "k8" / "lora" / "seed1" / "results.json"
+    results = json.loads(finished.read_text())
+    results["wall_time_s"] = 1000.0  # as if this cell's runs took 1,000 s on this machine
+    finished.write_text(json.dumps(results))
+    messages: list[str] = []
+    summary = run_sweep(spec, tmp_path, device="cpu", deadline=300, log=messages.append)
+    done = {(e["label"], s) for e in summary["entries"] for s in e.get("seeds", [])}
+    assert done == {("lora", 1), ("full", 1), ("full", 2)}  # full has no finished run to go by: it starts
+    assert any("1 runs not started, as the finished runs of their cells took longer" in m for m in messages), \
+        messages
+    assert not (tmp_path / "runs" / "text" / "k8" / "lora" / "seed2").exists()
+    run_sweep(spec, tmp_path, device="cpu", log=lambda m: None)  # no deadline: it runs
+    assert (tmp_path / "runs" / "text" / "k8" / "lora" / "seed2" / "results.json").exists()
+

@@ -9,6 +9,8 @@
   ``domain_text/biomed.txt``. IMDB and HyperPartisan texts are cut after their 256th MiniLM token in train
   and their 128th in dev and test (classification reads 126 besides [CLS] and [SEP], so its inputs are
   unchanged; TAPT sees the first 256 tokens of each training text).
+- ``fedglue.tar.xz``: RTE, MRPC and SST-2 alone, for ``benchmarks/federated.py``'s call, whose Flower wheels
+  leave no room for the whole data beside the model.
 """
 
 from __future__ import annotations
@@ -75,6 +77,9 @@ def main() -> None:
         for name in ("resplit-train.json", "resplit-test.json"):
             tar.add(data / "squad" / name, arcname=f"data/squad/{name}")
         tar.add(data / "domain_text" / "biomed.txt", arcname="data/domain_text/biomed.txt")
+    with tarfile.open(out / "fedglue.tar.xz", "w:xz", preset=9) as tar:  # benchmarks/federated.py's tasks only
+        for task in ("RTE", "MRPC", "SST-2"):
+            tar.add(data / "glue" / task, arcname=f"data/glue/{task}")
     for path in sorted(out.rglob("*")):
         if path.is_file() and path.stat().st_size > 1 << 20:
             print(f"{path.stat().st_size / 2**20:6.1f} MiB  {path}")

@@ -4,7 +4,10 @@
 set -euo pipefail
 dest=${1:-/tmp/seed001}
 mkdir -p "$dest"
-tar -xJf .devcarry/data.tar.xz -C "$dest"
+# each call carries what it needs: the whole data (data.tar.xz) or only the federated benchmark's GLUE tasks
+for archive in .devcarry/data.tar.xz .devcarry/fedglue.tar.xz; do
+    if [ -f "$archive" ]; then tar -xJf "$archive" -C "$dest"; fi
+done
 rm -rf "$dest/minilm" && cp -r .devcarry/minilm16 "$dest/minilm"
 xz -d "$dest/minilm/model.safetensors.xz"
 python - "$dest/minilm/model.safetensors" <<'PY'

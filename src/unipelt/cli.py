@@ -174,19 +174,26 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .sweep import load_spec, run_sweep, write_report
+    from .sweep import export_runs, import_runs, load_spec, run_sweep, write_report
 
     spec = load_spec(args.spec)
     spec.data_dir = args.data_dir or spec.data_dir
     spec.model = args.model or spec.model
+    if args.import_runs:
+        counts = import_runs(spec, args.out, args.import_runs)
+        print(f"imported {counts['imported']} finished runs from {args.import_runs} ({counts['kept']} finished "
+              f"here already, {counts['not_in_grid']} not in this grid)")
     if args.report_only:
-        print(write_report(spec, args.out)["table"], end="")
-        return 0
-    gpus = args.gpus.split(",") if args.gpus else None
-    only = {name: getattr(args, name).split(",") for name in ("tasks", "settings", "methods") if getattr(args, name)}
-    summary = run_sweep(spec, args.out, jobs=args.jobs, gpus=gpus, deadline=args.deadline, device=args.device,
-                        only=only)
+        summary = write_report(spec, args.out)
+    else:
+        gpus = args.gpus.split(",") if args.gpus else None
+        only = {name: getattr(args, name).split(",") for name in ("tasks", "settings", "methods", "seeds")
+                if getattr(args, name)}
+        summary = run_sweep(spec, args.out, jobs=args.jobs, gpus=gpus, deadline=args.deadline, device=args.device,
+                            only=only)
     print(summary["table"], end="")
+    if args.export_runs:
+        print(f"exported {export_runs(spec, args.out, args.export_runs)} finished runs to {args.export_runs}")
     return 0
 
 
@@ -313,7 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--report-only", action="store_true", help="write the report from the runs finished so far")
     w.add_argument("--data-dir", default=None, help="the data root (overrides the spec's data_dir)")
     w.add_argument("--model", default=None, help="the base model (overrides the spec's model)")
-    for name in ("tasks", "settings", "methods"):
+    w.add_argument("--import-runs", default=None, metavar="FILE.jsonl",
+                   help="first take the finished runs of this file (from --export-runs): they are not run again")
+    w.add_argument("--export-runs", default=None, metavar="FILE.jsonl",
+                   help="at the end write every finished run's results into this one file, to carry elsewhere")
+    for name in ("tasks", "settings", "methods", "seeds"):
         w.add_argument(f"--{name}", default=None, metavar="A,B", help=f"run only these {name} of the grid")
     w.set_defaults(func=_sweep)
 

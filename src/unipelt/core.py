@@ -155,12 +155,18 @@ def _uninstall(state: Attachment) -> list[str]:
 def _reinstall(model: nn.Module, state: Attachment, names: list[str]) -> None:
     """Install the stored methods ``names`` again, in the order ``add_method`` installed them."""
     store = deltas(model)
-    if names:
-        _hook_model_calls(model, state)
     for name in names:
-        installer = Installer(model, state.context, name)
-        store[name].install(installer)
-        state.installers[name] = installer
+        _install(model, state, name, store[name])
+
+
+def _install(model: nn.Module, state: Attachment, name: str, method: nn.Module) -> Installer:
+    """Put one stored method's hooks on the model (and the model-level call hooks, first time)."""
+    if not state.handles:
+        _hook_model_calls(model, state)
+    installer = Installer(model, state.context, name)
+    method.install(installer)
+    state.installers[name] = installer
+    return installer
 
 
 def _copy_attached(model: nn.Module, memo: dict[int, Any]) -> nn.Module:
@@ -321,11 +327,7 @@ def add_method(model: nn.Module, config: MethodConfig, name: str | None = None) 
     for p in method.parameters():
         p.requires_grad_(True)
     store[name] = method
-    if not state.handles:
-        _hook_model_calls(model, state)
-    installer = Installer(model, state.context, name)
-    method.install(installer)
-    state.installers[name] = installer
+    installer = _install(model, state, name, method)
     if installer._providers and state.attention_routing is None:
         state.attention_routing = attention.route_through_unipelt(model)
     return name

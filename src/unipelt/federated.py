@@ -34,7 +34,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,9 @@ class FederatedConfig:
     device: str | None = "cpu"
     method_options: dict[str, Any] = field(default_factory=dict)
     resume: bool = False
+
+
+_RUN_FIELDS = {f.name for f in fields(loop.RunConfig)}  # the fields above that each local run takes as they are
 
 
 # ------------------------------------------------------------------------------------------------ shards
@@ -301,8 +304,7 @@ class DeltaFedAvg(FedAvg):
     def __init__(self, *, initial: bytes, clients: int, per_round: int, seed: int, local_epochs: float,
                  on_round: Callable[[int, bytes, dict[str, Any]], float], base: str | None = None,
                  rounds_done: int = 0, connect_timeout: float = 86400.0) -> None:
-        super().__init__(fraction_fit=per_round / clients, min_fit_clients=per_round,
-                         min_available_clients=clients, accept_failures=True)
+        super().__init__(accept_failures=True)  # the picks are configure_fit's own: FedAvg's fractions unused
         self.initial, self.clients, self.per_round, self.seed = initial, clients, per_round, seed
         self.local_epochs, self.on_round, self.base = local_epochs, on_round, base
         self.rounds_done, self.connect_timeout = rounds_done, connect_timeout
@@ -418,10 +420,9 @@ def _check(cfg: FederatedConfig) -> None:
 def _setup(cfg: FederatedConfig, out: Path) -> _Setup:
     _check(cfg)
     device = loop._device(cfg.device)
-    run_cfg = loop.RunConfig(task=cfg.task, method=cfg.method, model=cfg.model, k_shot=cfg.k_shot, seed=cfg.seed,
-                             lr=cfg.lr, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
-                             max_length=cfg.max_length, data_dir=cfg.data_dir, out=str(out), device=device,
-                             method_options=dict(cfg.method_options))
+    shared = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name in _RUN_FIELDS}  # the local run's fields
+    run_cfg = loop.RunConfig(**{**shared, "out": str(out), "device": device, "resume": False,
+                                "method_options": dict(cfg.method_options)})
     prep = loop._prepare(run_cfg)
     if cfg.method == "full":
         for p in prep.model.parameters():
@@ -561,7 +562,6 @@ def report(paths: list[str | Path], out_dir: str | Path) -> dict[str, Any]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from .report import _atomic
 
     runs = []
     for path in map(Path, paths):
@@ -597,7 +597,7 @@ def report(paths: list[str | Path], out_dir: str | Path) -> dict[str, Any]:
     ax.grid(True, alpha=0.3)
     ax.legend()
     png, js = out_dir / "federated.png", out_dir / "federated.json"
-    _atomic(png, lambda tmp: fig.savefig(tmp, format="png"))
-    _atomic(js, lambda tmp: Path(tmp).write_text(json.dumps({"table": table, "runs": [
+    serialization._atomic_write(png, lambda tmp: fig.savefig(tmp, format="png"))
+    serialization._atomic_write(js, lambda tmp: Path(tmp).write_text(json.dumps({"table": table, "runs": [
         {k: r[k] for k in ("task", "method", "alpha", "rounds", "score", "bytes_total")} for r in runs]}, indent=2)))
     return {"table": table, "json": js, "png": png}

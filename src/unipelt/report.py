@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from .serialization import _atomic_write
 
 RESULTS_FILE = "results.json"
 REPORT_JSON = "report.json"
@@ -289,23 +289,11 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     handles = [Line2D([], [], linestyle="", marker=style[m][1], color=style[m][0], markersize=8) for m in methods]
     fig.legend(handles=handles, labels=methods, loc="outside right upper", title="method")
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     return path
 
 
 # --------------------------------------------------------------------------------------------- report
-
-
-def _atomic(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, so a killed run never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def report(paths: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:
@@ -319,6 +307,6 @@ def report(paths: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / REPORT_JSON
     text = json.dumps(rows, indent=2)
-    _atomic(json_path, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+    _atomic_write(json_path, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
     png_path = plot(rows, out_dir / REPORT_PNG)
     return {"table": format_table(rows), "json": json_path, "png": png_path}

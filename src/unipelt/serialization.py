@@ -81,11 +81,30 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _process_umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: once, at import
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()
+
+
+def _give_mode(written: str | os.PathLike, path: Path) -> None:
+    """Give the file ``written`` (to be renamed over ``path``) the mode ``open`` would give a new file, or the
+    mode of the file it replaces. Temporary files (mkstemp's, and safetensors' own) are 0600, which would hide
+    results and deltas from the other users of a shared folder."""
+    os.chmod(written, (os.stat(path).st_mode & 0o7777) if path.exists() else 0o666 & ~_UMASK)
+
+
 def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder and rename it over ``path``: a reader sees the old
+    file or the new one, never a part."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        _give_mode(tmp, path)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -188,8 +207,10 @@ def _commit_pair(folder: Path, write_delta, meta: dict[str, Any]) -> None:
     delta_new, meta_new = folder / (DELTA_FILE + PENDING), folder / (META_FILE + PENDING)
     try:
         write_delta(str(delta_new))
+        _give_mode(delta_new, folder / DELTA_FILE)
         meta = {**meta, "delta_sha256": _sha256(delta_new)}
         meta_new.write_text(json.dumps(meta, indent=2) + "\n")
+        _give_mode(meta_new, folder / META_FILE)
         for written in (delta_new, meta_new):
             with open(written, "rb") as f:
                 os.fsync(f.fileno())

@@ -22,7 +22,9 @@ Fields are merged common < setting < task_options < method.
 
 Each run writes into ``OUT/runs/TASK/SETTING/LABEL/seedN`` (``log.txt`` holds its output). A run with a
 ``results.json`` is skipped, one with a checkpoint resumes, so killing a sweep and starting it again
-loses at most the steps since each run's last validation. Runs are separate processes, ``jobs`` per GPU
+loses at most the steps since each run's last validation. Under a deadline, a run whose cell's finished
+runs took longer than the time left is not started. ``export_runs`` / ``import_runs`` carry the finished
+runs to another machine as one file. Runs are separate processes, ``jobs`` per GPU
 on every visible GPU (or on the CPU); seeds are the outer loop, so the first seed of every cell finishes
 first and a DAPT/TAPT model pretrained there serves the later seeds from the cache.
 """
@@ -233,8 +235,8 @@ def run_sweep(spec: Spec, out: str | os.PathLike, jobs: int = 1, gpus: Sequence[
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every unfinished job of the grid, ``jobs`` at a time per GPU (or on the CPU), then write the
     report. ``deadline`` (seconds from now): start nothing after it and stop what runs (it resumes next
-    time). ``only`` runs part of the grid: ``{"tasks": [...], "settings": [...], "methods": [...]}``; the
-    report still covers the whole grid. Returns the report's summary."""
+    time). ``only`` runs part of the grid: ``{"tasks": [...], "settings": [...], "methods": [...],
+    "seeds": [...]}``; the report still covers the whole grid. Returns the report's summary."""
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     out = Path(out)
@@ -282,9 +284,16 @@ def _run_locked(spec: Spec, out: Path, grid: list[Job], part: list[Job], jobs: i
         log(f"[{finished_before + done_now}/{runnable} done, {len(failed)} failed, {len(running)} running] "
             f"{_duration(elapsed)} elapsed{eta}")
 
+    expected = _expected_seconds(grid) if deadline is not None else {}
+    too_long: list[Job] = []
     while todo or running:
         while todo and free and time.monotonic() < stop_at:
-            job = todo.pop(0)
+            left = stop_at - time.monotonic()
+            job = next((j for j in todo if expected.get(_cell(j), 0.0) <= left), None)
+            if job is None:  # each would be stopped at the deadline and start again from scratch elsewhere
+                too_long, todo = todo, []
+                break
+            todo.remove(job)
             gpu = free.pop(0)
             config = dict(job.config)
             if device is not None:
@@ -316,6 +325,9 @@ def _run_locked(spec: Spec, out: Path, grid: list[Job], part: list[Job], jobs: i
                 failed.append(job.name)
                 log(f"FAILED {job.name}: {reason} (log: {job.run_dir / LOG_FILE})")
         progress()
+    if too_long:
+        log(f"deadline: {len(too_long)} runs not started, as the finished runs of their cells took longer than "
+            f"the time left; run again with a longer --deadline")
     if todo:
         log(f"deadline: {len(todo)} runs not started; run the same command again to continue")
     summary = write_report(spec, out, grid)
@@ -324,17 +336,41 @@ def _run_locked(spec: Spec, out: Path, grid: list[Job], part: list[Job], jobs: i
     return summary
 
 
-def _part(grid: list[Job], only: dict[str, Sequence[str]]) -> list[Job]:
-    keys = {"tasks": "task", "settings": "setting", "methods": "label"}
+def _cell(job: Job) -> tuple[str, str, str]:
+    return job.task, job.setting, job.label
+
+
+def _expected_seconds(grid: Sequence[Job]) -> dict[tuple[str, str, str], float]:
+    """How long a run of each cell is expected to take, from its finished runs (imported ones too): the
+    longest, pretraining that was not cached included, plus a fifth and 15 s for starting a process. Under a
+    deadline a run that would not finish in time is not started: a machine that is given back keeps no
+    checkpoint, so it would start again from scratch on the next."""
+    longest: dict[tuple[str, str, str], float] = {}
+    for job in grid:
+        if not job.done():
+            continue
+        try:
+            r = json.loads((job.run_dir / RESULTS_FILE).read_text())
+            seconds = float(r["wall_time_s"]) + sum(float(p.get("wall_time_s") or 0.0)
+                                                    for p in r.get("pretraining", []) if not p.get("cached"))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        longest[_cell(job)] = max(longest.get(_cell(job), 0.0), seconds)
+    return {cell: 1.2 * seconds + 15.0 for cell, seconds in longest.items()}
+
+
+def _part(grid: list[Job], only: dict[str, Sequence[Any]]) -> list[Job]:
+    keys = {"tasks": "task", "settings": "setting", "methods": "label", "seeds": "seed"}
     unknown = sorted(set(only) - set(keys))
     if unknown:
         raise ConfigError(f"unknown grid filter(s) {unknown}; use {sorted(keys)}")
-    for name, wanted in only.items():
-        present = {getattr(j, keys[name]) for j in grid}
-        missing = sorted(set(wanted) - present)
+    wanted = {name: {str(v) for v in values} for name, values in only.items()}  # seeds come as text from the CLI
+    for name, values in wanted.items():
+        present = {str(getattr(j, keys[name])) for j in grid}
+        missing = sorted(values - present)
         if missing:
-            raise ConfigError(f"--only {name} names {missing}, which the spec's grid lacks ({sorted(present)})")
-    return [j for j in grid if all(getattr(j, keys[n]) in set(w) for n, w in only.items())]
+            raise ConfigError(f"--{name} names {missing}, which the spec's grid lacks ({sorted(present)})")
+    return [j for j in grid if all(str(getattr(j, keys[n])) in v for n, v in wanted.items())]
 
 
 def _failure(job: Job, exitcode: int | None) -> str:
@@ -342,6 +378,52 @@ def _failure(job: Job, exitcode: int | None) -> str:
         return json.loads((job.run_dir / FAILED_FILE).read_text())["error"]
     except (OSError, ValueError, KeyError):
         return f"the process ended with code {exitcode} and no results (killed, or out of memory)"
+
+
+# ------------------------------------------------------------------------------------ moving a sweep
+
+
+def export_runs(spec: Spec, out: str | os.PathLike, path: str | os.PathLike) -> int:
+    """Write every finished run of the grid as one JSON line ``{"run": NAME, "results": {...}}`` into ``path``
+    (atomically); returns how many. With :func:`import_runs` a sweep moves between machines as one small
+    file: the results only, no checkpoints or models (a GPU machine that is lent for minutes keeps nothing)."""
+    lines = [json.dumps({"run": job.name, "results": json.loads((job.run_dir / RESULTS_FILE).read_text())},
+                        separators=(",", ":")) for job in plan(spec, out) if job.done()]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def import_runs(spec: Spec, out: str | os.PathLike, path: str | os.PathLike) -> dict[str, int]:
+    """Give each run of ``path`` (written by :func:`export_runs`) that the grid plans and that has no results
+    yet its ``results.json``, so the sweep skips it; a run already finished here is kept as it is. Returns
+    the counts ``imported``, ``kept`` (finished here already) and ``not_in_grid`` (lines of another spec)."""
+    jobs = {job.name: job for job in plan(spec, out)}
+    counts = {"imported": 0, "kept": 0, "not_in_grid": 0}
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read the runs file {path} ({e.strerror}); pass a file --export-runs wrote") \
+            from None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            name, results = record["run"], record["results"]
+            float(results["score"])
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"{path}:{number} is not a run line of --export-runs ({{\"run\": ..., \"results\": "
+                              f"...}}); pass a file that --export-runs wrote") from None
+        job = jobs.get(name)
+        if job is None:
+            counts["not_in_grid"] += 1
+        elif job.done():
+            counts["kept"] += 1
+        else:
+            job.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(job.run_dir / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
+            counts["imported"] += 1
+    return counts
 
 
 # ---------------------------------------------------------------------------------------------- report
