@@ -240,6 +240,38 @@ def test_sweep_runs_the_grid_reports_it_and_skips_finished_runs(tiny_model, text
     spec.seeds = [1]  # lines of seed 2 belong to no run of this smaller grid
     assert import_runs(spec, tmp_path / "fewer", carried) == {"imported": 4, "kept": 0, "not_in_grid": 4}
 
+    # score-only records (runs whose folders were lost, kept from the lines the sweep printed) count in the
+    # report; the trainable counts come from a full record of the cell, else of the same task and label
+    def score_only(results: dict) -> dict:
+        kept = ("task", "method", "label", "seed", "k_shot", "split", "main_metric", "score", "metrics", "wall_time_s")
+        return {**{k: results[k] for k in kept}, "record": "score", "source": "a printed line"}
+
+    lines = [json.loads(line) for line in carried.read_text().splitlines()]
+    mixed = []
+    for line in lines:
+        r = line["results"]
+        if r["label"] == "lora" or (r["label"] == "full" and r["seed"] == 1):
+            r = score_only(r)
+        mixed.append({"run": line["run"], "results": r})
+        if r["label"] == "lora+big":
+            mixed.append({"run": line["run"].replace("/k8/", "/k4/"), "results": score_only(r)})
+    mixed_file = tmp_path / "mixed.jsonl"
+    mixed_file.write_text("".join(json.dumps(m) + "\n" for m in mixed))
+    two = load_spec(_spec(tiny_model, text_task, domain_text))
+    two.settings["k4"] = {"k_shot": 4, "max_steps": 4, "eval_every": 2}
+    assert import_runs(two, tmp_path / "mixed", mixed_file)["imported"] == 10
+    report = {(e["setting"], e["label"]): e for e in write_report(two, tmp_path / "mixed")["entries"]}
+    full = report[("k8", "full")]
+    assert full["scores"] == entries["full"]["scores"] and full["score_only_seeds"] == [1]
+    assert full["trainable_params"] == entries["full"]["trainable_params"] and full["lr"] == entries["full"]["lr"]
+    assert report[("k8", "lora")]["trainable_params"] is None  # no full record of lora anywhere
+    assert report[("k8", "lora")]["mean"] == pytest.approx(entries["lora"]["mean"])
+    k4 = report[("k4", "lora+big")]
+    assert k4["n"] == 2 and k4["trainable_params"] == entries["lora+big"]["trainable_params"] and k4["lr"] is None
+    assert k4["trainable_percent"] == pytest.approx(entries["lora+big"]["trainable_percent"])
+    table = (tmp_path / "mixed" / "table.txt").read_text()
+    assert "setting k4" in table and "lora+big" in table
+
 
 def spec_file(spec, folder: Path) -> Path:
     """``spec`` (a Spec) as a JSON file the command line reads."""

@@ -434,11 +434,20 @@ def _percent_scale(task: str) -> float:
     return 1.0 if task == "squad" else 100.0
 
 
+# What a run reports about its model and recipe, the same for every seed of a cell (and, but for the
+# recipe, for the same task and label in every setting). A score-only record (``"record": "score"``: a
+# run whose folder was lost, kept from the line the sweep printed) lacks them; they come from a sibling.
+_CELL_FIELDS = ("trainable_params", "total_params", "model", "lr", "train_examples", "report_examples")
+_MODEL_FIELDS = ("trainable_params", "total_params", "model")
+
+
 def summarize(spec: Spec, grid: Sequence[Job]) -> dict[str, Any]:
     """One entry per task x setting x label: per-seed scores, mean, std, every metric, trainable parameters."""
     cells: dict[tuple[str, str, str], list[Job]] = {}
     for job in grid:
         cells.setdefault((job.task, job.setting, job.label), []).append(job)
+    finished = {key: [json.loads((j.run_dir / RESULTS_FILE).read_text()) for j in jobs if j.done()]
+                for key, jobs in cells.items()}
     entries = []
     for (task, setting, label), jobs in cells.items():
         entry: dict[str, Any] = {"task": task, "setting": setting, "label": label, "method": jobs[0].config["method"],
@@ -447,27 +456,36 @@ def summarize(spec: Spec, grid: Sequence[Job]) -> dict[str, Any]:
         if jobs[0].skip:
             entries.append({**entry, "skipped": jobs[0].skip})
             continue
-        results = [json.loads((j.run_dir / RESULTS_FILE).read_text()) for j in jobs if j.done()]
+        results = finished[(task, setting, label)]
         failed = [j.seed for j in jobs if not j.done() and (j.run_dir / FAILED_FILE).exists()]
         entry.update(seeds=[r["seed"] for r in results], failed_seeds=failed, n=len(results))
         if results:
             scores = [float(r["score"]) for r in results]
             metric_names = sorted({m for r in results for m in r["metrics"]})
+            full = next((r for r in results if "trainable_params" in r), None)
+            sibling = full or next((r for (t, _, lab), rs in finished.items() if t == task and lab == label
+                                    for r in rs if "trainable_params" in r), None)
+            about = {k: (full or {}).get(k) for k in _CELL_FIELDS}
+            about.update({k: sibling[k] for k in _MODEL_FIELDS} if sibling else {})
             entry.update(
                 main_metric=results[0]["main_metric"], split=results[0]["split"], scores=scores,
                 mean=statistics.fmean(scores), std=statistics.stdev(scores) if len(scores) > 1 else 0.0,
                 metrics={m: {"values": [r["metrics"][m] for r in results if m in r["metrics"]],
                              "mean": statistics.fmean(r["metrics"][m] for r in results if m in r["metrics"]),
                              "std": statistics.stdev([r["metrics"][m] for r in results if m in r["metrics"]])
-                             if len(results) > 1 else 0.0} for m in metric_names},
-                trainable_params=results[0]["trainable_params"], total_params=results[0]["total_params"],
-                trainable_percent=100.0 * results[0]["trainable_params"] / results[0]["total_params"],
-                model=results[0]["model"], lr=results[0]["lr"], steps=[r["steps"] for r in results],
+                             if sum(m in r["metrics"] for r in results) > 1 else 0.0} for m in metric_names},
+                **about,
+                trainable_percent=100.0 * about["trainable_params"] / about["total_params"]
+                if about["trainable_params"] is not None else None,
+                steps=[r.get("steps") for r in results],
                 wall_time_s=[round(r["wall_time_s"], 1) for r in results],
-                train_examples=results[0]["train_examples"], report_examples=results[0]["report_examples"],
                 pretraining=[[{k: p.get(k) for k in ("stage", "text", "lines", "steps", "wall_time_s", "cached")}
                               for p in r.get("pretraining", [])] for r in results],
             )
+            score_only = [r["seed"] for r in results if r.get("record") == "score"]
+            if score_only:
+                entry["score_only_seeds"] = score_only
+                entry["score_only_source"] = next(r.get("source") for r in results if r.get("record") == "score")
         entries.append(entry)
     return {"description": spec.description, "model": spec.model or "embedded all-MiniLM-L6-v2",
             "seeds": spec.seeds, "settings": spec.settings, "entries": entries}
@@ -521,7 +539,7 @@ def format_tables(summary: dict[str, Any], tasks: Sequence[str]) -> str:
             expected = len([c for c in cols if c[0] != "squad" or c[1] == "f1"])
             avg = f"{statistics.fmean(values):.1f}" + ("" if len(values) == expected else f" ({len(values)})") \
                 if values else ""
-            shares = [e["trainable_percent"] for e in by_task.values() if e.get("n")]
+            shares = [e["trainable_percent"] for e in by_task.values() if e.get("trainable_percent") is not None]
             rows.append([label, *cells, avg, f"{statistics.fmean(shares):.3g}" if shares else ""])
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         lines.append(f"setting {setting} ({summary['settings'][setting]})".replace("'", ""))
@@ -551,7 +569,7 @@ def write_report(spec: Spec, out: str | os.PathLike, grid: Sequence[Job] | None 
     atomic_write_text(out / "table.txt", table)
     rows = [{"task": f"{e['task']} ({e['setting']})", "k_shot": e["k_shot"], "method": e["label"],
              "trainable_params": e["trainable_params"], "score_mean": e["mean"], "score_std": e["std"],
-             "main_metric": e["main_metric"]} for e in summary["entries"] if e.get("n")]
+             "main_metric": e["main_metric"]} for e in summary["entries"] if e.get("trainable_params") is not None]
     if rows:
         plot(rows, out / "plot.png")
     return summary
