@@ -11,5 +11,5 @@ if [ -f "$results/runs.jsonl" ] && [ "$(wc -l <"$back/runs.jsonl")" -lt "$(wc -l
 fi
 cp "$back/runs.jsonl" "$results/runs.jsonl.tmp" && mv "$results/runs.jsonl.tmp" "$results/runs.jsonl"
 rm -rf out/seed001
-unipelt sweep benchmarks/seed001/spec.yaml --out out/seed001 --import-runs "$results/runs.jsonl" --report-only
+unipelt sweep benchmarks/seed001/spec.yaml --data-dir "${UNIPELT_DATA_DIR:-../shared/data}" --out out/seed001 --import-runs "$results/runs.jsonl" --report-only
 cp out/seed001/summary.json out/seed001/table.txt out/seed001/plot.png "$results/"

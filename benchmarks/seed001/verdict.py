@@ -1,0 +1,72 @@
+"""The seed's claim, tested on the runs so far: UniPELT + prompt against each baseline, paired by task and seed.
+
+    python benchmarks/seed001/verdict.py   # reads benchmarks/results/seed001/runs.jsonl, writes verdict.json
+
+For each setting and baseline it takes every (task, seed) both rows ran, the difference of their main scores
+in points (SQuAD by F1), and reports the mean difference with its 95% t-interval over those pairs, how many
+pairs UniPELT + prompt wins, and the trainable parameters of both (from summary.json). The verdict: "above" or
+"below" when the interval excludes 0; "comparable" when it holds 0 and lies above -1 point (no loss larger than
+one point is compatible with the runs); "no difference shown" when it holds 0 but reaches below -1 (the runs
+cannot tell). The pairs share a seed's data sample, so pairing removes that share of the spread.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+from scipy.stats import t as student_t
+
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks/results/seed001"
+SYSTEM = "unipelt+prompt"
+
+
+def main() -> None:
+    scores: dict[tuple[str, str, str, int], float] = {}
+    for line in (RESULTS / "runs.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        task, setting, label, seed = record["run"].split("/")
+        results = record["results"]
+        score = results["metrics"].get("f1", results["score"]) if task == "squad" else results["score"]
+        scores[(setting, task, label, int(seed.removeprefix("seed")))] = (1.0 if task == "squad" else 100.0) * score
+    summary = json.loads((RESULTS / "summary.json").read_text())
+    params: dict[tuple[str, str], list[int]] = {}
+    for entry in summary["entries"]:
+        if entry.get("trainable_params") is not None:
+            params.setdefault((entry["setting"], entry["label"]), []).append(entry["trainable_params"])
+    rows = []
+    for setting in sorted({k[0] for k in scores}):
+        labels = sorted({k[2] for k in scores if k[0] == setting} - {SYSTEM})
+        for other in labels:
+            pairs = [(t, s) for (st, t, lab, s) in scores if st == setting and lab == SYSTEM
+                     and (setting, t, other, s) in scores]
+            if len(pairs) < 2:
+                continue
+            diffs = [scores[(setting, t, SYSTEM, s)] - scores[(setting, t, other, s)] for t, s in pairs]
+            mean = statistics.fmean(diffs)
+            half = student_t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+            low, high = mean - half, mean + half
+            verdict = ("above" if low > 0 else "below" if high < 0 else "comparable" if low > -1.0
+                       else "no difference shown")
+            rows.append({"setting": setting, "baseline": other, "pairs": len(diffs),
+                         "tasks": sorted({t for t, _ in pairs}),
+                         "mean_difference": round(mean, 2), "ci95": [round(low, 2), round(high, 2)],
+                         "wins": sum(d > 0 for d in diffs), "verdict": verdict,
+                         "trainable_system": statistics.fmean(params.get((setting, SYSTEM), [math.nan])),
+                         "trainable_baseline": statistics.fmean(params.get((setting, other), [math.nan]))})
+    out = {"system": SYSTEM, "unit": "points (percent; SQuAD F1)", "rule": __doc__.split("\n\n")[2].strip(),
+           "source": "benchmarks/results/seed001/runs.jsonl", "comparisons": rows}
+    (RESULTS / "verdict.json").write_text(json.dumps(out, indent=1) + "\n")
+    print(f"{'setting':8} {'baseline':12} {'pairs':>5} {'diff':>6} {'95% interval':>16} {'wins':>6}  "
+          f"{'verdict':20} params (system / baseline)")
+    for r in rows:
+        ratio = r["trainable_system"] / r["trainable_baseline"]
+        print(f"{r['setting']:8} {r['baseline']:12} {r['pairs']:5d} {r['mean_difference']:+6.2f} "
+              f"[{r['ci95'][0]:+6.2f}, {r['ci95'][1]:+6.2f}] {r['wins']:3d}/{r['pairs']:<3d} {r['verdict']:20} "
+              f"{ratio:.3g}x")
+
+
+if __name__ == "__main__":
+    main()
