@@ -197,7 +197,7 @@ def main() -> None:
     parser.add_argument("--summarise-only", action="store_true")
     parser.add_argument("--add-runs", nargs="+", type=Path, default=[], metavar="RUNS.jsonl",
                         help="runs of earlier calls (a *.runs.jsonl this script wrote) to join the table; a run "
-                             "also in --out is taken from --out")
+                             "also in --out is taken from --out, one in several files from the first")
     parser.add_argument("--part-lr", action="append", default=[], metavar="METHOD=LR",
                         help="a learning rate for one part of a composition, e.g. prefix=2e-4")
     parser.add_argument("--lr", action="append", default=[], metavar="LABEL=LR",
@@ -220,7 +220,9 @@ def main() -> None:
     here = {(r["task"], r["k_shot"], r["label"], r["seed"]) for r in rows}
     for path in opts.add_runs:
         earlier = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        rows += [r for r in earlier if (r["task"], r["k_shot"], r["label"], r["seed"]) not in here]
+        new = [r for r in earlier if (r["task"], r["k_shot"], r["label"], r["seed"]) not in here]
+        rows += new
+        here |= {(r["task"], r["k_shot"], r["label"], r["seed"]) for r in new}
     summary, table = summarise(rows, device)
     opts.results.mkdir(parents=True, exist_ok=True)
     (opts.results / "glue_lowres.json").write_text(json.dumps(summary, indent=2) + "\n")
