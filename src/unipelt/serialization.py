@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from . import __version__
+from . import __version__, sharded
 from .config import ConfigError, parse_config
 from .core import (
     _remove_method,
@@ -70,7 +70,7 @@ def _fingerprint(model: nn.Module) -> float:
     w = getattr(emb, "weight", None) if emb is not None else None
     if not isinstance(w, torch.Tensor) and emb is not None:
         w = next(emb.parameters(), None)
-    return float(w.detach().double().abs().mean()) if w is not None else 0.0
+    return float(sharded.whole(w.detach()).double().abs().mean()) if w is not None else 0.0
 
 
 def _sha256(path: Path) -> str:
@@ -124,17 +124,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def delta_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Everything ``save`` writes: each method's delta state and the trained head, by name."""
+    """Everything ``save`` writes: each method's delta state and the trained head, by name, whole (under FSDP or
+    ZeRO-3 gathered from every process: call it on all of them)."""
     state = attachment(model)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, method in deltas(model).items():
-        for k, v in method.delta_state().items():
-            tensors[f"{name}.{k}"] = v
+    parts = [(name, method.delta_state) for name, method in deltas(model).items()]
     if state.train_head:
-        for head_name, head in state.model_map.head_modules.items():
-            for k, v in head.state_dict().items():
-                tensors[f"head.{head_name}.{k}"] = v
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+        parts += [(f"head.{head_name}", head.state_dict) for head_name, head in state.model_map.head_modules.items()]
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, read in parts:
+        # Under FSDP or ZeRO-3 a collective per part, copied before the parameters go back to their shards
+        # (ZeRO-3 frees the gathered storage); per part because an FSDP2 module's state_dict shards its group
+        # again, and whole() joins the DTensors it returns.
+        with sharded.gathered(model):
+            tensors.update({f"{prefix}.{k}": sharded.whole(v.detach()).to("cpu").contiguous().clone()
+                            for k, v in read().items()})
+    return tensors
 
 
 def _model_type(model: nn.Module) -> str:
@@ -142,22 +146,8 @@ def _model_type(model: nn.Module) -> str:
     return getattr(getattr(model, "config", None), "model_type", None) or ""
 
 
-def save(model: nn.Module, path: str | os.PathLike, *, push_to_hub: str | None = None,
-         token: str | bool | None = None, private: bool | None = None, metrics: dict[str, Any] | None = None,
-         model_card: bool | None = None, commit_message: str | None = None) -> Path:
-    """Write only the delta (and trained task head) of ``model`` to folder ``path``.
-
-    ``push_to_hub="user/repo"`` then uploads the folder's unipelt files to that Hub model repo (created when
-    missing, ``private`` then; ``token`` as ``huggingface_hub`` takes it). A ``README.md`` model card (base model,
-    methods and configs, trainable parameters, ``metrics`` or those of a ``results.json`` in the folder) is written
-    when pushing, when ``metrics`` are given, or with ``model_card=True``; a README unipelt did not write is kept.
-    """
-    state = attachment(model)
-    if state is None or not deltas(model):
-        raise ConfigError("nothing to save: no method is attached to this model (use unipelt.attach first)")
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = delta_tensors(model)
+def _save_meta(model: nn.Module, state: Any) -> dict[str, Any]:
+    """``unipelt.json``'s content but the checksum: the methods' configs, the base model's identity, the counts."""
     methods = []
     for name, method in deltas(model).items():
         saved = method.saved_config() if hasattr(method, "saved_config") else method.config
@@ -169,7 +159,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, push_to_hub: str | None =
         "train_head": state.train_head,
         "heads": sorted(state.model_map.head_modules) if state.train_head else [],
         "base_model": {
-            "class": type(model).__name__,
+            "class": sharded.model_class(model).__name__,
             "model_type": _model_type(model),
             "family": state.model_map.family.name,
             "config_hash": config_hash(model),
@@ -181,6 +171,32 @@ def save(model: nn.Module, path: str | os.PathLike, *, push_to_hub: str | None =
     }
     if not is_builtin(state.model_map.family):  # a row given at attach or registered: load needs it back
         meta["base_model"]["family_row"] = family_to_dict(state.model_map.family)
+    return meta
+
+
+def save(model: nn.Module, path: str | os.PathLike, *, push_to_hub: str | None = None,
+         token: str | bool | None = None, private: bool | None = None, metrics: dict[str, Any] | None = None,
+         model_card: bool | None = None, commit_message: str | None = None) -> Path:
+    """Write only the delta (and trained task head) of ``model`` to folder ``path``.
+
+    ``push_to_hub="user/repo"`` then uploads the folder's unipelt files to that Hub model repo (created when
+    missing, ``private`` then; ``token`` as ``huggingface_hub`` takes it). A ``README.md`` model card (base model,
+    methods and configs, trainable parameters, ``metrics`` or those of a ``results.json`` in the folder) is written
+    when pushing, when ``metrics`` are given, or with ``model_card=True``; a README unipelt did not write is kept.
+
+    Under FSDP or DeepSpeed ZeRO-3 call it on every process: each gathers the full deltas, rank 0 writes
+    (:mod:`unipelt.sharded`).
+    """
+    state = attachment(model)
+    if state is None or not deltas(model):
+        raise ConfigError("nothing to save: no method is attached to this model (use unipelt.attach first)")
+    folder = Path(path)
+    # under FSDP or ZeRO-3 every process gathers the full deltas (collectives), and rank 0 writes
+    tensors = delta_tensors(model)
+    meta = _save_meta(model, state)
+    if sharded.is_sharded(model) and not sharded.is_writer():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
     _commit_pair(folder, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}), meta)
     if (push_to_hub is not None or metrics is not None or model_card) and model_card is not False:
         from .hub import write_model_card

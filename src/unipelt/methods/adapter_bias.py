@@ -113,9 +113,8 @@ class AdapterBias(DeltaMethod):
         return F.linear(matmul_input(u, alpha.weight), alpha.weight, alpha.bias)
 
     def _add_on_output(self, k: str, proj: Projection, own_rows):
-        shift = self.shifts[k]
-
         def add_shift(module, inputs, output):
+            shift = self.shifts[k]  # read per call (FSDP swaps parameters each forward)
             weight = self._token_weight(k, inputs[0])
             return output + proj.place(cast_like(own_rows(weight * shift), output))
 
@@ -128,9 +127,8 @@ class AdapterBias(DeltaMethod):
         return read
 
     def _add_after_dropout(self, k: str, proj: Projection, slot: tuple, stash: dict, own_rows):
-        shift = self.shifts[k]
-
         def add_shift(module, inputs, output):
+            shift = self.shifts[k]
             weight = stash.pop(slot, None)
             if weight is None:
                 raise RuntimeError(f"adapter_bias {k}: the FFN's W_2 was not seen before its dropout")

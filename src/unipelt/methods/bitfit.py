@@ -57,9 +57,8 @@ class BitFit(DeltaMethod):
             installer.on_output(module, self._hook(k, isinstance(module, nn.Conv2d), installer.rows))
 
     def _hook(self, k: str, channels_first: bool, rows):
-        delta = self.biases[k]
-
         def add_bias(module, inputs, output):
+            delta = self.biases[k]  # read per call (FSDP swaps parameters each forward)
             d = cast_like(delta[:, None, None] if channels_first else delta, output)
             served = rows(output)
             return output + (d if served is None else d * served)

@@ -73,17 +73,15 @@ class IA3(DeltaMethod):
             installer.on_input(proj.module, self._input_hook(k, installer.rows))
 
     def _output_hook(self, k: str, proj: Projection, rows):
-        scale = self.scales[k]
-
         def scale_output(module, inputs, output):
+            scale = self.scales[k]  # read per call (FSDP swaps parameters each forward)
             return output * served_scale(cast_like(proj.place(scale, fill=1.0), output), rows(output))
 
         return scale_output
 
     def _input_hook(self, k: str, rows):
-        scale = self.scales[k]
-
         def scale_input(module, inputs):
+            scale = self.scales[k]
             x = inputs[0]
             return (x * served_scale(cast_like(scale, x), rows(x)), *inputs[1:])
 

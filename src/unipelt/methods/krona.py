@@ -112,11 +112,12 @@ class KronA(DeltaMethod):
         return w * self.config.scale if self.config.scale != 1.0 else w
 
     def _hook(self, site_key: str, proj: Projection, installer: Installer):
-        a, b, scale = self.A[site_key], self.B[site_key], self.config.scale
+        scale = self.config.scale
         gate = self.gates[site_key] if site_key in self.gates else None  # noqa: SIM401 (ModuleDict has no get)
         pooling, causal = self.config.gate_pooling, self.causal[site_key]
 
         def add_kron(module, inputs, output):
+            a, b = self.A[site_key], self.B[site_key]  # read per call (FSDP swaps parameters each forward)
             x = inputs[0]
             delta = kron_apply(matmul_input(x, a), a, b)
             delta = delta * scale if scale != 1.0 else delta
@@ -188,11 +189,12 @@ class KronAFFN(DeltaMethod):
             installer.on_output(layer.ffn_out.module, self._hook(key, layer.ffn_out, slot, stash, installer))
 
     def _hook(self, key: str, proj: Projection, slot: tuple, stash: dict, installer: Installer):
-        a, b, gate = self.A[key], self.B[key], (self.gates[key] if key in self.gates else None)  # noqa: SIM401
+        gate = self.gates[key] if key in self.gates else None  # noqa: SIM401
         scale, residual = self.config.scale, self.config.residual_scale
         pooling, causal = self.config.gate_pooling, self.layers[key].causal
 
         def add_parallel(module, inputs, output):
+            a, b = self.A[key], self.B[key]  # read per call (FSDP swaps parameters each forward)
             x = stash.pop(slot, None)
             if x is None:
                 raise RuntimeError(f"krona_ffn {key}: the FFN input was not seen before its output")

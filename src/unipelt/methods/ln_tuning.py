@@ -106,11 +106,13 @@ class LNTuning(DeltaMethod):
             else:
                 installer.on_output(module, self._hook(k, installer.own_rows))
 
-    def _tuned_layer_norm(self, k: str, module: nn.LayerNorm, rows):
-        gain = self.gains[k]
-        bias = self.biases[k] if k in self.biases else None  # noqa: SIM401 (ParameterDict)
+    def _gain_and_bias(self, k: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Read per call, not once at install: FSDP swaps a module's parameters for gathered ones each forward."""
+        return self.gains[k], (self.biases[k] if k in self.biases else None)  # noqa: SIM401 (ParameterDict)
 
+    def _tuned_layer_norm(self, k: str, module: nn.LayerNorm, rows):
         def forward(x: torch.Tensor) -> torch.Tensor:
+            gain, bias = self._gain_and_bias(k)
             served = rows(x)
             if served is not None:  # multi-task serving: tuned gain and bias on this task's rows, base elsewhere
                 y = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
@@ -125,9 +127,10 @@ class LNTuning(DeltaMethod):
         return forward
 
     def _tuned_rms_norm(self, k: str, module: nn.Module, rows):
-        gain, eps, shape = self.gains[k], _eps(module), tuple(module.weight.shape)
+        eps, shape = _eps(module), tuple(module.weight.shape)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
+            gain = self.gains[k]
             # The gain in the base weight's dtype, so that the output's dtype is the base norm's
             # (``weight * normalised``: bf16 weights keep bf16, float32 master weights promote).
             w = cast_like(gain, module.weight)
@@ -142,10 +145,8 @@ class LNTuning(DeltaMethod):
 
     def _hook(self, k: str, own_rows):
         """Other norms (RMSNorm, T5's) keep their own code: ``y + (g' - g) n(x) + (b' - b)``."""
-        gain = self.gains[k]
-        bias = self.biases[k] if k in self.biases else None  # noqa: SIM401 (ParameterDict)
-
         def shift(module, inputs, output):
+            gain, bias = self._gain_and_bias(k)
             dg = cast_like(gain - module.weight, output)
             delta = dg * normalised(module, inputs[0]).to(output.dtype)
             if bias is not None:

@@ -236,7 +236,6 @@ class LoRA(DeltaMethod):
         ``D(x)``, as peft's ``W_res x``); with DoRA the output is rescaled (:meth:`_dora_output`)."""
         pair = self.pairs[site_key]
         gate = self.gates[site_key] if site_key in self.gates else None  # noqa: SIM401 (ModuleDict has no get)
-        a, b = pair.A.weight, pair.B.weight
         residual, dora = pair.residual, self.config.dora
         scaling, p = self.scaling, self.config.dropout
         pooling, causal, own_rows = self.config.gate_pooling, self.causal[site_key], installer.own_rows
@@ -246,6 +245,9 @@ class LoRA(DeltaMethod):
         # output + s B (A x) (the add rides in the GEMM); weights are used directly, without module calls,
         # since at small batches Python per op is the cost.
         def add_lora(module, inputs, output):
+            # the weights are read per call, not once at install: FSDP swaps a module's parameters for
+            # gathered ones in every forward, and a weight kept from install would get no gradient there
+            a, b = pair.A.weight, pair.B.weight
             x = inputs[0]
             gate_logit = None
             dropping = bool(p) and self.training

@@ -172,10 +172,10 @@ class Poly(DeltaMethod):
     def _hook(self, site_key: str, proj: Projection, context, task_ids_of, one_task):
         """The output hook ``h <- W x + (alpha / r) B_t A_t x``, ``t`` each row's task (the call's ``task_ids``); a
         call without them reads ``one_task`` (the speed path below)."""
-        a, b = self.A[site_key], self.B[site_key]
         scaling, heads = self.config.alpha / self.config.r, self.config.heads
 
         def add_routed(module, inputs, output):
+            a, b = self.A[site_key], self.B[site_key]  # read per call (FSDP swaps parameters each forward)
             x = inputs[0]
             if context.task_ids is None:
                 h, b_t = one_task(site_key, x)

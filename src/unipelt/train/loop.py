@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from .. import core, serialization
+from .. import core, serialization, sharded
 from ..config import ConfigError, parse_config
 from ..models import DEFAULT_MODEL, load_model
 from ..serialization import atomic_write_text
@@ -534,6 +534,10 @@ def _run(cfg: RunConfig, out: Path, log) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     bare = accelerator.unwrap_model(model)
+    if sharded.is_sharded(bare):  # its best-weights copies and checkpoints read whole parameters on one process
+        raise ConfigError("unipelt train runs on one process or under DDP, not FSDP or DeepSpeed: launch it without "
+                          "--use_fsdp/--use_deepspeed, or shard through the Python API (docs/training.md, "
+                          "'Sharded training')")
     # only training steps run compiled: evaluation (no grad, other batch sizes) would compile again
     step_model = compiled(model, cfg.compile)
     predict = make_predict(model, pad_id, cfg.eval_batch_size, device, accelerator.autocast)
