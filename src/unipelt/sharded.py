@@ -22,21 +22,25 @@ import torch
 import torch.nn as nn
 
 
-def _fsdp2_modules(model: nn.Module) -> list[nn.Module]:
+def _fsdp2_class() -> type | None:
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # a torch without FSDP2
-        return []
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+        return None
+    return FSDPModule
 
 
-def _fsdp1_roots(model: nn.Module) -> list[nn.Module]:
+def _fsdp2_modules(model: nn.Module) -> list[nn.Module]:
+    fsdp = _fsdp2_class()
+    return [m for m in model.modules() if isinstance(m, fsdp)] if fsdp is not None else []
+
+
+def _fsdp1_root(model: nn.Module) -> nn.Module | None:
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
     except ImportError:
-        return []
-
-    return [m for m in model.modules() if isinstance(m, FullyShardedDataParallel)][:1]
+        return None
+    return next((m for m in model.modules() if isinstance(m, FullyShardedDataParallel)), None)
 
 
 def _zero3_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -45,12 +49,13 @@ def _zero3_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether FSDP (1 or 2) or DeepSpeed ZeRO-3 holds ``model``'s parameters in shards."""
-    return bool(_fsdp2_modules(model) or _fsdp1_roots(model) or _zero3_parameters(model))
+    return bool(_fsdp2_modules(model) or _fsdp1_root(model) is not None or _zero3_parameters(model))
 
 
 def model_class(model: nn.Module) -> type:
     """``model``'s own class: FSDP2 swaps it for a subclass ``FSDP<Name>`` of ``FSDPModule`` and the class."""
-    return next(c for c in type(model).__mro__ if not any(b.__name__ == "FSDPModule" for b in c.__mro__))
+    fsdp = _fsdp2_class()
+    return next(c for c in type(model).__mro__ if fsdp is None or not issubclass(c, fsdp))
 
 
 def is_writer() -> bool:
@@ -73,7 +78,11 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
 def gathered(model: nn.Module) -> Iterator[None]:
     """Inside, every parameter of ``model`` is whole on every process (FSDP2: each ``FSDPModule`` unsharded;
     FSDP1: ``summon_full_params``; ZeRO-3: ``deepspeed.zero.GatheredParameters``); outside, sharded again.
-    A collective: every process of the group must enter it. Without sharding it does nothing."""
+    A collective: every process of the group must enter it. Without sharding it does nothing.
+
+    The whole model, not only the deltas: some methods' ``delta_state`` reads the base modules it changes (LN
+    tuning saves its gains as the difference from the norm's own weight), which sit in other groups. So a save
+    under sharding holds the full model on every process for a moment."""
     fsdp2 = _fsdp2_modules(model)
     if fsdp2:
         for module in fsdp2:
@@ -84,11 +93,11 @@ def gathered(model: nn.Module) -> Iterator[None]:
             for module in fsdp2:
                 module.reshard()
         return
-    fsdp1 = _fsdp1_roots(model)
-    if fsdp1:
+    fsdp1 = _fsdp1_root(model)
+    if fsdp1 is not None:
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        with FullyShardedDataParallel.summon_full_params(fsdp1[0], writeback=False, recurse=True):
+        with FullyShardedDataParallel.summon_full_params(fsdp1, writeback=False, recurse=True):
             yield
         return
     zero3 = _zero3_parameters(model)
