@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,8 @@ def test_resume_after_a_kill_gives_the_same_weights(tiny_model, small_glue, tmp_
     def save_then_die(obj, path):
         real_save(obj, path)
         calls.append(path)
+        if len(calls) == 1:  # the first part trains at least 2 s (counted at the next checkpoint)
+            time.sleep(2.0)
         if len(calls) == 3:  # killed right after the checkpoint of step 6
             raise KeyboardInterrupt
 
@@ -160,6 +163,9 @@ def test_resume_after_a_kill_gives_the_same_weights(tiny_model, small_glue, tmp_
     ra = json.loads((whole / "results.json").read_text())
     rb = json.loads((interrupted / "results.json").read_text())
     assert ra["score"] == rb["score"] and ra["validation"]["history"] == rb["validation"]["history"]
+    # the resumed run's training time holds the part before the kill too, not only the part after it
+    assert ra["resumed_at_step"] is None and rb["resumed_at_step"] == 6
+    assert rb["wall_time_s"] >= 2.0 > ra["wall_time_s"]
 
 
 @needs_glue

@@ -545,6 +545,7 @@ def _run(cfg: RunConfig, out: Path, log) -> dict[str, Any]:
 
     state = {"step": 0, "best": None, "best_step": 0, "bad_evals": 0, "history": []}
     best_weights = _trainable_state(bare)
+    resumed_at = None
     if cfg.resume and (out / CHECKPOINT_FILE).exists():
         ckpt = read_checkpoint(out / CHECKPOINT_FILE)
         if ckpt["config"]["task"] != cfg.task or ckpt["config"]["method"] != cfg.method:
@@ -559,6 +560,7 @@ def _run(cfg: RunConfig, out: Path, log) -> dict[str, Any]:
         torch.set_rng_state(ckpt["rng"]["torch"])
         if torch.cuda.is_available() and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        resumed_at = state["step"]
         log(f"resuming {out} at step {state['step']} of {total_steps}")
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -569,6 +571,8 @@ def _run(cfg: RunConfig, out: Path, log) -> dict[str, Any]:
     def checkpoint() -> None:
         if not main:
             return
+        # training seconds so far, so that a resumed run reports its whole training time, not its last part
+        state["train_seconds"] = trained_before + (time.perf_counter() - start)
         rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         _atomic_torch_save({"format": CHECKPOINT_FORMAT, "config": json.loads(json.dumps(asdict(cfg), default=str)),
@@ -585,6 +589,8 @@ def _run(cfg: RunConfig, out: Path, log) -> dict[str, Any]:
     bar = tqdm(total=total_steps, initial=state["step"], desc=f"{cfg.task}/{cfg.method}", unit="step",
                disable=not (main and cfg.progress), file=sys.stderr, dynamic_ncols=True)
     world, rank = accelerator.num_processes, accelerator.process_index
+    # a resumed run counts what trained before its checkpoint (the steps after it, lost with the kill, ran again)
+    trained_before = float(state.get("train_seconds", 0.0))
     start = time.perf_counter()
     stopped_early = False
     trained_steps = 0
@@ -634,7 +640,8 @@ def _run(cfg: RunConfig, out: Path, log) -> dict[str, Any]:
                     stopped_early = True
                     break
     bar.close()
-    train_time = time.perf_counter() - start
+    segment_time = time.perf_counter() - start
+    train_time = trained_before + segment_time
 
     bare.load_state_dict(best_weights, strict=False)
     report_metrics = task.score(bare, report_feats, prep.report, predict)
@@ -650,7 +657,8 @@ def _run(cfg: RunConfig, out: Path, log) -> dict[str, Any]:
         "total_params": sum(p.numel() for p in bare.parameters()),
         "steps": state["step"], "stopped_early": stopped_early, "lr": lr, "lr_by_part": lr_by_part,
         "batch_size": cfg.batch_size, "processes": world,
-        "wall_time_s": train_time, "steps_per_s": trained_steps / train_time if train_time > 0 else 0.0,
+        "wall_time_s": train_time, "steps_per_s": trained_steps / segment_time if segment_time > 0 else 0.0,
+        "resumed_at_step": resumed_at,
         "peak_memory_mb": peak_memory_mb(device), "device": device, "train_examples": len(prep.train),
         "validation_examples": len(prep.val), "report_examples": len(prep.report),
         "max_length": cfg.max_length, "pretraining": prep.pretraining,
