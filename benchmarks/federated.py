@@ -6,9 +6,11 @@ Grid: MiniLM-L6 (the embedded default, or --model), tasks RTE / MRPC / SST-2, da
 alpha in {0.1, 1.0}, methods full / adapter / lora / prefix / bitfit / unipelt, seeds 1-3 (162 runs). Each run:
 10 clients, 5 per round, 10 rounds, 1 local epoch (``unipelt.federated.run_federated``); SST-2 trains on
 4,000 examples of its training set (--sst2-k), RTE and MRPC on all of theirs. Finished runs are skipped, so a
-call cut short resumes in the next. Writes, into --results, ``summary.json`` (per task, split and method: the
-final dev score, mean ± std over seeds, and the total bytes communicated; per run too) and ``federated.png``
-(score against bytes, seed 1 of the IID runs), and prints the table.
+call cut short resumes in the next (on the same machine by its run folders; on a fresh one by
+``--import-runs`` of an earlier call's ``summary.json``, whose runs are skipped and kept in the report).
+Writes, into --results, ``summary.json`` (per task, split and method: the final dev score, mean ± std over
+seeds, and the total bytes communicated; per run too) and ``federated.png`` (score against bytes, seed 1 of the
+IID runs), and prints the table.
 """
 
 from __future__ import annotations
@@ -47,14 +49,31 @@ def one_run(args: dict) -> dict:
     return {"out": args["out"], "score": results["score"], "seconds": time.time() - start}
 
 
-def grid(opts: argparse.Namespace) -> list[dict]:
+def run_key(record: dict) -> tuple:
+    return record["task"], record["alpha"], record["method"], record["seed"]
+
+
+def imported_runs(paths: list[Path]) -> dict[tuple, dict]:
+    """The per-run records of earlier calls' ``summary.json`` files, by (task, alpha, method, seed); records
+    written before runs carried their trainable count take it from their cell."""
+    runs: dict[tuple, dict] = {}
+    for path in paths:
+        summary = json.loads(path.read_text())
+        params = {(c["task"], c["alpha"], c["method"]): c["trainable_params"] for c in summary["cells"]}
+        for record in summary["runs"]:
+            record.setdefault("trainable_params", params[(record["task"], record["alpha"], record["method"])])
+            runs[run_key(record)] = record
+    return runs
+
+
+def grid(opts: argparse.Namespace, done: dict[tuple, dict]) -> list[dict]:
     jobs = []
     for seed in opts.seeds:  # seed outermost: a grid cut short has whole seeds of every cell
         for task in opts.tasks:
             for alpha in SPLITS:
                 for method in opts.methods:
                     out = run_dir(opts.out, task, alpha, method, seed)
-                    if (out / "results.json").exists():
+                    if (out / "results.json").exists() or (task, alpha, method, seed) in done:
                         continue
                     jobs.append({"task": task, "method": method, "model": opts.model, "data_dir": str(opts.data_dir),
                                  "out": str(out), "clients": opts.clients, "per_round": opts.per_round,
@@ -64,8 +83,15 @@ def grid(opts: argparse.Namespace) -> list[dict]:
     return jobs
 
 
-def summarise(out: Path, results_dir: Path, device: str) -> str:
-    runs = [json.loads(p.read_text()) for p in sorted(out.glob("*/results.json"))]
+RUN_FIELDS = ("task", "alpha", "method", "seed", "score", "bytes_total", "payload_bytes", "trainable_params")
+
+
+def summarise(out: Path, results_dir: Path, device: str, imported: dict[tuple, dict] | None = None) -> str:
+    merged = dict(imported or {})
+    for path in sorted(out.glob("*/results.json")):  # a run finished here supersedes an imported one
+        record = json.loads(path.read_text())
+        merged[run_key(record)] = {k: record[k] for k in RUN_FIELDS}
+    runs = sorted(merged.values(), key=lambda r: (r["task"], str(r["alpha"]), r["method"], r["seed"]))
     cells: dict[tuple, list[dict]] = {}
     for r in runs:
         cells.setdefault((r["task"], r["alpha"], r["method"]), []).append(r)
@@ -88,8 +114,7 @@ def summarise(out: Path, results_dir: Path, device: str) -> str:
     table = "\n".join(lines) + "\n"
     results_dir.mkdir(parents=True, exist_ok=True)
     summary = {"device": device, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
-               "cells": rows, "runs": [{k: r[k] for k in ("task", "alpha", "method", "seed", "score", "bytes_total",
-                                                         "payload_bytes")} for r in runs]}
+               "cells": rows, "runs": runs}
     (results_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plotted = [p.parent for p in sorted(out.glob("*-iid-*-s1/results.json"))]
     if plotted:  # the plot: score against bytes, seed 1 of the IID runs, one line per task and method
@@ -118,16 +143,21 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--deadline", type=float, default=None, help="start no new run after this many seconds")
     parser.add_argument("--summarise-only", action="store_true")
+    parser.add_argument("--import-runs", type=Path, nargs="+", default=[],
+                        help="earlier calls' summary.json: their runs are not run again and stay in the report")
+    parser.add_argument("--device-name", default=None,
+                        help="the GPU the runs ran on, for a report rebuilt elsewhere (--summarise-only)")
     opts = parser.parse_args()
     start = time.time()
+    done = imported_runs(opts.import_runs)
     if not opts.summarise_only:
-        jobs = grid(opts)
+        jobs = grid(opts, done)
         print(f"{len(jobs)} runs to do, {opts.workers} workers", flush=True)
         run_pool(one_run, jobs, opts.workers, opts.deadline, start)
     import torch
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    print(summarise(opts.out, opts.results, device), end="")
+    device = opts.device_name or (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
+    print(summarise(opts.out, opts.results, device, done), end="")
 
 
 if __name__ == "__main__":

@@ -272,3 +272,40 @@ def test_cli_runs_reports_and_refuses_bad_input_in_one_line(tiny_model, small_gl
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], err
     assert main(args + ["--method", "lora", "--out", str(tmp_path / "lora")]) == EXIT_BAD_INPUT  # finished: kept
+
+
+def test_the_benchmark_resumes_from_an_earlier_calls_summary(tmp_path, monkeypatch) -> None:
+    """``benchmarks/federated.py --import-runs``: a fresh machine skips the runs an earlier call's summary.json
+    holds, and the report keeps them beside the runs finished here."""
+    import argparse
+    import importlib.util
+
+    bench = Path(__file__).resolve().parent.parent / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location("federated_benchmark", bench / "federated.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    earlier = {"cells": [{"task": "rte", "alpha": None, "method": "lora", "trainable_params": 7}],
+               "runs": [{"task": "rte", "alpha": None, "method": "lora", "seed": 1, "score": 0.5,
+                         "bytes_total": 100, "payload_bytes": 10}]}
+    (tmp_path / "earlier.json").write_text(json.dumps(earlier))
+    done = module.imported_runs([tmp_path / "earlier.json"])
+    assert done[("rte", None, "lora", 1)]["trainable_params"] == 7  # taken from its cell
+    opts = argparse.Namespace(seeds=[1, 2], tasks=["rte"], methods=["lora"], out=tmp_path / "out", model=None,
+                              data_dir=tmp_path, clients=2, per_round=1, rounds=1, local_epochs=1.0, sst2_k=0,
+                              device="cpu")
+    jobs = module.grid(opts, done)
+    assert [(j["seed"], j["alpha"]) for j in jobs] == [(1, 0.1), (1, 1.0), (2, None), (2, 0.1), (2, 1.0)]
+
+    finished = tmp_path / "out" / "rte-iid-lora-s2"  # seed 2 finished on this machine
+    finished.mkdir(parents=True)
+    (finished / "results.json").write_text(json.dumps(
+        {"task": "rte", "alpha": None, "method": "lora", "seed": 2, "score": 0.7, "bytes_total": 100,
+         "payload_bytes": 10, "trainable_params": 7, "rounds": 1}))
+    table = module.summarise(tmp_path / "out", tmp_path / "results", "cpu", done)
+    summary = json.loads((tmp_path / "results" / "summary.json").read_text())
+    assert [r["seed"] for r in summary["runs"]] == [1, 2]
+    (cell,) = summary["cells"]
+    assert cell["seeds"] == 2 and cell["score"] == pytest.approx(0.6) and cell["std"] == pytest.approx(0.1414, 1e-3)
+    assert "60.0 ±" in table
