@@ -198,6 +198,61 @@ def test_two_processes_train_like_one(small_glue, tmp_path) -> None:
         torch.testing.assert_close(tb[k], ta[k], rtol=0, atol=1e-6, msg=k)
 
 
+def accelerate_launch(processes: int) -> list[str]:
+    """accelerate's multi-GPU launcher (torch.distributed.run underneath); --device cpu makes it gloo on CPUs."""
+    with socket.socket() as s:  # a free port for the processes' rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port]
+
+
+@needs_glue
+def test_fsdp_processes_train_like_one_and_resume_after_a_kill(small_glue, tmp_path) -> None:
+    """``--fsdp``: two processes shard the model with FSDP2; the best step's delta is restored into the shards
+    and saved whole (it equals one process's), and a run killed after a checkpoint resumes to the same delta.
+    Validation every 3 steps of 12, so the best step is not the last (a restore that missed the shards would
+    save the last step's delta)."""
+    model = save_tiny_bert(tmp_path / "tiny-no-dropout", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    one, two, killed = tmp_path / "one", tmp_path / "two", tmp_path / "killed"
+    args = [*train_args(model, small_glue, one, "sst2", "unipelt"), "--max-steps", "12", "--eval-every", "3",
+            "--patience", "100"]
+    assert main(args) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def launched(out: Path, *extra: str, script: list[str] = ("-m", "unipelt")) -> subprocess.CompletedProcess:
+        return subprocess.run([*accelerate_launch(2), *script, *[str(out) if a == str(one) else a for a in args],
+                               "--fsdp", *extra], env=env, capture_output=True, text=True, timeout=600)
+
+    result = launched(two)
+    assert result.returncode == 0, result.stderr[-3000:]
+    r1, r2 = (json.loads((d / "results.json").read_text()) for d in (one, two))
+    assert (r1["processes"], r1["sharding"], r2["processes"], r2["sharding"]) == (1, None, 2, "fsdp2")
+    assert r1["validation"]["best_step"] != 12 and r2["validation"]["best_step"] == r1["validation"]["best_step"]
+    ta, tb = load_file(one / "delta.safetensors"), load_file(two / "delta.safetensors")
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        torch.testing.assert_close(tb[k], ta[k], rtol=0, atol=1e-6, msg=k)
+
+    died = launched(killed, script=[str(Path(__file__).parent / "killed_train_worker.py")])
+    assert died.returncode != 0 and not (killed / "results.json").exists()
+    resumed = launched(killed, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    r3 = json.loads((killed / "results.json").read_text())
+    assert r3["resumed_at_step"] == 6 and r3["validation"]["history"] == r2["validation"]["history"]
+    tc = load_file(killed / "delta.safetensors")
+    for k in tb:
+        torch.testing.assert_close(tc[k], tb[k], rtol=0, atol=1e-7, msg=k)
+
+
+def test_fsdp_refuses_full_fine_tuning(tiny_model, tmp_path, capsys) -> None:
+    capsys.readouterr()
+    code = main(["train", "--task", "sst2", "--method", "full", "--model", tiny_model, "--out", str(tmp_path / "o"),
+                 "--device", "cpu", "--fsdp", "--no-progress", "--k-shot", "4", "--max-steps", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == EXIT_BAD_INPUT and len(err.splitlines()) == 1 and "drop --fsdp" in err, err
+
+
 @needs_glue
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_model, small_glue, tmp_path,
                                                                     monkeypatch, capsys) -> None:

@@ -108,9 +108,11 @@ def test_zero3_placeholders_are_gathered_before_the_delta_is_read(monkeypatch) -
         torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0, msg=k)
 
 
-def test_the_training_command_refuses_a_sharded_model(monkeypatch, tmp_path, capsys) -> None:
-    """``unipelt train`` keeps best weights and checkpoints on one process: under FSDP/DeepSpeed it stops with
-    one line naming the way (accelerate's FSDP only shards on GPUs, so the check is made to see a sharded model)."""
+@pytest.mark.parametrize(("how", "says"), [("fsdp1", "fsdp_version: 2"), ("zero3", "does not train under DeepSpeed")])
+def test_the_training_command_refuses_fsdp1_and_zero3(how, says, monkeypatch, tmp_path, capsys) -> None:
+    """``unipelt train`` trains under FSDP2 (``--fsdp``, tests/test_cli.py); under FSDP1 or DeepSpeed it stops
+    with one line naming the way (accelerate's FSDP and DeepSpeed only shard on GPUs, so the check is made to see
+    a sharded model)."""
     from unipelt.cli import EXIT_BAD_INPUT, main
     from unipelt.models import save_tiny_model
     from unipelt.train import loop
@@ -121,11 +123,11 @@ def test_the_training_command_refuses_a_sharded_model(monkeypatch, tmp_path, cap
     for split in ("train", "dev"):
         (folder / f"{split}.tsv").write_text("sentence\tlabel\n" + rows)
     model = save_tiny_model(tmp_path / "tiny")
-    monkeypatch.setattr(loop.sharded, "is_sharded", lambda model: True)
+    monkeypatch.setattr(loop.sharded, "kind", lambda model: how)
     capsys.readouterr()
     code = main(["train", "--task", "sst2", "--method", "lora", "--model", model,
                  "--data-dir", str(tmp_path / "glue"), "--out", str(tmp_path / "out"), "--k-shot", "4",
                  "--max-steps", "1", "--device", "cpu", "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code == EXIT_BAD_INPUT and len(err.splitlines()) == 1, err
-    assert "not FSDP or DeepSpeed" in err and "docs/training.md" in err
+    assert says in err

@@ -92,7 +92,7 @@ def _train(args: argparse.Namespace) -> int:
         compile=args.compile, from_inventory=args.from_inventory, routing_only=args.routing_only,
         report_split=args.report_split, dapt=args.dapt, tapt=args.tapt, pretrain_cache=args.pretrain_cache,
         pretrain_options={k: v for k, v in (("max_steps", args.pretrain_max_steps),) if v is not None},
-        save=not args.no_save,
+        save=not args.no_save, fsdp=args.fsdp,
     )
     run(cfg)
     return 0
@@ -276,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "and the head only")
     t.add_argument("--compile", default=None, choices=COMPILE_MODES,
                    help="train through torch.compile in this mode (reduce-overhead: with CUDA graphs)")
+    t.add_argument("--fsdp", action="store_true",
+                   help="under 'accelerate launch --multi_gpu': shard the model with FSDP2 (a group per layer) "
+                        "instead of a whole copy per process")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="score a finished run")

@@ -49,7 +49,16 @@ def _zero3_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether FSDP (1 or 2) or DeepSpeed ZeRO-3 holds ``model``'s parameters in shards."""
-    return bool(_fsdp2_modules(model) or _fsdp1_root(model) is not None or _zero3_parameters(model))
+    return kind(model) is not None
+
+
+def kind(model: nn.Module) -> str | None:
+    """How ``model``'s parameters are sharded: ``"fsdp2"``, ``"fsdp1"``, ``"zero3"``, or None."""
+    if _fsdp2_modules(model):
+        return "fsdp2"
+    if _fsdp1_root(model) is not None:
+        return "fsdp1"
+    return "zero3" if _zero3_parameters(model) else None
 
 
 def model_class(model: nn.Module) -> type:
@@ -108,3 +117,75 @@ def gathered(model: nn.Module) -> Iterator[None]:
             yield
         return
     yield
+
+
+def shard(model: nn.Module) -> nn.Module:
+    """Shard ``model`` with FSDP2 over the default process group: each of its transformer layers (as its
+    family's row names them) is a group, and the root holds the rest (embeddings, head). Call it after
+    attaching and before building the optimizer, on every process, with the model on its device. Returns the
+    model (FSDP2 changes it in place)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from .sites import resolve
+
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    for layer in resolve(model).layers:
+        fully_shard(layer.module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def load_whole(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy whole tensors (``{parameter name: tensor}``, as read under :func:`whole`) into ``model``'s
+    parameters; an FSDP2 parameter takes its own shard of each, cut locally (every process holds the same
+    whole tensors, so no communication)."""
+    try:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+    except ImportError:  # a torch without DTensor: nothing is sharded
+        DTensor = None  # noqa: N806
+    # FSDP2 leaves the root's group whole after a forward without backward (an evaluation); a copy into that
+    # whole tensor would be dropped at its next reshard, so write into the shards
+    for module in _fsdp2_modules(model):
+        module.reshard()
+    params = dict(model.named_parameters())
+    unknown = sorted(set(state) - set(params))
+    if unknown:
+        raise KeyError(f"no parameter {unknown[0]!r} in {type(model).__name__}")
+    with torch.no_grad():
+        for name, value in state.items():
+            param = params[name]
+            if DTensor is not None and isinstance(param, DTensor):
+                value = distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements,
+                                          src_data_rank=None)
+            param.copy_(value)
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()`` with every state tensor whole (an FSDP2 shard all-gathered: a collective, in
+    the same order on every process), so that a checkpoint resumes whatever holds the shards."""
+    saved = optimizer.state_dict()
+    state = {index: {key: whole(value).to("cpu", copy=True) if isinstance(value, torch.Tensor) else value
+                     for key, value in per_param.items()}
+             for index, per_param in sorted(saved["state"].items())}
+    return {"state": state, "param_groups": saved["param_groups"]}
+
+
+def load_full_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Put back :func:`full_optimizer_state`'s state: a whole tensor of an FSDP2 parameter's shape becomes this
+    process's shard of it, cut locally."""
+    try:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+    except ImportError:
+        DTensor = None  # noqa: N806
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {}
+    for index, per_param in saved["state"].items():
+        param = params[int(index)]
+        sharded_param = DTensor is not None and isinstance(param, DTensor)
+        state[index] = {key: distribute_tensor(value.to(param.device), param.device_mesh, param.placements,
+                                               src_data_rank=None)
+                        if sharded_param and isinstance(value, torch.Tensor) and value.shape == param.shape
+                        else value for key, value in per_param.items()}
+    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})

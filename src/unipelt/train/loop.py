@@ -109,6 +109,9 @@ class RunConfig:
     pretrain_cache: str | None = None
     save: bool = True  # False: keep results.json only (no delta or model, the checkpoint removed at the end)
     label: str | None = None  # the row name in reports; None: the method, prefixed by dapt/tapt
+    # shard the model with FSDP2 across the launched processes (each transformer layer a group) instead of
+    # DDP's whole copy per process; `accelerate launch` with an FSDP2 config gets the same handling
+    fsdp: bool = False
 
 
 def adamw_implementation(params: list[torch.Tensor]) -> dict[str, bool]:
@@ -289,7 +292,9 @@ def make_predict(model: torch.nn.Module, pad_id: int, batch_size: int, device: s
 
 
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+    """The trainable parameters, whole (under FSDP a collective: every process calls it)."""
+    return {n: sharded.whole(p.detach()).to("cpu", copy=True) for n, p in model.named_parameters()
+            if p.requires_grad}
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
@@ -306,6 +311,22 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not a unipelt checkpoint of format {CHECKPOINT_FORMAT} (an older unipelt wrote "
                           f"it, or another program); delete it and start the run again without --resume")
     return ckpt
+
+
+def _sharding(model: torch.nn.Module, full: bool) -> str | None:
+    """``"fsdp2"`` when FSDP2 holds ``model`` in shards (``--fsdp``, or ``accelerate launch`` with an FSDP2
+    config), None when not sharded; a one-line error for the sharding the loop cannot train under."""
+    how = sharded.kind(model)
+    if how == "fsdp1":
+        raise ConfigError("unipelt train shards with FSDP2, not FSDP1: set fsdp_version: 2 in the accelerate "
+                          "config, or pass --fsdp instead of an FSDP config")
+    if how == "zero3":
+        raise ConfigError("unipelt train does not train under DeepSpeed: launch it with --fsdp (FSDP2) or DDP; "
+                          "a ZeRO-3 loop of your own saves the delta whole with unipelt.save (docs/training.md)")
+    if how is not None and full:
+        raise ConfigError("unipelt train shards a delta's training, not full fine-tuning: launch that without "
+                          "FSDP (DDP)")
+    return how
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -490,6 +511,9 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
 
 
 def _run(cfg: RunConfig, out: Path, log) -> dict[str, Any]:
+    if cfg.fsdp and cfg.method == "full":
+        raise ConfigError("--fsdp shards a delta's training; full fine-tuning runs on one process or under DDP: "
+                          "drop --fsdp")
     _check_out(out, cfg.resume)
     device = _device(cfg.device)
     prep = _prepare(cfg)
@@ -520,6 +544,9 @@ def _run(cfg: RunConfig, out: Path, log) -> dict[str, Any]:
 
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     prune_sparse_adapters(model, train_feats, pad_id, cfg)
+    own_shards = cfg.fsdp and accelerator.num_processes > 1
+    if own_shards:  # before the optimizer: FSDP2 replaces the parameters with their shards
+        sharded.shard(model.to(accelerator.device))
     params = [p for p in model.parameters() if p.requires_grad]
     part_lr = dict(cfg.part_lr) or {part: lr * f for part, f in DEFAULT_PART_LR.get(cfg.method, {}).items()}
     groups, lr_by_part = parameter_groups(model, lr, part_lr)
@@ -532,12 +559,14 @@ def _run(cfg: RunConfig, out: Path, log) -> dict[str, Any]:
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if own_shards:  # FSDP2 already spreads the model: accelerate would wrap it in DDP as well
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    else:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     bare = accelerator.unwrap_model(model)
-    if sharded.is_sharded(bare):  # its best-weights copies and checkpoints read whole parameters on one process
-        raise ConfigError("unipelt train runs on one process or under DDP, not FSDP or DeepSpeed: launch it without "
-                          "--use_fsdp/--use_deepspeed, or shard through the Python API (docs/training.md, "
-                          "'Sharded training')")
+    sharding = _sharding(bare, prep.method_cfg is None)
+    if sharding:  # accelerate's FSDP2 swaps the parameters for their shards in prepare: clip those
+        params = [p for p in bare.parameters() if p.requires_grad]
     # only training steps run compiled: evaluation (no grad, other batch sizes) would compile again
     step_model = compiled(model, cfg.compile)
     predict = make_predict(model, pad_id, cfg.eval_batch_size, device, accelerator.autocast)
@@ -551,8 +580,11 @@ def _run(cfg: RunConfig, out: Path, log) -> dict[str, Any]:
         if ckpt["config"]["task"] != cfg.task or ckpt["config"]["method"] != cfg.method:
             raise ConfigError(f"{out / CHECKPOINT_FILE} belongs to {ckpt['config']['task']}/{ckpt['config']['method']}"
                               f", not {cfg.task}/{cfg.method}")
-        bare.load_state_dict(ckpt["weights"], strict=False)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        sharded.load_whole(bare, ckpt["weights"])
+        if sharding:
+            sharded.load_full_optimizer_state(optimizer.optimizer, ckpt["optimizer"])
+        else:
+            optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         state = ckpt["state"]
         best_weights = ckpt["best_weights"]
@@ -569,6 +601,12 @@ def _run(cfg: RunConfig, out: Path, log) -> dict[str, Any]:
         atomic_write_text(out / RUN_FILE, json.dumps(run_info, indent=2, default=str) + "\n")
 
     def checkpoint() -> None:
+        if not (main or sharding):
+            return
+        # under FSDP every process gathers the whole weights and optimizer state (collectives); rank 0 writes
+        weights = _trainable_state(bare)
+        optimizer_state = sharded.full_optimizer_state(optimizer.optimizer) if sharding else \
+            optimizer.state_dict()
         if not main:
             return
         # training seconds so far, so that a resumed run reports its whole training time, not its last part
@@ -576,8 +614,7 @@ def _run(cfg: RunConfig, out: Path, log) -> dict[str, Any]:
         rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         _atomic_torch_save({"format": CHECKPOINT_FORMAT, "config": json.loads(json.dumps(asdict(cfg), default=str)),
-                            "weights": _trainable_state(bare),
-                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "weights": weights, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                             "state": state, "best_weights": best_weights, "rng": rng}, out / CHECKPOINT_FILE)
 
     def validate() -> float:
@@ -643,7 +680,7 @@ def _run(cfg: RunConfig, out: Path, log) -> dict[str, Any]:
     segment_time = time.perf_counter() - start
     train_time = trained_before + segment_time
 
-    bare.load_state_dict(best_weights, strict=False)
+    sharded.load_whole(bare, best_weights)
     report_metrics = task.score(bare, report_feats, prep.report, predict)
     counts = core.trainable_parameters(bare) if prep.method_cfg is not None else \
         {"total": sum(p.numel() for p in bare.parameters())}
@@ -656,15 +693,17 @@ def _run(cfg: RunConfig, out: Path, log) -> dict[str, Any]:
         "trainable_params": counts["total"], "trainable_by_part": counts,
         "total_params": sum(p.numel() for p in bare.parameters()),
         "steps": state["step"], "stopped_early": stopped_early, "lr": lr, "lr_by_part": lr_by_part,
-        "batch_size": cfg.batch_size, "processes": world,
+        "batch_size": cfg.batch_size, "processes": world, "sharding": sharding,
         "wall_time_s": train_time, "steps_per_s": trained_steps / segment_time if segment_time > 0 else 0.0,
         "resumed_at_step": resumed_at,
         "peak_memory_mb": peak_memory_mb(device), "device": device, "train_examples": len(prep.train),
         "validation_examples": len(prep.val), "report_examples": len(prep.report),
         "max_length": cfg.max_length, "pretraining": prep.pretraining,
     }
+    if sharding and cfg.save:  # every process gathers the whole delta (collectives); rank 0 writes
+        serialization.save(bare, out)
     if main:
-        if not cfg.save:
+        if not cfg.save or sharding:
             pass
         elif prep.method_cfg is not None:
             serialization.save(bare, out)
