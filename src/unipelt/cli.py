@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--k-shot", type=int, default=None, help="K training (and K validation) examples; absent: all")
     t.add_argument("--seed", type=int, default=1)
     t.add_argument("--epochs", type=float, default=20.0)
-    t.add_argument("--max-steps", type=int, default=None)
+    t.add_argument("--max-steps", type=int, default=None,
+                   help="train this many steps (overrides --epochs, as the Trainer's max_steps does)")
     t.add_argument("--lr", type=float, default=None, help="default: the method's usual learning rate")
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--max-length", type=int, default=None, help="tokens per example (default: 128; SQuAD 384)")
