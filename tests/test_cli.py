@@ -168,6 +168,15 @@ def test_resume_after_a_kill_gives_the_same_weights(tiny_model, small_glue, tmp_
     assert rb["wall_time_s"] >= 2.0 > ra["wall_time_s"]
 
 
+def accelerate_launch(processes: int) -> list[str]:
+    """accelerate's multi-GPU launcher (torch.distributed.run underneath); --device cpu makes it gloo on CPUs."""
+    with socket.socket() as s:  # a free port for the processes' rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port]
+
+
 @needs_glue
 def test_two_processes_train_like_one(small_glue, tmp_path) -> None:
     """``accelerate launch`` with two CPU processes: each process takes half of every batch and DDP averages
@@ -179,13 +188,8 @@ def test_two_processes_train_like_one(small_glue, tmp_path) -> None:
             "--eval-every", "6"]
     assert main(args) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with socket.socket() as s:  # a free port for the processes' rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    # accelerate's multi-GPU launcher (torch.distributed.run underneath); --device cpu makes it gloo on CPUs
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port]
-    launched = subprocess.run([*launcher, "-m", "unipelt", *[str(two) if a == str(one) else a for a in args]],
+    launched = subprocess.run([*accelerate_launch(2), "-m", "unipelt",
+                               *[str(two) if a == str(one) else a for a in args]],
                               env=env, capture_output=True, text=True, timeout=600)
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert json.loads((one / "results.json").read_text())["processes"] == 1
@@ -196,15 +200,6 @@ def test_two_processes_train_like_one(small_glue, tmp_path) -> None:
     assert moved > 1e-3  # it trained
     for k in ta:
         torch.testing.assert_close(tb[k], ta[k], rtol=0, atol=1e-6, msg=k)
-
-
-def accelerate_launch(processes: int) -> list[str]:
-    """accelerate's multi-GPU launcher (torch.distributed.run underneath); --device cpu makes it gloo on CPUs."""
-    with socket.socket() as s:  # a free port for the processes' rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port]
 
 
 @needs_glue

@@ -137,14 +137,22 @@ def shard(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_whole(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy whole tensors (``{parameter name: tensor}``, as read under :func:`whole`) into ``model``'s
-    parameters; an FSDP2 parameter takes its own shard of each, cut locally (every process holds the same
-    whole tensors, so no communication)."""
+def shard_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A whole tensor of ``param``'s shape as ``param`` is held: for an FSDP2 parameter (a ``DTensor``) this
+    process's shard of it, cut locally (every process holds the same whole tensor, so no communication), on the
+    parameter's device; any other as it is. The inverse of :func:`whole`."""
     try:
         from torch.distributed.tensor import DTensor, distribute_tensor
     except ImportError:  # a torch without DTensor: nothing is sharded
-        DTensor = None  # noqa: N806
+        return value
+    if not isinstance(param, DTensor):
+        return value
+    return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+
+
+def load_whole(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy whole tensors (``{parameter name: tensor}``, as read under :func:`whole`) into ``model``'s
+    parameters; an FSDP2 parameter takes its own shard of each (:func:`shard_like`)."""
     # FSDP2 leaves the root's group whole after a forward without backward (an evaluation); a copy into that
     # whole tensor would be dropped at its next reshard, so write into the shards
     for module in _fsdp2_modules(model):
@@ -156,10 +164,7 @@ def load_whole(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, value in state.items():
             param = params[name]
-            if DTensor is not None and isinstance(param, DTensor):
-                value = distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements,
-                                          src_data_rank=None)
-            param.copy_(value)
+            param.copy_(shard_like(value.to(param.dtype), param))
 
 
 def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
@@ -174,18 +179,12 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
 
 def load_full_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
     """Put back :func:`full_optimizer_state`'s state: a whole tensor of an FSDP2 parameter's shape becomes this
-    process's shard of it, cut locally."""
-    try:
-        from torch.distributed.tensor import DTensor, distribute_tensor
-    except ImportError:
-        DTensor = None  # noqa: N806
+    process's shard of it (:func:`shard_like`); the rest (the step count) stays as it is."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     state = {}
     for index, per_param in saved["state"].items():
         param = params[int(index)]
-        sharded_param = DTensor is not None and isinstance(param, DTensor)
-        state[index] = {key: distribute_tensor(value.to(param.device), param.device_mesh, param.placements,
-                                               src_data_rank=None)
-                        if sharded_param and isinstance(value, torch.Tensor) and value.shape == param.shape
-                        else value for key, value in per_param.items()}
+        state[index] = {key: shard_like(value, param)
+                        if isinstance(value, torch.Tensor) and value.shape == param.shape else value
+                        for key, value in per_param.items()}
     optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})

@@ -700,15 +700,13 @@ def _run(cfg: RunConfig, out: Path, log) -> dict[str, Any]:
         "validation_examples": len(prep.val), "report_examples": len(prep.report),
         "max_length": cfg.max_length, "pretraining": prep.pretraining,
     }
-    if sharding and cfg.save:  # every process gathers the whole delta (collectives); rank 0 writes
-        serialization.save(bare, out)
-    if main:
-        if not cfg.save or sharding:
-            pass
-        elif prep.method_cfg is not None:
+    # under FSDP every process gathers the whole delta (collectives) and rank 0 writes; otherwise rank 0 alone
+    if cfg.save and (main or sharding):
+        if prep.method_cfg is not None:
             serialization.save(bare, out)
-        else:
+        else:  # full fine-tuning, never sharded here (_sharding)
             _save_full(bare, tok, out / "model")
+    if main:
         atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
         if not cfg.save:  # the results are written: the resume state is no longer needed
             (out / CHECKPOINT_FILE).unlink(missing_ok=True)
