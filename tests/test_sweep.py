@@ -5,6 +5,7 @@ Runs use a 2-layer random BERT and a small JSONL task written here, so a whole g
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -339,6 +340,31 @@ def test_deadline_stops_runs_and_the_report_shows_what_finished(tiny_model, text
     assert any(m.startswith("deadline: stopped text/k8/full/seed1") for m in messages), messages
     assert any((tmp_path / "runs").rglob("checkpoint.pt"))  # the stopped run resumes next time
     assert write_report(spec, tmp_path)["counts"]["done"] == 0
+
+
+def test_a_sweep_whose_reader_goes_away_still_keeps_its_deadline(tiny_model, text_task, tmp_path) -> None:
+    """``unipelt sweep ... | head -1``: the closed pipe must not stop the scheduler, or its runs go on past the
+    deadline (a device call's runs did so once)."""
+    spec = _spec(tiny_model, text_task, seeds=[1])
+    spec["methods"] = {"lora": {}}
+    spec["settings"] = {"k8": {"k_shot": 8, "max_steps": 100000, "eval_every": 2, "patience": 100000}}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    out = tmp_path / "sweep"
+    command = [sys.executable, "-m", "unipelt.cli", "sweep", str(tmp_path / "spec.json"), "--out", str(out),
+               "--device", "cpu", "--deadline", "15"]
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert process.stdout.readline().startswith(b"sweep: 1 runs")
+        process.stdout.close()  # the reader goes, as `head -1` does
+        assert process.wait(timeout=120) == 0, process.stderr.read().decode()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # whatever is left of it
+        process.wait()
+    assert b"Broken pipe" not in process.stderr.read()
+    assert (out / "summary.json").exists()
+    assert (out / "runs" / "text" / "k8" / "lora" / "seed1" / "checkpoint.pt").exists()  # stopped at the deadline
 
 
 def test_under_a_deadline_a_run_its_cell_says_cannot_finish_is_not_started(tiny_model, text_task, tmp_path) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -173,6 +174,22 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say(line: str) -> None:
+    """Print a line of a long command's progress. If the reader has gone (``| head``), the command goes on
+    without printing: a sweep that stopped at a closed pipe would also stop keeping its deadline, and its runs
+    would run on past it."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())  # also takes the unflushed rest, at exit too
+        except (AttributeError, OSError, ValueError):  # a stdout without a file descriptor
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stdout for the rest of the process
+        finally:
+            os.close(devnull)
+
+
 def _sweep(args: argparse.Namespace) -> int:
     from .sweep import export_runs, import_runs, load_spec, run_sweep, write_report
 
@@ -181,7 +198,7 @@ def _sweep(args: argparse.Namespace) -> int:
     spec.model = args.model or spec.model
     if args.import_runs:
         counts = import_runs(spec, args.out, args.import_runs)
-        print(f"imported {counts['imported']} finished runs from {args.import_runs} ({counts['kept']} finished "
+        _say(f"imported {counts['imported']} finished runs from {args.import_runs} ({counts['kept']} finished "
               f"here already, {counts['not_in_grid']} not in this grid)")
     if args.report_only:
         summary = write_report(spec, args.out)
@@ -190,10 +207,11 @@ def _sweep(args: argparse.Namespace) -> int:
         only = {name: getattr(args, name).split(",") for name in ("tasks", "settings", "methods", "seeds")
                 if getattr(args, name)}
         summary = run_sweep(spec, args.out, jobs=args.jobs, gpus=gpus, deadline=args.deadline, device=args.device,
-                            only=only)
-    print(summary["table"], end="")
+                            only=only, log=_say)
+    if summary["table"]:
+        _say(summary["table"].rstrip("\n"))
     if args.export_runs:
-        print(f"exported {export_runs(spec, args.out, args.export_runs)} finished runs to {args.export_runs}")
+        _say(f"exported {export_runs(spec, args.out, args.export_runs)} finished runs to {args.export_runs}")
     return 0
 
 
