@@ -53,4 +53,7 @@ if __name__ == "__main__":
     dist.init_process_group("gloo")
     for i, config in enumerate(json.loads(sys.argv[2])):
         train(Path(sys.argv[1]) / str(i), config, fsdp=True)
+    # both ranks done before either tears down: a rank that exits while its peer still talks to it can abort
+    # (a CI run once lost rank 1 to SIGABRT, 'terminate called without an active exception')
+    dist.barrier()
     dist.destroy_process_group()
