@@ -144,3 +144,20 @@ def test_folder_resolution_order(tmp_path):
         SquadTask().load("dev", str(tmp_path))
     (squad / "train.json").write_text(doc, encoding="utf-8")
     assert len(SquadTask().load("dev", str(tmp_path))) == 1
+
+
+@pytest.mark.parametrize("method, options", [("unipelt", {"prompt": True}), ("prefix", {})])
+def test_the_seed_grid_squad_cell_trains_and_reports_on_the_resplit_test(method, options, tmp_path):
+    """The rows that change what attention sees (a prompt before the tokens, a prefix in the keys) train on
+    SQuAD end to end and score the re-split test's 2,464 questions, as the seed grid's SQuAD column does."""
+    from unipelt.models import save_tiny_model
+    from unipelt.train import RunConfig, run
+
+    model = save_tiny_model(tmp_path / "tiny", max_position_embeddings=160)
+    results = run(RunConfig(task="squad", method=method, method_options=options, model=model, data_dir=str(DATA),
+                            out=str(tmp_path / "run"), device="cpu", k_shot=16, max_steps=2, eval_every=2,
+                            batch_size=4, max_length=128, progress=False))
+    assert (results["split"], results["report_examples"], results["main_metric"]) == ("test", 2_464, "f1")
+    assert set(results["metrics"]) == {"exact_match", "f1"}
+    assert 0.0 <= results["metrics"]["exact_match"] <= results["metrics"]["f1"] <= 100.0
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["score"] == results["score"]
