@@ -11,9 +11,8 @@ export PYTHONPATH=$PWD/src HF_HUB_OFFLINE=1
 work=/tmp/fsdp_one_gpu
 rm -rf "$work" && mkdir -p "$work"
 tar -xJf .devcarry/fedglue.tar.xz -C "$work"
-python3 -c "from unipelt.models import save_tiny_model; save_tiny_model('$work/tiny', tokenizer_from='.devcarry/minilm16',
-    hidden_dropout_prob=0.0,
-    attention_probs_dropout_prob=0.0)"
+python3 -c "from unipelt.models import save_tiny_model; save_tiny_model('$work/tiny',
+    tokenizer_from='.devcarry/minilm16', hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)"
 args=(train --task sst2 --method unipelt --model "$work/tiny" --data-dir "$work/data/glue" --k-shot 64
       --max-steps 40 --eval-every 10 --patience 100 --batch-size 16 --max-length 64 --mixed-precision no
       --no-progress)
