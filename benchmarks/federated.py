@@ -86,6 +86,27 @@ def grid(opts: argparse.Namespace, done: dict[tuple, dict]) -> list[dict]:
 RUN_FIELDS = ("task", "alpha", "method", "seed", "score", "bytes_total", "payload_bytes", "trainable_params")
 
 
+def task_averages(runs: list[dict]) -> list[dict]:
+    """Per split and method, the score averaged over the tasks for each seed that every cell has, then the mean
+    and std of that average over those seeds: the table the README shows, comparable across rows."""
+    scores: dict[tuple, dict[int, float]] = {}
+    for r in runs:
+        scores.setdefault((r["task"], r["alpha"], r["method"]), {})[r["seed"]] = r["score"]
+    if not scores:
+        return []
+    seeds = sorted(set.intersection(*(set(s) for s in scores.values())))
+    rows = []
+    for alpha in SPLITS:
+        for method in METHODS:
+            tasks = [task for task in TASKS if (task, alpha, method) in scores]
+            if not tasks or not seeds:
+                continue
+            means = [statistics.mean(scores[(task, alpha, method)][seed] for task in tasks) for seed in seeds]
+            rows.append({"alpha": alpha, "method": method, "tasks": tasks, "seeds": seeds,
+                         "score": statistics.mean(means), "std": statistics.stdev(means) if len(means) > 1 else 0.0})
+    return rows
+
+
 def summarise(out: Path, results_dir: Path, device: str, imported: dict[tuple, dict] | None = None) -> str:
     merged = dict(imported or {})
     for path in sorted(out.glob("*/results.json")):  # a run finished here supersedes an imported one
@@ -111,10 +132,15 @@ def summarise(out: Path, results_dir: Path, device: str, imported: dict[tuple, d
         split = "iid" if alpha is None else f"a{alpha:g}"
         lines.append(f"{task:<5} {split:<6} {method:<8} {100 * row['score']:>6.1f} ± {100 * row['std']:>4.1f} "
                      f"{len(rs):>5} {mb:>10.2f} {'' if ratio is None else f'{ratio:>7.0f}x'}")
+    averages = task_averages(runs)
+    for row in averages:
+        split = "iid" if row["alpha"] is None else f"a{row['alpha']:g}"
+        lines.append(f"{'avg':<5} {split:<6} {row['method']:<8} {100 * row['score']:>6.1f} ± {100 * row['std']:>4.1f} "
+                     f"{len(row['seeds']):>5}  (over {', '.join(row['tasks'])}; seeds every cell has)")
     table = "\n".join(lines) + "\n"
     results_dir.mkdir(parents=True, exist_ok=True)
     summary = {"device": device, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
-               "cells": rows, "runs": runs}
+               "cells": rows, "task_average": averages, "runs": runs}
     (results_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plotted = [p.parent for p in sorted(out.glob("*-iid-*-s1/results.json"))]
     if plotted:  # the plot: score against bytes, seed 1 of the IID runs, one line per task and method

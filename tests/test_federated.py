@@ -309,3 +309,6 @@ def test_the_benchmark_resumes_from_an_earlier_calls_summary(tmp_path, monkeypat
     (cell,) = summary["cells"]
     assert cell["seeds"] == 2 and cell["score"] == pytest.approx(0.6) and cell["std"] == pytest.approx(0.1414, 1e-3)
     assert "60.0 ±" in table
+    (average,) = summary["task_average"]  # one task, both seeds: the cell itself
+    assert (average["tasks"], average["seeds"]) == (["rte"], [1, 2])
+    assert average["score"] == pytest.approx(0.6) and average["std"] == pytest.approx(0.1414, 1e-3)
