@@ -62,6 +62,7 @@ def imported_runs(paths: list[Path]) -> dict[tuple, dict]:
         params = {(c["task"], c["alpha"], c["method"]): c["trainable_params"] for c in summary["cells"]}
         for record in summary["runs"]:
             record.setdefault("trainable_params", params[(record["task"], record["alpha"], record["method"])])
+            record.setdefault("device", summary["device"])  # older summaries name one device for all runs
             runs[run_key(record)] = record
     return runs
 
@@ -111,7 +112,7 @@ def summarise(out: Path, results_dir: Path, device: str, imported: dict[tuple, d
     merged = dict(imported or {})
     for path in sorted(out.glob("*/results.json")):  # a run finished here supersedes an imported one
         record = json.loads(path.read_text())
-        merged[run_key(record)] = {k: record[k] for k in RUN_FIELDS}
+        merged[run_key(record)] = {**{k: record[k] for k in RUN_FIELDS}, "device": device}
     runs = sorted(merged.values(), key=lambda r: (r["task"], str(r["alpha"]), r["method"], r["seed"]))
     cells: dict[tuple, list[dict]] = {}
     for r in runs:
@@ -139,7 +140,8 @@ def summarise(out: Path, results_dir: Path, device: str, imported: dict[tuple, d
                      f"{len(row['seeds']):>5}  (over {', '.join(row['tasks'])}; seeds every cell has)")
     table = "\n".join(lines) + "\n"
     results_dir.mkdir(parents=True, exist_ok=True)
-    summary = {"device": device, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
+    devices = sorted({r.get("device", device) for r in runs})  # runs of one report may come from several machines
+    summary = {"device": " + ".join(devices), "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
                "cells": rows, "task_average": averages, "runs": runs}
     (results_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plotted = [p.parent for p in sorted(out.glob("*-iid-*-s1/results.json"))]
@@ -172,7 +174,8 @@ def main() -> None:
     parser.add_argument("--import-runs", type=Path, nargs="+", default=[],
                         help="earlier calls' summary.json: their runs are not run again and stay in the report")
     parser.add_argument("--device-name", default=None,
-                        help="the GPU the runs ran on, for a report rebuilt elsewhere (--summarise-only)")
+                        help="the device this call's runs ran on (default: this machine's GPU, or cpu), for a "
+                             "report rebuilt elsewhere (--summarise-only); each run keeps its own")
     opts = parser.parse_args()
     start = time.time()
     done = imported_runs(opts.import_runs)

@@ -286,7 +286,8 @@ def test_the_benchmark_resumes_from_an_earlier_calls_summary(tmp_path, monkeypat
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
 
-    earlier = {"cells": [{"task": "rte", "alpha": None, "method": "lora", "trainable_params": 7}],
+    earlier = {"device": "NVIDIA H100 80GB HBM3",
+               "cells": [{"task": "rte", "alpha": None, "method": "lora", "trainable_params": 7}],
                "runs": [{"task": "rte", "alpha": None, "method": "lora", "seed": 1, "score": 0.5,
                          "bytes_total": 100, "payload_bytes": 10}]}
     (tmp_path / "earlier.json").write_text(json.dumps(earlier))
@@ -306,6 +307,9 @@ def test_the_benchmark_resumes_from_an_earlier_calls_summary(tmp_path, monkeypat
     table = module.summarise(tmp_path / "out", tmp_path / "results", "cpu", done)
     summary = json.loads((tmp_path / "results" / "summary.json").read_text())
     assert [r["seed"] for r in summary["runs"]] == [1, 2]
+    # each run names the machine it ran on: the earlier call's GPU, this call's CPU
+    assert [r["device"] for r in summary["runs"]] == ["NVIDIA H100 80GB HBM3", "cpu"]
+    assert summary["device"] == "NVIDIA H100 80GB HBM3 + cpu"
     (cell,) = summary["cells"]
     assert cell["seeds"] == 2 and cell["score"] == pytest.approx(0.6) and cell["std"] == pytest.approx(0.1414, 1e-3)
     assert "60.0 ±" in table
