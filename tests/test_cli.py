@@ -185,6 +185,7 @@ def test_resume_after_a_kill_gives_the_same_weights(tiny_model, small_glue, tmp_
     # the resumed run's training time holds the part before the kill too, not only the part after it
     assert ra["resumed_at_step"] is None and rb["resumed_at_step"] == 6
     assert rb["wall_time_s"] >= 2.0 > ra["wall_time_s"]
+    assert rb["steps_per_s"] == pytest.approx(12 / rb["wall_time_s"])  # the whole run's rate, not the resumed part's
 
 
 def accelerate_launch(processes: int) -> list[str]:

@@ -630,7 +630,6 @@ def _run(cfg: RunConfig, out: Path, log) -> dict[str, Any]:
     trained_before = float(state.get("train_seconds", 0.0))
     start = time.perf_counter()
     stopped_early = False
-    trained_steps = 0
     while state["step"] < total_steps and not stopped_early:
         epoch, offset = divmod(state["step"], steps_per_epoch)
         order = torch.randperm(len(train_feats), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
@@ -658,7 +657,6 @@ def _run(cfg: RunConfig, out: Path, log) -> dict[str, Any]:
             optimizer.step()
             scheduler.step()
             state["step"] += 1
-            trained_steps += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
             if state["step"] % eval_every == 0 or state["step"] == total_steps:
@@ -694,7 +692,8 @@ def _run(cfg: RunConfig, out: Path, log) -> dict[str, Any]:
         "total_params": sum(p.numel() for p in bare.parameters()),
         "steps": state["step"], "stopped_early": stopped_early, "lr": lr, "lr_by_part": lr_by_part,
         "batch_size": cfg.batch_size, "processes": world, "sharding": sharding,
-        "wall_time_s": train_time, "steps_per_s": trained_steps / segment_time if segment_time > 0 else 0.0,
+        # over the whole run: a run resumed at its last checkpoint trains no step here, yet ran at a rate
+        "wall_time_s": train_time, "steps_per_s": state["step"] / train_time if train_time > 0 else 0.0,
         "resumed_at_step": resumed_at,
         "peak_memory_mb": peak_memory_mb(device), "device": device, "train_examples": len(prep.train),
         "validation_examples": len(prep.val), "report_examples": len(prep.report),
