@@ -32,8 +32,11 @@ SEEDS = (1, 2, 3)
 
 
 def run_dir(out: Path, task: str, alpha: float | None, method: str, seed: int) -> Path:
-    split = "iid" if alpha is None else f"a{alpha:g}"
-    return out / f"{task}-{split}-{method}-s{seed}"
+    return out / f"{task}-{split_name(alpha)}-{method}-s{seed}"
+
+
+def split_name(alpha: float | None) -> str:
+    return "iid" if alpha is None else f"a{alpha:g}"
 
 
 def one_run(args: dict) -> dict:
@@ -130,17 +133,17 @@ def summarise(out: Path, results_dir: Path, device: str, imported: dict[tuple, d
                "std": statistics.stdev(scores) if len(scores) > 1 else 0.0, "bytes_total": mb * 1e6,
                "bytes_ratio_full_over_method": ratio, "trainable_params": rs[0]["trainable_params"]}
         rows.append(row)
-        split = "iid" if alpha is None else f"a{alpha:g}"
-        lines.append(f"{task:<5} {split:<6} {method:<8} {100 * row['score']:>6.1f} ± {100 * row['std']:>4.1f} "
+        lines.append(f"{task:<5} {split_name(alpha):<6} {method:<8} "
+                     f"{100 * row['score']:>6.1f} ± {100 * row['std']:>4.1f} "
                      f"{len(rs):>5} {mb:>10.2f} {'' if ratio is None else f'{ratio:>7.0f}x'}")
     averages = task_averages(runs)
     for row in averages:
-        split = "iid" if row["alpha"] is None else f"a{row['alpha']:g}"
-        lines.append(f"{'avg':<5} {split:<6} {row['method']:<8} {100 * row['score']:>6.1f} ± {100 * row['std']:>4.1f} "
+        lines.append(f"{'avg':<5} {split_name(row['alpha']):<6} {row['method']:<8} "
+                     f"{100 * row['score']:>6.1f} ± {100 * row['std']:>4.1f} "
                      f"{len(row['seeds']):>5}  (over {', '.join(row['tasks'])}; seeds every cell has)")
     table = "\n".join(lines) + "\n"
     results_dir.mkdir(parents=True, exist_ok=True)
-    devices = sorted({r.get("device", device) for r in runs})  # runs of one report may come from several machines
+    devices = sorted({r["device"] for r in runs})  # runs of one report may come from several machines
     summary = {"device": " + ".join(devices), "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
                "cells": rows, "task_average": averages, "runs": runs}
     (results_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
