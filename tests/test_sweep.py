@@ -20,7 +20,7 @@ import pytest
 from unipelt.cli import EXIT_BAD_INPUT, main
 from unipelt.config import ConfigError
 from unipelt.models import save_tiny_model
-from unipelt.sweep import import_runs, load_spec, plan, run_sweep, write_report
+from unipelt.sweep import cpu_share, import_runs, load_spec, plan, run_sweep, write_report
 from unipelt.train import RunConfig, run
 
 WORDS = ["good", "bad", "film", "plot", "actor", "scene", "long", "short", "music", "story"]
@@ -208,6 +208,8 @@ def test_sweep_runs_the_grid_reports_it_and_skips_finished_runs(tiny_model, text
         assert entry["trainable_params"] == runs[0]["trainable_params"]
         assert entry["trainable_percent"] == pytest.approx(100 * runs[0]["trainable_params"] / runs[0]["total_params"])
     assert entries["full"]["trainable_percent"] == pytest.approx(100.0)
+    # two runs at once: each takes half the CPUs, not a thread pool as large as the machine
+    assert {r["cpu_threads"] for r in runs} == {max(1, len(os.sched_getaffinity(0)) // 2)} == {cpu_share(2)}
     assert entries["lora+big"]["trainable_params"] < entries["full"]["trainable_params"]
     assert entries["lora"]["reference"] == "microsoft/LoRA"
     assert [p["stage"] for p in entries["dapt+tapt"]["pretraining"][0]] == ["dapt", "tapt"]

@@ -184,10 +184,14 @@ def plan(spec: Spec, out: str | os.PathLike) -> list[Job]:
 # ------------------------------------------------------------------------------------------------- run
 
 
-def _worker(job_config: dict[str, Any], task: str, seed: int, label: str, run_dir: str, gpu: str | None) -> None:
-    """One run in its own process: output into the run's log, a failure into failed.json."""
+def _worker(job_config: dict[str, Any], task: str, seed: int, label: str, run_dir: str, gpu: str | None,
+            threads: int | None = None) -> None:
+    """One run in its own process: output into the run's log, a failure into failed.json. ``threads``: the
+    process's share of the CPU threads when several runs share the machine."""
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    if threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
     folder = Path(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     log = open(folder / LOG_FILE, "a", buffering=1)  # noqa: SIM115 - open for the whole process
@@ -195,11 +199,14 @@ def _worker(job_config: dict[str, Any], task: str, seed: int, label: str, run_di
     os.dup2(log.fileno(), 2)
     sys.stdout = sys.stderr = log
     try:
+        import torch
         import transformers
 
         from .train import RunConfig, run
 
         transformers.logging.set_verbosity_error()
+        if threads is not None:
+            torch.set_num_threads(threads)
         (folder / FAILED_FILE).unlink(missing_ok=True)
         resume = (folder / "checkpoint.pt").exists()
         cfg = RunConfig(task=task, seed=seed, out=run_dir, label=label, resume=resume, progress=False,
@@ -209,6 +216,16 @@ def _worker(job_config: dict[str, Any], task: str, seed: int, label: str, run_di
         traceback.print_exc()
         atomic_write_text(folder / FAILED_FILE, json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n")
         sys.exit(1)
+
+
+def cpu_share(processes: int) -> int | None:
+    """CPU threads for each of ``processes`` runs at once: an even share of this process's CPUs, or None (torch's
+    default) for a single run. Each spawned run would otherwise start a thread pool as large as the machine, and
+    24 runs on 16 cores oversubscribe it (torchrun sets one thread per process for the same reason)."""
+    if processes <= 1:
+        return None
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // processes)
 
 
 def visible_gpus() -> list[str]:
@@ -256,6 +273,7 @@ def _run_locked(spec: Spec, out: Path, grid: list[Job], part: list[Job], jobs: i
     elif gpus is None:
         gpus = visible_gpus()
     slots = [g for g in gpus for _ in range(jobs)] if gpus else [None] * jobs
+    threads = cpu_share(len(slots))
     todo = [j for j in part if j.skip is None and not j.done()]
     runnable = len([j for j in part if j.skip is None])
     finished_before = runnable - len(todo)
@@ -299,7 +317,7 @@ def _run_locked(spec: Spec, out: Path, grid: list[Job], part: list[Job], jobs: i
             if device is not None:
                 config.setdefault("device", device)
             process = context.Process(target=_worker, args=(config, job.task, job.seed, job.label,
-                                                            str(job.run_dir), gpu), daemon=False)
+                                                            str(job.run_dir), gpu, threads), daemon=False)
             process.start()
             running[process] = (job, gpu)
         if time.monotonic() >= stop_at:

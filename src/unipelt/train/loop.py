@@ -695,7 +695,8 @@ def _run(cfg: RunConfig, out: Path, log) -> dict[str, Any]:
         # over the whole run: a run resumed at its last checkpoint trains no step here, yet ran at a rate
         "wall_time_s": train_time, "steps_per_s": state["step"] / train_time if train_time > 0 else 0.0,
         "resumed_at_step": resumed_at,
-        "peak_memory_mb": peak_memory_mb(device), "device": device, "train_examples": len(prep.train),
+        "peak_memory_mb": peak_memory_mb(device), "device": device, "cpu_threads": torch.get_num_threads(),
+        "train_examples": len(prep.train),
         "validation_examples": len(prep.val), "report_examples": len(prep.report),
         "max_length": cfg.max_length, "pretraining": prep.pretraining,
     }
