@@ -6,7 +6,7 @@ set -euo pipefail
 back=${1:?the files_at folder of the device call, or a sweep folder}
 results=benchmarks/results/seed001
 # the returned file holds the runs carried in and the new ones; a run already here is kept (merge_runs.py)
-if [ -d "$back/runs" ]; then python benchmarks/seed001/merge_runs.py "$back"; else python benchmarks/seed001/merge_runs.py "$back/runs.jsonl"; fi
+python benchmarks/seed001/merge_runs.py "$back"
 rm -rf out/seed001
 unipelt sweep benchmarks/seed001/spec.yaml --data-dir "${UNIPELT_DATA_DIR:-../shared/data}" --out out/seed001 --import-runs "$results/runs.jsonl" --report-only
 cp out/seed001/summary.json out/seed001/table.txt out/seed001/plot.png "$results/"

@@ -1,6 +1,6 @@
 """Add finished runs to benchmarks/results/seed001/runs.jsonl, keeping every run it holds.
 
-    python benchmarks/seed001/merge_runs.py FILES_AT/runs.jsonl     # a device call's export
+    python benchmarks/seed001/merge_runs.py FILES_AT                # a device call's export (FILES_AT/runs.jsonl)
     python benchmarks/seed001/merge_runs.py /tmp/seed001cpu         # a sweep folder here (its runs/*/results.json)
 
 A run already in runs.jsonl is kept as it is; a new one is appended. The file is rewritten atomically.
@@ -11,18 +11,26 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
-RUNS = Path(__file__).resolve().parents[2] / "benchmarks/results/seed001/runs.jsonl"
+from unipelt.sweep import export_runs, load_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+RUNS = ROOT / "benchmarks/results/seed001/runs.jsonl"
+SPEC = ROOT / "benchmarks/seed001/spec.yaml"
 
 
 def records(source: Path) -> list[tuple[str, str]]:
-    """(run name, line) of each finished run in an --export-runs file or a sweep folder."""
+    """(run name, line) of each finished run in an --export-runs file, a device call's files_at folder (its
+    runs.jsonl) or a sweep folder made here (exported with the sweep's own export_runs)."""
+    if (source / "runs").is_dir():
+        with tempfile.TemporaryDirectory() as folder:
+            exported = Path(folder) / "runs.jsonl"
+            export_runs(load_spec(SPEC), source, exported)
+            return records(exported)
     if source.is_dir():
-        found = sorted((source / "runs").glob("*/*/*/seed*/results.json"))
-        return [(str(p.parent.relative_to(source / "runs")),
-                 json.dumps({"run": str(p.parent.relative_to(source / "runs")),
-                             "results": json.loads(p.read_text())}, separators=(",", ":"))) for p in found]
+        source = source / "runs.jsonl"
     return [(json.loads(line)["run"], line) for line in source.read_text().splitlines() if line.strip()]
 
 

@@ -190,8 +190,6 @@ def _worker(job_config: dict[str, Any], task: str, seed: int, label: str, run_di
     process's share of the CPU threads when several runs share the machine."""
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-    if threads is not None:
-        os.environ["OMP_NUM_THREADS"] = str(threads)
     folder = Path(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     log = open(folder / LOG_FILE, "a", buffering=1)  # noqa: SIM115 - open for the whole process
