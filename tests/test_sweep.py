@@ -388,3 +388,28 @@ def test_under_a_deadline_a_run_its_cell_says_cannot_finish_is_not_started(tiny_
     run_sweep(spec, tmp_path, device="cpu", log=lambda m: None)  # no deadline: it runs
     assert (tmp_path / "runs" / "text" / "k8" / "lora" / "seed2" / "results.json").exists()
 
+
+
+def test_a_finished_run_on_another_device_kind_does_not_hold_its_cell_back(tiny_model, text_task, tmp_path) -> None:
+    """A cell's CPU run of an hour must not keep its other seeds off a GPU call's deadline, nor a GPU run's
+    seconds make a CPU sweep start what it cannot finish: the estimate reads runs of the sweep's own kind."""
+    spec = _spec(tiny_model, text_task)
+    spec["methods"] = {"lora": {}}
+    spec = load_spec(spec)
+    run_sweep(spec, tmp_path, device="cpu", only={"seeds": [1]}, log=lambda m: None)
+    finished = tmp_path / "runs" / "text" / "k8" / "lora" / "seed1" / "results.json"
+    results = json.loads(finished.read_text())
+    assert results["device"] == "cpu"
+    results["wall_time_s"] = 1000.0
+    results["device"] = "cuda"  # as if it had run on a GPU, slowly
+    finished.write_text(json.dumps(results))
+    summary = run_sweep(spec, tmp_path, device="cpu", deadline=300, log=lambda m: None)
+    assert {s for e in summary["entries"] for s in e.get("seeds", [])} == {1, 2}  # seed 2 started
+    results["device"] = "cpu"  # the same seconds on this kind hold the next seed back
+    finished.write_text(json.dumps(results))
+    spec3 = _spec(tiny_model, text_task, seeds=[1, 2, 3])
+    spec3["methods"] = {"lora": {}}
+    messages: list[str] = []
+    run_sweep(load_spec(spec3), tmp_path, device="cpu", deadline=300, log=messages.append)
+    assert not (tmp_path / "runs" / "text" / "k8" / "lora" / "seed3").exists()
+    assert any("1 runs not started, as the finished runs of their cells took longer" in m for m in messages)

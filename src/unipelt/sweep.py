@@ -300,7 +300,8 @@ def _run_locked(spec: Spec, out: Path, grid: list[Job], part: list[Job], jobs: i
         log(f"[{finished_before + done_now}/{runnable} done, {len(failed)} failed, {len(running)} running] "
             f"{_duration(elapsed)} elapsed{eta}")
 
-    expected = _expected_seconds(grid) if deadline is not None else {}
+    kind = device.split(":")[0] if device else ("cuda" if gpus else "cpu")
+    expected = _expected_seconds(grid, kind) if deadline is not None else {}
     too_long: list[Job] = []
     while todo or running:
         while todo and free and time.monotonic() < stop_at:
@@ -356,17 +357,21 @@ def _cell(job: Job) -> tuple[str, str, str]:
     return job.task, job.setting, job.label
 
 
-def _expected_seconds(grid: Sequence[Job]) -> dict[tuple[str, str, str], float]:
-    """How long a run of each cell is expected to take, from its finished runs (imported ones too): the
-    longest, pretraining that was not cached included, plus a fifth and 15 s for starting a process. Under a
-    deadline a run that would not finish in time is not started: a machine that is given back keeps no
-    checkpoint, so it would start again from scratch on the next."""
+def _expected_seconds(grid: Sequence[Job], kind: str) -> dict[tuple[str, str, str], float]:
+    """How long a run of each cell is expected to take on a ``kind`` device ("cuda", "cpu"), from its finished
+    runs on that kind (imported ones too; a record that names no device counts): the longest, pretraining that
+    was not cached included, plus a fifth and 15 s for starting a process. Under a deadline a run that would not
+    finish in time is not started: a machine that is given back keeps no checkpoint, so it would start again
+    from scratch on the next. Runs on another kind are left out, as a CPU run's hour would keep its cell off a
+    GPU call for good."""
     longest: dict[tuple[str, str, str], float] = {}
     for job in grid:
         if not job.done():
             continue
         try:
             r = json.loads((job.run_dir / RESULTS_FILE).read_text())
+            if str(r.get("device") or kind).split(":")[0] != kind:
+                continue
             seconds = float(r["wall_time_s"]) + sum(float(p.get("wall_time_s") or 0.0)
                                                     for p in r.get("pretraining", []) if not p.get("cached"))
         except (OSError, ValueError, KeyError, TypeError):
