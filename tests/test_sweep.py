@@ -413,3 +413,22 @@ def test_a_finished_run_on_another_device_kind_does_not_hold_its_cell_back(tiny_
     run_sweep(load_spec(spec3), tmp_path, device="cpu", deadline=300, log=messages.append)
     assert not (tmp_path / "runs" / "text" / "k8" / "lora" / "seed3").exists()
     assert any("1 runs not started, as the finished runs of their cells took longer" in m for m in messages)
+
+
+def test_start_late_starts_what_the_deadline_estimate_would_hold_back(tiny_model, text_task, tmp_path) -> None:
+    """On a machine that stays up between calls, a run cut at the deadline resumes from its checkpoint on
+    the next, so a cell longer than any one call can still be run: ``start_late`` starts it anyway."""
+    spec = _spec(tiny_model, text_task)
+    spec["methods"] = {"lora": {}}
+    spec = load_spec(spec)
+    run_sweep(spec, tmp_path, device="cpu", only={"seeds": [1]}, log=lambda m: None)
+    finished = tmp_path / "runs" / "text" / "k8" / "lora" / "seed1" / "results.json"
+    results = json.loads(finished.read_text())
+    results["wall_time_s"] = 1000.0
+    finished.write_text(json.dumps(results))
+    messages: list[str] = []
+    run_sweep(spec, tmp_path, device="cpu", deadline=300, log=messages.append)
+    assert not (tmp_path / "runs" / "text" / "k8" / "lora" / "seed2").exists()
+    assert any("--start-late" in m for m in messages), messages
+    summary = run_sweep(spec, tmp_path, device="cpu", deadline=300, log=lambda m: None, start_late=True)
+    assert {s for e in summary["entries"] for s in e.get("seeds", [])} == {1, 2}

@@ -207,7 +207,7 @@ def _sweep(args: argparse.Namespace) -> int:
         only = {name: getattr(args, name).split(",") for name in ("tasks", "settings", "methods", "seeds")
                 if getattr(args, name)}
         summary = run_sweep(spec, args.out, jobs=args.jobs, gpus=gpus, deadline=args.deadline, device=args.device,
-                            only=only, log=_say)
+                            only=only, log=_say, start_late=args.start_late)
     if summary["table"]:
         _say(summary["table"].rstrip("\n"))
     if args.export_runs:
@@ -339,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--device", default=None, help="cpu to run on the CPU even where a GPU is visible")
     w.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
                    help="stop after this long: nothing new starts, running runs stop and resume next time")
+    w.add_argument("--start-late", action="store_true",
+                   help="under --deadline, also start runs that cannot finish in time (by their cell's finished "
+                        "runs): for a machine that stays up, where the next sweep resumes them from checkpoints")
     w.add_argument("--report-only", action="store_true", help="write the report from the runs finished so far")
     w.add_argument("--data-dir", default=None, help="the data root (overrides the spec's data_dir)")
     w.add_argument("--model", default=None, help="the base model (overrides the spec's model)")

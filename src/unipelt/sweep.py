@@ -247,11 +247,13 @@ def _duration(seconds: float) -> str:
 
 def run_sweep(spec: Spec, out: str | os.PathLike, jobs: int = 1, gpus: Sequence[str] | None = None,
               deadline: float | None = None, device: str | None = None, only: dict[str, Sequence[str]] | None = None,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+              log: Callable[[str], None] = print, start_late: bool = False) -> dict[str, Any]:
     """Run every unfinished job of the grid, ``jobs`` at a time per GPU (or on the CPU), then write the
     report. ``deadline`` (seconds from now): start nothing after it and stop what runs (it resumes next
-    time). ``only`` runs part of the grid: ``{"tasks": [...], "settings": [...], "methods": [...],
-    "seeds": [...]}``; the report still covers the whole grid. Returns the report's summary."""
+    time); before it, a run its cell's finished runs say cannot finish in time is not started, unless
+    ``start_late`` (for a machine that stays up: the next sweep there resumes it from its checkpoint).
+    ``only`` runs part of the grid: ``{"tasks": [...], "settings": [...], "methods": [...], "seeds": [...]}``;
+    the report still covers the whole grid. Returns the report's summary."""
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     out = Path(out)
@@ -260,11 +262,12 @@ def run_sweep(spec: Spec, out: str | os.PathLike, jobs: int = 1, gpus: Sequence[
     from .train.loop import exclusive_folder
 
     with exclusive_folder(out, "sweep"):
-        return _run_locked(spec, out, grid, part, jobs, gpus, deadline, device, log)
+        return _run_locked(spec, out, grid, part, jobs, gpus, deadline, device, log, start_late)
 
 
 def _run_locked(spec: Spec, out: Path, grid: list[Job], part: list[Job], jobs: int, gpus: Sequence[str] | None,
-                deadline: float | None, device: str | None, log: Callable[[str], None]) -> dict[str, Any]:
+                deadline: float | None, device: str | None, log: Callable[[str], None],
+                start_late: bool = False) -> dict[str, Any]:
     atomic_write_text(out / "spec.json", json.dumps(spec.__dict__, indent=2, default=str) + "\n")
     if device == "cpu":
         gpus = []
@@ -301,7 +304,7 @@ def _run_locked(spec: Spec, out: Path, grid: list[Job], part: list[Job], jobs: i
             f"{_duration(elapsed)} elapsed{eta}")
 
     kind = device.split(":")[0] if device else ("cuda" if gpus else "cpu")
-    expected = _expected_seconds(grid, kind) if deadline is not None else {}
+    expected = _expected_seconds(grid, kind) if deadline is not None and not start_late else {}
     too_long: list[Job] = []
     while todo or running:
         while todo and free and time.monotonic() < stop_at:
@@ -344,7 +347,7 @@ def _run_locked(spec: Spec, out: Path, grid: list[Job], part: list[Job], jobs: i
         progress()
     if too_long:
         log(f"deadline: {len(too_long)} runs not started, as the finished runs of their cells took longer than "
-            f"the time left; run again with a longer --deadline")
+            f"the time left; run again with a longer --deadline, or with --start-late on a machine that stays up")
     if todo:
         log(f"deadline: {len(todo)} runs not started; run the same command again to continue")
     summary = write_report(spec, out, grid)
