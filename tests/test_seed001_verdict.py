@@ -1,0 +1,88 @@
+"""benchmarks/seed001/verdict.py: the paired test that decides the seed's claim, on runs written out by hand."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "seed001" / "verdict.py"
+T_975 = {2: 4.302652729911275, 3: 3.182446305284263}  # Student's t, 97.5% quantile, by degrees of freedom
+
+
+@pytest.fixture(scope="module")
+def verdict():
+    spec = importlib.util.spec_from_file_location("seed001_verdict", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write(folder: Path, scores: dict[str, float], params: dict[str, int]) -> Path:
+    """scores: "task/setting/label/seedN" -> main score as a fraction (SQuAD: EM as the score, F1 in points)."""
+    lines = []
+    for run, score in scores.items():
+        task = run.split("/")[0]
+        metrics = {"exact_match": 0.0, "f1": score * 100.0} if task == "squad" else {"accuracy": score}
+        lines.append(json.dumps({"run": run, "results": {"score": 0.0 if task == "squad" else score,
+                                                         "metrics": metrics}}))
+    (folder / "runs.jsonl").write_text("\n".join(lines) + "\n")
+    entries = [{"setting": "full", "label": label, "trainable_params": n} for label, n in params.items()]
+    (folder / "summary.json").write_text(json.dumps({"entries": entries}))
+    return folder
+
+
+def _row(out: dict, baseline: str) -> dict:
+    return next(r for r in out["comparisons"] if r["baseline"] == baseline)
+
+
+def test_the_paired_difference_and_its_interval_are_the_t_interval_over_task_seed_pairs(verdict, tmp_path) -> None:
+    system = {"cola/full/unipelt+prompt/seed1": 0.50, "cola/full/unipelt+prompt/seed2": 0.60,
+              "rte/full/unipelt+prompt/seed1": 0.70, "squad/full/unipelt+prompt/seed1": 0.655}
+    full = {"cola/full/full/seed1": 0.52, "cola/full/full/seed2": 0.57, "rte/full/full/seed1": 0.74,
+            "squad/full/full/seed1": 0.600, "rte/full/full/seed2": 0.10}  # rte seed 2 has no partner: unpaired
+    out = verdict.compare(_write(tmp_path, {**system, **full}, {"unipelt+prompt": 100, "full": 1000}))
+    row = _row(out, "full")
+    diffs = [-2.0, 3.0, -4.0, 5.5]  # in points; SQuAD by its F1 (65.5 - 60.0), not its EM score
+    mean = statistics.fmean(diffs)
+    half = T_975[3] * statistics.stdev(diffs) / math.sqrt(4)
+    assert row["pairs"] == 4 and row["tasks"] == ["cola", "rte", "squad"]
+    assert row["mean_difference"] == pytest.approx(mean, abs=0.006)  # kept to two places
+    assert row["ci95"] == pytest.approx([mean - half, mean + half], abs=0.006)
+    assert row["wins"] == 2
+    assert row["verdict"] == "no difference shown"  # the interval holds 0 and reaches below -1
+    assert row["trainable_system"] / row["trainable_baseline"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(("system_scores", "expected"), [
+    ((0.60, 0.61, 0.62), "above"),          # +10, +11, +12 points: the interval excludes 0 above
+    ((0.40, 0.41, 0.42), "below"),
+    ((0.502, 0.499, 0.501), "comparable"),  # +0.2, -0.1, +0.1: holds 0, lies above -1
+    ((0.55, 0.45, 0.50), "no difference shown"),
+])
+def test_the_verdict_rule_reads_the_interval(verdict, tmp_path, system_scores, expected) -> None:
+    runs = {f"cola/full/unipelt+prompt/seed{i + 1}": s for i, s in enumerate(system_scores)}
+    runs |= {f"cola/full/lora/seed{i + 1}": 0.50 for i in range(3)}
+    row = _row(verdict.compare(_write(tmp_path, runs, {"unipelt+prompt": 1, "lora": 1})), "lora")
+    assert row["verdict"] == expected
+    low, high = row["ci95"]
+    assert low <= row["mean_difference"] <= high
+    half = T_975[2] * statistics.stdev([100 * (s - 0.5) for s in system_scores]) / math.sqrt(3)
+    assert high - low == pytest.approx(2 * half, abs=0.02)
+
+
+def test_the_pretraining_baseline_is_dapt_tapt_where_it_runs_and_tapt_elsewhere(verdict, tmp_path) -> None:
+    runs = {"chemprot/full/unipelt+prompt/seed1": 0.80, "chemprot/full/unipelt+prompt/seed2": 0.80,
+            "chemprot/full/dapt+tapt/seed1": 0.70,  # seed 2 not run yet: no pair, and not TAPT's in its place
+            "chemprot/full/tapt/seed1": 0.10, "chemprot/full/tapt/seed2": 0.10,
+            "imdb/full/unipelt+prompt/seed1": 0.90, "imdb/full/tapt/seed1": 0.88}
+    out = verdict.compare(_write(tmp_path, runs, {"unipelt+prompt": 1, "tapt": 10, "dapt+tapt": 10}))
+    row = _row(out, "dapt+tapt|tapt")
+    assert row["pairs"] == 2 and row["tasks"] == ["chemprot", "imdb"]
+    assert row["mean_difference"] == pytest.approx(statistics.fmean([10.0, 2.0]))
+    assert _row(out, "tapt")["pairs"] == 3
+    assert not any(r["baseline"] == "dapt+tapt" for r in out["comparisons"])  # one pair is too few to test
