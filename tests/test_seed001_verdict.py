@@ -86,3 +86,17 @@ def test_the_pretraining_baseline_is_dapt_tapt_where_it_runs_and_tapt_elsewhere(
     assert row["mean_difference"] == pytest.approx(statistics.fmean([10.0, 2.0]))
     assert _row(out, "tapt")["pairs"] == 3
     assert not any(r["baseline"] == "dapt+tapt" for r in out["comparisons"])  # one pair is too few to test
+
+
+def test_the_readme_claim_table_carries_each_comparison_and_the_parameter_ratio(verdict, tmp_path) -> None:
+    runs = {f"cola/full/unipelt+prompt/seed{i}": 0.60 + i / 1000 for i in (1, 2, 3)}
+    runs |= {f"cola/full/full/seed{i}": 0.50 for i in (1, 2, 3)}
+    runs |= {f"cola/full/unipelt/seed{i}": 0.60 for i in (1, 2, 3)}
+    out = verdict.compare(_write(tmp_path, runs, {"unipelt+prompt": 10_100, "full": 100_000, "unipelt": 10_000}))
+    lines = verdict.markdown(out).splitlines()
+    assert lines[0].startswith("| claim: UniPELT + prompt ≈ | full data | parameters")
+    full = _row(out, "full")
+    assert lines[2] == (f"| full fine-tuning | **{full['mean_difference']:+.2f} [{full['ci95'][0]:+.2f}, "
+                        f"{full['ci95'][1]:+.2f}], wins 3/3: above** | 0.101x: fewer |")
+    assert lines[4].startswith("| UniPELT | +0.20 [") and lines[4].endswith("| 1.01x: 100 more |")
+    assert lines[3] == "| DAPT+TAPT (TAPT where no domain text) | - | - |"  # no TAPT runs: no row to compare

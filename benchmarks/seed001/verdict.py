@@ -1,6 +1,7 @@
 """The seed's claim, tested on the runs so far: UniPELT + prompt against each baseline, paired by task and seed.
 
-    python benchmarks/seed001/verdict.py   # reads benchmarks/results/seed001/runs.jsonl, writes verdict.json
+    python benchmarks/seed001/verdict.py              # reads benchmarks/results/seed001/runs.jsonl, writes verdict.json
+    python benchmarks/seed001/verdict.py --markdown   # the README's claim table (writes nothing)
 
 For each setting and baseline it takes every (task, seed) both rows ran, the difference of their main scores
 in points (SQuAD by F1), and reports the mean difference with its 95% t-interval over those pairs, how many
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 
 from scipy.stats import t as student_t
@@ -66,20 +68,58 @@ def compare(results_dir: Path = RESULTS) -> dict:
             mean = statistics.fmean(diffs)
             half = student_t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
             low, high = mean - half, mean + half
+            by_task: dict[str, list[float]] = {}
+            for (task, _), diff in zip(pairs, diffs, strict=True):
+                by_task.setdefault(task, []).append(diff)
             verdict = ("above" if low > 0 else "below" if high < 0 else "comparable" if low > -1.0
                        else "no difference shown")
             rows.append({"setting": setting, "baseline": other, "pairs": len(diffs),
                          "tasks": sorted({t for t, _ in pairs}),
                          "mean_difference": round(mean, 2), "ci95": [round(low, 2), round(high, 2)],
                          "wins": sum(d > 0 for d in diffs), "verdict": verdict,
+                         "by_task": {t: round(statistics.fmean(d), 2) for t, d in sorted(by_task.items())},
                          "trainable_system": statistics.fmean(params.get((setting, SYSTEM), [math.nan])),
                          "trainable_baseline": statistics.fmean(params.get((setting, other), [math.nan]))})
     return {"system": SYSTEM, "unit": "points (percent; SQuAD F1)", "rule": __doc__.split("\n\n")[2].strip(),
             "source": "benchmarks/results/seed001/runs.jsonl", "comparisons": rows}
 
 
+CLAIMS = {"full": "full fine-tuning", PRETRAINED: "DAPT+TAPT (TAPT where no domain text)", "unipelt": "UniPELT",
+          "pfeiffer": "(Pfeiffer adapter)", "lora": "(LoRA)"}
+SETTINGS = {"full": "full data", "k100": "K = 100", "k1000": "K = 1,000"}
+
+
+def markdown(out: dict) -> str:
+    """The README's claim table: per baseline and setting the paired difference, its interval, the wins and the
+    verdict (bold where the interval excludes zero), and the parameters against the row's on full data."""
+    rows = {(r["setting"], r["baseline"]): r for r in out["comparisons"]}
+    settings = [s for s in SETTINGS if any(k[0] == s for k in rows)]
+    lines = ["| claim: UniPELT + prompt ≈ | " + " | ".join(SETTINGS[s] for s in settings)
+             + " | parameters (UniPELT + prompt / row) |", "|---|" + "---|" * (len(settings) + 1)]
+    for baseline, name in CLAIMS.items():
+        cells = []
+        for setting in settings:
+            r = rows.get((setting, baseline))
+            if r is None:
+                cells.append("-")
+                continue
+            text = (f"{r['mean_difference']:+.2f} [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}], "
+                    f"wins {r['wins']}/{r['pairs']}: {r['verdict']}")
+            cells.append(f"**{text}**" if r["verdict"] in ("above", "below") else text)
+        r = rows.get(("full", baseline)) or next((v for k, v in rows.items() if k[1] == baseline), None)
+        system, other = (r["trainable_system"], r["trainable_baseline"]) if r else (math.nan, math.nan)
+        more = ("-" if r is None else f"{system / other:.3g}x: fewer" if system < other
+                else "equal" if system == other
+                else f"{system / other:.{5 if system < 1.1 * other else 3}g}x: {system - other:,.0f} more")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {more} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     out = compare()
+    if "--markdown" in sys.argv[1:]:
+        print(markdown(out))
+        return
     (RESULTS / "verdict.json").write_text(json.dumps(out, indent=1) + "\n")
     rows = out["comparisons"]
     print(f"{'setting':8} {'baseline':14} {'pairs':>5} {'diff':>6} {'95% interval':>16} {'wins':>6}  "
