@@ -432,3 +432,43 @@ def test_start_late_starts_what_the_deadline_estimate_would_hold_back(tiny_model
     run_sweep(spec, tmp_path, device="cpu", deadline=300, only={"seeds": [2]}, log=lambda m: None,
               start_late=True)
     assert (tmp_path / "runs" / "text" / "k8" / "lora" / "seed2" / "results.json").exists()
+
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (killed, waiting to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_killing_the_sweep_stops_its_runs_too(tiny_model, text_task, tmp_path) -> None:
+    """``kill SWEEP_PID`` (not the process group) once left its run training on, unsupervised, for an hour."""
+    spec = _spec(tiny_model, text_task, seeds=[1])
+    spec["methods"] = {"lora": {}}
+    spec["settings"] = {"k8": {"k_shot": 8, "max_steps": 100000, "eval_every": 2, "patience": 100000}}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    command = [sys.executable, "-m", "unipelt.cli", "sweep", str(tmp_path / "spec.json"), "--out",
+               str(tmp_path / "sweep"), "--device", "cpu"]
+    sweep = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children = Path(f"/proc/{sweep.pid}/task/{sweep.pid}/children")
+    try:
+        workers: list[int] = []
+        deadline = time.monotonic() + 120
+        while not workers and time.monotonic() < deadline:  # the run's process, not the resource tracker
+            workers = [int(p) for p in children.read_text().split()
+                       if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+            time.sleep(0.2)
+        assert workers, "the sweep started no run"
+        sweep.terminate()  # SIGTERM to the sweep alone
+        sweep.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _running(workers[0]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _running(workers[0]), "the run went on after its sweep was killed"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(sweep.pid, signal.SIGKILL)
+        sweep.wait()

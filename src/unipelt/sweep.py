@@ -184,10 +184,30 @@ def plan(spec: Spec, out: str | os.PathLike) -> list[Job]:
 # ------------------------------------------------------------------------------------------------- run
 
 
+def _die_with(parent: int) -> None:
+    """Linux: this process is killed when the sweep that started it dies (prctl PR_SET_PDEATHSIG), however it
+    dies. Otherwise ``kill SWEEP_PID`` leaves its runs training unsupervised, taking the cores and writing into
+    the sweep folder; killed, a run loses only the steps since its checkpoint."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the sweep died before the call above
+        os._exit(1)
+
+
 def _worker(job_config: dict[str, Any], task: str, seed: int, label: str, run_dir: str, gpu: str | None,
-            threads: int | None = None) -> None:
+            threads: int | None = None, parent: int | None = None) -> None:
     """One run in its own process: output into the run's log, a failure into failed.json. ``threads``: the
-    process's share of the CPU threads when several runs share the machine."""
+    process's share of the CPU threads when several runs share the machine; ``parent``: the sweep's pid, whose
+    death ends this run too."""
+    if parent is not None:
+        _die_with(parent)
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     folder = Path(run_dir)
@@ -319,7 +339,8 @@ def _run_locked(spec: Spec, out: Path, grid: list[Job], part: list[Job], jobs: i
             if device is not None:
                 config.setdefault("device", device)
             process = context.Process(target=_worker, args=(config, job.task, job.seed, job.label,
-                                                            str(job.run_dir), gpu, threads), daemon=False)
+                                                            str(job.run_dir), gpu, threads, os.getpid()),
+                                      daemon=False)
             process.start()
             running[process] = (job, gpu)
         if time.monotonic() >= stop_at:
