@@ -100,3 +100,25 @@ def test_the_readme_claim_table_carries_each_comparison_and_the_parameter_ratio(
                         f"{full['ci95'][1]:+.2f}], wins 3/3: above** | 0.101x: fewer |")
     assert lines[4].startswith("| UniPELT | +0.20 [") and lines[4].endswith("| 1.01x: 100 more |")
     assert lines[3] == "| DAPT+TAPT (TAPT where no domain text) | - | - |"  # no TAPT runs: no row to compare
+
+
+def test_a_comparison_is_complete_only_with_every_planned_pair_and_the_table_says_interim(verdict, tmp_path) -> None:
+    runs = {f"cola/full/unipelt+prompt/seed{i}": 0.60 for i in (1, 2, 3)}
+    runs |= {f"cola/full/full/seed{i}": 0.50 + i / 100 for i in (1, 2, 3)}
+    runs |= {f"cola/full/lora/seed{i}": 0.55 + i / 100 for i in (1, 2)}  # seed 3 of LoRA still to run
+    folder = _write(tmp_path, runs, {})
+    entries = [{"setting": "full", "task": "cola", "label": label, "seeds_planned": [1, 2, 3],
+                "trainable_params": 10} for label in ("unipelt+prompt", "full", "lora")]
+    (folder / "summary.json").write_text(json.dumps({"entries": entries}))
+    out = verdict.compare(folder)
+    assert (_row(out, "full")["planned_pairs"], _row(out, "full")["complete"]) == (3, True)
+    lora = _row(out, "lora")
+    assert (lora["pairs"], lora["planned_pairs"], lora["complete"]) == (2, 3, False)
+    header = verdict.markdown(out).splitlines()[0]
+    assert header.startswith("| claim: UniPELT + prompt ≈ | full data (interim: 2 of 3 pairs) |")
+    runs["cola/full/lora/seed3"] = 0.58
+    (folder / "runs.jsonl").write_text("".join(
+        json.dumps({"run": r, "results": {"score": v, "metrics": {"accuracy": v}}}) + "\n" for r, v in runs.items()))
+    out = verdict.compare(folder)
+    assert _row(out, "lora")["complete"] is True
+    assert verdict.markdown(out).splitlines()[0].startswith("| claim: UniPELT + prompt ≈ | full data | parameters")

@@ -2,6 +2,7 @@
 
     python benchmarks/seed001/verdict.py              # reads benchmarks/results/seed001/runs.jsonl, writes verdict.json
     python benchmarks/seed001/verdict.py --markdown   # the README's claim table (writes nothing)
+    python benchmarks/seed001/verdict.py --no-write   # the table printed, verdict.json left as it is
 
 For each setting and baseline it takes every (task, seed) both rows ran, the difference of their main scores
 in points (SQuAD by F1), and reports the mean difference with its 95% t-interval over those pairs, how many
@@ -10,6 +11,9 @@ pairs UniPELT + prompt wins, and the trainable parameters of both (from summary.
 one point is compatible with the runs); "no difference shown" when it holds 0 but reaches below -1 (the runs
 cannot tell). The pairs share a seed's data sample, so pairing removes that share of the spread.
 
+A comparison is "complete" when it has every pair the grid plans (summary.json's planned seeds of both rows on
+each task); until then it is an interim reading, marked so in verdict.json and in the claim table.
+
 The claim names DAPT+TAPT, which runs only where a domain has offline text (ChemProt): the baseline
 "dapt+tapt|tapt" takes DAPT+TAPT on the tasks where it runs and TAPT elsewhere, as the strongest
 continued-pretraining baseline of each task.
@@ -17,10 +21,10 @@ continued-pretraining baseline of each task.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
 from scipy.stats import t as student_t
@@ -56,6 +60,7 @@ def compare(results_dir: Path = RESULTS) -> dict:
             params.setdefault((entry["setting"], entry["label"]), []).append(entry["trainable_params"])
     for setting in {k[0] for k in params}:
         params[(setting, PRETRAINED)] = params.get((setting, "tapt"), [])  # the same model's count either way
+    planned = _planned_seeds(summary["entries"])
     rows = []
     for setting in sorted({k[0] for k in scores}):
         labels = sorted({k[2] for k in scores if k[0] == setting} - {SYSTEM})
@@ -73,7 +78,10 @@ def compare(results_dir: Path = RESULTS) -> dict:
                 by_task.setdefault(task, []).append(diff)
             verdict = ("above" if low > 0 else "below" if high < 0 else "comparable" if low > -1.0
                        else "no difference shown")
+            planned_pairs = _planned_pairs(planned, setting, other)
             rows.append({"setting": setting, "baseline": other, "pairs": len(diffs),
+                         "planned_pairs": planned_pairs,
+                         "complete": None if planned_pairs is None else len(diffs) >= planned_pairs,
                          "tasks": sorted({t for t, _ in pairs}),
                          "mean_difference": round(mean, 2), "ci95": [round(low, 2), round(high, 2)],
                          "wins": sum(d > 0 for d in diffs), "verdict": verdict,
@@ -82,6 +90,25 @@ def compare(results_dir: Path = RESULTS) -> dict:
                          "trainable_baseline": statistics.fmean(params.get((setting, other), [math.nan]))})
     return {"system": SYSTEM, "unit": "points (percent; SQuAD F1)", "rule": __doc__.split("\n\n")[2].strip(),
             "source": "benchmarks/results/seed001/runs.jsonl", "comparisons": rows}
+
+
+def _planned_seeds(entries: list[dict]) -> dict[tuple[str, str, str], set[int]]:
+    """(setting, task, label) -> the seeds the grid plans for that cell (summary entries without them: none)."""
+    planned = {(e["setting"], e["task"], e["label"]): set(e["seeds_planned"]) for e in entries
+               if "task" in e and "seeds_planned" in e}
+    for setting, task, label in list(planned):
+        if label == "tapt":
+            composite = "dapt+tapt" if (setting, task, "dapt+tapt") in planned else "tapt"
+            planned[(setting, task, PRETRAINED)] = planned[(setting, task, composite)]
+    return planned
+
+
+def _planned_pairs(planned: dict[tuple[str, str, str], set[int]], setting: str, baseline: str) -> int | None:
+    """How many (task, seed) pairs of the system and ``baseline`` the grid plans in ``setting``; None if unknown."""
+    tasks = {t for (s, t, label) in planned if s == setting and label == SYSTEM}
+    if not tasks:
+        return None
+    return sum(len(planned[(setting, t, SYSTEM)] & planned.get((setting, t, baseline), set())) for t in tasks)
 
 
 CLAIMS = {"full": "full fine-tuning", PRETRAINED: "DAPT+TAPT (TAPT where no domain text)", "unipelt": "UniPELT",
@@ -94,7 +121,16 @@ def markdown(out: dict) -> str:
     verdict (bold where the interval excludes zero), and the parameters against the row's on full data."""
     rows = {(r["setting"], r["baseline"]): r for r in out["comparisons"]}
     settings = [s for s in SETTINGS if any(k[0] == s for k in rows)]
-    lines = ["| claim: UniPELT + prompt ≈ | " + " | ".join(SETTINGS[s] for s in settings)
+    def header(setting: str) -> str:
+        partial = [r for k, r in rows.items() if k[0] == setting and k[1] in CLAIMS and r["complete"] is False]
+        if not partial:
+            return SETTINGS[setting]
+        low, high = min(r["pairs"] for r in partial), max(r["pairs"] for r in partial)
+        planned = max(r["planned_pairs"] or 0 for r in partial)
+        have = f"{low}" if low == high else f"{low}-{high}"
+        return f"{SETTINGS[setting]} (interim" + (f": {have} of {planned} pairs)" if planned else ")")
+
+    lines = ["| claim: UniPELT + prompt ≈ | " + " | ".join(header(s) for s in settings)
              + " | parameters (UniPELT + prompt / row) |", "|---|" + "---|" * (len(settings) + 1)]
     for baseline, name in CLAIMS.items():
         cells = []
@@ -116,17 +152,26 @@ def markdown(out: dict) -> str:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--markdown", action="store_true", help="print the README's claim table, write nothing")
+    parser.add_argument("--no-write", action="store_true", help="print the table, leave verdict.json as it is")
+    args = parser.parse_args()
     out = compare()
-    if "--markdown" in sys.argv[1:]:
+    if args.markdown:
         print(markdown(out))
         return
-    (RESULTS / "verdict.json").write_text(json.dumps(out, indent=1) + "\n")
+    if not args.no_write:
+        target = RESULTS / "verdict.json"
+        staged = target.with_suffix(".json.tmp")
+        staged.write_text(json.dumps(out, indent=1) + "\n")
+        staged.replace(target)
     rows = out["comparisons"]
-    print(f"{'setting':8} {'baseline':14} {'pairs':>5} {'diff':>6} {'95% interval':>16} {'wins':>6}  "
+    print(f"{'setting':8} {'baseline':14} {'pairs':>9} {'diff':>6} {'95% interval':>16} {'wins':>6}  "
           f"{'verdict':20} params (system / baseline)")
     for r in rows:
         ratio = r["trainable_system"] / r["trainable_baseline"]
-        print(f"{r['setting']:8} {r['baseline']:14} {r['pairs']:5d} {r['mean_difference']:+6.2f} "
+        pairs = f"{r['pairs']}/{r['planned_pairs']}" if r["planned_pairs"] else str(r["pairs"])
+        print(f"{r['setting']:8} {r['baseline']:14} {pairs:>9} {r['mean_difference']:+6.2f} "
               f"[{r['ci95'][0]:+6.2f}, {r['ci95'][1]:+6.2f}] {r['wins']:3d}/{r['pairs']:<3d} {r['verdict']:20} "
               f"{ratio:.3g}x")
 
