@@ -333,6 +333,35 @@ def test_killed_sweep_resumes_its_interrupted_run(tiny_model, text_task, tmp_pat
     assert json.loads((run_dir / "results.json").read_text())["steps"] == 400
 
 
+def test_export_runs_is_kept_current_so_a_killed_sweep_leaves_what_it_finished(tiny_model, text_task,
+                                                                              tmp_path) -> None:
+    """A lent machine's time limit killed a device call once before its end-of-sweep export: every finished run of
+    that call was lost. The running sweep now rewrites the export after each run."""
+    spec = _spec(tiny_model, text_task, seeds=[1])
+    spec["methods"] = {"quick": {"method": "lora", "max_steps": 4},
+                       "slow": {"method": "lora", "max_steps": 100000, "patience": 100000}}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    out, exported = tmp_path / "sweep", tmp_path / "out" / "runs.jsonl"
+    exported.parent.mkdir()
+    slow_dir = out / "runs" / "text" / "k8" / "slow" / "seed1"
+    command = [sys.executable, "-m", "unipelt.cli", "sweep", str(tmp_path / "spec.json"), "--out", str(out),
+               "--device", "cpu", "--export-runs", str(exported)]
+    sweep = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        waited = time.monotonic()
+        while not (slow_dir / "checkpoint.pt").exists():  # the quick run has finished, the slow one is training
+            assert time.monotonic() - waited < 120, "the slow run wrote no checkpoint"
+            assert sweep.poll() is None, "the sweep ended before it was killed"
+            time.sleep(0.2)
+    finally:
+        os.killpg(sweep.pid, signal.SIGKILL)  # no end-of-sweep step runs
+        sweep.wait()
+    lines = [json.loads(line) for line in exported.read_text().splitlines()]
+    assert [line["run"] for line in lines] == ["text/k8/quick/seed1"]
+    assert lines[0]["results"]["steps"] == 4
+    assert import_runs(load_spec(spec), tmp_path / "elsewhere", exported)["imported"] == 1
+
+
 def test_deadline_stops_runs_and_the_report_shows_what_finished(tiny_model, text_task, tmp_path) -> None:
     spec = load_spec(_spec(tiny_model, text_task, seeds=[1]))
     spec.settings["k8"].update(max_steps=100000, eval_every=2, patience=100000)

@@ -6,9 +6,17 @@
 # (benchmarks/results/seed001/runs.jsonl, tracked, so it travels with the working tree) so they are not run
 # again, runs the sweep until --deadline, and brings back every finished run as $OUT/runs.jsonl (results
 # only: a machine keeps nothing after the call, and a run folder with its model is far over the 64 MiB a call
-# returns). Arguments go to `unipelt sweep` (--settings, --tasks, --methods, --seeds, --deadline, --jobs).
+# returns). Arguments go to `unipelt sweep` (--settings, --tasks, --methods, --seeds, --deadline, --jobs,
+# --start-late); --deadline counts from this script's start, so unpacking and importing are inside it. The sweep
+# keeps $OUT/runs.jsonl current after each finished run: a call the time limit kills still brings back what it
+# finished (a call whose limit the budget had cut below its deadline once brought back nothing).
 # Back here: bash benchmarks/seed001/land.sh FILES_AT
 set -uo pipefail
+args=()
+while [ $# -gt 0 ]; do
+  if [ "$1" = "--deadline" ] && [ $# -gt 1 ]; then deadline=$2; shift 2; continue; fi
+  args+=("$1"); shift
+done
 bash benchmarks/seed001/unpack.sh /tmp/s >/dev/null || exit 1
 export PYTHONPATH=$PWD/src UNIPELT_CACHE=/tmp/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 runs=benchmarks/results/seed001/runs.jsonl
@@ -16,5 +24,10 @@ sweep=(python3 -m unipelt.cli sweep benchmarks/seed001/spec.yaml --data-dir /tmp
        --out /tmp/seed001)
 python3 -c "import torch; print('device:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu', 'torch', torch.__version__)"
 if [ -f "$runs" ]; then "${sweep[@]}" --report-only --import-runs "$runs" | head -1; fi
-"${sweep[@]}" --jobs 15 "$@" | grep --line-buffered -v '^done '
+if [ -n "${deadline:-}" ]; then
+  left=$(python3 -c "print(max(1, $deadline - $SECONDS))")
+  echo "deadline: $left s left of $deadline after $SECONDS s of setup"
+  args+=(--deadline "$left")
+fi
+"${sweep[@]}" --jobs 15 "${args[@]}" --export-runs "$OUT/runs.jsonl" | grep --line-buffered -v '^done '
 "${sweep[@]}" --report-only --export-runs "$OUT/runs.jsonl" | tail -1

@@ -207,7 +207,7 @@ def _sweep(args: argparse.Namespace) -> int:
         only = {name: getattr(args, name).split(",") for name in ("tasks", "settings", "methods", "seeds")
                 if getattr(args, name)}
         summary = run_sweep(spec, args.out, jobs=args.jobs, gpus=gpus, deadline=args.deadline, device=args.device,
-                            only=only, log=_say, start_late=args.start_late)
+                            only=only, log=_say, start_late=args.start_late, export_to=args.export_runs)
     if summary["table"]:
         _say(summary["table"].rstrip("\n"))
     if args.export_runs:
@@ -348,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--import-runs", default=None, metavar="FILE.jsonl",
                    help="first take the finished runs of this file (from --export-runs): they are not run again")
     w.add_argument("--export-runs", default=None, metavar="FILE.jsonl",
-                   help="at the end write every finished run's results into this one file, to carry elsewhere")
+                   help="write every finished run's results into this one file, to carry elsewhere; a running "
+                        "sweep keeps it current after each run, so a kill loses no finished run")
     for name in ("tasks", "settings", "methods", "seeds"):
         w.add_argument(f"--{name}", default=None, metavar="A,B", help=f"run only these {name} of the grid")
     w.set_defaults(func=_sweep)

@@ -267,13 +267,16 @@ def _duration(seconds: float) -> str:
 
 def run_sweep(spec: Spec, out: str | os.PathLike, jobs: int = 1, gpus: Sequence[str] | None = None,
               deadline: float | None = None, device: str | None = None, only: dict[str, Sequence[str]] | None = None,
-              log: Callable[[str], None] = print, start_late: bool = False) -> dict[str, Any]:
+              log: Callable[[str], None] = print, start_late: bool = False,
+              export_to: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run every unfinished job of the grid, ``jobs`` at a time per GPU (or on the CPU), then write the
     report. ``deadline`` (seconds from now): start nothing after it and stop what runs (it resumes next
     time); before it, a run its cell's finished runs say cannot finish in time is not started, unless
     ``start_late`` (for a machine that stays up: the next sweep there resumes it from its checkpoint).
     ``only`` runs part of the grid: ``{"tasks": [...], "settings": [...], "methods": [...], "seeds": [...]}``;
-    the report still covers the whole grid. Returns the report's summary."""
+    the report still covers the whole grid. ``export_to``: keep that file (:func:`export_runs`) current from
+    the start and after every finished run, so a sweep killed from outside (a lent machine's time limit) still
+    leaves what it finished. Returns the report's summary."""
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     out = Path(out)
@@ -282,13 +285,15 @@ def run_sweep(spec: Spec, out: str | os.PathLike, jobs: int = 1, gpus: Sequence[
     from .train.loop import exclusive_folder
 
     with exclusive_folder(out, "sweep"):
-        return _run_locked(spec, out, grid, part, jobs, gpus, deadline, device, log, start_late)
+        return _run_locked(spec, out, grid, part, jobs, gpus, deadline, device, log, start_late, export_to)
 
 
 def _run_locked(spec: Spec, out: Path, grid: list[Job], part: list[Job], jobs: int, gpus: Sequence[str] | None,
                 deadline: float | None, device: str | None, log: Callable[[str], None],
-                start_late: bool = False) -> dict[str, Any]:
+                start_late: bool = False, export_to: str | os.PathLike | None = None) -> dict[str, Any]:
     atomic_write_text(out / "spec.json", json.dumps(spec.__dict__, indent=2, default=str) + "\n")
+    if export_to is not None:
+        export_runs(spec, out, export_to)
     if device == "cpu":
         gpus = []
     elif gpus is None:
@@ -360,6 +365,8 @@ def _run_locked(spec: Spec, out: Path, grid: list[Job], part: list[Job], jobs: i
                 result = json.loads((job.run_dir / RESULTS_FILE).read_text())
                 log(f"done {job.name}: {result['main_metric']} {result['score']:.4f} "
                     f"({result['wall_time_s']:.0f} s)")
+                if export_to is not None:
+                    export_runs(spec, out, export_to)
                 progress(force=True)
             else:
                 reason = _failure(job, process.exitcode)
