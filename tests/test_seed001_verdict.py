@@ -22,8 +22,9 @@ def verdict():
     return module
 
 
-def _write(folder: Path, scores: dict[str, float], params: dict[str, int]) -> Path:
-    """scores: "task/setting/label/seedN" -> main score as a fraction (SQuAD: EM as the score, F1 in points)."""
+def _write(folder: Path, scores: dict[str, float], params: dict[str, int], entries: list[dict] | None = None) -> Path:
+    """scores: "task/setting/label/seedN" -> main score as a fraction (SQuAD: EM as the score, F1 in points);
+    summary.json's entries: ``entries``, else one per label of ``params`` with its trainable count."""
     lines = []
     for run, score in scores.items():
         task = run.split("/")[0]
@@ -31,7 +32,8 @@ def _write(folder: Path, scores: dict[str, float], params: dict[str, int]) -> Pa
         lines.append(json.dumps({"run": run, "results": {"score": 0.0 if task == "squad" else score,
                                                          "metrics": metrics}}))
     (folder / "runs.jsonl").write_text("\n".join(lines) + "\n")
-    entries = [{"setting": "full", "label": label, "trainable_params": n} for label, n in params.items()]
+    if entries is None:
+        entries = [{"setting": "full", "label": label, "trainable_params": n} for label, n in params.items()]
     (folder / "summary.json").write_text(json.dumps({"entries": entries}))
     return folder
 
@@ -106,19 +108,15 @@ def test_a_comparison_is_complete_only_with_every_planned_pair_and_the_table_say
     runs = {f"cola/full/unipelt+prompt/seed{i}": 0.60 for i in (1, 2, 3)}
     runs |= {f"cola/full/full/seed{i}": 0.50 + i / 100 for i in (1, 2, 3)}
     runs |= {f"cola/full/lora/seed{i}": 0.55 + i / 100 for i in (1, 2)}  # seed 3 of LoRA still to run
-    folder = _write(tmp_path, runs, {})
     entries = [{"setting": "full", "task": "cola", "label": label, "seeds_planned": [1, 2, 3],
                 "trainable_params": 10} for label in ("unipelt+prompt", "full", "lora")]
-    (folder / "summary.json").write_text(json.dumps({"entries": entries}))
-    out = verdict.compare(folder)
+    out = verdict.compare(_write(tmp_path, runs, {}, entries))
     assert (_row(out, "full")["planned_pairs"], _row(out, "full")["complete"]) == (3, True)
     lora = _row(out, "lora")
     assert (lora["pairs"], lora["planned_pairs"], lora["complete"]) == (2, 3, False)
     header = verdict.markdown(out).splitlines()[0]
     assert header.startswith("| claim: UniPELT + prompt ≈ | full data (interim: 2 of 3 pairs) |")
     runs["cola/full/lora/seed3"] = 0.58
-    (folder / "runs.jsonl").write_text("".join(
-        json.dumps({"run": r, "results": {"score": v, "metrics": {"accuracy": v}}}) + "\n" for r, v in runs.items()))
-    out = verdict.compare(folder)
+    out = verdict.compare(_write(tmp_path, runs, {}, entries))
     assert _row(out, "lora")["complete"] is True
     assert verdict.markdown(out).splitlines()[0].startswith("| claim: UniPELT + prompt ≈ | full data | parameters")

@@ -29,5 +29,5 @@ if [ -n "${deadline:-}" ]; then
   echo "deadline: $left s left of $deadline after $SECONDS s of setup"
   args+=(--deadline "$left")
 fi
+# the sweep writes its report and prints "exported N finished runs" last; $OUT/runs.jsonl is current throughout
 "${sweep[@]}" --jobs 15 "${args[@]}" --export-runs "$OUT/runs.jsonl" | grep --line-buffered -v '^done '
-"${sweep[@]}" --report-only --export-runs "$OUT/runs.jsonl" | tail -1

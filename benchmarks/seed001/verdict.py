@@ -29,18 +29,21 @@ from pathlib import Path
 
 from scipy.stats import t as student_t
 
+from unipelt.serialization import atomic_write_text
+
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks/results/seed001"
 SYSTEM = "unipelt+prompt"
 PRETRAINED = "dapt+tapt|tapt"
 
 
-def _add_pretraining_baseline(scores: dict[tuple[str, str, str, int], float]) -> None:
-    """DAPT+TAPT's score on the tasks where DAPT+TAPT ran in that setting, TAPT's elsewhere."""
-    with_dapt = {(setting, task) for (setting, task, label, _) in scores if label == "dapt+tapt"}
-    for (setting, task, label, seed), score in list(scores.items()):
-        wanted = "dapt+tapt" if (setting, task) in with_dapt else "tapt"
-        if label == wanted:
-            scores[(setting, task, PRETRAINED, seed)] = score
+def _add_pretraining_baseline(table: dict[tuple, object]) -> None:
+    """Give ``table`` (keyed by setting, task, label, ...) the composite row: DAPT+TAPT's value on the tasks where
+    DAPT+TAPT has one in that setting, TAPT's elsewhere."""
+    with_dapt = {(key[0], key[1]) for key in table if key[2] == "dapt+tapt"}
+    for key, value in list(table.items()):
+        setting, task, label = key[:3]
+        if label == ("dapt+tapt" if (setting, task) in with_dapt else "tapt"):
+            table[(setting, task, PRETRAINED, *key[3:])] = value
 
 
 def compare(results_dir: Path = RESULTS) -> dict:
@@ -96,10 +99,7 @@ def _planned_seeds(entries: list[dict]) -> dict[tuple[str, str, str], set[int]]:
     """(setting, task, label) -> the seeds the grid plans for that cell (summary entries without them: none)."""
     planned = {(e["setting"], e["task"], e["label"]): set(e["seeds_planned"]) for e in entries
                if "task" in e and "seeds_planned" in e}
-    for setting, task, label in list(planned):
-        if label == "tapt":
-            composite = "dapt+tapt" if (setting, task, "dapt+tapt") in planned else "tapt"
-            planned[(setting, task, PRETRAINED)] = planned[(setting, task, composite)]
+    _add_pretraining_baseline(planned)
     return planned
 
 
@@ -161,10 +161,7 @@ def main() -> None:
         print(markdown(out))
         return
     if not args.no_write:
-        target = RESULTS / "verdict.json"
-        staged = target.with_suffix(".json.tmp")
-        staged.write_text(json.dumps(out, indent=1) + "\n")
-        staged.replace(target)
+        atomic_write_text(RESULTS / "verdict.json", json.dumps(out, indent=1) + "\n")
     rows = out["comparisons"]
     print(f"{'setting':8} {'baseline':14} {'pairs':>9} {'diff':>6} {'95% interval':>16} {'wins':>6}  "
           f"{'verdict':20} params (system / baseline)")
