@@ -114,9 +114,13 @@ def test_a_comparison_is_complete_only_with_every_planned_pair_and_the_table_say
     assert (_row(out, "full")["planned_pairs"], _row(out, "full")["complete"]) == (3, True)
     lora = _row(out, "lora")
     assert (lora["pairs"], lora["planned_pairs"], lora["complete"]) == (2, 3, False)
-    header = verdict.markdown(out).splitlines()[0]
-    assert header.startswith("| claim: UniPELT + prompt ≈ | full data (interim: 2 of 3 pairs) |")
+    table = verdict.markdown(out).splitlines()
+    assert table[0].startswith("| claim: UniPELT + prompt ≈ | full data | parameters")
+    lora_line = next(line for line in table if line.startswith("| (LoRA) |"))
+    full_line = next(line for line in table if line.startswith("| full fine-tuning |"))
+    assert "wins 2/2" in lora_line and "(interim: 2 of 3 pairs)" in lora_line
+    assert "interim" not in full_line
     runs["cola/full/lora/seed3"] = 0.58
     out = verdict.compare(_write(tmp_path, runs, {}, entries))
     assert _row(out, "lora")["complete"] is True
-    assert verdict.markdown(out).splitlines()[0].startswith("| claim: UniPELT + prompt ≈ | full data | parameters")
+    assert "interim" not in verdict.markdown(out)

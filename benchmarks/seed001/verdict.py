@@ -118,19 +118,11 @@ SETTINGS = {"full": "full data", "k100": "K = 100", "k1000": "K = 1,000"}
 
 def markdown(out: dict) -> str:
     """The README's claim table: per baseline and setting the paired difference, its interval, the wins and the
-    verdict (bold where the interval excludes zero), and the parameters against the row's on full data."""
+    verdict (bold where the interval excludes zero; "interim" where pairs the grid plans are still to run), and
+    the parameters against the row's on full data."""
     rows = {(r["setting"], r["baseline"]): r for r in out["comparisons"]}
     settings = [s for s in SETTINGS if any(k[0] == s for k in rows)]
-    def header(setting: str) -> str:
-        partial = [r for k, r in rows.items() if k[0] == setting and k[1] in CLAIMS and r["complete"] is False]
-        if not partial:
-            return SETTINGS[setting]
-        low, high = min(r["pairs"] for r in partial), max(r["pairs"] for r in partial)
-        planned = max(r["planned_pairs"] or 0 for r in partial)
-        have = f"{low}" if low == high else f"{low}-{high}"
-        return f"{SETTINGS[setting]} (interim" + (f": {have} of {planned} pairs)" if planned else ")")
-
-    lines = ["| claim: UniPELT + prompt ≈ | " + " | ".join(header(s) for s in settings)
+    lines = ["| claim: UniPELT + prompt ≈ | " + " | ".join(SETTINGS[s] for s in settings)
              + " | parameters (UniPELT + prompt / row) |", "|---|" + "---|" * (len(settings) + 1)]
     for baseline, name in CLAIMS.items():
         cells = []
@@ -141,7 +133,11 @@ def markdown(out: dict) -> str:
                 continue
             text = (f"{r['mean_difference']:+.2f} [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}], "
                     f"wins {r['wins']}/{r['pairs']}: {r['verdict']}")
-            cells.append(f"**{text}**" if r["verdict"] in ("above", "below") else text)
+            text = f"**{text}**" if r["verdict"] in ("above", "below") else text
+            if r["complete"] is False:  # a reading of the pairs so far, with how many the grid plans
+                planned = r["planned_pairs"]
+                text += f" (interim: {r['pairs']} of {planned} pairs)" if planned else " (interim)"
+            cells.append(text)
         r = rows.get(("full", baseline)) or next((v for k, v in rows.items() if k[1] == baseline), None)
         system, other = (r["trainable_system"], r["trainable_baseline"]) if r else (math.nan, math.nan)
         more = ("-" if r is None else f"{system / other:.3g}x: fewer" if system < other
