@@ -124,3 +124,31 @@ def test_a_comparison_is_complete_only_with_every_planned_pair_and_the_table_say
     out = verdict.compare(_write(tmp_path, runs, {}, entries))
     assert _row(out, "lora")["complete"] is True
     assert "interim" not in verdict.markdown(out)
+
+
+def test_the_plot_draws_each_task_s_mean_difference_and_the_overall_interval(verdict, tmp_path) -> None:
+    runs = {}
+    for task, (system, full, unipelt) in {"cola": (0.30, 0.34, 0.29), "rte": (0.55, 0.60, 0.56)}.items():
+        for seed in (1, 2, 3):
+            runs[f"{task}/full/unipelt+prompt/seed{seed}"] = system + seed / 100
+            runs[f"{task}/full/full/seed{seed}"] = full + (seed % 2) / 100
+            runs[f"{task}/full/unipelt/seed{seed}"] = unipelt
+    out = verdict.compare(_write(tmp_path, runs, {"unipelt+prompt": 10, "full": 100, "unipelt": 9}))
+    fig = verdict.plot(out, tmp_path / "verdict.png")
+    assert (tmp_path / "verdict.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob("*.tmp"))
+    ax = fig.axes[0]
+    drawn = {}  # bar colour -> its widths, bottom task first
+    for bar in ax.patches:
+        drawn.setdefault(bar.get_facecolor(), []).append((bar.get_y(), bar.get_width()))
+    widths = [[w for _, w in sorted(bars)] for bars in drawn.values()]
+    expected = {b: [_row(out, b)["by_task"][t] for t in ("rte", "cola")] for b in ("full", "unipelt")}
+    # cola: system 31, 32, 33 against full 35, 34, 35 -> -2.67; rte: 56-58 against 61, 60, 61 -> -3.67
+    assert expected["full"] == pytest.approx([-3.67, -2.67], abs=0.01)
+    assert sorted(widths) == sorted(expected.values())
+    labels = [text.get_text() for text in fig.legends[0].get_texts()]
+    full = _row(out, "full")
+    low, high = full["ci95"]
+    assert labels[0] == f"full fine-tuning: {full['mean_difference']:+.2f} [{low:+.2f}, {high:+.2f}]"
+    with pytest.raises(ValueError, match="k100"):
+        verdict.plot(out, tmp_path / "none.png", setting="k100")

@@ -1,6 +1,7 @@
 """The seed's claim, tested on the runs so far: UniPELT + prompt against each baseline, paired by task and seed.
 
     python benchmarks/seed001/verdict.py              # reads benchmarks/results/seed001/runs.jsonl, writes verdict.json
+                                                      # and verdict.png (full data: the difference by task)
     python benchmarks/seed001/verdict.py --markdown   # the README's claim table (writes nothing)
     python benchmarks/seed001/verdict.py --no-write   # the table printed, verdict.json left as it is
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 from pathlib import Path
 
@@ -147,6 +149,47 @@ def markdown(out: dict) -> str:
     return "\n".join(lines)
 
 
+PLOTTED = {"full": "full fine-tuning", PRETRAINED: "DAPT+TAPT (TAPT where no domain text)", "unipelt": "UniPELT"}
+
+
+def plot(out: dict, path: Path, setting: str = "full"):
+    """Draw ``setting``'s paired differences of UniPELT + prompt against the claim's baselines: per task the mean
+    over seeds (``by_task``) as bars, and on top the mean over all pairs with its 95% interval. Returns the figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = {r["baseline"]: r for r in out["comparisons"] if r["setting"] == setting and r["baseline"] in PLOTTED}
+    if not rows:
+        raise ValueError(f"no comparison of setting {setting!r} to plot")
+    tasks = sorted({t for r in rows.values() for t in r["by_task"]}, reverse=True)
+    height = 0.8 / len(rows)
+    fig = Figure(figsize=(8, 0.45 * (len(tasks) + 2) + 1.2), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    top = len(tasks) + 0.5
+    for i, baseline in enumerate(PLOTTED):
+        r = rows.get(baseline)
+        if r is None:
+            continue
+        offset = (i - (len(rows) - 1) / 2) * height
+        widths = [r["by_task"].get(t, math.nan) for t in tasks]
+        ax.barh([y + offset for y in range(len(tasks))], widths, height=height, color=f"C{i}",
+                label=f"{PLOTTED[baseline]}: {r['mean_difference']:+.2f} [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}]"
+                      + ("" if r["complete"] is not False else f" ({r['pairs']} of {r['planned_pairs']} pairs)"))
+        ax.errorbar([r["mean_difference"]], [top + offset], xerr=[[r["mean_difference"] - r["ci95"][0]],
+                    [r["ci95"][1] - r["mean_difference"]]], fmt="o", color=f"C{i}", capsize=4)
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_yticks([*range(len(tasks)), top], [*tasks, "all pairs (95% CI)"])
+    ax.set_xlabel("UniPELT + prompt minus the baseline, points (SQuAD F1)")
+    ax.set_title(f"seed001, {SETTINGS.get(setting, setting)}: paired by task and seed")
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", fontsize=8)
+    temporary = path.with_name(path.name + ".tmp")
+    fig.savefig(temporary, format="png")
+    os.replace(temporary, path)  # a reader never sees half a PNG
+    return fig
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--markdown", action="store_true", help="print the README's claim table, write nothing")
@@ -158,6 +201,8 @@ def main() -> None:
         return
     if not args.no_write:
         atomic_write_text(RESULTS / "verdict.json", json.dumps(out, indent=1) + "\n")
+        if any(r["setting"] == "full" for r in out["comparisons"]):
+            plot(out, RESULTS / "verdict.png")
     rows = out["comparisons"]
     print(f"{'setting':8} {'baseline':14} {'pairs':>9} {'diff':>6} {'95% interval':>16} {'wins':>6}  "
           f"{'verdict':20} params (system / baseline)")
