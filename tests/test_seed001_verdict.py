@@ -152,3 +152,23 @@ def test_the_plot_draws_each_task_s_mean_difference_and_the_overall_interval(ver
     assert labels[0] == f"full fine-tuning: {full['mean_difference']:+.2f} [{low:+.2f}, {high:+.2f}]"
     with pytest.raises(ValueError, match="k100"):
         verdict.plot(out, tmp_path / "none.png", setting="k100")
+
+
+def test_leave_one_task_out_names_the_task_a_verdict_rests_on(verdict, tmp_path) -> None:
+    # UniPELT + prompt trails LoRA by 2 points on task a and by about 0.1 elsewhere: "below" over all 12 pairs,
+    # "comparable" once task a is left out, "below" without any other task
+    diffs = {"a": [-2.0, -2.2, -1.8], "b": [-0.2, 0.1, -0.3], "c": [-0.1, -0.4, 0.2], "d": [0.0, -0.3, -0.1]}
+    runs = {}
+    for task, per_seed in diffs.items():
+        for seed, diff in enumerate(per_seed, start=1):
+            runs[f"{task}/full/lora/seed{seed}"] = 0.5
+            runs[f"{task}/full/unipelt+prompt/seed{seed}"] = 0.5 + diff / 100
+    lora = _row(verdict.compare(_write(tmp_path, runs, {"unipelt+prompt": 10, "lora": 1})), "lora")
+    assert lora["verdict"] == "below"
+    left_out = {task: statistics.fmean(d for t, ds in diffs.items() if t != task for d in ds) for task in diffs}
+    assert left_out["a"] == pytest.approx(-0.1222, abs=1e-4)
+    assert lora["leave_one_task_out"]["mean_without"] == pytest.approx({t: round(m, 2) for t, m in left_out.items()})
+    assert lora["leave_one_task_out"]["mean_range"] == pytest.approx(
+        [round(min(left_out.values()), 2), round(max(left_out.values()), 2)])
+    assert lora["leave_one_task_out"]["verdict_changes_without"] == {"a": "comparable"}
+    assert verdict._robustness(lora) == "-0.76 to -0.12; comparable without a"

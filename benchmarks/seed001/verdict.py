@@ -10,7 +10,8 @@ in points (SQuAD by F1), and reports the mean difference with its 95% t-interval
 pairs UniPELT + prompt wins, and the trainable parameters of both (from summary.json). The verdict: "above" or
 "below" when the interval excludes 0; "comparable" when it holds 0 and lies above -1 point (no loss larger than
 one point is compatible with the runs); "no difference shown" when it holds 0 but reaches below -1 (the runs
-cannot tell). The pairs share a seed's data sample, so pairing removes that share of the spread.
+cannot tell). The pairs share a seed's data sample, so pairing removes that share of the spread. Each reading is
+also taken with each task left out in turn ("leave_one_task_out"): the verdicts that change there rest on one task.
 
 A comparison is "complete" when it has every pair the grid plans (summary.json's planned seeds of both rows on
 each task); until then it is an interim reading, marked so in verdict.json and in the claim table.
@@ -75,14 +76,10 @@ def compare(results_dir: Path = RESULTS) -> dict:
             if len(pairs) < 2:
                 continue
             diffs = [scores[(setting, t, SYSTEM, s)] - scores[(setting, t, other, s)] for t, s in pairs]
-            mean = statistics.fmean(diffs)
-            half = student_t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-            low, high = mean - half, mean + half
+            mean, (low, high), verdict = _reading(diffs)
             by_task: dict[str, list[float]] = {}
             for (task, _), diff in zip(pairs, diffs, strict=True):
                 by_task.setdefault(task, []).append(diff)
-            verdict = ("above" if low > 0 else "below" if high < 0 else "comparable" if low > -1.0
-                       else "no difference shown")
             planned_pairs = _planned_pairs(planned, setting, other)
             rows.append({"setting": setting, "baseline": other, "pairs": len(diffs),
                          "planned_pairs": planned_pairs,
@@ -91,10 +88,36 @@ def compare(results_dir: Path = RESULTS) -> dict:
                          "mean_difference": round(mean, 2), "ci95": [round(low, 2), round(high, 2)],
                          "wins": sum(d > 0 for d in diffs), "verdict": verdict,
                          "by_task": {t: round(statistics.fmean(d), 2) for t, d in sorted(by_task.items())},
+                         "leave_one_task_out": _leave_one_task_out(by_task, verdict),
                          "trainable_system": statistics.fmean(params.get((setting, SYSTEM), [math.nan])),
                          "trainable_baseline": statistics.fmean(params.get((setting, other), [math.nan]))})
     return {"system": SYSTEM, "unit": "points (percent; SQuAD F1)", "rule": __doc__.split("\n\n")[2].strip(),
             "source": "benchmarks/results/seed001/runs.jsonl", "comparisons": rows}
+
+
+def _reading(diffs: list[float]) -> tuple[float, tuple[float, float], str]:
+    """The mean of paired differences, its 95% t-interval and the verdict the rule above gives them."""
+    mean = statistics.fmean(diffs)
+    half = student_t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    low, high = mean - half, mean + half
+    verdict = "above" if low > 0 else "below" if high < 0 else "comparable" if low > -1.0 else "no difference shown"
+    return mean, (low, high), verdict
+
+
+def _leave_one_task_out(by_task: dict[str, list[float]], verdict: str) -> dict:
+    """Whether one task carries the verdict: the reading with each task's pairs left out in turn (the mean without
+    each task, their range, and the tasks without which the verdict changes)."""
+    means, changes = {}, {}
+    for task in sorted(by_task) if len(by_task) > 1 else []:
+        rest = [d for other, diffs in by_task.items() if other != task for d in diffs]
+        if len(rest) < 2:
+            continue
+        mean, _, reading = _reading(rest)
+        means[task] = round(mean, 2)
+        if reading != verdict:
+            changes[task] = reading
+    return {"mean_range": [min(means.values()), max(means.values())] if means else None,
+            "verdict_changes_without": changes, "mean_without": means}
 
 
 def _planned_seeds(entries: list[dict]) -> dict[tuple[str, str, str], set[int]]:
@@ -190,6 +213,16 @@ def plot(out: dict, path: Path, setting: str = "full"):
     return fig
 
 
+def _robustness(row: dict) -> str:
+    """One line on the leave-one-task-out reading: the range of the means and any verdict that changes."""
+    loto = row["leave_one_task_out"]
+    if not loto["mean_range"]:
+        return "-"
+    low, high = loto["mean_range"]
+    changed = ", ".join(f"{v} without {t}" for t, v in loto["verdict_changes_without"].items())
+    return f"{low:+.2f} to {high:+.2f}; " + (changed or "verdict unchanged")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--markdown", action="store_true", help="print the README's claim table, write nothing")
@@ -205,13 +238,13 @@ def main() -> None:
             plot(out, RESULTS / "verdict.png")
     rows = out["comparisons"]
     print(f"{'setting':8} {'baseline':14} {'pairs':>9} {'diff':>6} {'95% interval':>16} {'wins':>6}  "
-          f"{'verdict':20} params (system / baseline)")
+          f"{'verdict':20} {'params':>8}  one task left out")
     for r in rows:
         ratio = r["trainable_system"] / r["trainable_baseline"]
         pairs = f"{r['pairs']}/{r['planned_pairs']}" if r["planned_pairs"] else str(r["pairs"])
         print(f"{r['setting']:8} {r['baseline']:14} {pairs:>9} {r['mean_difference']:+6.2f} "
               f"[{r['ci95'][0]:+6.2f}, {r['ci95'][1]:+6.2f}] {r['wins']:3d}/{r['pairs']:<3d} {r['verdict']:20} "
-              f"{ratio:.3g}x")
+              f"{ratio:>7.3g}x  {_robustness(r)}")
 
 
 if __name__ == "__main__":
