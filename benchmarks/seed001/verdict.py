@@ -3,7 +3,7 @@
     python benchmarks/seed001/verdict.py              # reads benchmarks/results/seed001/runs.jsonl, writes verdict.json
                                                       # and verdict.png (full data: the difference by task)
     python benchmarks/seed001/verdict.py --markdown   # the README's claim table (writes nothing)
-    python benchmarks/seed001/verdict.py --no-write   # the table printed, verdict.json left as it is
+    python benchmarks/seed001/verdict.py --no-write   # the table printed, verdict.json and .png left as they are
 
 For each setting and baseline it takes every (task, seed) both rows ran, the difference of their main scores
 in points (SQuAD by F1), and reports the mean difference with its 95% t-interval over those pairs, how many
@@ -226,7 +226,7 @@ def _robustness(row: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--markdown", action="store_true", help="print the README's claim table, write nothing")
-    parser.add_argument("--no-write", action="store_true", help="print the table, leave verdict.json as it is")
+    parser.add_argument("--no-write", action="store_true", help="print the table, write no file")
     args = parser.parse_args()
     out = compare()
     if args.markdown:
