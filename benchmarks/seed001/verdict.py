@@ -26,13 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 from pathlib import Path
 
 from scipy.stats import t as student_t
 
-from unipelt.serialization import atomic_write_text
+from unipelt.serialization import _atomic_write, atomic_write_text
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks/results/seed001"
 SYSTEM = "unipelt+prompt"
@@ -108,7 +107,7 @@ def _leave_one_task_out(by_task: dict[str, list[float]], verdict: str) -> dict:
     """Whether one task carries the verdict: the reading with each task's pairs left out in turn (the mean without
     each task, their range, and the tasks without which the verdict changes)."""
     means, changes = {}, {}
-    for task in sorted(by_task) if len(by_task) > 1 else []:
+    for task in sorted(by_task):
         rest = [d for other, diffs in by_task.items() if other != task for d in diffs]
         if len(rest) < 2:
             continue
@@ -207,9 +206,7 @@ def plot(out: dict, path: Path, setting: str = "full"):
     ax.set_title(f"seed001, {SETTINGS.get(setting, setting)}: paired by task and seed")
     ax.grid(True, axis="x", alpha=0.3)
     fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", fontsize=8)
-    temporary = path.with_name(path.name + ".tmp")
-    fig.savefig(temporary, format="png")
-    os.replace(temporary, path)  # a reader never sees half a PNG
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))  # a reader never sees half a PNG
     return fig
 
 
