@@ -142,6 +142,9 @@ def test_the_plot_draws_each_task_s_mean_difference_and_the_overall_interval(ver
     for bar in ax.patches:
         drawn.setdefault(bar.get_facecolor(), []).append((bar.get_y(), bar.get_width()))
     widths = [[w for _, w in sorted(bars)] for bars in drawn.values()]
+    # two of the three baselines ran: each task's bars still lie within its band, one bar height apart
+    centres = sorted(bar.get_y() + bar.get_height() / 2 for bar in ax.patches)
+    assert centres == pytest.approx([-0.2, 0.2, 0.8, 1.2])
     expected = {b: [_row(out, b)["by_task"][t] for t in ("rte", "cola")] for b in ("full", "unipelt")}
     # cola: system 31, 32, 33 against full 35, 34, 35 -> -2.67; rte: 56-58 against 61, 60, 61 -> -3.67
     assert expected["full"] == pytest.approx([-3.67, -2.67], abs=0.01)

@@ -189,11 +189,10 @@ def plot(out: dict, path: Path, setting: str = "full"):
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     top = len(tasks) + 0.5
-    for i, baseline in enumerate(PLOTTED):
-        r = rows.get(baseline)
-        if r is None:
-            continue
-        offset = (i - (len(rows) - 1) / 2) * height
+    # slots among the baselines present, so that the bars stay in their task's band; colours stay per baseline
+    for slot, baseline in enumerate(b for b in PLOTTED if b in rows):
+        r, i = rows[baseline], list(PLOTTED).index(baseline)
+        offset = (slot - (len(rows) - 1) / 2) * height
         widths = [r["by_task"].get(t, math.nan) for t in tasks]
         ax.barh([y + offset for y in range(len(tasks))], widths, height=height, color=f"C{i}",
                 label=f"{PLOTTED[baseline]}: {r['mean_difference']:+.2f} [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}]"
